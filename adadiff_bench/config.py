@@ -1,0 +1,290 @@
+"""Configs: dataclasses with one source of defaults, loaded from small TOML files and validated on entry.
+
+Every table of a TOML file maps onto a dataclass below. An unknown key, a value of the wrong type or
+out of range raises `UserError` naming the file, the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, did_you_mean
+
+SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")
+FEATURE_EXTRACTORS = ("digits-classifier", "inception")
+
+
+@dataclass
+class UViTConfig:
+    """Constructor arguments of the U-ViT backbone (names as in the reference implementation)."""
+    img_size: int = 8
+    patch_size: int = 2
+    in_chans: int = 1
+    embed_dim: int = 128
+    depth: int = 12
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    qk_scale: float | None = None
+    mlp_time_embed: bool = False
+    num_classes: int = -1
+    conv: bool = True
+    skip: bool = True
+
+    def validate(self, where: str) -> None:
+        _positive(where, img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                  embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+        if self.depth < 2 or self.depth % 2:
+            raise UserError(f"{where}: depth must be an even number >= 2 (got {self.depth})")
+        if self.img_size % self.patch_size:
+            raise UserError(f"{where}: img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise UserError(f"{where}: embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}")
+
+
+@dataclass
+class DataConfig:
+    """A data set: the built-in `digits`, a `folder` of PNG/JPEG images, or an `npz` (uint8 NHWC, arr_0)."""
+    name: str = "digits"
+    path: str | None = None
+
+    def validate(self, where: str) -> None:
+        if self.name not in ("digits", "folder", "npz"):
+            raise UserError(f"{where}: unknown data set {self.name!r}{did_you_mean(self.name, ['digits', 'folder', 'npz'])}; "
+                            "valid: digits, folder, npz")
+        if self.name != "digits" and not self.path:
+            raise UserError(f"{where}: data set {self.name!r} needs `path` (the image folder or .npz file)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.03
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    seed: int = 0
+    threads: int | None = None
+    out_dir: str = "results/train/uvit_digits"
+    export: str | None = None
+    export_half: bool = True
+
+    def validate(self, where: str) -> None:
+        _positive(where, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                  checkpoint_every=self.checkpoint_every)
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"{where}: ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.warmup_steps < 0:
+            raise UserError(f"{where}: warmup_steps must be >= 0 (got {self.warmup_steps})")
+
+
+@dataclass
+class TrainFile:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UViTConfig = field(default_factory=UViTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SamplingConfig:
+    solver: str = "dpm-solver++"
+    num_steps: int = 25
+    num_samples: int = 1000
+    batch_size: int = 250
+
+    def validate(self, where: str) -> None:
+        check_solver(self.solver, where)
+        _positive(where, num_steps=self.num_steps, num_samples=self.num_samples, batch_size=self.batch_size)
+
+
+@dataclass
+class MetricsConfig:
+    """Quality metrics. `inception`: "auto" (when weights are on disk), "require" (error if absent), "off"."""
+    inception: str = "auto"
+    inception_weights: str | None = None
+    kid_subset_size: int = 1000
+    isc_splits: int = 10
+
+    def validate(self, where: str) -> None:
+        if self.inception not in ("auto", "require", "off"):
+            raise UserError(f"{where}: inception must be one of auto, require, off (got {self.inception!r})")
+        _positive(where, kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits)
+
+
+@dataclass
+class TimingConfig:
+    """Wall-clock protocol: a separate timed pass, warm-up, fixed threads, median of repeats."""
+    enabled: bool = True
+    num_samples: int = 256
+    repeats: int = 3
+    warmup_batches: int = 1
+    threads: int = 2
+
+    def validate(self, where: str) -> None:
+        _positive(where, num_samples=self.num_samples, threads=self.threads)
+        if self.repeats < 3:
+            raise UserError(f"{where}: repeats must be >= 3 so that a median means something (got {self.repeats})")
+
+
+@dataclass
+class MethodEntry:
+    """One `[[methods]]` table: a registered method, optional solver/step overrides, and its knobs.
+
+    Any value given as a list is swept: the cells are the product of all lists.
+    """
+    name: str
+    solver: str | list[str] | None = None
+    num_steps: int | list[int] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    checkpoint: str = "checkpoints/uvit_digits.pt"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    results_dir: str = "results"
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    methods: list[MethodEntry] = field(default_factory=lambda: [MethodEntry("full")])
+
+    def validate(self, where: str) -> None:
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            raise UserError(f"{where}: run name {self.name!r} must be a plain folder name (no slashes)")
+        if not self.seeds:
+            raise UserError(f"{where}: seeds must list at least one seed")
+        if not self.methods:
+            raise UserError(f"{where}: add at least one [[methods]] table (for example name = \"full\")")
+
+
+def check_solver(solver: str, where: str) -> None:
+    if solver not in SOLVERS:
+        raise UserError(f"{where}: unknown solver {solver!r}{did_you_mean(solver, SOLVERS)}; valid: {', '.join(SOLVERS)}")
+
+
+def _positive(where: str, **values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise UserError(f"{where}: {key} must be > 0 (got {value})")
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found; pass an existing TOML file (see configs/)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+
+
+def load_train_config(path: str | Path) -> TrainFile:
+    return from_dict(TrainFile, read_toml(path), str(path))
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    raw = read_toml(path)
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    return from_dict(RunConfig, raw, str(path))
+
+
+def method_entry_from_dict(raw: dict, where: str) -> MethodEntry:
+    """`[[methods]]` tables: known fields go to MethodEntry, every other key is a method knob."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: each [[methods]] entry must be a table")
+    if "name" not in raw:
+        raise UserError(f"{where}: a [[methods]] table needs `name` (for example name = \"full\")")
+    raw = dict(raw)
+    entry = MethodEntry(name=_check_type(raw.pop("name"), str, f"{where}.name"))
+    for key in ("solver", "num_steps"):
+        if key in raw:
+            setattr(entry, key, _check_type(raw.pop(key), MethodEntry.__annotations__[key], f"{where}.{key}"))
+    entry.params = raw
+    return entry
+
+
+def from_dict(cls, raw: Any, where: str):
+    """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, names)}; valid keys: {', '.join(names)}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if key == "methods":
+            if not isinstance(value, list):
+                raise UserError(f"{where}: methods must be an array of tables ([[methods]])")
+            values[key] = [method_entry_from_dict(item, f"{where}: methods[{i}]") for i, item in enumerate(value)]
+        elif dataclasses.is_dataclass(hint):
+            values[key] = from_dict(hint, value, f"{where}: [{key}]")
+        else:
+            values[key] = _check_type(value, hint, f"{where}: {key}")
+    obj = cls(**values)
+    for key in names:
+        sub = getattr(obj, key)
+        if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
+            sub.validate(f"{where}: [{key}]")
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Return `value` if it matches `hint` (ints are accepted for floats), else raise UserError."""
+    if _matches(value, hint):
+        return float(value) if hint is float and isinstance(value, int) else value
+    raise UserError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "nothing (leave it out)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def to_dict(obj: Any) -> Any:
+    """A config as plain data (for run.json and checkpoints)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

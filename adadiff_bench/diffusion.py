@@ -1,0 +1,104 @@
+"""Noise schedule, diffusers solvers and the sampling loop.
+
+The schedule is the discrete DDPM one: 1,000 steps, betas linear in 1e-4..0.02, eps prediction. It
+is the discretisation of the VP-SDE with beta_min = 0.1, beta_max = 20 that U-ViT's pixel models use
+(beta_i = beta(t_i) / N with N = 1000). Solvers are diffusers' schedulers; this module never writes
+a solver step itself.
+
+Randomness: sample i draws its initial noise, its label and every solver noise from its own
+`torch.Generator`, seeded from (seed, i) alone, so batch size and process count never change it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+
+_SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
+                 beta_schedule="linear", prediction_type="epsilon")
+
+# name -> (diffusers class, options beyond the shared schedule)
+SOLVER_SETTINGS = {
+    "ddpm": (DDPMScheduler, dict(variance_type="fixed_small", clip_sample=False, timestep_spacing="trailing")),
+    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")),
+    "dpm-solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
+                                                       lower_order_final=True)),
+    "euler": (EulerDiscreteScheduler, dict(timestep_spacing="linspace")),
+}
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def make_scheduler(solver: str, num_steps: int):
+    """A fresh diffusers scheduler for `solver`, set to `num_steps` steps."""
+    cls, options = SOLVER_SETTINGS[solver]
+    scheduler = cls(**_SCHEDULE, **options)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def solver_timesteps(solver: str, num_steps: int) -> np.ndarray:
+    """The model timesteps a solver visits, in order (what the step log's timestep axis holds)."""
+    return make_scheduler(solver, num_steps).timesteps.double().numpy()
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """alpha_bar_t for t = 0..999 (float64)."""
+    return DDPMScheduler(**_SCHEDULE).alphas_cumprod.double()
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed that depends only on (run seed, sample index)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
+               >> np.uint64(1))
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+
+
+def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def sample_labels(generators: Sequence[torch.Generator], num_classes: int) -> torch.Tensor | None:
+    if num_classes <= 0:
+        return None
+    return torch.stack([torch.randint(num_classes, (), generator=g) for g in generators])
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[int, ...],
+           indices: Sequence[int], seed: int, num_classes: int = 0,
+           on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Draw the samples `indices` of run `seed`; returns float images in model space ([-1, 1] ideally).
+
+    `on_step(step_index, timestep)` is called before each network evaluation (the step log hooks in).
+    """
+    generators = sample_generators(seed, indices)
+    x = initial_noise(generators, image_shape)
+    y = sample_labels(generators, num_classes)
+    scheduler = make_scheduler(solver, num_steps)
+    x = x * scheduler.init_noise_sigma
+    for step_index, t in enumerate(scheduler.timesteps):
+        if on_step is not None:
+            on_step(step_index, t)
+        model_input = scheduler.scale_model_input(x, t)
+        eps = denoiser(model_input, t.expand(len(x)), y)
+        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+    return x
+
+
+def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
+                  alpha_bar: torch.Tensor) -> torch.Tensor:
+    """L_simple: ||eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t)||^2 with t uniform in 0..999."""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    a = alpha_bar[t].float().view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return (model(xt, t, y) - eps).pow(2).mean()

@@ -1,0 +1,107 @@
+"""The method registry: names -> method classes, validated on entry, open to other packages.
+
+Built-in methods live in `adadiff_bench.methods` and the `baselines` modules (installed as
+`adadiff_bench.baselines`); other packages add theirs through the entry-point group
+`adadiff_bench.methods`, each entry pointing at a module that registers on import or at a
+`Method` subclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import re
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import torch
+
+from ..config import from_dict
+from ..errors import UserError, unknown_choice
+from ..steplog import StepLog
+
+ENTRY_POINT_GROUP = "adadiff_bench.methods"
+_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_REGISTRY: dict[str, type[Method]] = {}
+_loaded = False
+
+
+@dataclass
+class NoParams:
+    """A method without knobs."""
+
+
+class Method:
+    """Turns a backbone into a denoiser `eps = method(x, t, y)` and records what ran in the step log.
+
+    Subclasses set `name`, `Params` (a dataclass of knobs), `batch_dependent` (True when the paper's
+    rule decides per batch, so batch size can change results) and implement `__call__`.
+    """
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(self, model: torch.nn.Module, params=None):
+        self.model = model
+        self.params = params if params is not None else self.Params()
+        self.log: StepLog | None = None
+
+    def start_batch(self, log: StepLog) -> None:
+        """Called before each new batch of samples: forget any state kept across steps."""
+        self.log = log
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method under `cls.name`, refusing malformed and duplicate names."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"method name {name!r} must be lowercase words joined by '-' (e.g. 'static-exit')")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} must subclass adadiff_bench.methods.Method")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__name__}.Params must be a dataclass of the method's knobs")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    """Import the built-in methods, the baselines and every entry point (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module("adadiff_bench.methods.full")
+    try:
+        baselines = importlib.import_module("adadiff_bench.baselines")
+    except ModuleNotFoundError:  # running from a source tree that was not installed
+        baselines = None
+    if baselines is not None:
+        for module in pkgutil.iter_modules(baselines.__path__):
+            importlib.import_module(f"adadiff_bench.baselines.{module.name}")
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry.load()
+        if isinstance(loaded, type) and issubclass(loaded, Method):
+            register_method(loaded)
+
+
+def available_methods() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise unknown_choice("method", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def make_params(cls: type[Method], raw: dict, where: str):
+    """Validate a method's knobs (one setting, no lists left) into its Params dataclass."""
+    return from_dict(cls.Params, raw, f"{where} ({cls.name})")

@@ -1,0 +1,103 @@
+"""The step log: per sample and sampling step, which blocks ran and where the method exited.
+
+Every method writes what it executed here; FLOPs, layer ratio and the per-timestep histograms are
+all derived from it, so the savings of every family are counted in one place.
+
+Conventions: blocks are numbered in execution order (in-blocks, mid-block, out-blocks); the exit
+point of a prefix-exiting method is the number of blocks it ran (1..num_blocks, num_blocks = full
+depth); methods that do not exit by prefix (caching, skipping) leave it at -1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class UnitCosts:
+    """MACs per image of each piece of the network for one evaluation (measured with fvcore)."""
+    embed: float
+    blocks: np.ndarray  # (num_blocks,)
+    head: float
+
+
+class StepLog:
+    def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int):
+        num_steps = len(timesteps)
+        self.timesteps = np.asarray(timesteps, dtype=np.float64)
+        self.num_blocks = num_blocks
+        self.blocks_run = np.zeros((num_samples, num_steps, num_blocks), dtype=bool)
+        self.exit_point = np.full((num_samples, num_steps), -1, dtype=np.int16)
+        self.embed_calls = np.zeros((num_samples, num_steps), dtype=np.int16)
+        self.head_calls = np.zeros((num_samples, num_steps), dtype=np.int16)
+        self.extra_macs = np.zeros((num_samples, num_steps), dtype=np.float64)  # estimators, routers, ...
+        self._rows = np.arange(0)
+        self._step = 0
+
+    # ---- context set by the sampling loop -----------------------------------------------------
+    def set_batch(self, rows: np.ndarray) -> None:
+        """The global sample indices (rows of the log) of the batch being sampled."""
+        self._rows = np.asarray(rows)
+
+    def set_step(self, step_index: int) -> None:
+        self._step = step_index
+
+    # ---- what methods record (`active` selects rows of the current batch; None = all) ------------
+    def _select(self, active) -> np.ndarray:
+        if active is None:
+            return self._rows
+        if isinstance(active, torch.Tensor):
+            active = active.cpu().numpy()
+        return self._rows[active]
+
+    def ran_embed(self, active=None) -> None:
+        self.embed_calls[self._select(active), self._step] += 1
+
+    def ran_block(self, block: int, active=None) -> None:
+        self.blocks_run[self._select(active), self._step, block] = True
+
+    def ran_head(self, active=None) -> None:
+        self.head_calls[self._select(active), self._step] += 1
+
+    def exited(self, exit_point: int, active=None) -> None:
+        self.exit_point[self._select(active), self._step] = exit_point
+
+    def ran_full(self) -> None:
+        """The whole network once, for every sample of the batch."""
+        rows = self._rows
+        self.embed_calls[rows, self._step] += 1
+        self.blocks_run[rows, self._step, :] = True
+        self.head_calls[rows, self._step] += 1
+        self.exit_point[rows, self._step] = self.num_blocks
+
+    # ---- summaries ------------------------------------------------------------------------------
+    def layer_ratio(self) -> float:
+        """Mean fraction of blocks executed per (sample, step)."""
+        return float(self.blocks_run.mean())
+
+    def macs_per_image(self, costs: UnitCosts) -> float:
+        total = (self.embed_calls.sum() * costs.embed + self.head_calls.sum() * costs.head
+                 + (self.blocks_run.sum(axis=(0, 1)) * costs.blocks).sum() + self.extra_macs.sum())
+        return float(total / len(self.blocks_run))
+
+    def exit_histogram(self) -> np.ndarray:
+        """Counts of (sample, step) pairs by exit point 0..num_blocks; index 0 also holds 'no exit'."""
+        points = np.clip(self.exit_point, 0, None).ravel()
+        return np.bincount(points, minlength=self.num_blocks + 1)
+
+    def timestep_exit_histogram(self) -> np.ndarray:
+        """(num_steps, num_blocks + 1): per timestep, counts of samples by exit point."""
+        points = np.clip(self.exit_point, 0, None)
+        return np.stack([np.bincount(points[:, s], minlength=self.num_blocks + 1)
+                         for s in range(points.shape[1])])
+
+    def timestep_block_fraction(self) -> np.ndarray:
+        """(num_steps, num_blocks): per timestep, the fraction of samples that ran each block."""
+        return self.blocks_run.mean(axis=0)
+
+    def summaries(self) -> dict[str, np.ndarray]:
+        return {"timesteps": self.timesteps, "exit_histogram": self.exit_histogram(),
+                "timestep_exit_histogram": self.timestep_exit_histogram(),
+                "timestep_block_fraction": self.timestep_block_fraction()}

@@ -1,0 +1,113 @@
+"""Train a U-ViT on a data set: AdamW with linear warm-up, EMA weights, periodic checkpoints, resume.
+
+`out_dir/last.pt` holds the whole training state (model, EMA, optimiser, generator, step) and is
+rewritten atomically every `checkpoint_every` steps; a rerun with the same config resumes from it.
+At the end the EMA weights are written as a checkpoint (`out_dir/ema.pt`, and `export` in half
+precision when asked), which `adadiff_bench.load_model` reads.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoints import atomic_torch_save, build_model, save_checkpoint
+from .config import TrainFile, to_dict
+from .data import check_matches_model, load_dataset
+from .diffusion import alphas_cumprod, training_loss
+from .errors import UserError
+
+
+def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to `base_lr`, then constant (as U-ViT's training recipe)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else base_lr
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+
+
+def train(config: TrainFile, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the path of the EMA checkpoint."""
+    cfg = config.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_dataset(config.data)
+    check_matches_model(data, config.model.img_size, config.model.in_chans)
+    conditional = config.model.num_classes > 0
+    if conditional and data.labels is None:
+        raise UserError("model.num_classes > 0 needs a labelled data set; set num_classes = -1 or add labels")
+    images = data.as_model_input()
+    labels = data.labels
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(config.model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.beta1, cfg.beta2))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, generator)
+    alpha_bar = alphas_cumprod()
+
+    model.train()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
+               disable=not progress, mininterval=2.0)
+    started = time.perf_counter()
+    for step in bar:
+        batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+        y = labels[batch] if conditional else None
+        loss = training_loss(model, images[batch], y, generator, alpha_bar)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        update_ema(ema, model, cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_state(out_dir / "last.pt", config, model, ema, optimizer, generator, step + 1)
+    bar.close()
+
+    meta = {"steps": cfg.steps, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
+            "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1)}
+    ema_path = out_dir / "ema.pt"
+    save_checkpoint(ema_path, ema, config.model, meta)
+    if cfg.export:
+        save_checkpoint(cfg.export, ema, config.model, meta, half=cfg.export_half)
+    return ema_path
+
+
+def _save_state(path: Path, config: TrainFile, model, ema, optimizer, generator, step: int) -> None:
+    atomic_torch_save({"config": to_dict(config), "step": step, "model": model.state_dict(),
+                       "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                       "generator": generator.get_state()}, path)
+
+
+def _resume(path: Path, config: TrainFile, model, ema, optimizer, generator) -> int:
+    """Load `last.pt` if present and made by the same config; returns the step to start from."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved, current = _identity(state["config"]), _identity(to_dict(config))
+    if saved != current:
+        changed = [k for k, v in current.items() if saved.get(k) != v]
+        raise UserError(f"{path} was written by a different training config (differs in {', '.join(changed)}); "
+                        "use a new train.out_dir or delete the old one")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    print(f"resuming from {path} at step {state['step']}")
+    return int(state["step"])
+
+
+def _identity(config: dict) -> dict:
+    """What must match to resume: all but the run length (extending is valid) and the thread count."""
+    return {**config, "train": {k: v for k, v in config["train"].items() if k not in ("steps", "threads")}}
