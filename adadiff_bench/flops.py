@@ -43,6 +43,14 @@ def count_macs(module: torch.nn.Module, inputs: tuple) -> FlopCountAnalysis:
     return analysis
 
 
+def final_conv_macs(model: UViT) -> int:
+    """The output conv runs as elementwise products (batch-invariant), which tracers do not see: count it here."""
+    conv = model.final_layer
+    if not isinstance(conv, torch.nn.Conv2d):
+        return 0
+    return conv.weight.numel() * model.img_size * model.img_size
+
+
 def unit_costs(model: UViT) -> UnitCosts:
     """MACs per image of the embedding, of each block (execution order) and of the head."""
     x = torch.zeros(1, model.in_chans, model.img_size, model.img_size)
@@ -57,5 +65,5 @@ def unit_costs(model: UViT) -> UnitCosts:
     block_names = ([f"in_blocks.{i}" for i in range(num_in)] + ["mid_block"]
                    + [f"out_blocks.{i}" for i in range(len(model.out_blocks))])
     blocks = np.array([by_module[name] for name in block_names], dtype=np.float64)
-    head = sum(by_module.get(name, 0) for name in ("norm", "decoder_pred", "final_layer"))
+    head = sum(by_module.get(name, 0) for name in ("norm", "decoder_pred")) + final_conv_macs(model)
     return UnitCosts(embed=float(embed), blocks=blocks, head=float(head))

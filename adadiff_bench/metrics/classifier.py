@@ -33,7 +33,7 @@ HELDOUT_FRACTION = 0.2
 
 
 class DigitsCNN(nn.Module):
-    """Conv 1->32->64, 2x2 max-pool, conv 64->128, global average pool, 64-d features, 10 logits."""
+    """Conv 1->32->64, 2x2 max-pool, conv 64->128, global average pool, 64-d ELU features, 10 logits."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,7 +50,8 @@ class DigitsCNN(nn.Module):
         x = F.relu(self.conv1(x))
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.conv3(x)).mean(dim=(2, 3))
-        return F.relu(self.embed(x))
+        # ELU rather than ReLU: dead ReLU units would leave zero-variance feature dimensions (singular FID covariances).
+        return F.elu(self.embed(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits of uint8 N x 1 x 8 x 8 images."""
@@ -81,8 +82,8 @@ def accuracy(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((model(images).argmax(dim=1) == labels).float().mean())
 
 
-def train_digits_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 64,
-                            lr: float = 3e-3) -> tuple[DigitsCNN, float]:
+def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64,
+                            lr: float = 1e-2) -> tuple[DigitsCNN, float]:
     """Train the CNN deterministically on the fixed training split; return it and its held-out accuracy."""
     data = load_dataset(DataConfig())
     train_idx, heldout_idx = heldout_split(data.labels)

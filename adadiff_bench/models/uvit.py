@@ -107,6 +107,27 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class FinalConv2d(nn.Conv2d):
+    """The output 3x3 convolution as a sum of shifted, weighted copies of the input (stride 1).
+
+    Same parameters as `nn.Conv2d`. oneDNN's convolution and small matmuls round differently at
+    different batch sizes (~1e-8, amplified to ~1e-4 over a sampling run); elementwise products
+    summed in a fixed order do not, so a sample's image never depends on its batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h, pad_w = self.padding
+        padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        out = self.bias.view(1, -1, 1, 1)
+        for i in range(self.kernel_size[0]):
+            for j in range(self.kernel_size[1]):
+                window = padded[:, None, :, i:i + height, j:j + width]     # B 1 C_in H W
+                taps = self.weight[None, :, :, i, j, None, None]            # 1 C_out C_in 1 1
+                out = out + (window * taps).sum(dim=2)
+        return out
+
+
 class UViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm,
@@ -137,7 +158,7 @@ class UViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.patch_dim = patch_size ** 2 * in_chans
         self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
-        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.final_layer = FinalConv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)

@@ -1,0 +1,155 @@
+"""`adadiff-bench`: train models, run benchmark configs, render reports.
+
+Bad input ends with one line on stderr naming the problem and the fix, and exit code 2
+(`--debug` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from .errors import UserError
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      adadiff-bench train --config configs/train_digits.toml     # (re)make the demo's digits U-ViT
+      adadiff-bench run --config configs/demo.toml --overwrite    # sample, measure, write results/demo/
+      adadiff-bench report results/demo                           # leaderboard + plots in reports/demo/
+      adadiff-bench methods                                       # list registered methods
+
+    Results load in pandas: pd.read_csv("results/demo/results.csv").
+    """)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adadiff-bench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Benchmark diffusion samplers that spend less compute per image: FID, IS, KID, FLOPs, "
+                    "wall-clock time and per-timestep exit histograms, in one harness.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a U-ViT (resumes from the last checkpoint of the same config)",
+                                description="Train a U-ViT on a data set with AdamW, warm-up and EMA. The final EMA "
+                                            "weights are written to train.out_dir/ema.pt (and train.export).")
+    train.add_argument("--config", required=True, help="training TOML, e.g. configs/train_digits.toml")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    run = commands.add_parser("run", help="run a benchmark config: methods x knobs x seeds -> results/<name>/",
+                              description="Expand the config's [[methods]] into cells (every list-valued knob is "
+                                          "swept), sample each, and write results.csv, run.json, exits.npz and "
+                                          "per-cell samples.npz under results/<name>/. A killed run resumes.")
+    run.add_argument("--config", required=True, help="run TOML, e.g. configs/demo.toml")
+    run.add_argument("--name", help="override the run name (the results folder)")
+    run.add_argument("--num-samples", type=int, help="override sampling.num_samples (FID's n)")
+    run.add_argument("--results-dir", help="override results_dir (default: results)")
+    run.add_argument("--inception-weights", metavar="PATH",
+                     help="torch-fidelity Inception weights file; makes Inception metrics required")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    report = commands.add_parser("report", help="render a leaderboard and plots from a finished run",
+                                 description="Read results/<run>/ only and write leaderboard.md/.csv, "
+                                             "fid_vs_gflops.png/.pdf and sample grids.")
+    report.add_argument("run_dir", metavar="RESULTS", help="a finished run folder, e.g. results/demo")
+    report.add_argument("--out", help="output folder (default: reports/<run name>)")
+    report.add_argument("--sort-by", help="column to sort the leaderboard by (default: the primary FID)")
+
+    classifier = commands.add_parser("train-classifier",
+                                     help="retrain the digits feature extractor shipped with the package")
+    classifier.add_argument("--out", help="where to write the weights (default: the packaged asset)")
+
+    commands.add_parser("methods", help="list the registered methods")
+    return parser
+
+
+def _run(args) -> int:
+    from pathlib import Path
+
+    from .config import load_run_config
+    from .harness import run
+
+    overrides = {}
+    if args.name:
+        overrides["name"] = args.name
+    if args.results_dir:
+        overrides["results_dir"] = args.results_dir
+    config = load_run_config(args.config)
+    if args.num_samples is not None:
+        if args.num_samples <= 0:
+            raise UserError(f"--num-samples must be > 0 (got {args.num_samples})")
+        config.sampling.num_samples = args.num_samples
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate(args.config)
+    if args.inception_weights:
+        if not Path(args.inception_weights).is_file():
+            raise UserError(f"--inception-weights {args.inception_weights!r} does not exist; pass the path of "
+                            "torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+        config.metrics.inception_weights = args.inception_weights
+        config.metrics.inception = "require"
+    run(config, where=args.config, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+    from .results import load_run
+
+    _, info = load_run(args.run_dir)
+    out = Path(args.out) if args.out else Path("reports") / info["config"]["name"]
+    for path in write_report(args.run_dir, out, args.sort_by):
+        if path.suffix != ".png" or path.parent == out:
+            print(path)
+    return 0
+
+
+def _train(args) -> int:
+    from .config import load_train_config
+    from .training import train
+
+    path = train(load_train_config(args.config), progress=not args.no_progress)
+    print(f"EMA weights written to {path}")
+    return 0
+
+
+def _train_classifier(args) -> int:
+    from .metrics.classifier import main_train_classifier
+
+    main_train_classifier(args.out)
+    return 0
+
+
+def _methods(args) -> int:
+    from .methods import available_methods, get_method
+
+    for name in available_methods():
+        cls = get_method(name)
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:24s} {doc}")
+    return 0
+
+
+COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier": _train_classifier,
+            "methods": _methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"adadiff-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adadiff-bench: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The harness: a run config -> cells (method x knob setting x seed) -> sampling, metrics, cost, time -> results.
+
+Everything that can be checked is checked before the first sample is drawn: methods, knobs,
+solvers, checkpoint, data, Inception weights when required. Only then is anything written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoints import load_model, sha256_file
+from .config import MethodEntry, RunConfig, check_solver, to_dict
+from .data import Dataset, check_matches_model, load_dataset, to_uint8
+from .diffusion import SOLVER_SETTINGS, sample, solver_timesteps
+from .errors import UserError
+from .flops import unit_costs
+from .methods import get_method, make_params
+from .metrics.quality import compute_quality, resolve_inception_weights
+from .results import SCHEMA_VERSION, RunStore, make_dir
+from .steplog import StepLog, UnitCosts
+from .timing import measure
+
+PACKAGES = ("torch", "torchvision", "torch-fidelity", "clean-fid", "fvcore", "diffusers", "numpy", "scipy",
+            "pandas", "matplotlib", "scikit-learn")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    params: tuple[tuple[str, object], ...]  # knob settings, sorted by name
+    solver: str
+    num_steps: int
+    seed: int
+
+    @property
+    def cell_id(self) -> str:
+        knobs = "".join(f"-{k}{v}" for k, v in self.params)
+        return f"{self.method}{knobs}-{self.solver}-{self.num_steps}steps-seed{self.seed}"
+
+    @property
+    def params_json(self) -> str:
+        return json.dumps(dict(self.params), sort_keys=True)
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell]:
+    """The cells of one [[methods]] table: the product of every list-valued setting, times seeds."""
+    cls = get_method(entry.name)
+    solvers = _as_list(entry.solver if entry.solver is not None else config.sampling.solver)
+    steps = _as_list(entry.num_steps if entry.num_steps is not None else config.sampling.num_steps)
+    for solver in solvers:
+        check_solver(solver, where)
+    if any(s <= 0 for s in steps):
+        raise UserError(f"{where}: num_steps must be > 0 (got {steps})")
+    knob_names = sorted(entry.params)
+    knob_values = [_as_list(entry.params[k]) for k in knob_names]
+    cells = []
+    for values in itertools.product(*knob_values):
+        setting = dict(zip(knob_names, values))
+        make_params(cls, setting, where)  # validate now, before anything runs
+        for solver, num_steps, seed in itertools.product(solvers, steps, config.seeds):
+            cells.append(Cell(entry.name, tuple(sorted(setting.items())), solver, num_steps, seed))
+    return cells
+
+
+def plan_cells(config: RunConfig, where: str = "config") -> list[Cell]:
+    cells: list[Cell] = []
+    for i, entry in enumerate(config.methods):
+        for cell in expand_entry(entry, config, f"{where}: methods[{i}]"):
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module
+    data: Dataset
+    costs: UnitCosts
+    cells: list[Cell]
+    extractors: tuple[str, ...]
+    checkpoint_sha256: str
+
+
+def prepare(config: RunConfig, where: str) -> Prepared:
+    """Load and check everything the run needs; raises UserError before anything is written."""
+    cells = plan_cells(config, where)
+    model = load_model(config.checkpoint)
+    data = load_dataset(config.data)
+    check_matches_model(data, model.img_size, model.in_chans)
+    if model.num_classes > 0 and data.labels is None:
+        raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
+    extractors = ["digits-cnn"] if tuple(data.images.shape[1:]) == (1, 8, 8) else []
+    if config.metrics.inception != "off":
+        if resolve_inception_weights(config.metrics) is not None:  # raises when required and absent
+            extractors.append("inception")
+        else:
+            print("note: Inception metrics skipped: no weights on disk (pass --inception-weights PATH or put "
+                  "torch-fidelity's weights-inception-2015-12-05-6726825d.pth in $TORCH_HOME/hub/checkpoints)",
+                  file=sys.stderr)
+    if not extractors:
+        print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
+              "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
+    return Prepared(model, data, unit_costs(model), cells, tuple(extractors), sha256_file(config.checkpoint))
+
+
+def reference_cell(config: RunConfig) -> Cell:
+    """The `full` method at the run's default solver and steps: what speed-ups are measured against."""
+    return Cell("full", (), config.sampling.solver, config.sampling.num_steps, config.seeds[0])
+
+
+def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
+             desc: str = "") -> tuple[torch.Tensor, StepLog]:
+    """Sample `num_samples` images for one cell; returns (float images, step log)."""
+    cls = get_method(cell.method)
+    method = cls(model, make_params(cls, dict(cell.params), cell.method))
+    image_shape = (model.in_chans, model.img_size, model.img_size)
+    log = StepLog(num_samples, solver_timesteps(cell.solver, cell.num_steps), model.num_blocks)
+    batches = []
+    starts = range(0, num_samples, batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        indices = np.arange(start, min(start + batch_size, num_samples))
+        log.set_batch(indices)
+        method.start_batch(log)
+        batches.append(sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed,
+                              max(model.num_classes, 0), on_step=lambda step, t: log.set_step(step)))
+    return torch.cat(batches), log
+
+
+def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
+    timing = config.timing
+    n, batch = timing.num_samples, config.sampling.batch_size
+
+    def run(c: Cell, count: int = n):
+        return lambda: generate(c, model, count, batch)
+
+    def warmup():
+        for _ in range(timing.warmup_batches):
+            generate(cell, model, min(n, batch), batch)
+            if cell != reference:
+                generate(reference, model, min(n, batch), batch)
+
+    result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup)
+    return dataclasses.asdict(result)
+
+
+def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path, progress: bool) -> tuple[dict, np.ndarray, dict]:
+    """Sample, measure quality, cost and time of one cell; returns (row, uint8 NHWC samples, summaries)."""
+    s = config.sampling
+    images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress, desc=f"sample {cell.cell_id}")
+    finite = bool(torch.isfinite(images).all())
+    samples = to_uint8(torch.nan_to_num(images))
+    macs = log.macs_per_image(prep.costs)
+    row = {"method": cell.method, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
+           "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": get_method(cell.method).batch_dependent,
+           "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples"}
+    if finite:
+        row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
+    row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
+                "layer_ratio": log.layer_ratio()})
+    if config.timing.enabled:
+        row.update(time_cell(cell, reference_cell(config), prep.model, config))
+    row["cell_id"] = cell.cell_id
+    return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries()
+
+
+def run(config: RunConfig, where: str = "config", overwrite: bool = False, progress: bool = True) -> Path:
+    """Run every cell of `config` and write the results store; returns the run folder."""
+    torch.set_num_threads(config.timing.threads)
+    prep = prepare(config, where)
+    store = RunStore(config.results_dir, config.name)
+    config_dict = to_dict(config)
+    _check_existing(store, config_dict, overwrite, where)
+    make_dir(store.partial)
+    (store.partial / "config.json").write_text(json.dumps(config_dict, indent=2))
+    cache_dir = Path(config.results_dir) / ".cache"
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    done = store.completed_cells()
+    rows = []
+    for index, cell in enumerate(prep.cells, 1):
+        label = f"[{index}/{len(prep.cells)}] {cell.cell_id}"
+        if cell.cell_id in done:
+            print(f"{label}: already done, kept", flush=True)
+            rows.append(store.read_cell_row(cell.cell_id))
+            continue
+        print(f"{label}: sampling {config.sampling.num_samples} images", flush=True)
+        row, samples, summaries = evaluate_cell(cell, prep, config, cache_dir, progress)
+        store.write_cell(cell.cell_id, row, samples, summaries)
+        rows.append(row)
+        print(f"{label}: {_headline(row)}", flush=True)
+    info = run_info(config, prep, started)
+    path = store.finish(rows, info, [c.cell_id for c in prep.cells])
+    print(f"results written to {path}/results.csv", flush=True)
+    return path
+
+
+def _check_existing(store: RunStore, config_dict: dict, overwrite: bool, where: str) -> None:
+    """Refuse to mix configs under one run name; a partial run of the same config resumes."""
+    name = config_dict["name"]
+    if overwrite:
+        shutil.rmtree(store.partial, ignore_errors=True)
+        return
+    if store.final.exists():
+        previous = json.loads((store.final / "run.json").read_text()).get("config") if (store.final / "run.json").is_file() else None
+        same = previous == json.loads(json.dumps(config_dict))
+        raise UserError(f"{where}: run {name!r} already exists in {store.final}"
+                        f"{' (complete, same config)' if same else ' with a different config'}; "
+                        "pass --overwrite to replace it or pick another `name`")
+    saved = store.partial / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(config_dict)):
+        raise UserError(f"{where}: {store.partial} holds an unfinished run named {name!r} made with a different "
+                        "config; pick another `name` or pass --overwrite to discard it")
+
+
+def _headline(row: dict) -> str:
+    parts = [f"{k}={row[k]:.4g}" for k in row if k.startswith(("fid_", "is_")) and k.endswith(("_mean", "cnn", "inception"))
+             and isinstance(row[k], float)]
+    parts.append(f"GFLOPs/image={row['gflops_per_image']:.3f}")
+    parts.append(f"layer_ratio={row['layer_ratio']:.3f}")
+    if "speedup" in row:
+        parts.append(f"time/image={row['time_per_image_s'] * 1e3:.2f} ms speedup={row['speedup']:.2f}x")
+    return " ".join(parts)
+
+
+def run_info(config: RunConfig, prep: Prepared, started: str) -> dict:
+    """run.json: everything needed to trust and reproduce the numbers."""
+    versions = {"adadiff-bench": __version__}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": to_dict(config),
+        "started": started,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "git_commit": _git_commit(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": "cpu", "python": platform.python_version()},
+        "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
+        "data": {"name": prep.data.name, "path": config.data.path, "num_images": len(prep.data.images),
+                 "sha256": prep.data.sha256},
+        "reference": dataclasses.asdict(reference_cell(config)),
+        "feature_extractors": list(prep.extractors),
+        "unit_macs": {"embed": prep.costs.embed, "blocks": prep.costs.blocks.tolist(), "head": prep.costs.head},
+        "flops_convention": "MACs of matmuls, convolutions and attention (fvcore, SDPA handle); FLOPs = 2 x MACs",
+        "solvers": {name: SOLVER_SETTINGS[name][1] for name in sorted({c.solver for c in prep.cells})},
+        "cells": [c.cell_id for c in prep.cells],
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

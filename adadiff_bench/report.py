@@ -1,0 +1,145 @@
+"""Reports: read only the results store, write a leaderboard table, an FID-vs-GFLOPs plot and sample grids."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .results import load_run, make_dir  # noqa: E402
+
+# Okabe-Ito: a colour-blind-safe palette
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+HIGHER_IS_BETTER = {"fid": False, "is": True, "kid": False, "gflops": False, "layer_ratio": False,
+                    "time": False, "speedup": True}
+
+
+def primary_fid_column(frame: pd.DataFrame) -> str | None:
+    """The FID column to rank by: the built-in classifier's when present, else the first one."""
+    columns = [c for c in frame.columns if c.startswith("fid_")]
+    return "fid_digits_cnn" if "fid_digits_cnn" in columns else (columns[0] if columns else None)
+
+
+def setting_label(row: pd.Series) -> str:
+    knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
+    parts = [f"{k}={v}" for k, v in knobs.items()] + [f"{row['solver']} {row['num_steps']} steps"]
+    return f"{row['method']} ({', '.join(parts)})"
+
+
+def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
+    """One row per method setting, averaged over seeds, with human-readable headers and arrows."""
+    fid = sort_by or primary_fid_column(frame)
+    frame = frame.assign(setting=frame.apply(setting_label, axis=1))
+    metric_columns = [c for c in frame.columns if c.startswith(("fid_", "is_", "kid_")) and not c.endswith("_std")]
+    numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
+        c for c in ("time_per_image_s", "speedup") if c in frame.columns]
+    grouped = frame.groupby("setting", sort=False).agg({**{c: "mean" for c in numeric}, "num_samples": "first",
+                                                        "seed": "count"})
+    grouped = grouped.rename(columns={"seed": "seeds"})
+    if fid in grouped.columns:
+        grouped = grouped.sort_values(fid)
+    return grouped.reset_index()
+
+
+def _header(column: str, num_samples: int) -> str:
+    arrow = lambda better_high: "↑" if better_high else "↓"  # noqa: E731
+    if column.startswith("fid_"):
+        return f"FID [{column[4:]}, n={num_samples}] {arrow(False)}"
+    if column.startswith("is_"):
+        return f"IS [{column[3:].removesuffix('_mean')}] {arrow(True)}"
+    if column.startswith("kid_"):
+        return f"KID [{column[4:].removesuffix('_mean')}] {arrow(False)}"
+    return {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
+            "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑"}.get(column, column)
+
+
+def to_markdown(board: pd.DataFrame) -> str:
+    n = int(board["num_samples"].iloc[0]) if len(board) else 0
+    columns = [c for c in board.columns if c not in ("setting", "num_samples", "seeds")]
+    lines = ["| method setting | " + " | ".join(_header(c, n) for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for _, row in board.iterrows():
+        cells = []
+        for c in columns:
+            value = row[c]
+            if c == "time_per_image_s":
+                value = value * 1e3
+            cells.append("n/a" if pd.isna(value) else (f"{value:.4f}" if c.startswith("kid_") else f"{value:.3f}"))
+        lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fid_vs_gflops(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """FID against GFLOPs per image, one line per method (its knob sweep), points labelled."""
+    fid = primary_fid_column(frame)
+    if fid is None:
+        return []
+    frame = frame.assign(setting=frame.apply(setting_label, axis=1))
+    fig, ax = plt.subplots(figsize=(3.5, 2.8), dpi=150, layout="constrained")
+    groups = frame.groupby(["method", "solver"], sort=False)
+    for color, ((method, solver), group) in zip(PALETTE * 4, groups):
+        points = group.groupby("setting", sort=False)[[fid, "gflops_per_image", "num_steps"]].mean()
+        points = points.sort_values("gflops_per_image")
+        ax.plot(points["gflops_per_image"], points[fid], "o-", color=color, ms=4, lw=1.2, label=f"{method} / {solver}")
+        for (_, p) in points.iterrows():
+            ax.annotate(f"{int(p['num_steps'])}", (p["gflops_per_image"], p[fid]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=6, color=color)
+    n = int(frame["num_samples"].iloc[0])
+    ax.set_xlabel("GFLOPs per image (2 x MACs)")
+    ax.set_ylabel(f"FID [{fid[4:]}, n={n}] (lower is better)")
+    ax.set_title("Quality vs compute (labels: solver steps)", fontsize=8)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.legend(fontsize=6, frameon=False)
+    ax.tick_params(labelsize=7)
+    ax.xaxis.label.set_size(7)
+    ax.yaxis.label.set_size(7)
+    paths = [out / "fid_vs_gflops.png", out / "fid_vs_gflops.pdf"]
+    for path in paths:
+        fig.savefig(path)
+    plt.close(fig)
+    return paths
+
+
+def sample_grid(samples_nhwc: np.ndarray, path: Path, count: int = 64, scale: int = 4) -> Path:
+    """The first `count` samples as one PNG grid (nearest-neighbour upscaled)."""
+    from PIL import Image
+    images = samples_nhwc[:count]
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = image
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    return path
+
+
+def write_report(run_dir: str | Path, out: str | Path, sort_by: str | None = None) -> list[Path]:
+    """Leaderboard (Markdown + CSV), FID-vs-GFLOPs plot (PNG + PDF), one sample grid per cell."""
+    run_dir, out = Path(run_dir), Path(out)
+    frame, info = load_run(run_dir)
+    make_dir(out)
+    board = leaderboard(frame, sort_by)
+    written = []
+    title = f"# Leaderboard: {info['config']['name']}\n\n"
+    notes = (f"\nData: {info['data']['name']} ({info['data']['num_images']} reference images); "
+             f"FID's n = samples per cell; speed-up is the ratio of median times against "
+             f"`full` at {info['reference']['solver']} {info['reference']['num_steps']} steps, timed interleaved "
+             f"on {info['machine']['torch_threads']} threads; FLOPs = 2 x MACs (fvcore).\n")
+    (out / "leaderboard.md").write_text(title + to_markdown(board) + notes)
+    board.to_csv(out / "leaderboard.csv", index=False)
+    written += [out / "leaderboard.md", out / "leaderboard.csv"]
+    written += plot_fid_vs_gflops(frame[frame["valid"]], out)
+    grids = out / "samples"
+    make_dir(grids)
+    for cell_id in frame["cell_id"]:
+        with np.load(run_dir / "cells" / cell_id / "samples.npz") as archive:
+            written.append(sample_grid(archive["arr_0"], grids / f"{cell_id}.png"))
+    return written

@@ -1,0 +1,57 @@
+"""The wall-clock protocol every cell uses.
+
+A separate timed pass (not the sampling that feeds the metrics): warm-up first, a fixed thread
+count, then `repeats` rounds that alternate the reference and the cell (A B A B ...), so drifts of
+a shared machine hit both alike. Reported: the median time per image, its interquartile range,
+and `speedup` = median(reference) / median(cell).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Timing:
+    time_per_image_s: float
+    time_per_image_s_iqr: float
+    reference_time_per_image_s: float
+    speedup: float
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], None], num_images: int) -> float:
+    """Seconds per image of one call of `fn`."""
+    _synchronize()
+    start = time.perf_counter()
+    fn()
+    _synchronize()
+    return (time.perf_counter() - start) / num_images
+
+
+def iqr(values: list[float]) -> float:
+    q75, q25 = np.percentile(values, [75, 25])
+    return float(q75 - q25)
+
+
+def measure(cell: Callable[[], None], reference: Callable[[], None] | None, num_images: int, repeats: int,
+            warmup: Callable[[], None] | None = None) -> Timing:
+    """Interleaved timing of `cell` against `reference` (None when the cell is the reference)."""
+    if warmup is not None:
+        warmup()
+    cell_times, reference_times = [], []
+    for _ in range(repeats):
+        if reference is not None:
+            reference_times.append(time_once(reference, num_images))
+        cell_times.append(time_once(cell, num_images))
+    cell_median = float(np.median(cell_times))
+    reference_median = float(np.median(reference_times)) if reference is not None else cell_median
+    return Timing(cell_median, iqr(cell_times), reference_median, reference_median / cell_median)
