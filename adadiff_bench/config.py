@@ -212,7 +212,7 @@ def method_entry_from_dict(raw: dict, where: str) -> MethodEntry:
     entry = MethodEntry(name=_check_type(raw.pop("name"), str, f"{where}.name"))
     for key in ("solver", "num_steps"):
         if key in raw:
-            setattr(entry, key, _check_type(raw.pop(key), MethodEntry.__annotations__[key], f"{where}.{key}"))
+            setattr(entry, key, _check_type(raw.pop(key), typing.get_type_hints(MethodEntry)[key], f"{where}.{key}"))
     entry.params = raw
     return entry
 

@@ -67,3 +67,20 @@ def unit_costs(model: UViT) -> UnitCosts:
     blocks = np.array([by_module[name] for name in block_names], dtype=np.float64)
     head = sum(by_module.get(name, 0) for name in ("norm", "decoder_pred")) + final_conv_macs(model)
     return UnitCosts(embed=float(embed), blocks=blocks, head=float(head))
+
+
+def dispatch_flops(fn) -> int:
+    """FLOPs of `fn()` counted at the dispatch level by torch's FlopCounterMode.
+
+    torch has no formula for the CPU flash-attention kernel that `scaled_dot_product_attention`
+    dispatches to; the generic SDPA formula is registered for it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_sdpa}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())

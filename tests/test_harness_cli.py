@@ -1,0 +1,185 @@
+"""End to end: a tiny config through `adadiff-bench run` and `report`, and the CLI's one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from adadiff_bench.cli import main
+from adadiff_bench.flops import unit_costs
+from adadiff_bench.methods import Method, available_methods, get_method, register_method
+from conftest import write_run_config
+
+REQUIRED_COLUMNS = ["method", "params", "solver", "num_steps", "num_samples", "seed", "fid_digits_cnn",
+                    "is_digits_cnn_mean", "kid_digits_cnn_mean", "macs_per_image", "flops_per_image", "layer_ratio",
+                    "time_per_image_s", "time_per_image_s_iqr", "speedup"]
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_checkpoint, tiny_model):
+    config = write_run_config(tmp_path, tiny_checkpoint)
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    return tmp_path / "results" / "tiny"
+
+
+def test_run_writes_a_sane_results_store(finished_run, tiny_model):
+    frame = pd.read_csv(finished_run / "results.csv")
+    assert list(frame["num_steps"]) == [2, 3] and set(REQUIRED_COLUMNS) <= set(frame.columns)
+    assert (frame["method"] == "full").all() and (frame["num_samples"] == 32).all()
+    assert frame["fid_digits_cnn"].between(0, 1e4).all() and frame["is_digits_cnn_mean"].between(1, 10).all()
+    costs = unit_costs(tiny_model)
+    per_eval = costs.embed + costs.blocks.sum() + costs.head
+    assert np.allclose(frame["macs_per_image"], frame["num_steps"] * per_eval)
+    assert np.allclose(frame["flops_per_image"], 2 * frame["macs_per_image"])
+    assert (frame["layer_ratio"] == 1.0).all()
+    assert (frame["time_per_image_s"] > 0).all()
+    reference = frame[frame["num_steps"] == 3].iloc[0]  # full at the config's default solver and steps
+    assert reference["speedup"] == pytest.approx(1.0)
+
+    info = json.loads((finished_run / "run.json").read_text())
+    assert info["schema_version"] == 1 and info["config"]["name"] == "tiny"
+    assert len(info["checkpoint"]["sha256"]) == 64 and len(info["data"]["sha256"]) == 64
+    assert info["versions"]["torch"] and info["machine"]["torch_threads"] == 1
+    with np.load(finished_run / "exits.npz") as exits:
+        hist = exits[f"{reference['cell_id']}/timestep_exit_histogram"]
+        assert hist.shape == (3, tiny_model.num_blocks + 1) and (hist[:, -1] == 32).all()
+    with np.load(finished_run / "cells" / reference["cell_id"] / "samples.npz") as archive:
+        samples = archive["arr_0"]
+    assert samples.shape == (32, 8, 8, 1) and samples.dtype == np.uint8
+    assert not (finished_run.parent / ".tiny.partial").exists()
+
+
+def test_report_writes_leaderboard_plot_and_grids(finished_run, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(finished_run), "--out", str(out)]) == 0
+    board = (out / "leaderboard.md").read_text()
+    assert "FID [digits_cnn, n=32] ↓" in board and board.count("| full (") == 2
+    for name in ("fid_vs_gflops.png", "fid_vs_gflops.pdf", "leaderboard.csv"):
+        assert (out / name).stat().st_size > 0
+    assert len(list((out / "samples").glob("*.png"))) == 2
+    assert Image.open(out / "fid_vs_gflops.png").size[0] > 300
+
+
+def test_rerun_is_refused_without_overwrite(finished_run, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    assert main(["run", "--config", str(config), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["run", "--config", str(config), "--no-progress", "--overwrite", "--num-samples", "16"]) == 0
+    assert (pd.read_csv(finished_run / "results.csv")["num_samples"] == 16).all()
+
+
+def test_killed_run_resumes_keeping_completed_cells(tmp_path, tiny_checkpoint, monkeypatch):
+    from adadiff_bench import harness
+    config = write_run_config(tmp_path, tiny_checkpoint)
+    calls = []
+    real = harness.evaluate_cell
+
+    def dies_on_second_cell(cell, *args, **kwargs):
+        calls.append(cell.cell_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cell, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate_cell", dies_on_second_cell)
+    assert main(["run", "--config", str(config), "--no-progress"]) == 130
+    monkeypatch.setattr(harness, "evaluate_cell", lambda cell, *a, **k: (calls.append(cell.cell_id), real(cell, *a, **k))[1])
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    assert calls == [calls[0], calls[1], calls[1]]  # the first cell was not computed again
+    assert len(pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")) == 2
+
+
+def corrupt(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("extra, edit, message", [
+    ('[[methods]]\nname = "ful"\n', None, r"unknown method 'ful' \(did you mean 'full'\?\)"),
+    ('[[methods]]\nname = "full"\nsolver = "dpm"\n', None, r"unknown solver 'dpm'"),
+    ('[[methods]]\nname = "full"\nthreshold = 0.5\n', None, r"unknown key 'threshold'"),
+    ("", lambda p: p.unlink(), r"checkpoint .* not found"),
+    ("", corrupt, r"corrupt or not a PyTorch file"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_checkpoint, capsys, extra, edit, message):
+    config = write_run_config(tmp_path, tiny_checkpoint, extra_methods=extra)
+    if edit:
+        edit(tiny_checkpoint)
+    assert main(["run", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "results").exists()
+
+
+def test_data_of_the_wrong_shape_is_refused(tmp_path, tiny_checkpoint, capsys):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    config = write_run_config(tmp_path, tiny_checkpoint, data=f'name = "folder"\npath = "{folder}"')
+    assert main(["run", "--config", str(config)]) == 2
+    assert "3x16x16 (CxHxW) but the model expects 1x8x8" in capsys.readouterr().err
+
+
+def test_inception_required_but_absent(tmp_path, tiny_checkpoint, capsys):
+    config = write_run_config(tmp_path, tiny_checkpoint, metrics='inception = "require"\n'
+                              f'inception_weights = "{tmp_path / "missing.pth"}"')
+    assert main(["run", "--config", str(config)]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert main(["run", "--config", str(config), "--inception-weights", str(tmp_path / "nope.pth")]) == 2
+
+
+def test_results_path_that_cannot_be_created(tmp_path, tiny_checkpoint, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = write_run_config(tmp_path, tiny_checkpoint)
+    assert main(["run", "--config", str(config), "--results-dir", str(blocker / "results")]) == 2
+    assert "cannot create results folder" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_checkpoint):
+    from adadiff_bench.errors import UserError
+    config = write_run_config(tmp_path, tiny_checkpoint, extra_methods='[[methods]]\nname = "nope"\n')
+    with pytest.raises(UserError):
+        main(["--debug", "run", "--config", str(config)])
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--overwrite" in out and "swept" in out
+
+
+def test_registry_refuses_bad_and_duplicate_names():
+    assert "full" in available_methods()
+
+    class Bad(Method):
+        name = "Not Valid"
+
+    with pytest.raises(ValueError, match="lowercase"):
+        register_method(Bad)
+
+    class Clash(Method):
+        name = "full"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Clash)
+    assert get_method("full").__name__ == "Full"
+
+
+def test_full_method_equals_the_plain_forward(tiny_model):
+    from adadiff_bench.steplog import StepLog
+    cls = get_method("full")
+    method = cls(tiny_model)
+    log = StepLog(4, np.zeros(1), tiny_model.num_blocks)
+    log.set_batch(np.arange(4))
+    method.start_batch(log)
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 10)
+    with torch.no_grad():
+        assert torch.equal(method(x, t, None), tiny_model(x, t))
