@@ -16,7 +16,6 @@ from typing import Any
 from .errors import UserError, did_you_mean
 
 SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")
-FEATURE_EXTRACTORS = ("digits-classifier", "inception")
 
 
 @dataclass

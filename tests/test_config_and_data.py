@@ -20,6 +20,7 @@ def write(tmp_path, text):
 
 def test_shipped_configs_load():
     assert load_run_config(REPO / "configs" / "demo.toml").name == "demo"
+    assert load_run_config(REPO / "configs" / "user_data_example.toml").data.name == "npz"
     train = load_train_config(REPO / "configs" / "train_digits.toml")
     assert (train.model.depth, train.model.embed_dim, train.model.patch_size) == (12, 128, 2)
 

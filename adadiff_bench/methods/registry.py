@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import pkgutil
 import re
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -77,10 +80,7 @@ def _load_all() -> None:
         return
     _loaded = True
     importlib.import_module("adadiff_bench.methods.full")
-    try:
-        baselines = importlib.import_module("adadiff_bench.baselines")
-    except ModuleNotFoundError:  # running from a source tree that was not installed
-        baselines = None
+    baselines = _baselines_package()
     if baselines is not None:
         for module in pkgutil.iter_modules(baselines.__path__):
             importlib.import_module(f"adadiff_bench.baselines.{module.name}")
@@ -88,6 +88,22 @@ def _load_all() -> None:
         loaded = entry.load()
         if isinstance(loaded, type) and issubclass(loaded, Method):
             register_method(loaded)
+
+
+def _baselines_package():
+    """`adadiff_bench.baselines`: installed, or (in a source checkout) the `baselines/` folder beside the package."""
+    try:
+        return importlib.import_module("adadiff_bench.baselines")
+    except ModuleNotFoundError:
+        source = Path(__file__).resolve().parents[2] / "baselines"
+        if not (source / "__init__.py").is_file():
+            return None
+        spec = importlib.util.spec_from_file_location("adadiff_bench.baselines", source / "__init__.py",
+                                                      submodule_search_locations=[str(source)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
 
 
 def available_methods() -> list[str]:

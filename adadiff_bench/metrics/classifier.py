@@ -158,8 +158,9 @@ def weights_sha256(path: str | Path) -> str:
     return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def main_train_classifier(out_path: str | Path = ASSET_PATH) -> float:
-    """Train the classifier, save it to `out_path` and print its held-out accuracy."""
+def main_train_classifier(out_path: str | Path | None = None) -> float:
+    """Train the classifier, save it to `out_path` (default: the packaged asset) and print its held-out accuracy."""
+    out_path = Path(out_path) if out_path else ASSET_PATH
     torch.set_num_threads(1)
     model, heldout_accuracy = train_digits_classifier()
     save_classifier(model, heldout_accuracy, out_path)
@@ -178,7 +179,8 @@ class DigitsCNNExtractor(FeatureExtractorBase):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Requested features, in the requested order, of uint8 N x C x 8 x 8 images (C = 1 or 3)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"digits-cnn expects uint8 N x 1|3 x H x W images, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"digits-cnn expects uint8 N x 1|3 x H x W images, "
+                             f"got {images.dtype} {tuple(images.shape)}")
         if tuple(images.shape[2:]) != (IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"digits-cnn expects {IMAGE_SIZE}x{IMAGE_SIZE} images, got {tuple(images.shape[2:])}")
         if images.shape[1] == 3:

@@ -61,6 +61,8 @@ def resolve_inception_weights(config: MetricsConfig) -> str | None:
 def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsConfig, cache_dir: str | Path,
                     extractors: tuple[str, ...] = (EXTRACTOR_NAME,)) -> dict[str, float]:
     """FID, IS and KID of uint8 N x C x H x W `samples` against `reference`, one column per feature space."""
+    if not extractors:
+        return {}
     check_images(samples, reference.images, extractors)
     weights = {extractor: weights_for(extractor, config) for extractor in extractors}  # fail before any work
     results = {}
