@@ -15,7 +15,7 @@ from conftest import REPO
 def is_installed() -> bool:
     """True when `adadiff_bench` is imported from an installation, not from this source tree."""
     import adadiff_bench
-    return not Path(adadiff_bench.__file__).resolve().is_relative_to(REPO)
+    return Path(adadiff_bench.__file__).resolve().parent != REPO / "adadiff_bench"
 
 
 def installed_files() -> list[str]:
