@@ -87,10 +87,38 @@ class TrainConfig:
 
 
 @dataclass
+class AdaDiffTrainConfig:
+    """`[adadiff]`: train AdaDiff's estimators (and optionally the backbone) from a base checkpoint.
+
+    `loss`: "official" (L_u averaged over layers; L_UAL with batch-mean certainty weights normalised
+    over layers) or "paper" (L_u summed over layers; L_UAL = sum_i (1 - u_i) ||g_i - eps||^2).
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    estimator: str = "official"
+    heads: str = "shared"
+    timestep_weights: str = "shared"
+    loss: str = "official"
+    detach_weights: bool = False
+    freeze_backbone: bool = True
+    lambda_u: float = 1.0
+    beta_ual: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.loss not in ("official", "paper"):
+            raise UserError(f"{where}: loss must be 'official' or 'paper' (got {self.loss!r})")
+        if self.lambda_u < 0 or self.beta_ual < 0:
+            raise UserError(f"{where}: lambda_u and beta_ual must be >= 0")
+        from .models.adadiff import AdaDiffConfig
+        AdaDiffConfig(self.estimator, self.heads, self.timestep_weights).validate(where)
+
+
+@dataclass
 class TrainFile:
+    """A training config. With an `[adadiff]` table the model comes from its base checkpoint."""
     data: DataConfig = field(default_factory=DataConfig)
     model: UViTConfig = field(default_factory=UViTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adadiff: AdaDiffTrainConfig | None = None
 
 
 @dataclass
@@ -232,8 +260,8 @@ def from_dict(cls, raw: Any, where: str):
             if not isinstance(value, list):
                 raise UserError(f"{where}: methods must be an array of tables ([[methods]])")
             values[key] = [method_entry_from_dict(item, f"{where}: methods[{i}]") for i, item in enumerate(value)]
-        elif dataclasses.is_dataclass(hint):
-            values[key] = from_dict(hint, value, f"{where}: [{key}]")
+        elif _dataclass_in(hint) is not None:
+            values[key] = from_dict(_dataclass_in(hint), value, f"{where}: [{key}]")
         else:
             values[key] = _check_type(value, hint, f"{where}: {key}")
     obj = cls(**values)
@@ -244,6 +272,16 @@ def from_dict(cls, raw: Any, where: str):
     if hasattr(obj, "validate"):
         obj.validate(where)
     return obj
+
+
+def _dataclass_in(hint: Any):
+    """The dataclass a field holds (unwrapping `X | None`), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        classes = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return classes[0] if classes else None
+    return None
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

@@ -127,11 +127,15 @@ def reference_cell(config: RunConfig) -> Cell:
     return Cell("full", (), config.sampling.solver, config.sampling.num_steps, config.seeds[0])
 
 
+def build_method(cell: Cell, model):
+    cls = get_method(cell.method)
+    return cls(model, make_params(cls, dict(cell.params), cell.method))
+
+
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
              desc: str = "") -> tuple[torch.Tensor, StepLog]:
     """Sample `num_samples` images for one cell; returns (float images, step log)."""
-    cls = get_method(cell.method)
-    method = cls(model, make_params(cls, dict(cell.params), cell.method))
+    method = build_method(cell, model)
     image_shape = (model.in_chans, model.img_size, model.img_size)
     log = StepLog(num_samples, solver_timesteps(cell.solver, cell.num_steps), model.num_blocks)
     batches = []
@@ -170,7 +174,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
-           "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": get_method(cell.method).batch_dependent,
+           "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": build_method(cell, prep.model).batch_dependent,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples"}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))

@@ -64,6 +64,10 @@ class StepLog:
     def exited(self, exit_point: int, active=None) -> None:
         self.exit_point[self._select(active), self._step] = exit_point
 
+    def add_macs(self, macs: float, active=None) -> None:
+        """Compute outside the blocks, embedding and head (estimators, routers) for the selected rows."""
+        self.extra_macs[self._select(active), self._step] += macs
+
     def ran_full(self) -> None:
         """The whole network once, for every sample of the batch."""
         rows = self._rows

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .checkpoints import atomic_torch_save, build_model, save_checkpoint
-from .config import TrainFile, to_dict
+from .config import TrainFile, UViTConfig, to_dict
 from .data import check_matches_model, load_dataset
 from .diffusion import alphas_cumprod, training_loss
 from .errors import UserError
@@ -32,29 +34,49 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_param.lerp_(param, 1.0 - decay)
 
 
+@dataclass
+class Task:
+    """What a training run optimises: the module (EMA'd and checkpointed), its loss, how to export it."""
+    model: torch.nn.Module
+    loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
+    export: Callable[[Path, torch.nn.Module, dict, bool], None]
+    model_config: UViTConfig
+
+
+def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
+    """A U-ViT from scratch with L_simple."""
+    model = build_model(config.model)
+    return Task(model, lambda x0, y, g: training_loss(model, x0, y, g, alpha_bar),
+                lambda path, ema, meta, half: save_checkpoint(path, ema, config.model, meta, half=half), config.model)
+
+
 def train(config: TrainFile, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the EMA checkpoint."""
     cfg = config.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    alpha_bar = alphas_cumprod()
+    if config.adadiff is not None:
+        from .adadiff_training import adadiff_task
+        task = adadiff_task(config, alpha_bar)
+    else:
+        task = base_task(config, alpha_bar)
     data = load_dataset(config.data)
-    check_matches_model(data, config.model.img_size, config.model.in_chans)
-    conditional = config.model.num_classes > 0
+    check_matches_model(data, task.model_config.img_size, task.model_config.in_chans)
+    conditional = task.model_config.num_classes > 0
     if conditional and data.labels is None:
         raise UserError("model.num_classes > 0 needs a labelled data set; set num_classes = -1 or add labels")
-    images = data.as_model_input()
-    labels = data.labels
+    images, labels = data.as_model_input(), data.labels
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model = build_model(config.model)
+    model = task.model
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.beta1, cfg.beta2))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     generator = torch.Generator().manual_seed(cfg.seed)
     start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, generator)
-    alpha_bar = alphas_cumprod()
 
     model.train()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
@@ -62,8 +84,7 @@ def train(config: TrainFile, progress: bool = True) -> Path:
     started = time.perf_counter()
     for step in bar:
         batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-        y = labels[batch] if conditional else None
-        loss = training_loss(model, images[batch], y, generator, alpha_bar)
+        loss = task.loss(images[batch], labels[batch] if conditional else None, generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
@@ -78,9 +99,9 @@ def train(config: TrainFile, progress: bool = True) -> Path:
     meta = {"steps": cfg.steps, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
             "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1)}
     ema_path = out_dir / "ema.pt"
-    save_checkpoint(ema_path, ema, config.model, meta)
+    task.export(ema_path, ema, meta, False)
     if cfg.export:
-        save_checkpoint(cfg.export, ema, config.model, meta, half=cfg.export_half)
+        task.export(Path(cfg.export), ema, meta, cfg.export_half)
     return ema_path
 
 

@@ -79,7 +79,10 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    importlib.import_module("adadiff_bench.methods.full")
+    methods = importlib.import_module("adadiff_bench.methods")
+    for module in pkgutil.iter_modules(methods.__path__):
+        if module.name != "registry":
+            importlib.import_module(f"adadiff_bench.methods.{module.name}")
     baselines = _baselines_package()
     if baselines is not None:
         for module in pkgutil.iter_modules(baselines.__path__):

@@ -1,0 +1,81 @@
+"""AdaDiff's training objective: L = L_simple + lambda L_u + beta L_UAL, from a base checkpoint.
+
+Pseudo-label of uncertainty per exit i: u_hat_i = tanh(|g_i(L_i) - eps|) per pixel (its mean for
+per-sample estimators), detached. Two forms, as in ADADIFF.md:
+- paper:    L_u = sum_i ||u_i - u_hat_i||^2;  L_UAL = sum_i (1 - u_i) ||g_i(L_i) - eps||^2
+- official: L_u = mean_i ||u_i - u_hat_i||^2; L_UAL = sum_i w_i ||g_i(L_i) - eps||^2 with w_i the
+            batch-mean certainty (1 - u_i) of exit i, normalised to sum to 1 over exits, not detached
+            unless `detach_weights`.
+(||.||^2 is a mean over pixels and batch.) With `freeze_backbone`, everything of the base model, its
+final head included, stays fixed: only the estimators (and per-exit heads, if chosen) train.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adadiff_checkpoints import save_adadiff
+from .checkpoints import load_model
+from .config import AdaDiffTrainConfig, TrainFile
+from .diffusion import NUM_TRAIN_TIMESTEPS
+from .models.adadiff import AdaDiffConfig, AdaDiffUViT
+from .training import Task
+
+
+def uncertainty_targets(predictions: list[torch.Tensor], eps: torch.Tensor, per_pixel: bool) -> list[torch.Tensor]:
+    """u_hat_i = tanh(|g_i - eps|), per pixel or its per-sample mean; no gradient."""
+    targets = [torch.tanh((p - eps).abs()).detach() for p in predictions]
+    return targets if per_pixel else [u.flatten(1).mean(1) for u in targets]
+
+
+def adadiff_losses(predictions, uncertainties, eps, cfg: AdaDiffTrainConfig, per_pixel: bool) -> dict[str, torch.Tensor]:
+    """The three terms and their weighted total, for one batch."""
+    targets = uncertainty_targets(predictions, eps, per_pixel)
+    simple = (predictions[-1] - eps).pow(2).mean()
+    u_terms = torch.stack([(u - u_hat).pow(2).mean() for u, u_hat in zip(uncertainties, targets)])
+    errors = [(p - eps).pow(2) for p in predictions]
+    if cfg.loss == "paper":
+        l_u = u_terms.sum()
+        ual = sum(((1 - _broadcast(u, e)) * e).mean() for u, e in zip(uncertainties, errors))
+    else:
+        l_u = u_terms.mean()
+        certainty = torch.stack([1 - u.mean() for u in uncertainties])
+        if cfg.detach_weights:
+            certainty = certainty.detach()
+        weights = certainty / certainty.sum()
+        ual = sum(w * e.mean() for w, e in zip(weights, errors))
+    total = simple + cfg.lambda_u * l_u + cfg.beta_ual * ual
+    return {"total": total, "simple": simple, "u": l_u, "ual": ual}
+
+
+def _broadcast(u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample uncertainty (B,) viewed against a (B, C, H, W) error."""
+    return u if u.dim() == like.dim() else u.view(-1, *([1] * (like.dim() - 1)))
+
+
+def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
+    cfg = config.adadiff
+    backbone = load_model(cfg.base_checkpoint)
+    model_config = _config_of(cfg.base_checkpoint)
+    net = AdaDiffUViT(backbone, AdaDiffConfig(cfg.estimator, cfg.heads, cfg.timestep_weights))
+    if cfg.freeze_backbone:
+        net.backbone.requires_grad_(False)
+
+    def loss(x0, y, generator):
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        a = alpha_bar[t].float().view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        predictions, uncertainties = net.all_exits(xt, t, y, backbone_grad=not cfg.freeze_backbone)
+        return adadiff_losses(predictions, uncertainties, eps, cfg, net.estimator.per_pixel)["total"]
+
+    def export(path, ema, meta, half):
+        save_adadiff(path, ema, model_config, {**meta, "base_checkpoint": cfg.base_checkpoint,
+                                               "freeze_backbone": cfg.freeze_backbone, "loss": cfg.loss}, half)
+
+    return Task(net, loss, export, model_config)
+
+
+def _config_of(path: str):
+    from .checkpoints import read_checkpoint
+    from .config import UViTConfig
+    return UViTConfig(**read_checkpoint(path)["model"])

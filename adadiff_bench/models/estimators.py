@@ -1,0 +1,157 @@
+"""Uncertainty estimators for AdaDiff's exit points, selected by name.
+
+Every estimator maps the hidden state after exit point i (and the timestep) to an uncertainty in
+[0, 1], per pixel or per sample, so that one rule reads "exit when uncertainty <= threshold".
+`uncertainty(...)` returns a map of shape (B, C, H, W) or (B,); `scalar(...)` its per-sample mean.
+
+- `official`: the official AdaDiff code's module: per token `Linear(embed_dim -> patch^2 * C)` and a
+  sigmoid on the detached hidden state (extra tokens dropped), unpatchified into a per-pixel
+  *certainty* map; no timestep input. Uncertainty = 1 - certainty.
+- `timestep`: the paper's timestep-aware module u = sigmoid(w_t^T [L_i, emb(t)] + b_t), per token.
+  `timestep_weights = "shared"` reads w_t as one weight matrix with the timestep embedding among its
+  inputs; `"bucketed"` as separate weights per timestep bucket.
+- `probe`: a linear probe on the mean token, sigmoid: one scalar per sample.
+- `attention`: a learned query attends over the tokens, then a small MLP and a sigmoid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .uvit import timestep_embedding, unpatchify
+
+ESTIMATORS = ("official", "timestep", "probe", "attention")
+
+
+class Estimator(nn.Module):
+    """Base: one estimator per exit point (exit points are numbered 1..num_exits)."""
+    per_pixel = False
+
+    def __init__(self, num_exits: int, embed_dim: int, patch_size: int, in_chans: int, extras: int):
+        super().__init__()
+        self.num_exits, self.embed_dim = num_exits, embed_dim
+        self.patch_size, self.in_chans, self.extras = patch_size, in_chans, extras
+
+    def uncertainty(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scalar(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        u = self.uncertainty(exit_point, tokens, t)
+        return u.flatten(1).mean(1) if u.dim() > 1 else u
+
+    def macs_per_sample(self, num_tokens: int) -> int:
+        """MACs of one call on one sample (its linear layers; counted into the step log)."""
+        return sum(m.in_features * m.out_features for m in self._per_exit_linears()) * self._rows(num_tokens)
+
+    def _per_exit_linears(self) -> list[nn.Linear]:
+        raise NotImplementedError
+
+    def _rows(self, num_tokens: int) -> int:
+        return num_tokens - self.extras
+
+    def _patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, self.extras:, :].detach()
+
+    def _to_map(self, patches: torch.Tensor) -> torch.Tensor:
+        return unpatchify(patches, self.in_chans)
+
+
+class OfficialEstimator(Estimator):
+    per_pixel = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        out = self.patch_size ** 2 * self.in_chans
+        self.certainty = nn.ModuleList([nn.Linear(self.embed_dim, out) for _ in range(self.num_exits)])
+
+    def certainty_map(self, exit_point: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self._to_map(torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens))))
+
+    def uncertainty(self, exit_point, tokens, t):
+        return 1.0 - self.certainty_map(exit_point, tokens)
+
+    def _per_exit_linears(self):
+        return [self.certainty[0]]
+
+
+class TimestepEstimator(Estimator):
+    per_pixel = True
+
+    def __init__(self, *args, weights: str = "shared", num_buckets: int = 10):
+        super().__init__(*args)
+        if weights not in ("shared", "bucketed"):
+            raise ValueError(f"timestep_weights must be 'shared' or 'bucketed', got {weights!r}")
+        self.weights, self.num_buckets = weights, num_buckets
+        out = self.patch_size ** 2 * self.in_chans
+        if weights == "shared":
+            self.linear = nn.ModuleList([nn.Linear(2 * self.embed_dim, out) for _ in range(self.num_exits)])
+        else:
+            self.linear = nn.ModuleList([nn.Linear(self.embed_dim, out)
+                                         for _ in range(self.num_exits * num_buckets)])
+
+    def uncertainty(self, exit_point, tokens, t):
+        patches = self._patches(tokens)
+        if self.weights == "shared":
+            emb = timestep_embedding(t, self.embed_dim).to(patches.dtype)
+            inputs = torch.cat([patches, emb[:, None, :].expand(-1, patches.shape[1], -1)], dim=-1)
+            logits = self.linear[exit_point - 1](inputs)
+        else:
+            bucket = (t.float() * self.num_buckets / 1000).long().clamp(0, self.num_buckets - 1)
+            base = (exit_point - 1) * self.num_buckets
+            logits = torch.stack([self.linear[base + int(b)](p) for p, b in zip(patches, bucket)])
+        return self._to_map(torch.sigmoid(logits))
+
+    def _per_exit_linears(self):
+        return [self.linear[0]]
+
+
+class ProbeEstimator(Estimator):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.probe = nn.ModuleList([nn.Linear(self.embed_dim, 1) for _ in range(self.num_exits)])
+
+    def uncertainty(self, exit_point, tokens, t):
+        return torch.sigmoid(self.probe[exit_point - 1](tokens.detach().mean(1))).squeeze(-1)
+
+    def _per_exit_linears(self):
+        return [self.probe[0]]
+
+    def _rows(self, num_tokens):
+        return 1
+
+
+class AttentionEstimator(Estimator):
+    def __init__(self, *args, hidden: int = 64):
+        super().__init__(*args)
+        d = self.embed_dim
+        self.query = nn.Parameter(torch.zeros(self.num_exits, d))
+        nn.init.normal_(self.query, std=d ** -0.5)
+        self.key = nn.ModuleList([nn.Linear(d, d) for _ in range(self.num_exits)])
+        self.mlp = nn.ModuleList([nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, 1))
+                                  for _ in range(self.num_exits)])
+
+    def uncertainty(self, exit_point, tokens, t):
+        tokens = tokens.detach()
+        keys = self.key[exit_point - 1](tokens)                                   # B L D
+        scores = keys @ self.query[exit_point - 1] / self.embed_dim ** 0.5       # B L
+        pooled = (scores.softmax(dim=1)[..., None] * tokens).sum(1)              # B D
+        return torch.sigmoid(self.mlp[exit_point - 1](pooled)).squeeze(-1)
+
+    def macs_per_sample(self, num_tokens):
+        d = self.embed_dim
+        hidden = self.mlp[0][0].out_features
+        return num_tokens * d * d + 2 * num_tokens * d + d * hidden + hidden
+
+
+def build_estimator(name: str, num_exits: int, embed_dim: int, patch_size: int, in_chans: int, extras: int,
+                    timestep_weights: str = "shared") -> Estimator:
+    args = (num_exits, embed_dim, patch_size, in_chans, extras)
+    if name == "official":
+        return OfficialEstimator(*args)
+    if name == "timestep":
+        return TimestepEstimator(*args, weights=timestep_weights)
+    if name == "probe":
+        return ProbeEstimator(*args)
+    if name == "attention":
+        return AttentionEstimator(*args)
+    raise ValueError(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}")
