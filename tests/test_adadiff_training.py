@@ -51,3 +51,30 @@ def test_finetuning_changes_the_backbone(tmp_path, tiny_checkpoint):
     trained = load_adadiff(tmp_path / "run" / "ema.pt")
     changed = [n for n, v in base.state_dict().items() if not torch.allclose(trained.backbone.state_dict()[n], v)]
     assert "in_blocks.0.attn.qkv.weight" in changed and "decoder_pred.weight" in changed
+
+
+def test_ablation_cells_train_on_demand_once(tmp_path, tiny_checkpoint, monkeypatch):
+    from adadiff_bench.methods import adadiff as adadiff_module
+    from adadiff_bench.methods import get_method, make_params
+    config = write_config(tmp_path, tiny_checkpoint, freeze=True)
+    monkeypatch.setattr(adadiff_module, "ON_DEMAND_CACHE", tmp_path / "cache")
+    calls = []
+    real_train = adadiff_module.train
+    monkeypatch.setattr(adadiff_module, "train", lambda cfg: (calls.append(cfg.adadiff.estimator), real_train(cfg))[1])
+    cls = get_method("adadiff")
+    for _ in range(2):
+        params = make_params(cls, {"train": str(config), "estimator": "probe", "loss": "paper"}, "test")
+        method = cls(load_model(tiny_checkpoint), params)
+        assert method.net.config.estimator == "probe"
+    assert calls == ["probe"]  # the second cell reused the cached checkpoint
+    assert len(list((tmp_path / "cache").glob("probe-paper-frozen-*/ema.pt"))) == 1
+
+
+def test_overrides_without_a_training_config_are_refused():
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.methods import get_method, make_params
+    with pytest.raises(UserError, match="need `train`"):
+        make_params(get_method("adadiff"), {"estimator": "probe"}, "test")
+    with pytest.raises(UserError, match="unknown estimator 'prob'"):
+        make_params(get_method("adadiff"), {"train": str(REPO / "configs" / "adadiff_digits_frozen.toml"),
+                                            "estimator": "prob"}, "test")

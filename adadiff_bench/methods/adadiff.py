@@ -10,20 +10,32 @@ exit iff the mean certainty is strictly greater than it, as the official code do
 the whole batch, which makes the method batch-dependent), `patience` (the official in-block rule:
 exit only at the second in-block that passes, not necessarily consecutive).
 
+Ablations: with `train` (an AdaDiff training config) and overrides such as `estimator`, `loss` or
+`backbone`, the checkpoint is trained on demand the first time and cached under
+`results/.adadiff_cache/`, keyed by a hash of the training config.
+
 Differs from the official code: it never runs a head or estimator it does not need (the official
 forward evaluates the head after every block, even at inference), and its default rule is per sample.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from ..adadiff_checkpoints import load_adadiff
+from ..config import load_train_config, to_dict
 from ..errors import UserError
+from ..training import train
 from ..models.exit_forward import exit_aware_forward
 from .registry import Method, register_method
+
+
+ON_DEMAND_CACHE = Path("results") / ".adadiff_cache"
 
 
 @dataclass
@@ -33,6 +45,13 @@ class AdaDiffParams:
     threshold_kind: str = "uncertainty"   # uncertainty | official-certainty
     rule: str = "per-sample"              # per-sample | per-batch
     patience: bool = False
+    # on-demand training (ablations): a training config, and overrides of its [adadiff] table
+    train: str = ""
+    estimator: str = ""                   # official | timestep | probe | attention
+    loss: str = ""                        # official | paper
+    backbone: str = ""                    # frozen | fine-tuned
+    heads: str = ""                       # shared | per-exit
+    timestep_weights: str = ""            # shared | bucketed
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -42,11 +61,50 @@ class AdaDiffParams:
                             f"(got {self.threshold_kind!r})")
         if self.rule not in ("per-sample", "per-batch"):
             raise UserError(f"{where}: rule must be 'per-sample' or 'per-batch' (got {self.rule!r})")
+        if self.backbone not in ("", "frozen", "fine-tuned"):
+            raise UserError(f"{where}: backbone must be 'frozen' or 'fine-tuned' (got {self.backbone!r})")
+        overrides = any((self.estimator, self.loss, self.backbone, self.heads, self.timestep_weights))
+        if overrides and not self.train:
+            raise UserError(f"{where}: estimator/loss/backbone/heads overrides need `train` (a training config) "
+                            "so the checkpoint can be trained on demand")
+        if self.train:
+            on_demand_config(self, where)  # validates the training config and the overrides now
 
 
 @lru_cache(maxsize=8)
 def _cached_adadiff(path: str):
     return load_adadiff(path)
+
+
+def on_demand_config(params: AdaDiffParams, where: str = "adadiff"):
+    """The training config `params.train` with the knob overrides applied (validated)."""
+    config = load_train_config(params.train)
+    if config.adadiff is None:
+        raise UserError(f"{where}: {params.train} has no [adadiff] table; point `train` at an AdaDiff training config")
+    overrides = {"estimator": params.estimator, "loss": params.loss, "heads": params.heads,
+                 "timestep_weights": params.timestep_weights}
+    for key, value in overrides.items():
+        if value:
+            setattr(config.adadiff, key, value)
+    if params.backbone:
+        config.adadiff.freeze_backbone = params.backbone == "frozen"
+    config.adadiff.validate(where)
+    return config
+
+
+def trained_on_demand(params: AdaDiffParams, cache_root: Path | None = None) -> str:
+    """Train (once) the checkpoint an ablation cell asks for; cached by a hash of its training config."""
+    config = on_demand_config(params)
+    config.train.export = None
+    config.train.out_dir = ""
+    key = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+    out_dir = (cache_root or ON_DEMAND_CACHE) / f"{config.adadiff.estimator}-{config.adadiff.loss}-" \
+                           f"{'frozen' if config.adadiff.freeze_backbone else 'fine-tuned'}-{key}"
+    config.train.out_dir = str(out_dir)
+    if not (out_dir / "ema.pt").is_file():
+        print(f"training AdaDiff on demand ({config.train.steps} steps) into {out_dir}", flush=True)
+        train(config)
+    return str(out_dir / "ema.pt")
 
 
 @register_method
@@ -56,7 +114,8 @@ class AdaDiff(Method):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        self.net = _cached_adadiff(self.params.checkpoint)
+        checkpoint = trained_on_demand(self.params) if self.params.train else self.params.checkpoint
+        self.net = _cached_adadiff(checkpoint)
         self.batch_dependent = self.params.rule == "per-batch"
 
     def exits(self, uncertainty: torch.Tensor) -> torch.Tensor:
