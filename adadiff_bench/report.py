@@ -74,30 +74,44 @@ def to_markdown(board: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def knob_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One column per knob (from the JSON `params`), plus num_steps, aligned with `frame`."""
+    knobs = pd.DataFrame([json.loads(p) if isinstance(p, str) and p else {} for p in frame["params"]], index=frame.index)
+    return knobs.assign(steps=frame["num_steps"])
+
+
+def curve_label(knobs: pd.DataFrame) -> tuple[str, list[str]]:
+    """What varies along a curve (its point labels) and what is fixed (part of its legend entry)."""
+    varying = [c for c in knobs.columns if knobs[c].astype(str).nunique() > 1]
+    fixed = [f"{c}={knobs[c].iloc[0]}" for c in knobs.columns if c not in varying and c not in ("steps", "checkpoint")]
+    return ", ".join(varying), fixed
+
+
 def plot_fid_vs_gflops(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """FID against GFLOPs per image, one line per method (its knob sweep), points labelled."""
+    """FID against GFLOPs per image, one curve per method and solver (its knob sweep), points labelled."""
     fid = primary_fid_column(frame)
-    if fid is None:
+    if fid is None or frame.empty:
         return []
-    frame = frame.assign(setting=frame.apply(setting_label, axis=1))
+    knobs = knob_table(frame)
     fig, ax = plt.subplots(figsize=(3.5, 2.8), dpi=150, layout="constrained")
-    groups = frame.groupby(["method", "solver"], sort=False)
-    for color, ((method, solver), group) in zip(PALETTE * 4, groups):
-        points = group.groupby("setting", sort=False)[[fid, "gflops_per_image", "num_steps"]].mean()
-        points = points.sort_values("gflops_per_image")
-        ax.plot(points["gflops_per_image"], points[fid], "o-", color=color, ms=4, lw=1.2, label=f"{method} / {solver}")
-        for (_, p) in points.iterrows():
-            ax.annotate(f"{int(p['num_steps'])}", (p["gflops_per_image"], p[fid]), textcoords="offset points",
-                        xytext=(3, 3), fontsize=6, color=color)
+    for color, ((method, solver), group) in zip(PALETTE * 4, frame.groupby(["method", "solver"], sort=False)):
+        group_knobs = knobs.loc[group.index]
+        varying, fixed = curve_label(group_knobs)
+        labels = group_knobs[varying.split(", ")].astype(str).agg("/".join, axis=1) if varying else ""
+        points = group.assign(label=labels)
+        points = points.groupby("label", sort=False)[[fid, "gflops_per_image"]].mean().sort_values("gflops_per_image")
+        legend = f"{method} / {solver}" + (f" ({', '.join(fixed)})" if fixed else "")
+        ax.plot(points["gflops_per_image"], points[fid], "o-", color=color, ms=4, lw=1.2, label=legend)
+        for label, p in points.iterrows():
+            ax.annotate(str(label), (p["gflops_per_image"], p[fid]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=5.5, color=color)
     n = int(frame["num_samples"].iloc[0])
-    ax.set_xlabel("GFLOPs per image (2 x MACs)")
-    ax.set_ylabel(f"FID [{fid[4:]}, n={n}] (lower is better)")
-    ax.set_title("Quality vs compute (labels: solver steps)", fontsize=8)
+    ax.set_xlabel("GFLOPs per image (2 x MACs)", fontsize=7)
+    ax.set_ylabel(f"FID [{fid[4:]}, n={n}] (lower is better)", fontsize=7)
+    ax.set_title("Quality vs compute (point labels: the swept knobs)", fontsize=7)
     ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(fontsize=6, frameon=False)
-    ax.tick_params(labelsize=7)
-    ax.xaxis.label.set_size(7)
-    ax.yaxis.label.set_size(7)
+    ax.legend(fontsize=5.5, frameon=False)
+    ax.tick_params(labelsize=6.5)
     paths = [out / "fid_vs_gflops.png", out / "fid_vs_gflops.pdf"]
     for path in paths:
         fig.savefig(path)
