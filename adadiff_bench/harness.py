@@ -133,9 +133,9 @@ def build_method(cell: Cell, model):
 
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
-             desc: str = "") -> tuple[torch.Tensor, StepLog]:
+             desc: str = "", method=None) -> tuple[torch.Tensor, StepLog]:
     """Sample `num_samples` images for one cell; returns (float images, step log)."""
-    method = build_method(cell, model)
+    method = method or build_method(cell, model)
     image_shape = (model.in_chans, model.img_size, model.img_size)
     log = StepLog(num_samples, solver_timesteps(cell.solver, cell.num_steps), model.num_blocks)
     batches = []
@@ -166,15 +166,22 @@ def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
     return dataclasses.asdict(result)
 
 
-def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path, progress: bool) -> tuple[dict, np.ndarray, dict]:
-    """Sample, measure quality, cost and time of one cell; returns (row, uint8 NHWC samples, summaries)."""
+def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path,
+                  progress: bool) -> tuple[dict, np.ndarray, dict, dict]:
+    """Sample, measure quality, cost and time of one cell.
+
+    Returns (row, uint8 NHWC samples, step-log summaries, method artifacts such as uncertainty maps).
+    """
     s = config.sampling
-    images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress, desc=f"sample {cell.cell_id}")
+    method = build_method(cell, prep.model)
+    method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
+    images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress, desc=f"sample {cell.cell_id}",
+                           method=method)
     finite = bool(torch.isfinite(images).all())
     samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
-           "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": build_method(cell, prep.model).batch_dependent,
+           "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": method.batch_dependent,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples"}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
@@ -183,7 +190,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     if config.timing.enabled:
         row.update(time_cell(cell, reference_cell(config), prep.model, config))
     row["cell_id"] = cell.cell_id
-    return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries()
+    return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), method.artifacts()
 
 
 def run(config: RunConfig, where: str = "config", overwrite: bool = False, progress: bool = True) -> Path:
@@ -206,8 +213,8 @@ def run(config: RunConfig, where: str = "config", overwrite: bool = False, progr
             rows.append(store.read_cell_row(cell.cell_id))
             continue
         print(f"{label}: sampling {config.sampling.num_samples} images", flush=True)
-        row, samples, summaries = evaluate_cell(cell, prep, config, cache_dir, progress)
-        store.write_cell(cell.cell_id, row, samples, summaries)
+        row, samples, summaries, artifacts = evaluate_cell(cell, prep, config, cache_dir, progress)
+        store.write_cell(cell.cell_id, row, samples, summaries, artifacts)
         rows.append(row)
         print(f"{label}: {_headline(row)}", flush=True)
     info = run_info(config, prep, started)

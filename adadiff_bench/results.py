@@ -95,11 +95,14 @@ class RunStore:
             return set()
         return {p.name for p in cells.iterdir() if (p / "row.json").is_file()}
 
-    def write_cell(self, cell_id: str, row: dict, samples_nhwc: np.ndarray, summaries: dict[str, np.ndarray]) -> None:
-        """Samples and exits first, row.json last: a cell counts as done only once its row exists."""
+    def write_cell(self, cell_id: str, row: dict, samples_nhwc: np.ndarray, summaries: dict[str, np.ndarray],
+                   artifacts: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """Samples, exits and artifacts first, row.json last: a cell counts as done only once its row exists."""
         folder = self.cell_dir(cell_id)
         write_npz(folder / "samples.npz", arr_0=samples_nhwc)
         write_npz(folder / "exits.npz", **summaries)
+        for name, arrays in (artifacts or {}).items():
+            write_npz(folder / f"{name}.npz", **arrays)
         write_json(folder / "row.json", row)
 
     def read_cell_row(self, cell_id: str) -> dict:

@@ -44,6 +44,15 @@ class StepLog:
     def set_step(self, step_index: int) -> None:
         self._step = step_index
 
+    @property
+    def current_step(self) -> int:
+        return self._step
+
+    @property
+    def current_rows(self) -> np.ndarray:
+        """Global sample indices of the batch being sampled."""
+        return self._rows
+
     # ---- what methods record (`active` selects rows of the current batch; None = all) ------------
     def _select(self, active) -> np.ndarray:
         if active is None:

@@ -231,3 +231,27 @@ def test_threshold_out_of_range_is_refused(tmp_path):
     from adadiff_bench.errors import UserError
     with pytest.raises(UserError, match=r"threshold must be in \[0, 1\]"):
         make_params(get_method("adadiff"), {"threshold": 1.5}, "test")
+
+
+def test_uncertainty_maps_are_saved_for_chosen_steps(tmp_path):
+    from adadiff_bench.harness import Cell, build_method, generate
+    net = random_adadiff()
+    path = tmp_path / "a.pt"
+    save_adadiff(path, net, TINY)
+    cell = Cell("adadiff", (("checkpoint", str(path)), ("map_samples", 3), ("map_steps", "0,2"), ("threshold", 0.5)),
+                "ddim", 3, 0)
+    method = build_method(cell, net.backbone)
+    method.record_artifacts = True
+    _, log = generate(cell, net.backbone, 5, 2, method=method)
+    maps = method.artifacts()["uncertainty_maps"]
+    assert list(maps["steps"]) == [0, 2] and maps["maps"].shape == (2, 3, net.num_exits - 1, 1, 8, 8)
+    assert maps["inputs"].shape == (2, 3, 1, 8, 8) and not np.isnan(maps["inputs"]).any()
+    for k, step in enumerate([0, 2]):
+        for sample in range(3):
+            exit_point = log.exit_point[sample, step]
+            visited = ~np.isnan(maps["maps"][k, sample, :, 0, 0, 0])
+            # maps exist exactly at the exit points the sample reached before exiting (the last one needs none)
+            assert visited.sum() == min(exit_point, net.num_exits - 1)
+            assert np.all((maps["maps"][k, sample][visited] >= 0) & (maps["maps"][k, sample][visited] <= 1))
+    # the timed pass (record_artifacts False) records nothing
+    assert build_method(cell, net.backbone).artifacts() == {}

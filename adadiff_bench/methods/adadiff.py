@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..adadiff_checkpoints import load_adadiff
@@ -52,6 +53,9 @@ class AdaDiffParams:
     backbone: str = ""                    # frozen | fine-tuned
     heads: str = ""                       # shared | per-exit
     timestep_weights: str = ""            # shared | bucketed
+    # per-pixel uncertainty maps saved with the cell: sampling-step indices ("0,12,24") and how many samples
+    map_steps: str = ""
+    map_samples: int = 8
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -61,6 +65,12 @@ class AdaDiffParams:
                             f"(got {self.threshold_kind!r})")
         if self.rule not in ("per-sample", "per-batch"):
             raise UserError(f"{where}: rule must be 'per-sample' or 'per-batch' (got {self.rule!r})")
+        try:
+            steps = parse_steps(self.map_steps)
+        except ValueError:
+            raise UserError(f"{where}: map_steps must list step indices like \"0,12,24\" (got {self.map_steps!r})") from None
+        if any(step < 0 for step in steps) or self.map_samples < 1:
+            raise UserError(f"{where}: map_steps must be >= 0 and map_samples >= 1")
         if self.backbone not in ("", "frozen", "fine-tuned"):
             raise UserError(f"{where}: backbone must be 'frozen' or 'fine-tuned' (got {self.backbone!r})")
         overrides = any((self.estimator, self.loss, self.backbone, self.heads, self.timestep_weights))
@@ -69,6 +79,10 @@ class AdaDiffParams:
                             "so the checkpoint can be trained on demand")
         if self.train:
             on_demand_config(self, where)  # validates the training config and the overrides now
+
+
+def parse_steps(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 @lru_cache(maxsize=8)
@@ -117,6 +131,9 @@ class AdaDiff(Method):
         checkpoint = trained_on_demand(self.params) if self.params.train else self.params.checkpoint
         self.net = _cached_adadiff(checkpoint)
         self.batch_dependent = self.params.rule == "per-batch"
+        self.map_steps = parse_steps(self.params.map_steps)
+        self._maps: dict[int, np.ndarray] = {}
+        self._inputs: dict[int, np.ndarray] = {}
 
     def exits(self, uncertainty: torch.Tensor) -> torch.Tensor:
         """Per active sample: does its uncertainty pass the threshold at this exit point?"""
@@ -134,8 +151,12 @@ class AdaDiff(Method):
         num_tokens = net.backbone.pos_embed.shape[1]
         estimator_macs = net.estimator.macs_per_sample(num_tokens)
 
+        recorded = self._recorded_rows(x)
+
         def policy(exit_point, tokens, t_active, active):
             log.add_macs(estimator_macs, active)
+            if recorded is not None:
+                self._record_maps(exit_point, tokens, t_active, active, recorded)
             passing = self.exits(net.estimator.scalar(exit_point, tokens, t_active))
             if self.params.patience and exit_point <= num_in:
                 passes[active] += passing.long()
@@ -143,3 +164,42 @@ class AdaDiff(Method):
             return passing
 
         return exit_aware_forward(net.backbone, x, t, y, policy, log, heads=net.head)
+
+    # ---- per-pixel uncertainty maps (only in the harness's sampling pass, never timed) ------------
+    def _recorded_rows(self, x: torch.Tensor) -> np.ndarray | None:
+        """Batch rows whose maps are recorded at this step (None when nothing is)."""
+        step = self.log.current_step
+        if not self.record_artifacts or step not in self.map_steps:
+            return None
+        sample_ids = self.log.current_rows
+        rows = np.flatnonzero(sample_ids < self.params.map_samples)
+        if len(rows) == 0:
+            return None
+        if step not in self._maps:
+            n, exits = self.params.map_samples, self.net.num_exits - 1
+            self._maps[step] = np.full((n, exits, *x.shape[1:]), np.nan, dtype=np.float32)
+            self._inputs[step] = np.full((n, *x.shape[1:]), np.nan, dtype=np.float32)
+        self._inputs[step][sample_ids[rows]] = x[rows].numpy()
+        return rows
+
+    def _record_maps(self, exit_point, tokens, t_active, active, recorded_rows) -> None:
+        """Store the uncertainty map at `exit_point` of every recorded sample still active."""
+        keep = np.isin(active.numpy(), recorded_rows)
+        if not keep.any():
+            return
+        with torch.no_grad():
+            u = self.net.estimator.uncertainty(exit_point, tokens[keep], t_active[keep])
+        if u.dim() == 1:  # a per-sample estimator: broadcast its scalar over the image
+            u = u.view(-1, 1, 1, 1).expand(-1, *self._inputs[self.log.current_step].shape[1:])
+        sample_ids = self.log.current_rows[active.numpy()[keep]]
+        self._maps[self.log.current_step][sample_ids, exit_point - 1] = u.numpy()
+
+    def artifacts(self) -> dict[str, dict]:
+        if not self._maps:
+            return {}
+        steps = sorted(self._maps)
+        return {"uncertainty_maps": {
+            "steps": np.array(steps), "timesteps": self.log.timesteps[steps],
+            "maps": np.stack([self._maps[s] for s in steps]),       # step, sample, exit point, C, H, W
+            "inputs": np.stack([self._inputs[s] for s in steps]),   # the noisy model input at that step
+        }}

@@ -49,6 +49,11 @@ class Method:
         self.model = model
         self.params = params if params is not None else self.Params()
         self.log: StepLog | None = None
+        self.record_artifacts = False  # set by the harness for the sampling pass (never the timed one)
+
+    def artifacts(self) -> dict[str, dict]:
+        """Extra arrays to store with the cell, {file name: {key: array}} (e.g. uncertainty maps)."""
+        return {}
 
     def start_batch(self, log: StepLog) -> None:
         """Called before each new batch of samples: forget any state kept across steps."""

@@ -70,6 +70,11 @@ class OfficialEstimator(Estimator):
     def uncertainty(self, exit_point, tokens, t):
         return 1.0 - self.certainty_map(exit_point, tokens)
 
+    def scalar(self, exit_point, tokens, t):
+        # the mean over pixels is the mean over patch entries: no need to unpatchify
+        certainty = torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens)))
+        return 1.0 - certainty.flatten(1).mean(1)
+
     def _per_exit_linears(self):
         return [self.certainty[0]]
 
