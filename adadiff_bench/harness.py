@@ -31,7 +31,7 @@ from .errors import UserError
 from .flops import unit_costs
 from .methods import get_method, make_params
 from .metrics.quality import compute_quality, resolve_inception_weights
-from .results import SCHEMA_VERSION, RunStore, make_dir
+from .results import SCHEMA_VERSION, RunStore, make_dir, write_json
 from .steplog import StepLog, UnitCosts
 from .timing import measure
 
@@ -201,7 +201,7 @@ def run(config: RunConfig, where: str = "config", overwrite: bool = False, progr
     config_dict = to_dict(config)
     _check_existing(store, config_dict, overwrite, where)
     make_dir(store.partial)
-    (store.partial / "config.json").write_text(json.dumps(config_dict, indent=2))
+    write_json(store.partial / "config.json", config_dict)
     cache_dir = Path(config.results_dir) / ".cache"
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     done = store.completed_cells()
@@ -230,8 +230,8 @@ def _check_existing(store: RunStore, config_dict: dict, overwrite: bool, where: 
         shutil.rmtree(store.partial, ignore_errors=True)
         return
     if store.final.exists():
-        previous = json.loads((store.final / "run.json").read_text()).get("config") if (store.final / "run.json").is_file() else None
-        same = previous == json.loads(json.dumps(config_dict))
+        info = store.final / "run.json"
+        same = info.is_file() and json.loads(info.read_text()).get("config") == json.loads(json.dumps(config_dict))
         raise UserError(f"{where}: run {name!r} already exists in {store.final}"
                         f"{' (complete, same config)' if same else ' with a different config'}; "
                         "pass --overwrite to replace it or pick another `name`")
@@ -270,6 +270,8 @@ def run_info(config: RunConfig, prep: Prepared, started: str) -> dict:
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": "cpu", "python": platform.python_version()},
         "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
+        "method_checkpoints": {path: sha256_file(path) for path in sorted(
+            {str(dict(c.params)["checkpoint"]) for c in prep.cells if dict(c.params).get("checkpoint")})},
         "data": {"name": prep.data.name, "path": config.data.path, "num_images": len(prep.data.images),
                  "sha256": prep.data.sha256},
         "reference": dataclasses.asdict(reference_cell(config)),

@@ -27,7 +27,8 @@ def primary_fid_column(frame: pd.DataFrame) -> str | None:
 
 def setting_label(row: pd.Series) -> str:
     knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
-    parts = [f"{k}={v}" for k, v in knobs.items()] + [f"{row['solver']} {row['num_steps']} steps"]
+    shown = {k: (Path(v).stem if k == "checkpoint" else v) for k, v in knobs.items() if not k.startswith("map_")}
+    parts = [f"{k}={v}" for k, v in shown.items()] + [f"{row['solver']} {row['num_steps']} steps"]
     return f"{row['method']} ({', '.join(parts)})"
 
 
@@ -83,7 +84,8 @@ def knob_table(frame: pd.DataFrame) -> pd.DataFrame:
 def curve_label(knobs: pd.DataFrame) -> tuple[str, list[str]]:
     """What varies along a curve (its point labels) and what is fixed (part of its legend entry)."""
     varying = [c for c in knobs.columns if knobs[c].astype(str).nunique() > 1]
-    fixed = [f"{c}={knobs[c].iloc[0]}" for c in knobs.columns if c not in varying and c not in ("steps", "checkpoint")]
+    hidden = ("steps", "checkpoint", "map_steps", "map_samples")  # settings that do not change the method
+    fixed = [f"{c}={knobs[c].iloc[0]}" for c in knobs.columns if c not in varying and c not in hidden]
     return ", ".join(varying), fixed
 
 

@@ -79,6 +79,9 @@ class AdaDiffParams:
                             "so the checkpoint can be trained on demand")
         if self.train:
             on_demand_config(self, where)  # validates the training config and the overrides now
+        elif not Path(self.checkpoint).is_file():
+            raise UserError(f"{where}: AdaDiff checkpoint {self.checkpoint!r} not found; train it with "
+                            "`adadiff-bench train --config configs/adadiff_digits_frozen.toml` or fix the path")
 
 
 def parse_steps(text: str) -> list[int]:

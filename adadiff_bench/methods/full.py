@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .registry import Method, register_method
 
 
 @dataclass
 class FullParams:
     checkpoint: str = ""
+
+    def validate(self, where: str) -> None:
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise UserError(f"{where}: checkpoint {self.checkpoint!r} not found; fix the path")
 
 
 @lru_cache(maxsize=4)
