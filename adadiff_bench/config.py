@@ -149,7 +149,8 @@ class MetricsConfig:
 
 @dataclass
 class TimingConfig:
-    """Wall-clock protocol: a separate timed pass, warm-up, fixed threads, median of repeats."""
+    """Wall-clock protocol: a separate timed pass of `num_samples` images, `warmup_batches` short warm-up
+    runs (2 solver steps) of the cell and the reference, fixed threads, `repeats` interleaved repeats."""
     enabled: bool = True
     num_samples: int = 256
     repeats: int = 3

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -49,12 +51,20 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        knobs = "".join(f"-{k}{v}" for k, v in self.params)
-        return f"{self.method}{knobs}-{self.solver}-{self.num_steps}steps-seed{self.seed}"
+        """A folder name: knobs as `name=value`, paths by their file stem (plus a hash that keeps ids unique)."""
+        knobs = "".join(f"-{k}={_short(v)}" for k, v in self.params)
+        cell_id = f"{self.method}{knobs}-{self.solver}-{self.num_steps}steps-seed{self.seed}"
+        if any(isinstance(v, str) and "/" in v for _, v in self.params):
+            cell_id += "-" + hashlib.sha256(self.params_json.encode()).hexdigest()[:8]
+        return re.sub(r"[^A-Za-z0-9._=+,-]", "_", cell_id)
 
     @property
     def params_json(self) -> str:
         return json.dumps(dict(self.params), sort_keys=True)
+
+
+def _short(value) -> str:
+    return Path(value).stem if isinstance(value, str) and "/" in value else str(value)
 
 
 def _as_list(value) -> list:
@@ -150,17 +160,17 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
 
 
 def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
+    """The timing protocol (see `timing`): warm-up, then repeats interleaved with the reference."""
     timing = config.timing
     n, batch = timing.num_samples, config.sampling.batch_size
 
-    def run(c: Cell, count: int = n):
-        return lambda: generate(c, model, count, batch)
+    def run(c: Cell):
+        return lambda: generate(c, model, n, batch)
 
-    def warmup():
+    def warmup():  # a couple of short runs touch every code path and allocation before the clock starts
         for _ in range(timing.warmup_batches):
-            generate(cell, model, min(n, batch), batch)
-            if cell != reference:
-                generate(reference, model, min(n, batch), batch)
+            for c in {cell, reference}:
+                generate(dataclasses.replace(c, num_steps=min(c.num_steps, 2)), model, min(n, batch), batch)
 
     result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup)
     return dataclasses.asdict(result)

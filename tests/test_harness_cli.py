@@ -183,3 +183,12 @@ def test_full_method_equals_the_plain_forward(tiny_model):
     x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 10)
     with torch.no_grad():
         assert torch.equal(method(x, t, None), tiny_model(x, t))
+
+
+def test_cell_ids_are_plain_unique_folder_names():
+    from adadiff_bench.harness import Cell
+    a = Cell("adadiff", (("checkpoint", "a/model.pt"), ("threshold", 0.5)), "ddim", 10, 0)
+    b = Cell("adadiff", (("checkpoint", "b/model.pt"), ("threshold", 0.5)), "ddim", 10, 0)
+    assert "/" not in a.cell_id and a.cell_id != b.cell_id
+    assert a.cell_id.startswith("adadiff-checkpoint=model-threshold=0.5-ddim-10steps-seed0")
+    assert Cell("full", (), "dpm-solver++", 25, 1).cell_id == "full-dpm-solver++-25steps-seed1"
