@@ -91,12 +91,22 @@ def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell
     return cells
 
 
+def swept_knobs(entry: MethodEntry) -> list[str]:
+    """The settings an entry sweeps (given as lists): what varies along its curve in the report."""
+    swept = [k for k in ("solver", "num_steps") if isinstance(getattr(entry, k), list)]
+    return swept + sorted(k for k, v in entry.params.items() if isinstance(v, list))
+
+
 def plan_cells(config: RunConfig, where: str = "config") -> list[Cell]:
-    cells: list[Cell] = []
+    return list(plan_curves(config, where))
+
+
+def plan_curves(config: RunConfig, where: str = "config") -> dict[Cell, tuple[int, list[str]]]:
+    """Every cell once, in order, with the [[methods]] entry it came from and the knobs that entry sweeps."""
+    cells: dict[Cell, tuple[int, list[str]]] = {}
     for i, entry in enumerate(config.methods):
         for cell in expand_entry(entry, config, f"{where}: methods[{i}]"):
-            if cell not in cells:
-                cells.append(cell)
+            cells.setdefault(cell, (i, swept_knobs(entry)))
     return cells
 
 
@@ -106,13 +116,14 @@ class Prepared:
     data: Dataset
     costs: UnitCosts
     cells: list[Cell]
+    curves: dict[Cell, tuple[int, list[str]]]
     extractors: tuple[str, ...]
     checkpoint_sha256: str
 
 
 def prepare(config: RunConfig, where: str) -> Prepared:
     """Load and check everything the run needs; raises UserError before anything is written."""
-    cells = plan_cells(config, where)
+    curves = plan_curves(config, where)
     model = load_model(config.checkpoint)
     data = load_dataset(config.data)
     check_matches_model(data, model.img_size, model.in_chans)
@@ -129,7 +140,8 @@ def prepare(config: RunConfig, where: str) -> Prepared:
     if not extractors:
         print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
               "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
-    return Prepared(model, data, unit_costs(model), cells, tuple(extractors), sha256_file(config.checkpoint))
+    return Prepared(model, data, unit_costs(model), list(curves), curves, tuple(extractors),
+                    sha256_file(config.checkpoint))
 
 
 def reference_cell(config: RunConfig) -> Cell:
@@ -192,7 +204,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
            "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": method.batch_dependent,
-           "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples"}
+           "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
+           "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,

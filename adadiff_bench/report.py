@@ -76,43 +76,43 @@ def to_markdown(board: pd.DataFrame) -> str:
 
 
 def knob_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One column per knob (from the JSON `params`), plus num_steps, aligned with `frame`."""
+    """One column per setting of each row: its knobs (from the JSON `params`), solver and num_steps."""
     knobs = pd.DataFrame([json.loads(p) if isinstance(p, str) and p else {} for p in frame["params"]], index=frame.index)
-    return knobs.assign(steps=frame["num_steps"])
+    return knobs.assign(solver=frame["solver"], num_steps=frame["num_steps"])
 
 
-def curve_label(knobs: pd.DataFrame) -> tuple[str, list[str]]:
-    """What varies along a curve (its point labels) and what is fixed (part of its legend entry)."""
-    varying = [c for c in knobs.columns if knobs[c].astype(str).nunique() > 1]
-    hidden = ("steps", "checkpoint", "map_steps", "map_samples")  # settings that do not change the method
-    fixed = [f"{c}={knobs[c].iloc[0]}" for c in knobs.columns if c not in varying and c not in hidden]
-    return ", ".join(varying), fixed
+def curves(frame: pd.DataFrame):
+    """(legend, point labels, rows) per curve: one curve per [[methods]] entry, points along its swept knobs."""
+    knobs = knob_table(frame)
+    for _, group in frame.groupby("entry", sort=True):
+        swept = json.loads(group["swept"].iloc[0])
+        first = knobs.loc[group.index[0]]
+        fixed = [f"{k}={Path(v).stem if k == 'checkpoint' else v}" for k, v in first.items()
+                 if k not in swept and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
+        legend = f"{group['method'].iloc[0]} / {first['solver']}" + (f" ({', '.join(fixed)})" if fixed else "")
+        labels = knobs.loc[group.index, swept].astype(str).agg("/".join, axis=1) if swept else pd.Series("", group.index)
+        yield legend, labels, group
 
 
 def plot_fid_vs_gflops(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """FID against GFLOPs per image, one curve per method and solver (its knob sweep), points labelled."""
+    """FID against GFLOPs per image, one curve per [[methods]] entry (its knob sweep), points labelled."""
     fid = primary_fid_column(frame)
     if fid is None or frame.empty:
         return []
-    knobs = knob_table(frame)
-    fig, ax = plt.subplots(figsize=(3.5, 2.8), dpi=150, layout="constrained")
-    for color, ((method, solver), group) in zip(PALETTE * 4, frame.groupby(["method", "solver"], sort=False)):
-        group_knobs = knobs.loc[group.index]
-        varying, fixed = curve_label(group_knobs)
-        labels = group_knobs[varying.split(", ")].astype(str).agg("/".join, axis=1) if varying else ""
-        points = group.assign(label=labels)
-        points = points.groupby("label", sort=False)[[fid, "gflops_per_image"]].mean().sort_values("gflops_per_image")
-        legend = f"{method} / {solver}" + (f" ({', '.join(fixed)})" if fixed else "")
-        ax.plot(points["gflops_per_image"], points[fid], "o-", color=color, ms=4, lw=1.2, label=legend)
+    fig, ax = plt.subplots(figsize=(3.5, 2.9), dpi=150, layout="constrained")
+    for color, (legend, labels, group) in zip(PALETTE * 4, curves(frame)):
+        points = group.assign(label=labels).groupby("label", sort=False)[[fid, "gflops_per_image"]].mean()
+        points = points.sort_values("gflops_per_image")
+        ax.plot(points["gflops_per_image"], points[fid], "o-", color=color, ms=3.5, lw=1.1, label=legend)
         for label, p in points.iterrows():
-            ax.annotate(str(label), (p["gflops_per_image"], p[fid]), textcoords="offset points", xytext=(3, 3),
-                        fontsize=5.5, color=color)
+            ax.annotate(str(label), (p["gflops_per_image"], p[fid]), textcoords="offset points", xytext=(3, 2),
+                        fontsize=5, color=color)
     n = int(frame["num_samples"].iloc[0])
     ax.set_xlabel("GFLOPs per image (2 x MACs)", fontsize=7)
     ax.set_ylabel(f"FID [{fid[4:]}, n={n}] (lower is better)", fontsize=7)
-    ax.set_title("Quality vs compute (point labels: the swept knobs)", fontsize=7)
+    ax.set_title("Quality vs compute; points labelled by the swept knob", fontsize=6.5)
     ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(fontsize=5.5, frameon=False)
+    ax.legend(fontsize=5, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     ax.tick_params(labelsize=6.5)
     paths = [out / "fid_vs_gflops.png", out / "fid_vs_gflops.pdf"]
     for path in paths:
