@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .checkpoints import atomic_torch_save, build_model, load_state_dict_strict, read_checkpoint
+from .checkpoints import atomic_torch_save, build_model, load_state_dict_strict, read_checkpoint, state_for_saving
 from .config import UViTConfig
 from .errors import UserError
 from .models.adadiff import AdaDiffConfig, AdaDiffUViT, looks_official, map_official_state_dict
@@ -18,8 +18,7 @@ def build_adadiff(uvit: UViTConfig, adadiff: AdaDiffConfig) -> AdaDiffUViT:
 
 def save_adadiff(path: str | Path, net: AdaDiffUViT, uvit: UViTConfig, meta: dict | None = None,
                  half: bool = False) -> None:
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
-             for k, v in net.state_dict().items()}
+    state = state_for_saving(net, half)
     atomic_torch_save({"format": FORMAT, "version": 1, "model": dataclasses.asdict(uvit),
                        "adadiff": dataclasses.asdict(net.config), "state_dict": state, "meta": meta or {}}, path)
 

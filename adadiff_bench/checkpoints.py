@@ -48,10 +48,15 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def state_for_saving(module: torch.nn.Module, half: bool) -> dict:
+    """A detached CPU copy of the state dict, floating tensors in half precision when asked."""
+    return {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig, meta: dict | None = None,
                     half: bool = False) -> None:
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
-             for k, v in model.state_dict().items()}
+    state = state_for_saving(model, half)
     atomic_torch_save({"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(config),
                        "state_dict": state, "meta": meta or {}}, path)
 
