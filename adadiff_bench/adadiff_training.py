@@ -16,7 +16,7 @@ import torch
 from .adadiff_checkpoints import save_adadiff
 from .checkpoints import load_model
 from .config import AdaDiffTrainConfig, TrainFile
-from .diffusion import NUM_TRAIN_TIMESTEPS
+from .diffusion import add_noise
 from .models.adadiff import AdaDiffConfig, AdaDiffUViT
 from .training import Task
 
@@ -61,10 +61,7 @@ def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         net.backbone.requires_grad_(False)
 
     def loss(x0, y, generator):
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        a = alpha_bar[t].float().view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        t, eps, xt = add_noise(x0, generator, alpha_bar)
         predictions, uncertainties = net.all_exits(xt, t, y, backbone_grad=not cfg.freeze_backbone)
         return adadiff_losses(predictions, uncertainties, eps, cfg, net.estimator.per_pixel)["total"]
 

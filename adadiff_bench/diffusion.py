@@ -94,11 +94,17 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
     return x
 
 
-def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
-                  alpha_bar: torch.Tensor) -> torch.Tensor:
-    """L_simple: ||eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t)||^2 with t uniform in 0..999."""
+def add_noise(x0: torch.Tensor, generator: torch.Generator,
+              alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, eps, x_t) with t uniform in 0..999 and x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
     a = alpha_bar[t].float().view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return t, eps, a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
+                  alpha_bar: torch.Tensor) -> torch.Tensor:
+    """L_simple: ||eps - eps_theta(x_t, t)||^2."""
+    t, eps, xt = add_noise(x0, generator, alpha_bar)
     return (model(xt, t, y) - eps).pow(2).mean()

@@ -97,10 +97,6 @@ def swept_knobs(entry: MethodEntry) -> list[str]:
     return swept + sorted(k for k, v in entry.params.items() if isinstance(v, list))
 
 
-def plan_cells(config: RunConfig, where: str = "config") -> list[Cell]:
-    return list(plan_curves(config, where))
-
-
 def plan_curves(config: RunConfig, where: str = "config") -> dict[Cell, tuple[int, list[str]]]:
     """Every cell once, in order, with the [[methods]] entry it came from and the knobs that entry sweeps."""
     cells: dict[Cell, tuple[int, list[str]]] = {}
