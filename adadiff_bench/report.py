@@ -11,12 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .metrics.quality import HIGHER_IS_BETTER  # noqa: E402
 from .results import load_run, make_dir  # noqa: E402
 
 # Okabe-Ito: a colour-blind-safe palette
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-HIGHER_IS_BETTER = {"fid": False, "is": True, "kid": False, "gflops": False, "layer_ratio": False,
-                    "time": False, "speedup": True}
 
 
 def primary_fid_column(frame: pd.DataFrame) -> str | None:
@@ -48,13 +47,12 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame
 
 
 def _header(column: str, num_samples: int) -> str:
-    arrow = lambda better_high: "↑" if better_high else "↓"  # noqa: E731
-    if column.startswith("fid_"):
-        return f"FID [{column[4:]}, n={num_samples}] {arrow(False)}"
-    if column.startswith("is_"):
-        return f"IS [{column[3:].removesuffix('_mean')}] {arrow(True)}"
-    if column.startswith("kid_"):
-        return f"KID [{column[4:].removesuffix('_mean')}] {arrow(False)}"
+    """A column's header: the metric, its feature space (and n for FID), an arrow for which way is better."""
+    metric, _, space = column.partition("_")
+    if metric in HIGHER_IS_BETTER:
+        arrow = "↑" if HIGHER_IS_BETTER[metric] else "↓"
+        n = f", n={num_samples}" if metric == "fid" else ""
+        return f"{metric.upper()} [{space.removesuffix('_mean')}{n}] {arrow}"
     return {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
             "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑"}.get(column, column)
 
