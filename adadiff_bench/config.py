@@ -112,13 +112,58 @@ class AdaDiffTrainConfig:
         AdaDiffConfig(self.estimator, self.heads, self.timestep_weights).validate(where)
 
 
+BASELINE_TRAINING_TABLES = ("berxit", "ase", "l2c")  # each trained by adadiff_bench.baselines.<table>
+
+
+@dataclass
+class BerxitTrainConfig:
+    """`[berxit]`: train BERxiT's learning-to-exit regressor on a frozen backbone (see baselines/berxit.py).
+
+    `base_checkpoint`: a U-ViT checkpoint, or an AdaDiff checkpoint whose backbone and exit heads are used.
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+
+
+@dataclass
+class AseTrainConfig:
+    """`[ase]`: fine-tune a U-ViT for ASE's time-dependent block dropping (see baselines/ase.py).
+
+    `strengths`: the schedule strengths sampled during fine-tuning (one model serves all of them).
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+
+@dataclass
+class L2cTrainConfig:
+    """`[l2c]`: train Learning-to-Cache's router on a frozen backbone for one solver and step count
+    (see baselines/l2c.py).
+
+    `l1_weight`: the paper's lambda, the weight of the sparsity term sum(beta) that pushes toward reuse.
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    solver: str = "dpm-solver++"
+    num_steps: int = 25
+    l1_weight: float = 0.1
+
+
 @dataclass
 class TrainFile:
-    """A training config. With an `[adadiff]` table the model comes from its base checkpoint."""
+    """A training config. With an `[adadiff]`, `[berxit]`, `[ase]` or `[l2c]` table the model comes from its
+    base checkpoint; without one a U-ViT is trained from scratch as `[model]` says."""
     data: DataConfig = field(default_factory=DataConfig)
     model: UViTConfig = field(default_factory=UViTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adadiff: AdaDiffTrainConfig | None = None
+    berxit: BerxitTrainConfig | None = None
+    ase: AseTrainConfig | None = None
+    l2c: L2cTrainConfig | None = None
+
+    def validate(self, where: str) -> None:
+        tasks = [name for name in ("adadiff", *BASELINE_TRAINING_TABLES) if getattr(self, name) is not None]
+        if len(tasks) > 1:
+            raise UserError(f"{where}: a training config has at most one of [adadiff], [berxit], [ase], [l2c] "
+                            f"(found {', '.join(tasks)}); split it into one file per model")
 
 
 @dataclass

@@ -121,6 +121,9 @@ def prepare(config: RunConfig, where: str) -> Prepared:
     """Load and check everything the run needs; raises UserError before anything is written."""
     curves = plan_curves(config, where)
     model = load_model(config.checkpoint)
+    for cell, (entry, _) in curves.items():
+        cls = get_method(cell.method)
+        cls.check(make_params(cls, dict(cell.params), where), model, f"{where}: methods[{entry}]")
     data = load_dataset(config.data)
     check_matches_model(data, model.img_size, model.in_chans)
     if model.num_classes > 0 and data.labels is None:
@@ -200,12 +203,13 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
            "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": method.batch_dependent,
+           "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
-                "layer_ratio": log.layer_ratio()})
+                "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes})
     if config.timing.enabled:
         row.update(time_cell(cell, reference_cell(config), prep.model, config))
     row["cell_id"] = cell.cell_id

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoints import atomic_torch_save, build_model, save_checkpoint
-from .config import TrainFile, UViTConfig, to_dict
+from .config import BASELINE_TRAINING_TABLES, TrainFile, UViTConfig, to_dict
 from .data import check_matches_model, load_dataset
 from .diffusion import alphas_cumprod, training_loss
 from .errors import UserError
@@ -50,6 +50,18 @@ def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
                 lambda path, ema, meta, half: save_checkpoint(path, ema, config.model, meta, half=half), config.model)
 
 
+def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
+    """The task a training config names: AdaDiff, a baseline's ([berxit], [ase], [l2c]) or a U-ViT from scratch."""
+    if config.adadiff is not None:
+        from .adadiff_training import adadiff_task
+        return adadiff_task(config, alpha_bar)
+    for table in BASELINE_TRAINING_TABLES:
+        if getattr(config, table) is not None:
+            from .methods.registry import baseline_module
+            return baseline_module(table).training_task(config, alpha_bar)
+    return base_task(config, alpha_bar)
+
+
 def train(config: TrainFile, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the EMA checkpoint."""
     cfg = config.train
@@ -57,11 +69,7 @@ def train(config: TrainFile, progress: bool = True) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     alpha_bar = alphas_cumprod()
-    if config.adadiff is not None:
-        from .adadiff_training import adadiff_task
-        task = adadiff_task(config, alpha_bar)
-    else:
-        task = base_task(config, alpha_bar)
+    task = training_task(config, alpha_bar)
     data = load_dataset(config.data)
     check_matches_model(data, task.model_config.img_size, task.model_config.in_chans)
     conditional = task.model_config.num_classes > 0

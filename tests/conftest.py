@@ -10,7 +10,7 @@ import torch
 from adadiff_bench.checkpoints import build_model, save_checkpoint
 from adadiff_bench.config import UViTConfig
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("ADADIFF_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2)

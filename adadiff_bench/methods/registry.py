@@ -39,17 +39,31 @@ class Method:
     """Turns a backbone into a denoiser `eps = method(x, t, y)` and records what ran in the step log.
 
     Subclasses set `name`, `Params` (a dataclass of knobs), `batch_dependent` (True when the paper's
-    rule decides per batch, so batch size can change results) and implement `__call__`.
+    rule decides per batch, so batch size can change results), `ceiling` (True for an oracle that
+    peeks at what a real method cannot know: its row is a bound, not a competitor) and implement
+    `__call__`. Methods that keep tensors across steps report their peak size in `cache_bytes`.
     """
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
     batch_dependent: ClassVar[bool] = False
+    ceiling: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, params=None):
         self.model = model
         self.params = params if params is not None else self.Params()
         self.log: StepLog | None = None
         self.record_artifacts = False  # set by the harness for the sampling pass (never the timed one)
+        self.cache_bytes = 0  # peak bytes held across sampling steps (feature caches), per batch
+
+    def note_cache(self, *tensors: torch.Tensor | None) -> None:
+        """Record the size of what is cached now; `cache_bytes` keeps the peak."""
+        size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        self.cache_bytes = max(self.cache_bytes, size)
+
+    @classmethod
+    def check(cls, params, model: torch.nn.Module, where: str) -> None:
+        """Checks of the knobs that need the run's model (e.g. an exit point beyond its depth); raise
+        UserError. The harness calls this for every cell before anything is written."""
 
     def artifacts(self) -> dict[str, dict]:
         """Extra arrays to store with the cell, {file name: {key: array}} (e.g. uncertainty maps)."""
@@ -112,6 +126,12 @@ def _baselines_package():
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         return module
+
+
+def baseline_module(name: str):
+    """The module `adadiff_bench.baselines.<name>` (installed, or the source checkout's `baselines/`)."""
+    _baselines_package()
+    return importlib.import_module(f"adadiff_bench.baselines.{name}")
 
 
 def available_methods() -> list[str]:

@@ -19,8 +19,13 @@ from .uvit import UViT
 class ExitPolicy(Protocol):
     """Decides, after exit point `exit_point` (= blocks run so far), which active samples exit."""
 
-    def __call__(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Boolean mask over the active samples (True = exit now). `active` are their rows in the batch."""
+    def __call__(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor,
+                 active: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Boolean mask over the active samples (True = exit now). `active` are their rows in the batch.
+
+        A policy that decides from the exit's own eps prediction (and logged that head call) returns
+        (mask, predictions of all active samples): the exiting ones are taken from it, not recomputed.
+        """
         ...
 
 
@@ -53,10 +58,16 @@ def exit_aware_forward(model: UViT, x: torch.Tensor, t: torch.Tensor, y: torch.T
             exiting = torch.ones(len(active), dtype=torch.bool)
         else:
             exiting = policy(exit_point, tokens, t[active], active)
+        predictions = None
+        if isinstance(exiting, tuple):
+            exiting, predictions = exiting
         if exiting.any():
             rows = active[exiting]
-            eps[rows] = heads(exit_point, tokens[exiting])
-            log.ran_head(rows)
+            if predictions is None:
+                eps[rows] = heads(exit_point, tokens[exiting])
+                log.ran_head(rows)
+            else:
+                eps[rows] = predictions[exiting]
             log.exited(exit_point, rows)
             staying = ~exiting
             active, tokens = active[staying], tokens[staying]

@@ -1,0 +1,52 @@
+"""`oracle`: exit at the first block whose eps is within `tau` of the full-depth eps. A ceiling, not a method.
+
+It first runs the whole network to know the answer, then exits every sample at the first exit point
+whose prediction has per-sample RMS error <= `tau` against that full-depth eps. No uncertainty
+estimator can choose better exits at that layer ratio, so its FID at a layer ratio is the bound an
+estimator could reach with the same heads (an AdaDiff checkpoint's, via `checkpoint`).
+
+Cost, logged as executed: the full pass (as extra MACs), then the blocks up to the exit and the head
+at every exit point. Its `layer_ratio` is that of its exits; its GFLOPs are the real ones, higher than
+`full`'s. Rows are marked `ceiling = True` and reports label them as such; it is never timed against
+other methods as a competitor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from adadiff_bench.errors import UserError
+from adadiff_bench.flops import unit_costs
+from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
+from adadiff_bench.methods.registry import register_method
+
+
+@dataclass
+class OracleParams(PrefixParams):
+    tau: float = 0.1
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.tau < 0:
+            raise UserError(f"{where}: tau is an RMS error and must be >= 0 (got {self.tau})")
+
+
+@lru_cache(maxsize=8)
+def _full_macs(model) -> float:
+    costs = unit_costs(model)
+    return costs.embed + float(costs.blocks.sum()) + costs.head
+
+
+@register_method
+class Oracle(PrefixExit):
+    name = "oracle"
+    Params = OracleParams
+    ceiling = True
+
+    def begin(self, x, t, y):
+        self.target = self.backbone(x, t, y)  # the full-depth answer a real method cannot know
+        self.log.add_macs(_full_macs(self.backbone))
+
+    def policy(self, exit_point, tokens, t, active):
+        predictions = self.predict(exit_point, tokens, active)
+        return rms_distance(predictions, self.target[active]) <= self.params.tau, predictions

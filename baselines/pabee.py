@@ -1,0 +1,52 @@
+"""`pabee`: patience-based early exit (Zhou et al., "BERT Loses Patience", NeurIPS 2020).
+
+PABEE runs an internal classifier after every layer and exits once `p` consecutive classifiers
+agree. For eps regression, as the paper's own regression variant does, two consecutive exits
+"agree" when their predictions differ by less than a threshold: here the per-sample RMS
+difference <= `delta`. The counter resets whenever a pair disagrees; a sample exits after the
+`p`-th agreeing pair in a row, with the last prediction (already computed, not recomputed).
+
+Runs the exit head after every block (that cost is logged). The heads are AdaDiff's shared or per-exit
+heads when `checkpoint` is an AdaDiff checkpoint. Differs from the paper: PABEE trains the internal
+classifiers jointly with the backbone; here they are the heads of the checkpoint, trained by AdaDiff.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adadiff_bench.errors import UserError
+from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
+from adadiff_bench.methods.registry import register_method
+
+
+@dataclass
+class PabeeParams(PrefixParams):
+    patience: int = 2
+    delta: float = 0.1
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.patience < 1:
+            raise UserError(f"{where}: patience must be >= 1 agreeing pairs (got {self.patience})")
+        if self.delta < 0:
+            raise UserError(f"{where}: delta is an RMS distance and must be >= 0 (got {self.delta})")
+
+
+@register_method
+class Pabee(PrefixExit):
+    name = "pabee"
+    Params = PabeeParams
+
+    def begin(self, x, t, y):
+        self.previous = torch.zeros_like(x)                       # last exit's eps, per row of the batch
+        self.agreeing = torch.zeros(len(x), dtype=torch.long)     # consecutive agreeing pairs so far
+
+    def policy(self, exit_point, tokens, t, active):
+        predictions = self.predict(exit_point, tokens, active)
+        if exit_point > 1:
+            agree = rms_distance(predictions, self.previous[active]) <= self.params.delta
+            self.agreeing[active] = torch.where(agree, self.agreeing[active] + 1, 0)
+        self.previous[active] = predictions
+        return self.agreeing[active] >= self.params.patience, predictions
