@@ -1,0 +1,89 @@
+"""`first-block-cache`: run the first block every step; reuse the rest when its residual barely moved.
+
+First-Block-Cache (FBCache) by Zeyi Cheng in ParaAttention (github.com/chengzeyi/ParaAttention,
+`para_attn/first_block_cache`, 2025), also in diffusers as `FirstBlockCacheConfig` /
+`apply_first_block_cache`; it builds on TeaCache's residual caching (Liu et al., arXiv 2411.19108).
+Per sample and step: run the first block, r_1 = block_1(h_0) - h_0, and compare it with the r_1
+of the sample's last full step, ||r_1 - r_1^prev||_1 / ||r_1^prev||_1. Below `threshold`, the
+other blocks do not run: the hidden state is block_1's output plus the cached residual of the
+remaining blocks; otherwise they run, and that residual and r_1 become the new references.
+
+U-ViT mapping: the first block is in_blocks[0]; its output is both the next block's input and
+the long skip that the last out-block fuses. The cached residual therefore spans the whole
+remaining stack, from the first block's output to the head's input (the output of the last
+out-block) minus the first block's output, so reuse is exact when the inputs do not change.
+Embedding, first block and head run at every step.
+
+Differs from ParaAttention/diffusers: decisions and caches are per sample (they average over the
+whole batch, one decision per batch); reuse iff the change is < threshold (ParaAttention's rule;
+diffusers reuses on <=), so threshold 0 always runs the full network.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..methods import Method, register_method
+
+
+@dataclass
+class FirstBlockCacheParams:
+    threshold: float = 0.12
+
+    def validate(self, where: str) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise UserError(f"{where}: threshold must be a number >= 0 (got {self.threshold}); 0 never reuses")
+
+
+def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per sample ||current - reference||_1 / ||reference||_1."""
+    return (current - reference).flatten(1).abs().mean(1) / reference.flatten(1).abs().mean(1)
+
+
+def run_remaining(model, first_output: torch.Tensor, rows: torch.Tensor, log) -> torch.Tensor:
+    """Blocks 2..N for batch rows `rows`, the first block's output as their input and first long skip."""
+    hidden = first_output[rows]
+    skips = [hidden]
+    for block in range(1, model.num_blocks):
+        hidden = model.run_block(block, hidden, skips)
+        log.ran_block(block, rows)
+    log.exited(model.num_blocks, rows)
+    return hidden
+
+
+@register_method
+class FirstBlockCache(Method):
+    name = "first-block-cache"
+    Params = FirstBlockCacheParams
+
+    def start_batch(self, log) -> None:
+        super().start_batch(log)
+        self.first_residual: torch.Tensor | None = None  # r_1 at each sample's last full step
+        self.residual: torch.Tensor | None = None        # remaining stack's output - input, same step
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        model, log = self.model, self.log
+        tokens = model.embed(x, t, y)
+        log.ran_embed()
+        first_output = model.run_block(0, tokens, [])
+        log.ran_block(0)
+        first_residual = first_output - tokens
+        if self.first_residual is None:
+            self.first_residual, self.residual = first_residual.clone(), torch.zeros_like(tokens)
+            run = torch.ones(len(x), dtype=torch.bool)
+        else:
+            run = relative_l1(first_residual, self.first_residual) >= self.params.threshold
+        rows = torch.nonzero(run).flatten()
+        hidden = first_output + self.residual  # reused rows: first block's output + cached residual
+        if len(rows):
+            computed = run_remaining(model, first_output, rows, log)
+            hidden[rows] = computed
+            self.residual[rows] = computed - first_output[rows]
+            self.first_residual[rows] = first_residual[rows]
+        self.note_cache(self.first_residual, self.residual)
+        eps = model.head(hidden)
+        log.ran_head()
+        return eps
