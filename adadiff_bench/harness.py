@@ -122,8 +122,10 @@ def prepare(config: RunConfig, where: str) -> Prepared:
     curves = plan_curves(config, where)
     model = load_model(config.checkpoint)
     for cell, (entry, _) in curves.items():
-        cls = get_method(cell.method)
-        cls.check(make_params(cls, dict(cell.params), where), model, f"{where}: methods[{entry}]")
+        cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
+        params = make_params(cls, dict(cell.params), place)
+        cls.check(params, model, place)
+        cls.check_schedule(params, cell.solver, cell.num_steps, place)
     data = load_dataset(config.data)
     check_matches_model(data, model.img_size, model.in_chans)
     if model.num_classes > 0 and data.labels is None:

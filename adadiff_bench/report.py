@@ -28,7 +28,12 @@ def setting_label(row: pd.Series) -> str:
     knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
     shown = {k: (Path(v).stem if k == "checkpoint" else v) for k, v in knobs.items() if not k.startswith("map_")}
     parts = [f"{k}={v}" for k, v in shown.items()] + [f"{row['solver']} {row['num_steps']} steps"]
-    return f"{row['method']} ({', '.join(parts)})"
+    return f"{row['method']} ({', '.join(parts)})" + (" [ceiling, not a method]" if is_ceiling(row) else "")
+
+
+def is_ceiling(row: pd.Series) -> bool:
+    """An oracle's row: a bound on what exits could do, not a competitor (older runs lack the column)."""
+    return bool(row.get("ceiling", False)) if pd.notna(row.get("ceiling", False)) else False
 
 
 def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
@@ -37,7 +42,7 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
     metric_columns = [c for c in frame.columns if c.startswith(("fid_", "is_", "kid_")) and not c.endswith("_std")]
     numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
-        c for c in ("time_per_image_s", "speedup") if c in frame.columns]
+        c for c in ("time_per_image_s", "speedup", "cache_bytes") if c in frame.columns]
     grouped = frame.groupby("setting", sort=False).agg({**{c: "mean" for c in numeric}, "num_samples": "first",
                                                         "seed": "count"})
     grouped = grouped.rename(columns={"seed": "seeds"})
@@ -54,7 +59,8 @@ def _header(column: str, num_samples: int) -> str:
         n = f", n={num_samples}" if metric == "fid" else ""
         return f"{metric.upper()} [{space.removesuffix('_mean')}{n}] {arrow}"
     return {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
-            "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑"}.get(column, column)
+            "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑",
+            "cache_bytes": "cache (KB/batch) ↓"}.get(column, column)
 
 
 def to_markdown(board: pd.DataFrame) -> str:
@@ -68,6 +74,8 @@ def to_markdown(board: pd.DataFrame) -> str:
             value = row[c]
             if c == "time_per_image_s":
                 value = value * 1e3
+            if c == "cache_bytes":
+                value = value / 1e3
             cells.append("n/a" if pd.isna(value) else (f"{value:.4f}" if c.startswith("kid_") else f"{value:.3f}"))
         lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -88,6 +96,7 @@ def curves(frame: pd.DataFrame):
         fixed = [f"{k}={Path(v).stem if k == 'checkpoint' else v}" for k, v in first.items()
                  if k not in swept and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
         legend = f"{group['method'].iloc[0]} / {first['solver']}" + (f" ({', '.join(fixed)})" if fixed else "")
+        legend += " [ceiling]" if is_ceiling(group.iloc[0]) else ""
         labels = knobs.loc[group.index, swept].astype(str).agg("/".join, axis=1) if swept else pd.Series("", group.index)
         yield legend, labels, group
 
@@ -101,7 +110,8 @@ def plot_fid_vs_gflops(frame: pd.DataFrame, out: Path) -> list[Path]:
     for color, (legend, labels, group) in zip(PALETTE * 4, curves(frame)):
         points = group.assign(label=labels).groupby("label", sort=False)[[fid, "gflops_per_image"]].mean()
         points = points.sort_values("gflops_per_image")
-        ax.plot(points["gflops_per_image"], points[fid], "o-", color=color, ms=3.5, lw=1.1, label=legend)
+        style = "x--" if legend.endswith("[ceiling]") else "o-"
+        ax.plot(points["gflops_per_image"], points[fid], style, color=color, ms=3.5, lw=1.1, label=legend)
         for label, p in points.iterrows():
             ax.annotate(str(label), (p["gflops_per_image"], p[fid]), textcoords="offset points", xytext=(3, 2),
                         fontsize=5, color=color)

@@ -65,6 +65,11 @@ class Method:
         """Checks of the knobs that need the run's model (e.g. an exit point beyond its depth); raise
         UserError. The harness calls this for every cell before anything is written."""
 
+    @classmethod
+    def check_schedule(cls, params, solver: str, num_steps: int, where: str) -> None:
+        """Checks of the knobs against the cell's solver and step count (e.g. a router trained for one
+        schedule); raise UserError. The harness calls this for every cell before anything is written."""
+
     def artifacts(self) -> dict[str, dict]:
         """Extra arrays to store with the cell, {file name: {key: array}} (e.g. uncertainty maps)."""
         return {}
