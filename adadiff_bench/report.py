@@ -101,6 +101,53 @@ def curves(frame: pd.DataFrame):
         yield legend, labels, group
 
 
+MATCHED_TARGETS = (0.5, 0.6, 0.7)
+
+
+def cost_fraction(frame: pd.DataFrame, info: dict) -> pd.Series:
+    """GFLOPs per image relative to the run's reference (`full` at the default solver and steps)."""
+    ref = info["reference"]
+    is_ref = (frame["method"] == "full") & (frame["params"] == "{}") & (frame["solver"] == ref["solver"]) \
+        & (frame["num_steps"] == ref["num_steps"])
+    if not is_ref.any():
+        return pd.Series(np.nan, index=frame.index)
+    return frame["gflops_per_image"] / frame.loc[is_ref, "gflops_per_image"].mean()
+
+
+def interpolate_at(x: np.ndarray, y: np.ndarray, targets) -> list[float]:
+    """y at each target by linear interpolation along the curve; NaN outside the measured range of x."""
+    order = np.argsort(x)
+    x, y = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
+    return [float(np.interp(t, x, y)) if len(x) > 1 and x[0] <= t <= x[-1] else
+            (float(y[0]) if len(x) == 1 and np.isclose(x[0], t) else np.nan) for t in targets]
+
+
+def matched_table(frame: pd.DataFrame, info: dict, targets=MATCHED_TARGETS) -> pd.DataFrame:
+    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along its sweep)."""
+    fid = primary_fid_column(frame)
+    frame = frame[frame["valid"]].assign(cost_fraction=cost_fraction(frame[frame["valid"]], info))
+    rows = []
+    for legend, _, group in curves(frame):
+        if fid is None:
+            break
+        points = group.groupby(["layer_ratio", "cost_fraction"], as_index=False)[fid].mean()
+        row = {"curve": legend}
+        for axis, name in (("layer_ratio", "layer ratio"), ("cost_fraction", "cost")):
+            for target, value in zip(targets, interpolate_at(points[axis], points[fid], targets)):
+                row[f"{fid} at {name} {target:g}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def frame_to_markdown(frame: pd.DataFrame) -> str:
+    """A plain Markdown table; numbers to 2 decimals, NaN left blank."""
+    def cell(value) -> str:
+        return "" if isinstance(value, float) and np.isnan(value) else (f"{value:.2f}" if isinstance(value, float) else str(value))
+    lines = ["| " + " | ".join(frame.columns) + " |", "|---|" + "---:|" * (len(frame.columns) - 1)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def plot_fid_vs_gflops(frame: pd.DataFrame, out: Path) -> list[Path]:
     """FID against GFLOPs per image, one curve per [[methods]] entry (its knob sweep), points labelled."""
     fid = primary_fid_column(frame)
@@ -160,6 +207,13 @@ def write_report(run_dir: str | Path, out: str | Path, sort_by: str | None = Non
     (out / "leaderboard.md").write_text(title + to_markdown(board) + notes)
     board.to_csv(out / "leaderboard.csv", index=False)
     written += [out / "leaderboard.md", out / "leaderboard.csv"]
+    matched = matched_table(frame, info)
+    if not matched.empty:
+        matched.to_csv(out / "matched.csv", index=False)
+        header = ("# FID at matched layer ratio and matched cost\n\nInterpolated linearly along each curve's sweep; "
+                  "blank where the curve does not reach the target. Cost = GFLOPs/image over the reference `full`'s.\n\n")
+        (out / "matched.md").write_text(header + frame_to_markdown(matched))
+        written += [out / "matched.csv", out / "matched.md"]
     written += plot_fid_vs_gflops(frame[frame["valid"]], out)
     grids = out / "samples"
     make_dir(grids)

@@ -192,3 +192,24 @@ def test_cell_ids_are_plain_unique_folder_names():
     assert "/" not in a.cell_id and a.cell_id != b.cell_id
     assert a.cell_id.startswith("adadiff-checkpoint=model-threshold=0.5-ddim-10steps-seed0")
     assert Cell("full", (), "dpm-solver++", 25, 1).cell_id == "full-dpm-solver++-25steps-seed1"
+
+
+def test_matched_fid_is_interpolated_along_each_curve_and_blank_outside_it():
+    from adadiff_bench.report import interpolate_at, matched_table
+    assert interpolate_at([0.8, 0.4], [10.0, 20.0], [0.6, 0.4, 0.3, 0.9])[:2] == [15.0, 20.0]
+    assert all(np.isnan(v) for v in interpolate_at([0.8, 0.4], [10.0, 20.0], [0.3, 0.9]))
+    rows = [("full", "{}", 25, 1.0, 2.0, 5.0), ("static-exit", '{"k": 4}', 25, 0.4, 0.8, 20.0),
+            ("static-exit", '{"k": 8}', 25, 0.8, 1.6, 10.0)]
+    frame = pd.DataFrame([{"method": m, "params": p, "solver": "ddim", "num_steps": n, "layer_ratio": lr,
+                           "gflops_per_image": g, "fid_digits_cnn": f, "valid": True, "entry": int(m != "full"),
+                           "swept": json.dumps(["k"] if m != "full" else []), "ceiling": False}
+                          for m, p, n, lr, g, f in rows])
+    info = {"reference": {"solver": "ddim", "num_steps": 25}}
+    table = matched_table(frame, info).set_index("curve")
+    exits = table.loc[[c for c in table.index if c.startswith("static-exit")][0]]
+    assert exits["fid_digits_cnn at layer ratio 0.6"] == pytest.approx(15.0)
+    assert exits["fid_digits_cnn at cost 0.6"] == pytest.approx(15.0)  # cost = 1.2 / 2.0 GFLOPs
+    assert exits["fid_digits_cnn at layer ratio 0.5"] == pytest.approx(17.5)
+    assert exits["fid_digits_cnn at layer ratio 0.7"] == pytest.approx(12.5)
+    full = table.loc[[c for c in table.index if c.startswith("full")][0]]
+    assert np.isnan(full["fid_digits_cnn at layer ratio 0.5"])  # a single point at 1.0 reaches no target
