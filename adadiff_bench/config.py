@@ -128,10 +128,11 @@ class BerxitTrainConfig:
 class AseTrainConfig:
     """`[ase]`: fine-tune a U-ViT for ASE's time-dependent block dropping (see baselines/ase.py).
 
-    `strengths`: the schedule strengths sampled during fine-tuning (one model serves all of them).
+    `strengths`: the schedule strengths sampled during fine-tuning, one per batch (one model serves all of
+    them); units as in baselines/ase.py: 0.5 = up to every out-block dropped at the noisiest steps.
     """
     base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25])
 
 
 @dataclass

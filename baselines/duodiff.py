@@ -1,0 +1,104 @@
+"""`duodiff`: a shallow U-ViT for the first, noisy sampling steps, the full model after the switch (Gallo
+Fernández, Matişan, Monroy Muñoz, Vasilcoiu, Partyka, Hadži Veljković, Jazbec, "DuoDiff: Accelerating
+Diffusion Models with a Dual-Backbone Approach", arXiv 2410.09633, 2024).
+
+DuoDiff starts from what AdaDiff's exits show: early exits happen at the first, noisy sampling steps, then
+abruptly the full depth is used. So it replaces the per-step decision by a fixed switch at timestep t_s:
+steps with t > t_s run a separately trained shallow U-ViT, steps with t <= t_s the full one. Nothing is
+decided per sample; it is a function of t only, the same for every sample of a step.
+
+On U-ViT: the full model is the run's base model; the shallow one is a plain U-ViT with the same width and
+patching but few blocks (the authors' shallow configs have 3: one in-block, the mid-block, one out-block).
+`configs/duodiff_shallow_digits.toml` trains it from scratch with L_simple on all timesteps, as the
+authors' training script does for both backbones. Its long skips are its own. Costs: a shallow step runs
+none of the base model's blocks and logs the shallow model's embed + blocks + head (fvcore) with
+`add_macs`; a full step logs the whole base model.
+
+Knobs: `t_switch` (t_s, a timestep on the training scale 0..1000: the shallow model serves t > t_switch;
+1000 = `full`, 0 = shallow everywhere but t = 0) and `shallow` (the shallow checkpoint; default the shipped
+digits one). Differs from the paper: nothing in the rule; the shallow model here is trained for a few
+thousand steps on CPU, far shorter than the paper's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from adadiff_bench.checkpoints import load_model
+from adadiff_bench.diffusion import NUM_TRAIN_TIMESTEPS
+from adadiff_bench.errors import UserError
+from adadiff_bench.flops import unit_costs
+from adadiff_bench.methods.registry import Method, register_method
+from adadiff_bench.steplog import StepLog
+
+DEFAULT_SHALLOW = "checkpoints/duodiff_shallow_digits.pt"
+
+
+@dataclass
+class DuoDiffParams:
+    t_switch: float = 500.0
+    shallow: str = DEFAULT_SHALLOW
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.t_switch <= NUM_TRAIN_TIMESTEPS:
+            raise UserError(f"{where}: t_switch must be a timestep in [0, {NUM_TRAIN_TIMESTEPS}] (the shallow model "
+                            f"serves t > t_switch), got {self.t_switch}")
+        if not Path(self.shallow).is_file():
+            raise UserError(f"{where}: shallow checkpoint {self.shallow!r} not found; train it with `adadiff-bench "
+                            "train --config configs/duodiff_shallow_digits.toml` or fix the path")
+
+
+@lru_cache(maxsize=4)
+def shallow_model(path: str) -> tuple[torch.nn.Module, float]:
+    """The shallow U-ViT and its MACs per image for one evaluation (embed + blocks + head)."""
+    model = load_model(path)
+    costs = unit_costs(model)
+    return model, costs.embed + float(costs.blocks.sum()) + costs.head
+
+
+def log_full(log: StepLog, rows: torch.Tensor, num_blocks: int) -> None:
+    """`ran_full` for some rows of the batch: embed, every block, head."""
+    log.ran_embed(rows)
+    for block in range(num_blocks):
+        log.ran_block(block, rows)
+    log.ran_head(rows)
+    log.exited(num_blocks, rows)
+
+
+@register_method
+class DuoDiff(Method):
+    name = "duodiff"
+    Params = DuoDiffParams
+
+    @classmethod
+    def check(cls, params, model, where):
+        shallow, _ = shallow_model(params.shallow)
+        made, wanted = (shallow.in_chans, shallow.img_size, shallow.num_classes), \
+            (model.in_chans, model.img_size, model.num_classes)
+        if made != wanted:
+            raise UserError(f"{where}: shallow checkpoint {params.shallow!r} has (channels, image size, classes) = "
+                            f"{made}, the run's model {wanted}; train the shallow model on the same data")
+
+    def __init__(self, model, params=None):
+        super().__init__(model, params)
+        self.shallow, self.shallow_macs = shallow_model(self.params.shallow)
+
+    def __call__(self, x, t, y):
+        eps = torch.empty_like(x)
+        noisy = t > self.params.t_switch  # the first (noisy) steps go to the shallow model
+        for use_shallow in (True, False):
+            rows = torch.nonzero(noisy == use_shallow).squeeze(1)
+            if len(rows) == 0:
+                continue
+            net = self.shallow if use_shallow else self.model
+            eps[rows] = net(x[rows], t[rows], None if y is None else y[rows])
+            if use_shallow:
+                self.log.add_macs(self.shallow_macs, rows)
+            elif len(rows) == len(x):
+                self.log.ran_full()
+            else:
+                log_full(self.log, rows, self.model.num_blocks)
+        return eps
