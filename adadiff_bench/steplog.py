@@ -77,9 +77,9 @@ class StepLog:
         """Compute outside the blocks, embedding and head (estimators, routers) for the selected rows."""
         self.extra_macs[self._select(active), self._step] += macs
 
-    def ran_full(self) -> None:
-        """The whole network once, for every sample of the batch."""
-        rows = self._rows
+    def ran_full(self, active=None) -> None:
+        """The whole network once, for the selected samples of the batch (None = all)."""
+        rows = self._select(active)
         self.embed_calls[rows, self._step] += 1
         self.blocks_run[rows, self._step, :] = True
         self.head_calls[rows, self._step] += 1

@@ -29,6 +29,17 @@ def paired_out_block(model: UViT, index: int) -> int:
     return model.num_blocks - 1 - index
 
 
+def run_blocks(model: UViT, hidden: torch.Tensor, rows: torch.Tensor, log: StepLog, first: int = 0,
+               skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Blocks `first`..N for batch rows `rows` (`hidden` holds just those rows), logged as a run to full depth."""
+    skips = [] if skips is None else skips
+    for block in range(first, model.num_blocks):
+        hidden = model.run_block(block, hidden, skips)
+        log.ran_block(block, rows)
+    log.exited(model.num_blocks, rows)
+    return hidden
+
+
 class BlockCaching(Method):
     """Base of the block-level caching baselines (not registered itself).
 

@@ -73,11 +73,7 @@ def skip_test(latents: list[torch.Tensor], estimator: str) -> tuple[torch.Tensor
 def run_network(model, x, t, y, rows: torch.Tensor, log) -> torch.Tensor:
     """eps of the whole U-ViT for batch rows `rows`, logged as one full evaluation of those rows."""
     eps = model(x[rows], t[rows], None if y is None else y[rows])
-    log.ran_embed(rows)
-    for block in range(model.num_blocks):
-        log.ran_block(block, rows)
-    log.ran_head(rows)
-    log.exited(model.num_blocks, rows)
+    log.ran_full(rows)
     return eps
 
 

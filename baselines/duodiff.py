@@ -32,7 +32,6 @@ from adadiff_bench.diffusion import NUM_TRAIN_TIMESTEPS
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
-from adadiff_bench.steplog import StepLog
 
 DEFAULT_SHALLOW = "checkpoints/duodiff_shallow_digits.pt"
 
@@ -57,15 +56,6 @@ def shallow_model(path: str) -> tuple[torch.nn.Module, float]:
     model = load_model(path)
     costs = unit_costs(model)
     return model, costs.embed + float(costs.blocks.sum()) + costs.head
-
-
-def log_full(log: StepLog, rows: torch.Tensor, num_blocks: int) -> None:
-    """`ran_full` for some rows of the batch: embed, every block, head."""
-    log.ran_embed(rows)
-    for block in range(num_blocks):
-        log.ran_block(block, rows)
-    log.ran_head(rows)
-    log.exited(num_blocks, rows)
 
 
 @register_method
@@ -97,8 +87,6 @@ class DuoDiff(Method):
             eps[rows] = net(x[rows], t[rows], None if y is None else y[rows])
             if use_shallow:
                 self.log.add_macs(self.shallow_macs, rows)
-            elif len(rows) == len(x):
-                self.log.ran_full()
             else:
-                log_full(self.log, rows, self.model.num_blocks)
+                self.log.ran_full(rows)
         return eps

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import UserError
 from ..methods import Method, register_method
+from ._block_cache import run_blocks
 
 
 @dataclass
@@ -46,12 +47,7 @@ def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def run_remaining(model, first_output: torch.Tensor, rows: torch.Tensor, log) -> torch.Tensor:
     """Blocks 2..N for batch rows `rows`, the first block's output as their input and first long skip."""
     hidden = first_output[rows]
-    skips = [hidden]
-    for block in range(1, model.num_blocks):
-        hidden = model.run_block(block, hidden, skips)
-        log.ran_block(block, rows)
-    log.exited(model.num_blocks, rows)
-    return hidden
+    return run_blocks(model, hidden, rows, log, first=1, skips=[hidden])
 
 
 @register_method

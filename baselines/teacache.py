@@ -36,6 +36,7 @@ import torch
 
 from ..errors import UserError
 from ..methods import Method, register_method
+from ._block_cache import run_blocks
 
 
 def parse_coefficients(text: str) -> list[float]:
@@ -76,12 +77,7 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
 
 def run_stack(model, tokens: torch.Tensor, rows: torch.Tensor, log) -> torch.Tensor:
     """All U-ViT blocks (long skips included) for batch rows `rows`, logged."""
-    hidden, skips = tokens[rows], []
-    for block in range(model.num_blocks):
-        hidden = model.run_block(block, hidden, skips)
-        log.ran_block(block, rows)
-    log.exited(model.num_blocks, rows)
-    return hidden
+    return run_blocks(model, tokens[rows], rows, log)
 
 
 @register_method
