@@ -74,7 +74,9 @@ class StepLog:
         self.exit_point[self._select(active), self._step] = exit_point
 
     def add_macs(self, macs: float, active=None) -> None:
-        """Compute outside the blocks, embedding and head (estimators, routers) for the selected rows."""
+        """Compute outside the blocks, embedding and head (estimators, routers) for the selected rows.
+
+        A negative amount takes back the part of a logged block that did not run (a reused sublayer)."""
         self.extra_macs[self._select(active), self._step] += macs
 
     def ran_full(self, active=None) -> None:
