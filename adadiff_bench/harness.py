@@ -180,10 +180,10 @@ def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
     def run(c: Cell):
         return lambda: generate(c, model, n, batch)
 
-    def warmup():  # a couple of short runs touch every code path and allocation before the clock starts
-        for _ in range(timing.warmup_batches):
+    def warmup():  # runs of one batch touch every code path and allocation before the clock starts
+        for _ in range(timing.warmup_batches):  # (full step counts: some methods only run their own schedule)
             for c in {cell, reference}:
-                generate(dataclasses.replace(c, num_steps=min(c.num_steps, 2)), model, min(n, batch), batch)
+                generate(c, model, min(n, batch), batch)
 
     result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup)
     return dataclasses.asdict(result)
