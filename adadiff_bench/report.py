@@ -87,17 +87,24 @@ def knob_table(frame: pd.DataFrame) -> pd.DataFrame:
     return knobs.assign(solver=frame["solver"], num_steps=frame["num_steps"])
 
 
+def _plain(value):
+    """A knob value as written: 2, not the 2.0 that a column shared with missing values turns it into."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def curves(frame: pd.DataFrame):
     """(legend, point labels, rows) per curve: one curve per [[methods]] entry, points along its swept knobs."""
     knobs = knob_table(frame)
-    for _, group in frame.groupby("entry", sort=True):
-        swept = json.loads(group["swept"].iloc[0])
+    # one curve per entry and solver: a swept solver is a different sampler, not a point along the curve
+    for _, group in frame.groupby(["entry", "solver"], sort=True):
+        swept = [k for k in json.loads(group["swept"].iloc[0]) if k != "solver"]
         first = knobs.loc[group.index[0]]
-        fixed = [f"{k}={Path(v).stem if k == 'checkpoint' else v}" for k, v in first.items()
+        fixed = [f"{k}={Path(v).stem if k == 'checkpoint' else _plain(v)}" for k, v in first.items()
                  if k not in swept and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
         legend = f"{group['method'].iloc[0]} / {first['solver']}" + (f" ({', '.join(fixed)})" if fixed else "")
         legend += " [ceiling]" if is_ceiling(group.iloc[0]) else ""
-        labels = knobs.loc[group.index, swept].astype(str).agg("/".join, axis=1) if swept else pd.Series("", group.index)
+        labels = knobs.loc[group.index, swept].map(_plain).astype(str).agg("/".join, axis=1) if swept \
+            else pd.Series("", group.index)
         yield legend, labels, group
 
 
