@@ -22,6 +22,11 @@ class UnitCosts:
     blocks: np.ndarray  # (num_blocks,)
     head: float
 
+    @property
+    def full(self) -> float:
+        """MACs of one whole-network evaluation: embed, every block, head."""
+        return self.embed + float(self.blocks.sum()) + self.head
+
 
 class StepLog:
     def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int):

@@ -42,7 +42,7 @@ from adadiff_bench.checkpoints import atomic_torch_save, read_checkpoint, sha256
 from adadiff_bench.config import TrainFile, UViTConfig
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
-from adadiff_bench.methods.prefix_exit import PrefixExit, backbone_and_heads
+from adadiff_bench.methods.prefix_exit import PrefixExit, backbone_and_heads, check_architecture
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.training import Task
 
@@ -144,18 +144,11 @@ class Berxit(PrefixExit):
     def check(cls, params, model, where):
         """The step log and unit costs are the run's model's: the backbone must have its architecture."""
         backbone = backbone_and_heads(load_berxit(params.checkpoint, where)[1])[0]
-        if _architecture(backbone) != _architecture(model):
-            raise UserError(f"{where}: the backbone of {params.checkpoint!r} (channels, size, patch, width, blocks = "
-                            f"{_architecture(backbone)}) differs from the run's model {_architecture(model)}; use a "
-                            "BERxiT checkpoint trained on a backbone of the run's architecture")
+        check_architecture(backbone, model, where, f"the backbone of BERxiT checkpoint {params.checkpoint!r}")
 
     def policy(self, exit_point, tokens, t, active):
         self.log.add_macs(self.lte.macs_per_sample, active)
         return self.lte.predicted_error(tokens) <= self.params.tau
-
-
-def _architecture(model) -> tuple[int, ...]:
-    return model.in_chans, model.img_size, model.patch_size, model.embed_dim, model.num_blocks
 
 
 # ---- training: the regressor on a frozen backbone and frozen exit heads ------------------------

@@ -54,8 +54,7 @@ class DuoDiffParams:
 def shallow_model(path: str) -> tuple[torch.nn.Module, float]:
     """The shallow U-ViT and its MACs per image for one evaluation (embed + blocks + head)."""
     model = load_model(path)
-    costs = unit_costs(model)
-    return model, costs.embed + float(costs.blocks.sum()) + costs.head
+    return model, unit_costs(model).full
 
 
 @register_method

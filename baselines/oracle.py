@@ -33,8 +33,7 @@ class OracleParams(PrefixParams):
 
 @lru_cache(maxsize=8)
 def _full_macs(model) -> float:
-    costs = unit_costs(model)
-    return costs.embed + float(costs.blocks.sum()) + costs.head
+    return unit_costs(model).full
 
 
 @register_method

@@ -6,12 +6,12 @@ a fine-tuned AdaDiff checkpoint's own backbone, so its full-depth row can be rep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from .prefix_exit import backbone_and_heads, check_architecture
 from .registry import Method, register_method
 
 
@@ -24,25 +24,20 @@ class FullParams:
             raise UserError(f"{where}: checkpoint {self.checkpoint!r} not found; fix the path")
 
 
-@lru_cache(maxsize=4)
-def _backbone(path: str):
-    from ..adadiff_checkpoints import FORMAT, load_adadiff
-    from ..checkpoints import load_model, read_checkpoint
-    payload = read_checkpoint(path)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return load_adadiff(path).backbone
-    return load_model(path)
-
-
 @register_method
 class Full(Method):
     name = "full"
     Params = FullParams
 
+    @classmethod
+    def check(cls, params, model, where):
+        if params.checkpoint:
+            check_architecture(backbone_and_heads(params.checkpoint)[0], model, where, f"checkpoint {params.checkpoint!r}")
+
     def __init__(self, model, params=None):
         super().__init__(model, params)
         if self.params.checkpoint:
-            self.model = _backbone(self.params.checkpoint)
+            self.model = backbone_and_heads(self.params.checkpoint)[0]  # (an AdaDiff checkpoint: its backbone)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         eps = self.model(x, t, y)

@@ -49,6 +49,19 @@ def backbone_of(checkpoint: str, model):
     return backbone_and_heads(checkpoint)[0] if checkpoint else model
 
 
+def architecture(model) -> tuple[int, ...]:
+    """What the run's unit costs depend on: channels, image size, patch, width, blocks."""
+    return model.in_chans, model.img_size, model.patch_size, model.embed_dim, model.num_blocks
+
+
+def check_architecture(backbone, model, where: str, what: str) -> None:
+    """The step log is costed with the run's model: a method's backbone must have its architecture."""
+    if architecture(backbone) != architecture(model):
+        raise UserError(f"{where}: {what} (channels, size, patch, width, blocks = {architecture(backbone)}) "
+                        f"differs from the run's model {architecture(model)}; use a checkpoint of the run's "
+                        "architecture")
+
+
 def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample root-mean-square difference of two eps predictions (eps has unit variance)."""
     return (a - b).pow(2).flatten(1).mean(1).sqrt()
@@ -67,11 +80,7 @@ class PrefixExit(Method):
 
     @classmethod
     def check(cls, params, model, where):
-        backbone = backbone_of(params.checkpoint, model)
-        if (backbone.img_size, backbone.in_chans) != (model.img_size, model.in_chans):
-            raise UserError(f"{where}: checkpoint {params.checkpoint!r} makes {backbone.in_chans}x{backbone.img_size}"
-                            f"x{backbone.img_size} images, the run's model {model.in_chans}x{model.img_size}x"
-                            f"{model.img_size}; use a checkpoint trained on the same data")
+        check_architecture(backbone_of(params.checkpoint, model), model, where, f"checkpoint {params.checkpoint!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -93,4 +102,5 @@ class PrefixExit(Method):
         return exit_aware_forward(self.backbone, x, t, y, self.policy, self.log, heads=self.heads)
 
 
-__all__ = ["ExitHeads", "PrefixExit", "PrefixParams", "backbone_and_heads", "backbone_of", "rms_distance"]
+__all__ = ["ExitHeads", "PrefixExit", "PrefixParams", "backbone_and_heads", "backbone_of", "check_architecture",
+           "rms_distance"]
