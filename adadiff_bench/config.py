@@ -180,18 +180,42 @@ class SamplingConfig:
         _positive(where, num_steps=self.num_steps, num_samples=self.num_samples, batch_size=self.batch_size)
 
 
+FID_BACKENDS = ("torch-fidelity", "clean-fid")
+
+
 @dataclass
 class MetricsConfig:
-    """Quality metrics. `inception`: "auto" (when weights are on disk), "require" (error if absent), "off"."""
+    """Quality metrics.
+
+    `inception`: "auto" (when weights are on disk), "require" (error if absent), "off".
+    `fid_backend`: "torch-fidelity" (the engine) or "clean-fid" (the cross-check; in the Inception space it
+    needs clean-fid's inception-2015-12-05.pt, found at `cleanfid_model` or where clean-fid looks).
+    `prc`: precision and recall (k-NN manifolds with `prc_neighborhood` neighbours).
+    `fid_bootstrap`: resamples for a bootstrap confidence interval of FID at level `fid_ci` (0 = none).
+    """
     inception: str = "auto"
     inception_weights: str | None = None
+    fid_backend: str = "torch-fidelity"
+    cleanfid_model: str | None = None
     kid_subset_size: int = 1000
     isc_splits: int = 10
+    prc: bool = True
+    prc_neighborhood: int = 3
+    fid_bootstrap: int = 0
+    fid_ci: float = 0.95
 
     def validate(self, where: str) -> None:
         if self.inception not in ("auto", "require", "off"):
             raise UserError(f"{where}: inception must be one of auto, require, off (got {self.inception!r})")
-        _positive(where, kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits)
+        if self.fid_backend not in FID_BACKENDS:
+            raise UserError(f"{where}: unknown fid_backend {self.fid_backend!r}"
+                            f"{did_you_mean(self.fid_backend, FID_BACKENDS)}; valid: {', '.join(FID_BACKENDS)}")
+        _positive(where, kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits,
+                  prc_neighborhood=self.prc_neighborhood)
+        if self.fid_bootstrap < 0:
+            raise UserError(f"{where}: fid_bootstrap must be >= 0 resamples (got {self.fid_bootstrap}); 0 turns it off")
+        if not 0 < self.fid_ci < 1:
+            raise UserError(f"{where}: fid_ci must be in (0, 1), e.g. 0.95 (got {self.fid_ci})")
 
 
 @dataclass

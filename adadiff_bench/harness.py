@@ -32,9 +32,10 @@ from .diffusion import SOLVER_SETTINGS, sample, solver_timesteps
 from .errors import UserError
 from .flops import unit_costs
 from .methods import get_method, make_params
-from .metrics.quality import compute_quality, resolve_inception_weights
+from .metrics.quality import check_fid_backend, compute_quality, resolve_inception_weights
 from .results import SCHEMA_VERSION, RunStore, make_dir, write_json
-from .steplog import StepLog, UnitCosts
+from .memory import PeakMemory
+from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
 
 PACKAGES = ("torch", "torchvision", "torch-fidelity", "clean-fid", "fvcore", "diffusers", "numpy", "scipy",
@@ -138,6 +139,7 @@ def prepare(config: RunConfig, where: str) -> Prepared:
             print("note: Inception metrics skipped: no weights on disk (pass --inception-weights PATH or put "
                   "torch-fidelity's weights-inception-2015-12-05-6726825d.pth in $TORCH_HOME/hub/checkpoints)",
                   file=sys.stderr)
+    check_fid_backend(config.metrics, tuple(extractors))
     if not extractors:
         print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
               "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
@@ -156,11 +158,15 @@ def build_method(cell: Cell, model):
 
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
-             desc: str = "", method=None) -> tuple[torch.Tensor, StepLog]:
-    """Sample `num_samples` images for one cell; returns (float images, step log)."""
+             desc: str = "", method=None, record: bool = True) -> tuple[torch.Tensor, StepLog]:
+    """Sample `num_samples` images for one cell; returns (float images, step log).
+
+    `record=False` keeps no step log (a NullStepLog): only to measure the instrumentation's own cost.
+    """
     method = method or build_method(cell, model)
     image_shape = (model.in_chans, model.img_size, model.img_size)
-    log = StepLog(num_samples, solver_timesteps(cell.solver, cell.num_steps), model.num_blocks)
+    log = (StepLog if record else NullStepLog)(num_samples, solver_timesteps(cell.solver, cell.num_steps),
+                                               model.num_blocks)
     batches = []
     starts = range(0, num_samples, batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
@@ -185,8 +191,14 @@ def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
             for c in {cell, reference}:
                 generate(c, model, min(n, batch), batch)
 
-    result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup)
+    result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup,
+                     model_device(model))
     return dataclasses.asdict(result)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's weights live on (what the timing and memory protocols synchronise)."""
+    return next(model.parameters()).device
 
 
 def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path,
@@ -198,8 +210,9 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     s = config.sampling
     method = build_method(cell, prep.model)
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
-    images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress, desc=f"sample {cell.cell_id}",
-                           method=method)
+    with PeakMemory(model_device(prep.model)) as peak:
+        images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress,
+                               desc=f"sample {cell.cell_id}", method=method)
     finite = bool(torch.isfinite(images).all())
     samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
@@ -211,7 +224,9 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
-                "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes})
+                "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes,
+                "peak_mem_mb": peak.mb, "peak_mem_kind": peak.kind,
+                "device": str(model_device(prep.model)), "threads": torch.get_num_threads()})
     if config.timing.enabled:
         row.update(time_cell(cell, reference_cell(config), prep.model, config))
     row["cell_id"] = cell.cell_id
@@ -293,7 +308,7 @@ def run_info(config: RunConfig, prep: Prepared, started: str) -> dict:
         "git_commit": _git_commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": "cpu", "python": platform.python_version()},
+                    "device": str(model_device(prep.model)), "python": platform.python_version()},
         "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
         "method_checkpoints": {path: sha256_file(path) for path in sorted(
             {str(dict(c.params)["checkpoint"]) for c in prep.cells if dict(c.params).get("checkpoint")})},

@@ -36,48 +36,85 @@ def is_ceiling(row: pd.Series) -> bool:
     return bool(row.get("ceiling", False)) if pd.notna(row.get("ceiling", False)) else False
 
 
+QUALITY_PREFIXES = ("fid_", "is_", "kid_", "precision_", "recall_")
+SEED_STD = "_seed_std"  # suffix of a column's standard deviation across seeds
+
+
+def is_quality_column(column: str) -> bool:
+    """A quality metric's value column (not its within-run std or its bootstrap bounds)."""
+    return column.startswith(QUALITY_PREFIXES) and not column.endswith(("_std", "_ci_low", "_ci_high"))
+
+
 def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
-    """One row per method setting, averaged over seeds, with human-readable headers and arrows."""
+    """One row per method setting: mean over seeds, and each quality metric's std across seeds."""
     fid = sort_by or primary_fid_column(frame)
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
-    metric_columns = [c for c in frame.columns if c.startswith(("fid_", "is_", "kid_")) and not c.endswith("_std")]
+    metric_columns = [c for c in frame.columns if is_quality_column(c)]
     numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
-        c for c in ("time_per_image_s", "speedup", "cache_bytes") if c in frame.columns]
-    grouped = frame.groupby("setting", sort=False).agg({**{c: "mean" for c in numeric}, "num_samples": "first",
-                                                        "seed": "count"})
-    grouped = grouped.rename(columns={"seed": "seeds"})
-    if fid in grouped.columns:
-        grouped = grouped.sort_values(fid)
-    return grouped.reset_index()
+        c for c in ("time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb") if c in frame.columns]
+    bounds = [c for c in frame.columns if c.endswith(("_ci_low", "_ci_high"))]
+    grouped = frame.groupby("setting", sort=False)
+    board = grouped.agg({**{c: "mean" for c in numeric}, **{c: "first" for c in bounds},
+                         "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
+    spread = grouped[metric_columns].std(ddof=1).add_suffix(SEED_STD)  # NaN with one seed
+    board = board.join(spread)
+    board.loc[board["seeds"] > 1, bounds] = np.nan  # a bootstrap interval belongs to one seed's samples
+    if fid in board.columns:
+        board = board.sort_values(fid)
+    return board.reset_index()
+
+
+METRIC_NAMES = {"fid": "FID", "is": "IS", "kid": "KID", "precision": "precision", "recall": "recall"}
 
 
 def _header(column: str, num_samples: int) -> str:
     """A column's header: the metric, its feature space (and n for FID), an arrow for which way is better."""
     metric, _, space = column.partition("_")
+    if metric in HIGHER_IS_BETTER and column.endswith("_ci"):
+        return f"FID {space.removesuffix('_ci')} bootstrap CI"
     if metric in HIGHER_IS_BETTER:
         arrow = "↑" if HIGHER_IS_BETTER[metric] else "↓"
         n = f", n={num_samples}" if metric == "fid" else ""
-        return f"{metric.upper()} [{space.removesuffix('_mean')}{n}] {arrow}"
+        return f"{METRIC_NAMES[metric]} [{space.removesuffix('_mean')}{n}] {arrow}"
     return {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
             "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑",
-            "cache_bytes": "cache (KB/batch) ↓"}.get(column, column)
+            "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓"}.get(column, column)
+
+
+def _number(column: str, value: float) -> str:
+    """A table cell: ms for times, KB for caches, 4 decimals for KID, 3 otherwise."""
+    if column == "time_per_image_s":
+        value = value * 1e3
+    if column == "cache_bytes":
+        value = value / 1e3
+    return f"{value:.4f}" if column.startswith("kid_") else (f"{value:.0f}" if column == "peak_mem_mb" else f"{value:.3f}")
+
+
+def _cell(row: pd.Series, column: str) -> str:
+    """A value, with ± its std across seeds when there are several, or its bootstrap interval."""
+    if column.endswith("_ci"):
+        low, high = row[column + "_low"], row[column + "_high"]
+        return "" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
+    value = row[column]
+    if pd.isna(value):
+        return "n/a"
+    spread = row.get(column + SEED_STD, np.nan)
+    return _number(column, value) + ("" if pd.isna(spread) else f" ± {_number(column, spread)}")
 
 
 def to_markdown(board: pd.DataFrame) -> str:
+    """The leaderboard as Markdown: one column per metric, headers with units, n and arrows."""
     n = int(board["num_samples"].iloc[0]) if len(board) else 0
-    columns = [c for c in board.columns if c not in ("setting", "num_samples", "seeds")]
+    hidden = ("setting", "num_samples", "seeds")
+    columns = []
+    for c in board.columns:
+        if c.endswith("_ci_low") and board[c].notna().any():
+            columns.append(c.removesuffix("_low"))
+        elif c not in hidden and not c.endswith((SEED_STD, "_ci_low", "_ci_high")):
+            columns.append(c)
     lines = ["| method setting | " + " | ".join(_header(c, n) for c in columns) + " |",
              "|---|" + "---:|" * len(columns)]
-    for _, row in board.iterrows():
-        cells = []
-        for c in columns:
-            value = row[c]
-            if c == "time_per_image_s":
-                value = value * 1e3
-            if c == "cache_bytes":
-                value = value / 1e3
-            cells.append("n/a" if pd.isna(value) else (f"{value:.4f}" if c.startswith("kid_") else f"{value:.3f}"))
-        lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
+    lines += [f"| {row['setting']} | " + " | ".join(_cell(row, c) for c in columns) + " |" for _, row in board.iterrows()]
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +236,24 @@ def sample_grid(samples_nhwc: np.ndarray, path: Path, count: int = 64, scale: in
     return path
 
 
+def leaderboard_notes(board: pd.DataFrame, info: dict) -> str:
+    """What the leaderboard's numbers are: data, n, seeds, intervals, timing and FLOPs conventions."""
+    metrics = info["config"].get("metrics", {})
+    seeds = int(board["seeds"].max()) if len(board) else 0
+    lines = [f"Data: {info['data']['name']} ({info['data']['num_images']} reference images); FID's n = samples "
+             f"per cell; FID by {metrics.get('fid_backend', 'torch-fidelity')}."]
+    if seeds > 1:
+        lines.append(f"Quality values are means over {seeds} seeds ± their standard deviation across seeds.")
+    if metrics.get("fid_bootstrap"):
+        lines.append(f"FID bootstrap CI: basic bootstrap interval at level {metrics['fid_ci']} over "
+                     f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed); one-seed rows only.")
+    lines.append(f"Speed-up is the ratio of median times against `full` at {info['reference']['solver']} "
+                 f"{info['reference']['num_steps']} steps, timed interleaved on {info['machine']['torch_threads']} "
+                 f"threads ({info['machine'].get('device', 'cpu')}); FLOPs = 2 x MACs (fvcore); peak memory: "
+                 "the process's peak resident set on the CPU, peak allocated on CUDA.")
+    return "\n" + "\n\n".join(lines) + "\n"
+
+
 def write_report(run_dir: str | Path, out: str | Path, sort_by: str | None = None) -> list[Path]:
     """Leaderboard (Markdown + CSV), FID-vs-GFLOPs plot (PNG + PDF), one sample grid per cell."""
     run_dir, out = Path(run_dir), Path(out)
@@ -207,11 +262,7 @@ def write_report(run_dir: str | Path, out: str | Path, sort_by: str | None = Non
     board = leaderboard(frame, sort_by)
     written = []
     title = f"# Leaderboard: {info['config']['name']}\n\n"
-    notes = (f"\nData: {info['data']['name']} ({info['data']['num_images']} reference images); "
-             f"FID's n = samples per cell; speed-up is the ratio of median times against "
-             f"`full` at {info['reference']['solver']} {info['reference']['num_steps']} steps, timed interleaved "
-             f"on {info['machine']['torch_threads']} threads; FLOPs = 2 x MACs (fvcore).\n")
-    (out / "leaderboard.md").write_text(title + to_markdown(board) + notes)
+    (out / "leaderboard.md").write_text(title + to_markdown(board) + leaderboard_notes(board, info))
     board.to_csv(out / "leaderboard.csv", index=False)
     written += [out / "leaderboard.md", out / "leaderboard.csv"]
     matched = matched_table(frame, info)

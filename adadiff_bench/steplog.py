@@ -121,3 +121,34 @@ class StepLog:
         return {"timesteps": self.timesteps, "exit_histogram": self.exit_histogram(),
                 "timestep_exit_histogram": self.timestep_exit_histogram(),
                 "timestep_block_fraction": self.timestep_block_fraction()}
+
+
+class NullStepLog(StepLog):
+    """A step log that keeps the sampling context (batch rows, step) but records nothing.
+
+    Used only to measure what the instrumentation itself costs (benchmarks/instrumentation_overhead.py).
+    """
+
+    def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int):
+        super().__init__(0, timesteps, num_blocks)
+
+    def _select(self, active) -> np.ndarray:
+        return self._rows[:0]
+
+    def ran_embed(self, active=None) -> None:
+        pass
+
+    def ran_block(self, block: int, active=None) -> None:
+        pass
+
+    def ran_head(self, active=None) -> None:
+        pass
+
+    def exited(self, exit_point: int, active=None) -> None:
+        pass
+
+    def add_macs(self, macs: float, active=None) -> None:
+        pass
+
+    def ran_full(self, active=None) -> None:
+        pass

@@ -3,7 +3,8 @@
 A separate timed pass (not the sampling that feeds the metrics): warm-up first, a fixed thread
 count, then `repeats` rounds that alternate the reference and the cell (A B A B ...), so drifts of
 a shared machine hit both alike. Reported: the median time per image, its interquartile range,
-and `speedup` = median(reference) / median(cell).
+and `speedup` = median(reference) / median(cell). On CUDA each call is timed with CUDA events
+between synchronisations (kernels run asynchronously, so a host clock alone would stop early).
 """
 from __future__ import annotations
 
@@ -21,20 +22,22 @@ class Timing:
     time_per_image_s_iqr: float
     reference_time_per_image_s: float
     speedup: float
+    timing_repeats: int
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def time_once(fn: Callable[[], None], num_images: int) -> float:
-    """Seconds per image of one call of `fn`."""
-    _synchronize()
-    start = time.perf_counter()
+def time_once(fn: Callable[[], None], num_images: int, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds per image of one call of `fn` (CUDA events on a CUDA device, perf_counter otherwise)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / num_images  # elapsed_time is in ms
+    start_s = time.perf_counter()
     fn()
-    _synchronize()
-    return (time.perf_counter() - start) / num_images
+    return (time.perf_counter() - start_s) / num_images
 
 
 def iqr(values: list[float]) -> float:
@@ -43,15 +46,15 @@ def iqr(values: list[float]) -> float:
 
 
 def measure(cell: Callable[[], None], reference: Callable[[], None] | None, num_images: int, repeats: int,
-            warmup: Callable[[], None] | None = None) -> Timing:
+            warmup: Callable[[], None] | None = None, device: torch.device = torch.device("cpu")) -> Timing:
     """Interleaved timing of `cell` against `reference` (None when the cell is the reference)."""
     if warmup is not None:
         warmup()
     cell_times, reference_times = [], []
     for _ in range(repeats):
         if reference is not None:
-            reference_times.append(time_once(reference, num_images))
-        cell_times.append(time_once(cell, num_images))
+            reference_times.append(time_once(reference, num_images, device))
+        cell_times.append(time_once(cell, num_images, device))
     cell_median = float(np.median(cell_times))
     reference_median = float(np.median(reference_times)) if reference is not None else cell_median
-    return Timing(cell_median, iqr(cell_times), reference_median, reference_median / cell_median)
+    return Timing(cell_median, iqr(cell_times), reference_median, reference_median / cell_median, repeats)

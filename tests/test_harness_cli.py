@@ -16,7 +16,8 @@ from conftest import write_run_config
 
 REQUIRED_COLUMNS = ["method", "params", "solver", "num_steps", "num_samples", "seed", "fid_digits_cnn",
                     "is_digits_cnn_mean", "kid_digits_cnn_mean", "macs_per_image", "flops_per_image", "layer_ratio",
-                    "time_per_image_s", "time_per_image_s_iqr", "speedup"]
+                    "time_per_image_s", "time_per_image_s_iqr", "speedup", "timing_repeats", "threads", "device",
+                    "peak_mem_mb", "precision_digits_cnn", "recall_digits_cnn"]
 
 
 @pytest.fixture
@@ -37,13 +38,15 @@ def test_run_writes_a_sane_results_store(finished_run, tiny_model):
     assert np.allclose(frame["flops_per_image"], 2 * frame["macs_per_image"])
     assert (frame["layer_ratio"] == 1.0).all()
     assert (frame["time_per_image_s"] > 0).all()
+    assert (frame["threads"] == 1).all() and (frame["device"] == "cpu").all() and (frame["timing_repeats"] == 3).all()
+    assert (frame["peak_mem_mb"] > 50).all()  # the whole process's resident peak: torch alone is larger
     reference = frame[frame["num_steps"] == 3].iloc[0]  # full at the config's default solver and steps
     assert reference["speedup"] == pytest.approx(1.0)
 
     info = json.loads((finished_run / "run.json").read_text())
     assert info["schema_version"] == 1 and info["config"]["name"] == "tiny"
     assert len(info["checkpoint"]["sha256"]) == 64 and len(info["data"]["sha256"]) == 64
-    assert info["versions"]["torch"] and info["machine"]["torch_threads"] == 1
+    assert info["versions"]["torch"] and info["machine"]["torch_threads"] == 1 and info["machine"]["device"] == "cpu"
     with np.load(finished_run / "exits.npz") as exits:
         hist = exits[f"{reference['cell_id']}/timestep_exit_histogram"]
         assert hist.shape == (3, tiny_model.num_blocks + 1) and (hist[:, -1] == 32).all()

@@ -22,7 +22,8 @@ from adadiff_bench.metrics import classifier
 from adadiff_bench.metrics.quality import INCEPTION_WEIGHTS_FILE, compute_quality, resolve_inception_weights
 
 FAST = MetricsConfig(inception="off", kid_subset_size=100, isc_splits=10)
-DIGITS_KEYS = {"fid_digits_cnn", "is_digits_cnn_mean", "is_digits_cnn_std", "kid_digits_cnn_mean", "kid_digits_cnn_std"}
+DIGITS_KEYS = {"fid_digits_cnn", "is_digits_cnn_mean", "is_digits_cnn_std", "kid_digits_cnn_mean", "kid_digits_cnn_std",
+               "precision_digits_cnn", "recall_digits_cnn"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -239,7 +240,7 @@ def test_inception_metrics_with_local_weights(digits, random_inception_weights, 
     quality = compute_quality(samples, reference, config, tmp_path, extractors=("digits-cnn", "inception"))
 
     assert DIGITS_KEYS | {"fid_inception", "is_inception_mean", "is_inception_std",
-                          "kid_inception_mean", "kid_inception_std"} == set(quality)
+                          "kid_inception_mean", "kid_inception_std", "precision_inception", "recall_inception"} == set(quality)
     assert math.isfinite(quality["fid_inception"]) and quality["fid_inception"] > 0
     (cached_features,) = tmp_path.glob("*inception-v3-compat-features-2048.pt")
     reference_features = torch.load(cached_features)
