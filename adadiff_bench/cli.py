@@ -17,6 +17,7 @@ EPILOG = textwrap.dedent("""\
       adadiff-bench run --config configs/demo.toml --overwrite    # sample, measure, write results/demo/
       adadiff-bench report results/demo                           # leaderboard + plots in reports/demo/
       adadiff-bench methods                                       # list registered methods
+      adadiff-bench flops checkpoints/uvit_digits.pt --steps 25   # MACs, params and share per block
 
     Results load in pandas: pd.read_csv("results/demo/results.csv").
     """)
@@ -61,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--out", help="where to write the weights (default: the packaged asset)")
 
     commands.add_parser("methods", help="list the registered methods")
+
+    flops = commands.add_parser(
+        "flops", help="per-block MACs, params and share of a checkpoint (+ AdaDiff estimator/head overheads)",
+        description="Print the cost per image of one network evaluation, part by part in execution order "
+                    "(embed, every block, head) with parameters and each part's share of the total; for an AdaDiff "
+                    "checkpoint also one estimator call, one exit-head call and the worst case (both after every "
+                    "block). Same counting as the results' macs_per_image: MACs of matrix multiplications, "
+                    "convolutions and attention (QK^T and AV); FLOPs = 2 x MACs; normalisations, activations "
+                    "and additions are not counted.")
+    flops.add_argument("checkpoint", metavar="CHECKPOINT",
+                       help="a U-ViT or AdaDiff checkpoint, e.g. checkpoints/adadiff_digits_finetuned.pt")
+    flops.add_argument("--csv", metavar="PATH",
+                       help="also write the table as CSV (columns part, kind, macs, flops, params, share)")
+    flops.add_argument("--steps", type=int, metavar="N",
+                       help="also print the cost per image of N evaluations (N sampling steps)")
     return parser
 
 
@@ -133,8 +149,27 @@ def _methods(args) -> int:
     return 0
 
 
+def _flops(args) -> int:
+    from pathlib import Path
+
+    from .flops_table import flops_table, format_table
+    from .results import write_csv
+
+    if args.steps is not None and args.steps <= 0:
+        raise UserError(f"--steps must be > 0 (got {args.steps})")
+    frame = flops_table(args.checkpoint)
+    print(format_table(frame, args.steps))
+    if args.csv:
+        try:
+            write_csv(Path(args.csv), frame)
+        except OSError as exc:
+            raise UserError(f"cannot write --csv {args.csv!r} ({exc.strerror or exc}); choose another path") from None
+        print(f"table written to {args.csv}")
+    return 0
+
+
 COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier": _train_classifier,
-            "methods": _methods}
+            "methods": _methods, "flops": _flops}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,10 @@ import warnings
 
 import numpy as np
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+with warnings.catch_warnings():  # importing fvcore scripts a loss with the deprecated torch.jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from .models.uvit import UViT
 from .steplog import UnitCosts

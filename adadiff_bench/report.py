@@ -268,8 +268,10 @@ def write_report(run_dir: str | Path, out: str | Path, sort_by: str | None = Non
     matched = matched_table(frame, info)
     if not matched.empty:
         matched.to_csv(out / "matched.csv", index=False)
-        header = ("# FID at matched layer ratio and matched cost\n\nInterpolated linearly along each curve's sweep; "
-                  "blank where the curve does not reach the target. Cost = GFLOPs/image over the reference `full`'s.\n\n")
+        header = (f"# FID at matched layer ratio and matched cost\n\n{primary_fid_column(frame)} with n = "
+                  f"{int(frame['num_samples'].iloc[0])} samples per cell, interpolated linearly along each curve's "
+                  "sweep; blank where the curve does not reach the target. Cost = GFLOPs/image over the reference "
+                  "`full`'s.\n\n")
         (out / "matched.md").write_text(header + frame_to_markdown(matched))
         written += [out / "matched.csv", out / "matched.md"]
     written += plot_fid_vs_gflops(frame[frame["valid"]], out)
