@@ -15,7 +15,8 @@ EPILOG = textwrap.dedent("""\
     examples:
       adadiff-bench train --config configs/train_digits.toml     # (re)make the demo's digits U-ViT
       adadiff-bench run --config configs/demo.toml --overwrite    # sample, measure, write results/demo/
-      adadiff-bench report results/demo                           # leaderboard + plots in reports/demo/
+      adadiff-bench report results/demo --open                    # tables, figures, index.html in reports/demo/
+      adadiff-bench leaderboard results/demo results/digits_full  # one table from several runs (same data, n)
       adadiff-bench methods                                       # list registered methods
       adadiff-bench flops checkpoints/uvit_digits.pt --steps 25   # MACs, params and share per block
 
@@ -50,12 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    report = commands.add_parser("report", help="render a leaderboard and plots from a finished run",
-                                 description="Read results/<run>/ only and write leaderboard.md/.csv, "
-                                             "fid_vs_gflops.png/.pdf and sample grids.")
-    report.add_argument("run_dir", metavar="RESULTS", help="a finished run folder, e.g. results/demo")
-    report.add_argument("--out", help="output folder (default: reports/<run name>)")
-    report.add_argument("--sort-by", help="column to sort the leaderboard by (default: the primary FID)")
+    report = commands.add_parser(
+        "report", help="render tables, figures and index.html from finished runs",
+        description="Read results/<run>/ only (one run, or several on the same data and n) and write the "
+                    "leaderboard (Markdown, CSV, LaTeX booktabs; Pareto-optimal rows marked), matched-FID tables, "
+                    "figures as PNG and PDF (FID vs GFLOPs and vs time with the Pareto front, per-family panels, "
+                    "speed-up bars, exit heatmaps and distributions, layer ratio by timestep, AdaDiff's "
+                    "uncertainty maps, the estimator ablation, samples) and one self-contained index.html.")
+    report.add_argument("run_dirs", nargs="+", metavar="RESULTS", help="finished run folders, e.g. results/demo")
+    report.add_argument("--out", help="output folder (default: reports/<run name>, names joined by '+')")
+    report.add_argument("--sort-by", metavar="COLUMN",
+                        help="leaderboard column to sort by, best first (default: the primary FID), "
+                             "e.g. gflops_per_image, speedup, is_digits_cnn_mean")
+    report.add_argument("--open", action="store_true", help="open index.html in a browser when done")
+
+    board = commands.add_parser(
+        "leaderboard", help="merge runs into one leaderboard (Markdown, CSV, LaTeX)",
+        description="Merge the results of several finished runs into one leaderboard: one row per method "
+                    "setting (the run name in front when several), Pareto-optimal rows marked. Runs must share "
+                    "the reference data and the number of samples per cell (FID's n); mixing is refused.")
+    board.add_argument("run_dirs", nargs="+", metavar="RESULTS", help="finished run folders")
+    board.add_argument("--out", help="output folder (default: reports/leaderboard-<run names>)")
+    board.add_argument("--sort-by", metavar="COLUMN", help="column to sort by, best first (default: the primary FID)")
 
     classifier = commands.add_parser("train-classifier",
                                      help="retrain the digits feature extractor shipped with the package")
@@ -109,17 +126,45 @@ def _run(args) -> int:
     return 0
 
 
+def _default_out(run_dirs: list[str], prefix: str = "") -> "Path":
+    """reports/<run name> (names joined by '+' for several runs)."""
+    from pathlib import Path
+
+    from .results import load_run
+
+    names = [load_run(d)[1]["config"]["name"] for d in run_dirs]
+    return Path("reports") / (prefix + "+".join(names))
+
+
 def _report(args) -> int:
     from pathlib import Path
 
+    from .html_report import open_in_browser
     from .report import write_report
-    from .results import load_run
 
-    _, info = load_run(args.run_dir)
-    out = Path(args.out) if args.out else Path("reports") / info["config"]["name"]
-    for path in write_report(args.run_dir, out, args.sort_by):
-        if path.suffix != ".png" or path.parent == out:
+    out = Path(args.out) if args.out else _default_out(args.run_dirs)
+    for path in write_report(args.run_dirs, out, args.sort_by):
+        if path.parent == out:
             print(path)
+    if args.open and not open_in_browser(out / "index.html"):
+        print(f"no browser available; open {out / 'index.html'} yourself", file=sys.stderr)
+    return 0
+
+
+def _leaderboard(args) -> int:
+    from pathlib import Path
+
+    from .report import write_leaderboard
+    from .results import make_dir
+    from .tables import load_runs, to_markdown
+
+    frame, infos = load_runs(args.run_dirs)
+    out = Path(args.out) if args.out else _default_out(args.run_dirs, "leaderboard-")
+    make_dir(out)
+    board, paths = write_leaderboard(frame, infos, out, args.sort_by)
+    print(to_markdown(board))
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -169,7 +214,7 @@ def _flops(args) -> int:
 
 
 COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier": _train_classifier,
-            "methods": _methods, "flops": _flops}
+            "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,7 +216,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     finite = bool(torch.isfinite(images).all())
     samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
-    row = {"method": cell.method, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
+    row = {"method": cell.method, "family": method.family, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
            "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": method.batch_dependent,
            "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",

@@ -80,6 +80,7 @@ def run_network(model, x, t, y, rows: torch.Tensor, log) -> torch.Tensor:
 @register_method
 class AdaptiveDiffusion(Method):
     name = "adaptive-diffusion"
+    family = "step-skipping"
     Params = AdaptiveDiffusionParams
 
     def start_batch(self, log) -> None:

@@ -164,6 +164,7 @@ def network_of(params: AseParams, model: UViT) -> UViT:
 @register_method
 class Ase(Method):
     name = "ase"
+    family = "layer-dropping"
     Params = AseParams
 
     @classmethod

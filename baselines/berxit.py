@@ -133,6 +133,7 @@ class BerxitParams:
 @register_method
 class Berxit(PrefixExit):
     name = "berxit"
+    family = "early-exit"
     Params = BerxitParams
 
     def __init__(self, model, params=None):

@@ -45,6 +45,7 @@ class CalmParams(PrefixParams):
 @register_method
 class Calm(PrefixExit):
     name = "calm"
+    family = "early-exit"
     Params = CalmParams
 
     def begin(self, x, t, y):

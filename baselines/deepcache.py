@@ -43,6 +43,7 @@ class DeepCacheParams:
 @register_method
 class DeepCache(BlockCaching):
     name = "deepcache"
+    family = "caching"
     Params = DeepCacheParams
 
     @classmethod

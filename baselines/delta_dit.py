@@ -51,6 +51,7 @@ class DeltaDiTParams:
 @register_method
 class DeltaDiT(BlockCaching):
     name = "delta-dit"
+    family = "caching"
     Params = DeltaDiTParams
 
     @classmethod

@@ -60,6 +60,7 @@ def shallow_model(path: str) -> tuple[torch.nn.Module, float]:
 @register_method
 class DuoDiff(Method):
     name = "duodiff"
+    family = "layer-dropping"
     Params = DuoDiffParams
 
     @classmethod

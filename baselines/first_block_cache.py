@@ -53,6 +53,7 @@ def run_remaining(model, first_output: torch.Tensor, rows: torch.Tensor, log) ->
 @register_method
 class FirstBlockCache(Method):
     name = "first-block-cache"
+    family = "caching"
     Params = FirstBlockCacheParams
 
     def start_batch(self, log) -> None:

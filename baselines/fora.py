@@ -39,6 +39,7 @@ class ForaParams:
 @register_method
 class Fora(BlockCaching):
     name = "fora"
+    family = "caching"
     Params = ForaParams
 
     def __init__(self, model, params=None):

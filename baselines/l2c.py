@@ -225,6 +225,7 @@ def compute_mask(beta: torch.Tensor, threshold: float) -> np.ndarray:
 @register_method
 class LearningToCache(Method):
     name = "l2c"
+    family = "caching"
     Params = L2cParams
 
     def __init__(self, model, params=None):

@@ -39,6 +39,7 @@ def _full_macs(model) -> float:
 @register_method
 class Oracle(PrefixExit):
     name = "oracle"
+    family = "early-exit"
     Params = OracleParams
     ceiling = True
 

@@ -37,6 +37,7 @@ class PabeeParams(PrefixParams):
 @register_method
 class Pabee(PrefixExit):
     name = "pabee"
+    family = "early-exit"
     Params = PabeeParams
 
     def begin(self, x, t, y):

@@ -67,6 +67,7 @@ def load_profile(path: str, where: str) -> tuple[np.ndarray, np.ndarray]:
 @register_method
 class RandomExit(PrefixExit):
     name = "random-exit"
+    family = "early-exit"
     Params = RandomExitParams
 
     @classmethod

@@ -26,6 +26,7 @@ from ..methods import Method, register_method
 @register_method
 class SolverSteps(Method):
     name = "solver-steps"
+    family = "step-skipping"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         eps = self.model(x, t, y)

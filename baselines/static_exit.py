@@ -31,6 +31,7 @@ class StaticExitParams(PrefixParams):
 @register_method
 class StaticExit(PrefixExit):
     name = "static-exit"
+    family = "early-exit"
     Params = StaticExitParams
 
     @classmethod

@@ -83,6 +83,7 @@ def run_stack(model, tokens: torch.Tensor, rows: torch.Tensor, log) -> torch.Ten
 @register_method
 class TeaCache(Method):
     name = "teacache"
+    family = "caching"
     Params = TeaCacheParams
 
     def __init__(self, model, params=None):

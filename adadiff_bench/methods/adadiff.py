@@ -127,6 +127,7 @@ def trained_on_demand(params: AdaDiffParams, cache_root: Path | None = None) -> 
 @register_method
 class AdaDiff(Method):
     name = "adadiff"
+    family = "early-exit"
     Params = AdaDiffParams
 
     def __init__(self, model, params=None):

@@ -27,6 +27,7 @@ class FullParams:
 @register_method
 class Full(Method):
     name = "full"
+    family = "reference"
     Params = FullParams
 
     @classmethod

@@ -42,8 +42,10 @@ class Method:
     rule decides per batch, so batch size can change results), `ceiling` (True for an oracle that
     peeks at what a real method cannot know: its row is a bound, not a competitor) and implement
     `__call__`. Methods that keep tensors across steps report their peak size in `cache_bytes`.
+    `family` groups methods in reports: reference, early-exit, layer-dropping, step-skipping, caching.
     """
     name: ClassVar[str]
+    family: ClassVar[str] = "other"
     Params: ClassVar[type] = NoParams
     batch_dependent: ClassVar[bool] = False
     ceiling: ClassVar[bool] = False

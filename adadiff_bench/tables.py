@@ -1,0 +1,331 @@
+"""Tables from the results store: the leaderboard (Markdown, CSV, LaTeX), Pareto marks, matched-FID tables.
+
+Everything here reads result rows only. A leaderboard row is one method setting (method, knobs, solver,
+steps; with several runs, also the run), averaged over seeds, with each quality metric's std across seeds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError, did_you_mean
+from .metrics.quality import HIGHER_IS_BETTER
+from .methods import available_methods, get_method
+from .results import load_run
+
+def load_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Results of one or several finished runs as one frame (columns `run`, `reference_gflops`, `family` added).
+
+    Runs are only merged when they measured quality the same way: the same reference data (its SHA-256)
+    and the same number of samples per cell (FID's n).
+    """
+    frames, infos = [], {}
+    for run_dir in run_dirs:
+        frame, info = load_run(run_dir)
+        name = unique_name(info["config"]["name"], infos)
+        infos[name] = info
+        frames.append(frame.assign(run=name, reference_gflops=reference_cost(frame, info), family=families(frame),
+                                   reference_time_s=reference_cost(frame, info, "time_per_image_s")))
+    check_comparable(frames, infos)
+    return pd.concat(frames, ignore_index=True), infos
+
+
+def unique_name(name: str, taken: dict) -> str:
+    """A run's name, suffixed when two runs share it."""
+    candidate, i = name, 2
+    while candidate in taken:
+        candidate, i = f"{name}#{i}", i + 1
+    return candidate
+
+
+def families(frame: pd.DataFrame) -> pd.Series:
+    """Each row's method family: as recorded, else (older runs) from the registry, else 'other'."""
+    known = {name: get_method(name).family for name in available_methods()}
+    from_registry = frame["method"].map(known).fillna("other")
+    return frame["family"].fillna(from_registry) if "family" in frame.columns else from_registry
+
+
+def check_comparable(frames: list[pd.DataFrame], infos: dict[str, dict]) -> None:
+    """Refuse to mix runs of different reference data or a different n in one table."""
+    names = list(infos)
+    first_data, first_n = infos[names[0]]["data"], set(frames[0]["num_samples"])
+    for name, frame in zip(names[1:], frames[1:]):
+        data = infos[name]["data"]
+        if data["sha256"] != first_data["sha256"]:
+            raise UserError(f"runs {names[0]!r} and {name!r} measured quality against different data "
+                            f"({first_data['name']} {first_data['sha256'][:12]} vs {data['name']} {data['sha256'][:12]}); "
+                            "merge only runs on the same data set")
+        if set(frame["num_samples"]) != first_n:
+            raise UserError(f"runs {names[0]!r} and {name!r} use a different number of samples per cell "
+                            f"(n = {sorted(first_n)} vs {sorted(set(frame['num_samples']))}); FID depends on n, "
+                            "so merge only runs with the same num_samples")
+
+
+def reference_cost(frame: pd.DataFrame, info: dict, column: str = "gflops_per_image") -> pd.Series:
+    """A cost of the run's reference (`full` at the run's default solver and steps), on every row."""
+    ref = info["reference"]
+    is_ref = (frame["method"] == "full") & (frame["params"] == "{}") & (frame["solver"] == ref["solver"]) \
+        & (frame["num_steps"] == ref["num_steps"])
+    value = frame.loc[is_ref, column].mean() if is_ref.any() and column in frame.columns else np.nan
+    return pd.Series(value, index=frame.index)
+
+
+def primary_fid_column(frame: pd.DataFrame) -> str | None:
+    """The FID column to rank by: the built-in classifier's when present, else the first one."""
+    columns = [c for c in frame.columns if c.startswith("fid_")]
+    return "fid_digits_cnn" if "fid_digits_cnn" in columns else (columns[0] if columns else None)
+
+
+def setting_label(row: pd.Series) -> str:
+    knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
+    shown = {k: (Path(v).stem if k == "checkpoint" else v) for k, v in knobs.items() if not k.startswith("map_")}
+    parts = [f"{k}={v}" for k, v in shown.items()] + [f"{row['solver']} {row['num_steps']} steps"]
+    label = f"{row['method']} ({', '.join(parts)})" + (" [ceiling, not a method]" if is_ceiling(row) else "")
+    return f"[{row['run']}] {label}" if row.get("several_runs", False) else label
+
+
+def is_ceiling(row: pd.Series) -> bool:
+    """An oracle's row: a bound on what exits could do, not a competitor (older runs lack the column)."""
+    return bool(row.get("ceiling", False)) if pd.notna(row.get("ceiling", False)) else False
+
+
+QUALITY_PREFIXES = ("fid_", "is_", "kid_", "precision_", "recall_")
+SEED_STD = "_seed_std"  # suffix of a column's standard deviation across seeds
+
+
+def is_quality_column(column: str) -> bool:
+    """A quality metric's value column (not its within-run std or its bootstrap bounds)."""
+    return column.startswith(QUALITY_PREFIXES) and not column.endswith(("_std", "_ci_low", "_ci_high"))
+
+
+def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
+    """One row per method setting: mean over seeds, each quality metric's std across seeds, Pareto marks."""
+    several = frame["run"].nunique() > 1 if "run" in frame.columns else False
+    frame = frame.assign(several_runs=several)
+    frame = frame.assign(setting=frame.apply(setting_label, axis=1))
+    metric_columns = [c for c in frame.columns if is_quality_column(c)]
+    numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
+        c for c in ("time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb") if c in frame.columns]
+    bounds = [c for c in frame.columns if c.endswith(("_ci_low", "_ci_high"))]
+    grouped = frame.groupby("setting", sort=False)
+    board = grouped.agg({**{c: "mean" for c in numeric}, **{c: "first" for c in bounds},
+                         "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
+    spread = grouped[metric_columns].std(ddof=1).add_suffix(SEED_STD)  # NaN with one seed
+    board = board.join(spread)
+    board.loc[board["seeds"] > 1, bounds] = np.nan  # a bootstrap interval belongs to one seed's samples
+    board = board.reset_index()
+    fid = primary_fid_column(board)
+    competitors = ~grouped["ceiling"].first().fillna(False).astype(bool).values if "ceiling" in frame.columns \
+        else np.ones(len(board), dtype=bool)
+    board.insert(1, "pareto", pareto_mask(board, fid, competitors) if fid else False)
+    return sort_board(board, sort_by or fid)
+
+
+def sort_board(board: pd.DataFrame, column: str | None) -> pd.DataFrame:
+    """Rows best first by `column` (its better direction from the metric); UserError for an unknown column."""
+    if column is None:
+        return board
+    if column not in board.columns:
+        valid = [c for c in board.columns if c not in ("setting", "num_samples", "seeds") and not c.endswith(SEED_STD)]
+        raise UserError(f"cannot sort by {column!r}{did_you_mean(column, valid)}: not a leaderboard column; "
+                        f"valid: {', '.join(valid)}")
+    metric = column.partition("_")[0]
+    descending = HIGHER_IS_BETTER.get(metric, False) or column == "speedup"
+    return board.sort_values(column, ascending=not descending, kind="stable").reset_index(drop=True)
+
+
+def pareto_mask(board: pd.DataFrame, fid: str, competitors: np.ndarray) -> np.ndarray:
+    """Rows no other competitor beats on both FID and GFLOPs/image (lower is better for both)."""
+    quality, cost = board[fid].to_numpy(float), board["gflops_per_image"].to_numpy(float)
+    usable = competitors & np.isfinite(quality) & np.isfinite(cost)
+    mask = np.zeros(len(board), dtype=bool)
+    for i in np.flatnonzero(usable):
+        others = usable & (quality <= quality[i]) & (cost <= cost[i]) & ((quality < quality[i]) | (cost < cost[i]))
+        mask[i] = not others.any()
+    return mask
+
+
+METRIC_NAMES = {"fid": "FID", "is": "IS", "kid": "KID", "precision": "precision", "recall": "recall"}
+
+
+def _header(column: str, num_samples: int) -> str:
+    """A column's header: the metric, its feature space (and n for FID), an arrow for which way is better."""
+    metric, _, space = column.partition("_")
+    if metric in HIGHER_IS_BETTER and column.endswith("_ci"):
+        return f"FID {space.removesuffix('_ci')} bootstrap CI"
+    if metric in HIGHER_IS_BETTER:
+        arrow = "↑" if HIGHER_IS_BETTER[metric] else "↓"
+        n = f", n={num_samples}" if metric == "fid" else ""
+        return f"{METRIC_NAMES[metric]} [{space.removesuffix('_mean')}{n}] {arrow}"
+    return {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
+            "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑",
+            "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓",
+            "pareto": "Pareto"}.get(column, column)
+
+
+def _number(column: str, value: float) -> str:
+    """A table cell: ms for times, KB for caches, 4 decimals for KID, 3 otherwise."""
+    if column == "time_per_image_s":
+        value = value * 1e3
+    if column == "cache_bytes":
+        value = value / 1e3
+    return f"{value:.4f}" if column.startswith("kid_") else (f"{value:.0f}" if column == "peak_mem_mb" else f"{value:.3f}")
+
+
+def _cell(row: pd.Series, column: str) -> str:
+    """A value, with ± its std across seeds when there are several, or its bootstrap interval."""
+    if column == "pareto":
+        return "★" if row[column] else ""
+    if column.endswith("_ci"):
+        low, high = row[column + "_low"], row[column + "_high"]
+        return "" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
+    value = row[column]
+    if pd.isna(value):
+        return "n/a"
+    spread = row.get(column + SEED_STD, np.nan)
+    return _number(column, value) + ("" if pd.isna(spread) else f" ± {_number(column, spread)}")
+
+
+def shown_columns(board: pd.DataFrame) -> list[str]:
+    """The leaderboard's displayed columns after the setting (a bootstrap interval as one `<fid>_ci` column)."""
+    hidden = ("setting", "num_samples", "seeds")
+    columns = []
+    for c in board.columns:
+        if c.endswith("_ci_low") and board[c].notna().any():
+            columns.append(c.removesuffix("_low"))
+        elif c not in hidden and not c.endswith((SEED_STD, "_ci_low", "_ci_high")):
+            columns.append(c)
+    return columns
+
+
+def display_table(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as text cells under human-readable headers (what Markdown, LaTeX and HTML show)."""
+    n = int(board["num_samples"].iloc[0]) if len(board) else 0
+    columns = shown_columns(board)
+    cells = {"method setting": board["setting"]}
+    cells.update({_header(c, n): [_cell(row, c) for _, row in board.iterrows()] for c in columns})
+    return pd.DataFrame(cells)
+
+
+def to_markdown(board: pd.DataFrame) -> str:
+    """The leaderboard as Markdown: one column per metric, headers with units, n and arrows."""
+    table = display_table(board)
+    lines = ["| " + " | ".join(table.columns) + " |", "|---|" + "---:|" * (len(table.columns) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.astype(str).itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SYMBOLS = {"↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$", "★": r"$\star$"}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe in a LaTeX table cell; arrows, ± and ★ as math symbols."""
+    text = "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    for symbol, latex in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
+
+
+def to_latex(board: pd.DataFrame, caption: str = "", label: str = "tab:leaderboard") -> str:
+    """The leaderboard as a booktabs table (needs \\usepackage{booktabs}), ready to paste into a paper."""
+    table = display_table(board)
+    align = "l" + "r" * (len(table.columns) - 1)
+    lines = [r"\begin{table*}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(v) for v in row) + r" \\" for row in table.astype(str).itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(rf"\caption{{{latex_escape(caption)}}}")
+    lines += [rf"\label{{{label}}}", r"\end{table*}"]
+    return "\n".join(lines) + "\n"
+
+
+def knob_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One column per setting of each row: its knobs (from the JSON `params`), solver and num_steps."""
+    knobs = pd.DataFrame([json.loads(p) if isinstance(p, str) and p else {} for p in frame["params"]], index=frame.index)
+    return knobs.assign(solver=frame["solver"], num_steps=frame["num_steps"])
+
+
+def _plain(value):
+    """A knob value as written: 2, not the 2.0 that a column shared with missing values turns it into."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def short_value(value):
+    """A knob value for a legend: a path by its file stem, a number as written."""
+    return Path(value).stem if isinstance(value, str) and "/" in value else _plain(value)
+
+
+def short_setting(row: pd.Series) -> str:
+    """A compact label of a row's setting for figures: knob values shortened, the checkpoint by its stem."""
+    knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
+    parts = [str(short_value(v)) if k == "checkpoint" else f"{k}={short_value(v)}" for k, v in knobs.items()
+             if not k.startswith("map_")]
+    return f"{row['method']} ({', '.join(parts + [f'{row.solver} {row.num_steps}'])})"
+
+
+def curves(frame: pd.DataFrame):
+    """(legend, point labels, rows) per curve: one curve per [[methods]] entry, points along its swept knobs."""
+    knobs = knob_table(frame)
+    # one curve per entry and solver: a swept solver is a different sampler, not a point along the curve
+    keys = ["run", "entry", "solver"] if "run" in frame.columns else ["entry", "solver"]
+    several = "run" in frame.columns and frame["run"].nunique() > 1
+    for _, group in frame.groupby(keys, sort=True):
+        swept = [k for k in json.loads(group["swept"].iloc[0]) if k != "solver"]
+        first = knobs.loc[group.index[0]]
+        fixed = [f"{k}={short_value(v)}" for k, v in first.items()
+                 if k not in swept and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
+        legend = f"{group['method'].iloc[0]} / {first['solver']}" + (f" ({', '.join(fixed)})" if fixed else "")
+        legend += " [ceiling]" if is_ceiling(group.iloc[0]) else ""
+        legend = f"[{group['run'].iloc[0]}] {legend}" if several else legend
+        labels = knobs.loc[group.index, swept].map(_plain).astype(str).agg("/".join, axis=1) if swept \
+            else pd.Series("", group.index)
+        yield legend, labels, group
+
+
+MATCHED_TARGETS = (0.5, 0.6, 0.7)
+
+
+def cost_fraction(frame: pd.DataFrame, info: dict | None = None) -> pd.Series:
+    """GFLOPs per image relative to the run's reference (`full` at the default solver and steps)."""
+    reference = frame["reference_gflops"] if "reference_gflops" in frame.columns else reference_cost(frame, info)
+    return frame["gflops_per_image"] / reference
+
+
+def interpolate_at(x: np.ndarray, y: np.ndarray, targets) -> list[float]:
+    """y at each target by linear interpolation along the curve; NaN outside the measured range of x."""
+    order = np.argsort(x)
+    x, y = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
+    return [float(np.interp(t, x, y)) if len(x) > 1 and x[0] <= t <= x[-1] else
+            (float(y[0]) if len(x) == 1 and np.isclose(x[0], t) else np.nan) for t in targets]
+
+
+def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
+    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along its sweep)."""
+    fid = primary_fid_column(frame)
+    frame = frame[frame["valid"]].assign(cost_fraction=cost_fraction(frame[frame["valid"]], info))
+    rows = []
+    for legend, _, group in curves(frame):
+        if fid is None:
+            break
+        points = group.groupby(["layer_ratio", "cost_fraction"], as_index=False)[fid].mean()
+        row = {"curve": legend}
+        for axis, name in (("layer_ratio", "layer ratio"), ("cost_fraction", "cost")):
+            for target, value in zip(targets, interpolate_at(points[axis], points[fid], targets)):
+                row[f"{fid} at {name} {target:g}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def frame_to_markdown(frame: pd.DataFrame) -> str:
+    """A plain Markdown table; numbers to 2 decimals, NaN left blank."""
+    def cell(value) -> str:
+        return "" if isinstance(value, float) and np.isnan(value) else (f"{value:.2f}" if isinstance(value, float) else str(value))
+    lines = ["| " + " | ".join(frame.columns) + " |", "|---|" + "---:|" * (len(frame.columns) - 1)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
