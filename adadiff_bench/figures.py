@@ -217,7 +217,7 @@ def samples_side_by_side(rows: list[tuple[str, np.ndarray]], out: Path, count: i
     """The same sample indices (same seeds, same initial noise) for several settings, one row each."""
     if not rows:
         return []
-    fig, axes = new_figure(DOUBLE, 0.5 + 0.55 * len(rows), nrows=len(rows), ncols=1, squeeze=False)
+    fig, axes = new_figure(DOUBLE, 0.4 + 0.42 * len(rows), nrows=len(rows), ncols=1, squeeze=False)
     for ax, (label, samples) in zip(axes[:, 0], rows):
         strip = np.concatenate([np.pad(s, ((0, 0), (0, 1), (0, 0)), constant_values=255) for s in samples[:count]],
                                axis=1)
@@ -225,6 +225,8 @@ def samples_side_by_side(rows: list[tuple[str, np.ndarray]], out: Path, count: i
                   interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
         ax.grid(False)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=5)
     axes[0, 0].set_title(f"samples 0-{count - 1} of each setting (same seeds, so images line up)")
     return save(fig, out, "samples_side_by_side")

@@ -140,7 +140,7 @@ def write_html(out: Path, frame: pd.DataFrame, infos: dict[str, dict], board: pd
     from .html_report import HtmlFigure, HtmlSection, HtmlTable, write_html_report
     from .tables import display_table
 
-    figures = {p.stem: p for p in written if p.suffix == ".png" and p.parent.name != "samples"}
+    figures = {p.stem: p for p in written if p.suffix == ".png" and p.parent.name not in ("samples", "exit_heatmaps")}
 
     def pick(*prefixes: str) -> list[HtmlFigure]:
         return [HtmlFigure(caption_of(stem), path) for stem, path in figures.items() if stem.startswith(prefixes)]
