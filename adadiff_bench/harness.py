@@ -29,11 +29,12 @@ from .checkpoints import load_model, sha256_file
 from .config import MethodEntry, RunConfig, check_solver, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
 from .diffusion import SOLVER_SETTINGS, sample, solver_timesteps
+from .distributed import World, agree, join_world, leave_world
 from .errors import UserError
 from .flops import unit_costs
 from .methods import get_method, make_params
 from .metrics.quality import check_fid_backend, compute_quality, resolve_inception_weights
-from .results import SCHEMA_VERSION, RunStore, make_dir, write_json
+from .results import SCHEMA_VERSION, RunStore, make_dir, write_json, write_npz
 from .memory import PeakMemory
 from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
@@ -158,24 +159,75 @@ def build_method(cell: Cell, model):
 
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
-             desc: str = "", method=None, record: bool = True) -> tuple[torch.Tensor, StepLog]:
+             desc: str = "", method=None, record: bool = True, world: World = World(),
+             checkpoints: Path | None = None) -> tuple[torch.Tensor, StepLog]:
     """Sample `num_samples` images for one cell; returns (float images, step log).
 
-    `record=False` keeps no step log (a NullStepLog): only to measure the instrumentation's own cost.
+    With several processes (`world`), each samples its share of the batches and all of them get the
+    gathered result. With `checkpoints`, every finished batch is saved there and a rerun takes saved
+    batches back instead of sampling them again (a killed long cell resumes). `record=False` keeps no
+    step log (a NullStepLog): only to measure the instrumentation's own cost.
     """
     method = method or build_method(cell, model)
-    image_shape = (model.in_chans, model.img_size, model.img_size)
     log = (StepLog if record else NullStepLog)(num_samples, solver_timesteps(cell.solver, cell.num_steps),
                                                model.num_blocks)
-    batches = []
-    starts = range(0, num_samples, batch_size)
+    starts = world.my_batches(list(range(0, num_samples, batch_size)))
+    batches = {}
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
         indices = np.arange(start, min(start + batch_size, num_samples))
-        log.set_batch(indices)
-        method.start_batch(log)
-        batches.append(sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed,
-                              max(model.num_classes, 0), on_step=lambda step, t: log.set_step(step)))
-    return torch.cat(batches), log
+        saved = checkpoints / f"batch_{start:08d}.npz" if checkpoints is not None else None
+        if saved is not None and saved.is_file():
+            batches[start] = take_back_batch(saved, indices, log, method)
+            continue
+        batches[start] = sample_batch(cell, model, method, log, indices)
+        if saved is not None:
+            save_batch(saved, batches[start], indices, log, method)
+    if world.active:
+        batches = gather_batches(world, batches, log)
+    return torch.cat([batches[start] for start in sorted(batches)]), log
+
+
+def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray) -> torch.Tensor:
+    """One batch of samples, logged into the rows `indices` of `log`."""
+    image_shape = (model.in_chans, model.img_size, model.img_size)
+    log.set_batch(indices)
+    method.start_batch(log)
+    return sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed, max(model.num_classes, 0),
+                  on_step=lambda step, t: log.set_step(step))
+
+
+def save_batch(path: Path, images: torch.Tensor, indices: np.ndarray, log: StepLog, method) -> None:
+    """A finished batch's images, step-log rows and the method's artifacts so far, in one atomic file."""
+    artifacts = {f"artifact/{name}/{key}": value for name, arrays in method.artifacts().items()
+                 for key, value in arrays.items()}
+    write_npz(path, images=images.numpy(), **{f"log/{k}": v for k, v in log.rows(indices).items()}, **artifacts)
+
+
+def take_back_batch(path: Path, indices: np.ndarray, log: StepLog, method) -> torch.Tensor:
+    """A batch saved by `save_batch`: its log rows and artifacts go back in place; returns its images."""
+    with np.load(path) as archive:
+        log.set_rows(indices, {k.removeprefix("log/"): archive[k] for k in archive.files if k.startswith("log/")})
+        artifacts: dict[str, dict] = {}
+        for key in (k for k in archive.files if k.startswith("artifact/")):
+            _, name, field = key.split("/", 2)
+            artifacts.setdefault(name, {})[field] = archive[key]
+        method.restore_artifacts(artifacts)
+        return torch.from_numpy(archive["images"])
+
+
+def gather_batches(world: World, batches: dict[int, torch.Tensor], log: StepLog) -> dict[int, torch.Tensor]:
+    """Every process's batches and step-log rows, on every process."""
+    mine = {start: (images.numpy(), log.rows(batch_rows(start, images))) for start, images in batches.items()}
+    gathered = {}
+    for part in world.gather(mine):
+        for start, (images, rows) in part.items():
+            log.set_rows(batch_rows(start, images), rows)
+            gathered[start] = torch.from_numpy(images)
+    return gathered
+
+
+def batch_rows(start: int, images) -> np.ndarray:
+    return np.arange(start, start + len(images))
 
 
 def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
@@ -201,66 +253,106 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path,
-                  progress: bool) -> tuple[dict, np.ndarray, dict, dict]:
+def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path, progress: bool,
+                  world: World = World(), checkpoints: Path | None = None):
     """Sample, measure quality, cost and time of one cell.
 
-    Returns (row, uint8 NHWC samples, step-log summaries, method artifacts such as uncertainty maps).
+    Returns (row, uint8 NHWC samples, step-log summaries, method artifacts such as uncertainty maps) on
+    rank 0 and None on the other ranks (which only sample their share and time their own pass).
     """
     s = config.sampling
     method = build_method(cell, prep.model)
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
     with PeakMemory(model_device(prep.model)) as peak:
-        images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress,
-                               desc=f"sample {cell.cell_id}", method=method)
+        images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
+                               desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints)
+    timing = time_cell(cell, reference_cell(config), prep.model, config) if config.timing.enabled else None
+    timings, peaks = world.gather(timing), world.gather(peak.mb)
+    if not world.is_main:
+        return None
     finite = bool(torch.isfinite(images).all())
     samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
-    row = {"method": cell.method, "family": method.family, "params": cell.params_json, "solver": cell.solver, "num_steps": cell.num_steps,
-           "num_samples": s.num_samples, "seed": cell.seed, "batch_dependent": method.batch_dependent,
-           "ceiling": method.ceiling,
+    row = {"method": cell.method, "family": method.family, "params": cell.params_json, "solver": cell.solver,
+           "num_steps": cell.num_steps, "num_samples": s.num_samples, "seed": cell.seed,
+           "batch_dependent": method.batch_dependent, "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
                 "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes,
-                "peak_mem_mb": peak.mb, "peak_mem_kind": peak.kind,
+                "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,
                 "device": str(model_device(prep.model)), "threads": torch.get_num_threads()})
-    if config.timing.enabled:
-        row.update(time_cell(cell, reference_cell(config), prep.model, config))
+    if timing is not None:
+        row.update(combine_timings(timings))
     row["cell_id"] = cell.cell_id
     return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), method.artifacts()
 
 
+def combine_timings(timings: list[dict]) -> dict:
+    """One process's timing as is; several processes' (each timed its own pass): means of their medians."""
+    if len(timings) == 1:
+        return timings[0]
+    combined = {key: float(np.mean([t[key] for t in timings])) for key in
+                ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s")}
+    combined["speedup"] = combined["reference_time_per_image_s"] / combined["time_per_image_s"]
+    combined["timing_repeats"] = timings[0]["timing_repeats"]
+    combined["time_per_image_s_ranks"] = json.dumps([t["time_per_image_s"] for t in timings])
+    return combined
+
+
 def run(config: RunConfig, where: str = "config", overwrite: bool = False, progress: bool = True) -> Path:
-    """Run every cell of `config` and write the results store; returns the run folder."""
+    """Run every cell of `config` and write the results store; returns the run folder.
+
+    Under torchrun every process samples its share of each cell and rank 0 alone writes.
+    """
+    world = join_world()
+    try:
+        return run_cells(config, where, overwrite, progress, world)
+    finally:
+        leave_world(world)
+
+
+def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, world: World) -> Path:
     torch.set_num_threads(config.timing.threads)
     prep = prepare(config, where)
     store = RunStore(config.results_dir, config.name)
     config_dict = to_dict(config)
+    say = print if world.is_main else (lambda *args, **kwargs: None)
+    try:
+        done = agree(world, lambda: open_partial(store, config_dict, overwrite, where))
+        cache_dir = Path(config.results_dir) / ".cache"
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        rows = []
+        for index, cell in enumerate(prep.cells, 1):
+            label = f"[{index}/{len(prep.cells)}] {cell.cell_id}"
+            if cell.cell_id in done:
+                say(f"{label}: already done, kept", flush=True)
+                rows.append(store.read_cell_row(cell.cell_id) if world.is_main else None)
+                continue
+            say(f"{label}: sampling {config.sampling.num_samples} images", flush=True)
+            result = evaluate_cell(cell, prep, config, cache_dir, progress, world, store.progress_dir(cell.cell_id))
+            if world.is_main:
+                store.write_cell(cell.cell_id, *result)
+                rows.append(result[0])
+                say(f"{label}: {_headline(result[0])}", flush=True)
+            world.barrier()
+        path = store.finish(rows, run_info(config, prep, started, world), [c.cell_id for c in prep.cells]) \
+            if world.is_main else None
+        say(f"results written to {path}/results.csv", flush=True)
+        return Path(world.broadcast(str(path)))
+    finally:
+        store.release_lock()
+
+
+def open_partial(store: RunStore, config_dict: dict, overwrite: bool, where: str) -> set[str]:
+    """Lock the run, refuse a clash, open its partial folder; returns the cells already done."""
+    store.acquire_lock()
     _check_existing(store, config_dict, overwrite, where)
     make_dir(store.partial)
     write_json(store.partial / "config.json", config_dict)
-    cache_dir = Path(config.results_dir) / ".cache"
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    done = store.completed_cells()
-    rows = []
-    for index, cell in enumerate(prep.cells, 1):
-        label = f"[{index}/{len(prep.cells)}] {cell.cell_id}"
-        if cell.cell_id in done:
-            print(f"{label}: already done, kept", flush=True)
-            rows.append(store.read_cell_row(cell.cell_id))
-            continue
-        print(f"{label}: sampling {config.sampling.num_samples} images", flush=True)
-        row, samples, summaries, artifacts = evaluate_cell(cell, prep, config, cache_dir, progress)
-        store.write_cell(cell.cell_id, row, samples, summaries, artifacts)
-        rows.append(row)
-        print(f"{label}: {_headline(row)}", flush=True)
-    info = run_info(config, prep, started)
-    path = store.finish(rows, info, [c.cell_id for c in prep.cells])
-    print(f"results written to {path}/results.csv", flush=True)
-    return path
+    return store.completed_cells()
 
 
 def _check_existing(store: RunStore, config_dict: dict, overwrite: bool, where: str) -> None:
@@ -291,7 +383,7 @@ def _headline(row: dict) -> str:
     return " ".join(parts)
 
 
-def run_info(config: RunConfig, prep: Prepared, started: str) -> dict:
+def run_info(config: RunConfig, prep: Prepared, started: str, world: World = World()) -> dict:
     """run.json: everything needed to trust and reproduce the numbers."""
     versions = {"adadiff-bench": __version__}
     for package in PACKAGES:
@@ -307,7 +399,7 @@ def run_info(config: RunConfig, prep: Prepared, started: str) -> dict:
         "versions": versions,
         "git_commit": _git_commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": world.size,
                     "device": str(model_device(prep.model)), "python": platform.python_version()},
         "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
         "method_checkpoints": {path: sha256_file(path) for path in sorted(

@@ -10,6 +10,7 @@ never sees half a run; a killed run resumes from its partial folder (completed c
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -93,9 +94,33 @@ class RunStore:
         self.root = Path(results_dir)
         self.final = self.root / name
         self.partial = self.root / f".{name}.partial"
+        self.lock_path = self.root / f".{name}.lock"
+        self._lock = None
 
     def cell_dir(self, cell_id: str) -> Path:
         return self.partial / "cells" / cell_id
+
+    def progress_dir(self, cell_id: str) -> Path:
+        """Where a cell's finished sampling batches wait until the cell is complete (a killed cell resumes)."""
+        return self.partial / "progress" / cell_id
+
+    def acquire_lock(self) -> None:
+        """Hold the run's lock file while it is written; a second writer of the same run is refused."""
+        make_dir(self.root)
+        handle = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"run {self.final.name!r} is being written by another process right now "
+                            f"(lock {self.lock_path}); wait for it to finish or pick another `name`") from None
+        self._lock = handle
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def completed_cells(self) -> set[str]:
         cells = self.partial / "cells"
@@ -112,6 +137,7 @@ class RunStore:
         for name, arrays in (artifacts or {}).items():
             write_npz(folder / f"{name}.npz", **arrays)
         write_json(folder / "row.json", row)
+        shutil.rmtree(self.progress_dir(cell_id), ignore_errors=True)  # its batches are in samples.npz now
 
     def read_cell_row(self, cell_id: str) -> dict:
         return json.loads((self.cell_dir(cell_id) / "row.json").read_text())
@@ -125,6 +151,7 @@ class RunStore:
                 exits.update({f"{cell_id}/{key}": archive[key] for key in archive.files})
         write_npz(self.partial / "exits.npz", **exits)
         write_json(self.partial / "run.json", run_info)
+        shutil.rmtree(self.partial / "progress", ignore_errors=True)
         old = None
         if self.final.exists():
             old = self.root / f".{self.final.name}.old"

@@ -92,6 +92,18 @@ class StepLog:
         self.head_calls[rows, self._step] += 1
         self.exit_point[rows, self._step] = self.num_blocks
 
+    # ---- moving rows between processes and checkpoints ----------------------------------------------
+    ROW_FIELDS = ("blocks_run", "exit_point", "embed_calls", "head_calls", "extra_macs")
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The log's records of the given samples (for a checkpoint or another process)."""
+        return {name: getattr(self, name)[indices] for name in self.ROW_FIELDS}
+
+    def set_rows(self, indices: np.ndarray, records: dict[str, np.ndarray]) -> None:
+        """Put back records taken with `rows`."""
+        for name in self.ROW_FIELDS:
+            getattr(self, name)[indices] = records[name]
+
     # ---- summaries ------------------------------------------------------------------------------
     def layer_ratio(self) -> float:
         """Mean fraction of blocks executed per (sample, step)."""

@@ -61,10 +61,14 @@ def test_report_writes_leaderboard_plot_and_grids(finished_run, tmp_path):
     assert main(["report", str(finished_run), "--out", str(out)]) == 0
     board = (out / "leaderboard.md").read_text()
     assert "FID [digits_cnn, n=32] ↓" in board and board.count("| full (") == 2
-    for name in ("fid_vs_gflops.png", "fid_vs_gflops.pdf", "leaderboard.csv"):
+    for name in ("fid_vs_gflops.png", "fid_vs_gflops.pdf", "fid_vs_time.png", "fid_vs_time.pdf", "leaderboard.csv",
+                 "leaderboard.tex", "speedup_bars.png", "samples_side_by_side.png", "index.html"):
         assert (out / name).stat().st_size > 0
+    assert (out / "fid_vs_gflops.pdf").read_bytes().startswith(b"%PDF")
     assert len(list((out / "samples").glob("*.png"))) == 2
     assert Image.open(out / "fid_vs_gflops.png").size[0] > 300
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and 'id="leaderboard"' in page
 
 
 def test_rerun_is_refused_without_overwrite(finished_run, tmp_path, capsys):

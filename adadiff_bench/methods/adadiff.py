@@ -198,6 +198,13 @@ class AdaDiff(Method):
         sample_ids = self.log.current_rows[active.numpy()[keep]]
         self._maps[self.log.current_step][sample_ids, exit_point - 1] = u.numpy()
 
+    def restore_artifacts(self, artifacts: dict[str, dict]) -> None:
+        maps = artifacts.get("uncertainty_maps")
+        if maps is None:
+            return
+        for i, step in enumerate(np.asarray(maps["steps"]).tolist()):
+            self._maps[step], self._inputs[step] = np.array(maps["maps"][i]), np.array(maps["inputs"][i])
+
     def artifacts(self) -> dict[str, dict]:
         if not self._maps:
             return {}

@@ -76,6 +76,9 @@ class Method:
         """Extra arrays to store with the cell, {file name: {key: array}} (e.g. uncertainty maps)."""
         return {}
 
+    def restore_artifacts(self, artifacts: dict[str, dict]) -> None:
+        """Take back what `artifacts()` returned before a resumed sampling (a killed cell's finished batches)."""
+
     def start_batch(self, log: StepLog) -> None:
         """Called before each new batch of samples: forget any state kept across steps."""
         self.log = log
