@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 import textwrap
 
 from .errors import UserError
@@ -217,8 +218,14 @@ COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier":
             "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings (a clamped KID subset, say) as one line, like the errors."""
+    return f"adadiff-bench: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = one_line_warning
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

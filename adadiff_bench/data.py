@@ -110,7 +110,8 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise UserError(f"{path}: arr_0 has shape {images.shape}, expected N x H x W x C with C = 1 or 3 (NHWC)")
+        raise UserError(f"{path}: arr_0 has shape {images.shape}, expected N x H x W x C with C = 1 or 3 (NHWC); "
+                        "save grayscale or RGB images in that layout")
     if len(images) == 0:
-        raise UserError(f"{path}: arr_0 holds no images")
+        raise UserError(f"{path}: arr_0 holds no images; save at least 2 images (np.savez(path, images))")
     return images, labels

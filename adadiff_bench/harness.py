@@ -33,7 +33,8 @@ from .distributed import World, agree, join_world, leave_world
 from .errors import UserError
 from .flops import unit_costs
 from .methods import get_method, make_params
-from .metrics.quality import check_fid_backend, compute_quality, resolve_inception_weights
+from .metrics.quality import (check_fid_backend, compute_quality, default_inception_weights_path,
+                              resolve_inception_weights)
 from .results import SCHEMA_VERSION, RunStore, make_dir, write_json, write_npz
 from .memory import PeakMemory
 from .steplog import NullStepLog, StepLog, UnitCosts
@@ -134,8 +135,12 @@ def prepare(config: RunConfig, where: str) -> Prepared:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
     extractors = ["digits-cnn"] if tuple(data.images.shape[1:]) == (1, 8, 8) else []
     if config.metrics.inception != "off":
-        if resolve_inception_weights(config.metrics) is not None:  # raises when required and absent
+        if resolve_inception_weights(config.metrics) is not None:  # raises when a configured file is absent
             extractors.append("inception")
+        elif config.metrics.inception == "require":
+            raise UserError(f'{where}: [metrics] inception = "require" but no Inception weights were found at '
+                            f"{default_inception_weights_path()}; pass --inception-weights PATH or set "
+                            'inception = "auto"')
         else:
             print("note: Inception metrics skipped: no weights on disk (pass --inception-weights PATH or put "
                   "torch-fidelity's weights-inception-2015-12-05-6726825d.pth in $TORCH_HOME/hub/checkpoints)",
@@ -374,6 +379,8 @@ def _check_existing(store: RunStore, config_dict: dict, overwrite: bool, where: 
 
 
 def _headline(row: dict) -> str:
+    if not row["valid"]:
+        return f"INVALID ({row['invalid_reason']}); the run goes on"
     parts = [f"{k}={row[k]:.4g}" for k in row if k.startswith(("fid_", "is_")) and k.endswith(("_mean", "cnn", "inception"))
              and isinstance(row[k], float)]
     parts.append(f"GFLOPs/image={row['gflops_per_image']:.3f}")

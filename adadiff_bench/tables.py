@@ -84,6 +84,8 @@ def setting_label(row: pd.Series) -> str:
     shown = {k: (Path(v).stem if k == "checkpoint" else v) for k, v in knobs.items() if not k.startswith("map_")}
     parts = [f"{k}={v}" for k, v in shown.items()] + [f"{row['solver']} {row['num_steps']} steps"]
     label = f"{row['method']} ({', '.join(parts)})" + (" [ceiling, not a method]" if is_ceiling(row) else "")
+    if "valid" in row and not bool(row["valid"]):
+        label += f" [invalid: {row.get('invalid_reason', '')}]"
     return f"[{row['run']}] {label}" if row.get("several_runs", False) else label
 
 

@@ -1,0 +1,385 @@
+"""The bad-input catalogue (docs/errors.md): one test per entry, through the real CLI where the error stops a run.
+
+A stopping error is one line on stderr naming the problem and the fix, exit code 2, no traceback unless
+`--debug`, and nothing written. NaN/Inf samples stop nothing: the cell is recorded as invalid. A KID
+subset larger than n is clamped with a warning.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+import tomllib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from adadiff_bench import results
+from adadiff_bench.checkpoints import build_model, save_checkpoint
+from adadiff_bench.cli import main
+from adadiff_bench.config import DataConfig, MetricsConfig
+from adadiff_bench.data import load_dataset
+from adadiff_bench.errors import UserError
+from adadiff_bench.methods import Method, register_method
+from adadiff_bench.methods.registry import _REGISTRY
+from adadiff_bench.metrics.quality import compute_quality
+from conftest import TINY, write_run_config
+
+SAMPLING = 'solver = "ddim"\nnum_steps = 2\nnum_samples = 8\nbatch_size = 8'
+METRICS = 'inception = "off"\nkid_subset_size = 8\nisc_splits = 2'
+
+
+def run_args(tmp_path, checkpoint, **sections) -> list[str]:
+    """`adadiff-bench run` on a tiny config (8 samples, 2-3 steps, no timing) writing under tmp_path/results."""
+    sections = {"sampling": SAMPLING, "metrics": METRICS, "timing": "enabled = false", **sections}
+    return ["run", "--config", str(write_run_config(tmp_path, checkpoint, **sections)), "--no-progress"]
+
+
+def small_digits(folder) -> str:
+    """The first 64 digits as an .npz data set: a reference whose features are quick to extract."""
+    images = load_dataset(DataConfig()).images[:64].permute(0, 2, 3, 1).numpy()
+    np.savez(folder / "digits64.npz", images)
+    return f'name = "npz"\npath = "{folder / "digits64.npz"}"'
+
+
+def one_line_error(args: list[str], capsys) -> str:
+    """Run the CLI; assert exit code 2 and exactly one non-empty stderr line without a traceback; return it."""
+    code = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("adadiff-bench: error: ")
+    return lines[0]
+
+
+def assert_nothing_written(tmp_path) -> None:
+    assert not (tmp_path / "results").exists()
+
+
+# ---- names: methods, solvers, estimators, config keys ---------------------------------------------
+
+def test_unknown_method_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods='[[methods]]\nname = "adadif"\n'), capsys)
+    assert "unknown method 'adadif'" in line and "did you mean 'adadiff'" in line and "valid: " in line
+    assert_nothing_written(tmp_path)
+
+
+def test_unknown_solver_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
+    extra = '[[methods]]\nname = "full"\nsolver = "eular"\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert "methods[1]" in line and "unknown solver 'eular'" in line and "did you mean 'euler'" in line
+    assert "valid: ddpm, ddim, dpm-solver++, euler" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_unknown_estimator_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text(f'[adadiff]\nbase_checkpoint = "{tiny_checkpoint}"\nestimator = "oficial"\n\n'
+                      f'[train]\nsteps = 1\nthreads = 1\nout_dir = "{tmp_path / "train"}"\n')
+    line = one_line_error(["train", "--config", str(config), "--no-progress"], capsys)
+    assert "[adadiff]" in line and "unknown estimator 'oficial'" in line and "did you mean 'official'" in line
+    assert not (tmp_path / "train").exists()
+
+
+def test_unknown_top_level_key_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
+    args = run_args(tmp_path, tiny_checkpoint)
+    config = tmp_path / "run.toml"
+    config.write_text("seed = 1\n" + config.read_text())
+    line = one_line_error(args, capsys)
+    assert "unknown key 'seed'" in line and "did you mean 'seeds'" in line and "valid keys: " in line
+    assert_nothing_written(tmp_path)
+
+
+def test_unknown_key_in_a_table_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, sampling=SAMPLING + "\nnum_step = 3"), capsys)
+    assert "[sampling]: unknown key 'num_step'" in line and "did you mean 'num_steps'" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_unknown_method_knob_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
+    extra = '[[methods]]\nname = "adadiff"\nthreshhold = 0.1\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert "(adadiff): unknown key 'threshhold'" in line and "did you mean 'threshold'" in line
+    assert_nothing_written(tmp_path)
+
+
+# ---- knob values ----------------------------------------------------------------------------------
+
+def test_knob_of_the_wrong_type(tmp_path, tiny_checkpoint, capsys):
+    extra = '[[methods]]\nname = "adadiff"\nthreshold = "high"\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert "threshold: expected a number, got 'high' (str)" in line
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_threshold_outside_unit_interval(tmp_path, tiny_checkpoint, capsys, threshold):
+    extra = f'[[methods]]\nname = "adadiff"\nthreshold = [0.1, {threshold}]\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert f"threshold must be in [0, 1] (got {threshold})" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_negative_num_steps(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, sampling=SAMPLING.replace("= 2", "= -2")), capsys)
+    assert "[sampling]: num_steps must be > 0 (got -2)" in line
+    assert_nothing_written(tmp_path)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def test_missing_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    args = run_args(tmp_path, tiny_checkpoint)
+    tiny_checkpoint.unlink()
+    line = one_line_error(args, capsys)
+    assert f"checkpoint '{tiny_checkpoint}' not found" in line and "adadiff-bench train" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_truncated_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    data = tiny_checkpoint.read_bytes()
+    tiny_checkpoint.write_bytes(data[: len(data) // 2])
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint), capsys)
+    assert "is corrupt or not a PyTorch file" in line and "re-download or retrain it" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_mismatched_checkpoint_names_missing_and_unexpected_keys(tmp_path, tiny_checkpoint, capsys):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    state = payload["state_dict"]
+    state["norm.scale"] = state.pop("norm.weight")  # renamed
+    del state["norm.bias"]                            # missing
+    torch.save(payload, tiny_checkpoint)
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint), capsys)
+    assert "missing: norm.weight, norm.bias" in line and "unexpected: norm.scale" in line
+    assert "check that the model config matches the checkpoint" in line
+    assert_nothing_written(tmp_path)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def npz_args(tmp_path, checkpoint, array: np.ndarray) -> list[str]:
+    np.savez(tmp_path / "data.npz", array)
+    return run_args(tmp_path, checkpoint, data=f'name = "npz"\npath = "{tmp_path / "data.npz"}"')
+
+
+def test_npz_of_float_images(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(npz_args(tmp_path, tiny_checkpoint, np.zeros((8, 8, 8, 1), np.float32)), capsys)
+    assert "arr_0 has dtype float32, expected uint8" in line and ".astype(np.uint8)" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_npz_with_two_channels(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(npz_args(tmp_path, tiny_checkpoint, np.zeros((8, 8, 8, 2), np.uint8)), capsys)
+    assert "arr_0 has shape (8, 8, 8, 2), expected N x H x W x C with C = 1 or 3" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_npz_of_the_wrong_rank(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(npz_args(tmp_path, tiny_checkpoint, np.zeros((8, 64), np.uint8)), capsys)
+    assert "arr_0 has shape (8, 64), expected N x H x W x C" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_npz_of_a_single_image(tmp_path, tiny_checkpoint, capsys):
+    # a 3-D array is read as N x H x W grayscale: one 8x8 RGB image becomes 8 images of 8x3 pixels
+    line = one_line_error(npz_args(tmp_path, tiny_checkpoint, np.zeros((8, 8, 3), np.uint8)), capsys)
+    assert "has images of 1x8x3 (CxHxW) but the model expects 1x8x8" in line and "resize the data" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_rgb_data_for_a_one_channel_model(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(npz_args(tmp_path, tiny_checkpoint, np.zeros((8, 8, 8, 3), np.uint8)), capsys)
+    assert "has images of 3x8x8 (CxHxW) but the model expects 1x8x8" in line
+    assert "use a matching checkpoint" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_empty_image_folder(tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    args = run_args(tmp_path, tiny_checkpoint, data=f'name = "folder"\npath = "{tmp_path / "images"}"')
+    line = one_line_error(args, capsys)
+    assert "holds no .png/.jpg/.jpeg files" in line and "point [data] path at your images" in line
+    assert_nothing_written(tmp_path)
+
+
+# ---- Inception weights ----------------------------------------------------------------------------
+
+def test_inception_weights_flag_pointing_at_a_missing_file(tmp_path, tiny_checkpoint, capsys):
+    args = run_args(tmp_path, tiny_checkpoint) + ["--inception-weights", str(tmp_path / "nope.pth")]
+    line = one_line_error(args, capsys)
+    assert "--inception-weights" in line and "nope.pth' does not exist" in line
+    assert "weights-inception-2015-12-05-6726825d.pth" in line
+    assert_nothing_written(tmp_path)
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    """TORCH_HOME pointing at an empty folder, with no torch.hub.set_dir override in force."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+
+def test_inception_required_but_no_weights_on_disk(tmp_path, tiny_checkpoint, capsys, empty_torch_home):
+    args = run_args(tmp_path, tiny_checkpoint, data=small_digits(tmp_path),
+                    metrics='inception = "require"\nkid_subset_size = 8\nisc_splits = 2')
+    line = one_line_error(args, capsys)
+    assert 'inception = "require"' in line and "--inception-weights PATH" in line
+    assert_nothing_written(tmp_path)
+
+
+# ---- results path ---------------------------------------------------------------------------------
+
+def test_results_path_under_a_regular_file(tmp_path, tiny_checkpoint, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    args = run_args(tmp_path, tiny_checkpoint) + ["--results-dir", str(blocker / "results")]
+    line = one_line_error(args, capsys)
+    assert f"cannot create results folder '{blocker / 'results'}" in line and "(Not a directory)" in line
+    assert "choose another results_dir" in line
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_debug_lets_the_exception_propagate(tmp_path, tiny_checkpoint, capsys):
+    args = run_args(tmp_path, tiny_checkpoint, extra_methods='[[methods]]\nname = "adadif"\n')
+    with pytest.raises(UserError, match="did you mean 'adadiff'"):
+        main(["--debug", *args])
+    assert capsys.readouterr().err == ""
+
+
+# ---- NaN/Inf samples: recorded, the run goes on ----------------------------------------------------
+
+class NanEps(Method):
+    """Test-only: runs the full network, then returns NaN as the noise prediction."""
+    name = "nan-eps-test"
+
+    def __call__(self, x, t, y):
+        eps = self.model(x, t, y)
+        self.log.ran_full()
+        return torch.full_like(eps, float("nan"))
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory):
+    """A finished run with `full` at 2 and 3 steps and one cell whose samples are NaN (and its stderr)."""
+    tmp_path = tmp_path_factory.mktemp("nan_run")
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, build_model(TINY).eval(), TINY)
+    register_method(NanEps)
+    try:
+        args = run_args(tmp_path, checkpoint, data=small_digits(tmp_path),
+                        extra_methods=f'[[methods]]\nname = "{NanEps.name}"\nnum_steps = 2\n')
+        code = main(args)
+        yield tmp_path / "results" / "tiny", code
+    finally:
+        _REGISTRY.pop(NanEps.name, None)
+
+
+def test_nan_samples_mark_the_cell_invalid_and_the_run_goes_on(nan_run):
+    run_dir, code = nan_run
+    assert code == 0
+    frame = pd.read_csv(run_dir / "results.csv")
+    assert len(frame) == 3
+    bad = frame[frame["method"] == NanEps.name].iloc[0]
+    assert not bad["valid"] and bad["invalid_reason"] == "NaN or Inf in generated samples"
+    assert pd.isna(bad["fid_digits_cnn"])
+    good = frame[frame["method"] == "full"]
+    assert good["valid"].all() and good["fid_digits_cnn"].notna().all()
+
+
+def test_report_still_renders_with_an_invalid_cell(nan_run, tmp_path):
+    run_dir, _ = nan_run
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    board = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert f"{NanEps.name} (ddim 2 steps)" in board and board.count("| full (") == 2
+
+
+def test_report_shows_why_a_cell_is_invalid(nan_run, tmp_path):
+    run_dir, _ = nan_run
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    board = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert any(NanEps.name in line and "NaN or Inf in generated samples" in line for line in board.splitlines())
+
+
+# ---- writes that fail half way --------------------------------------------------------------------
+
+class HalfWriter:
+    """A file object that writes half of what it is given, then fails as a full disk would."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def write(self, data):
+        self.handle.write(data[: len(data) // 2])
+        self.handle.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+class OsWithFullDisk:
+    """`os` for adadiff_bench.results: `fdopen` on a temporary file of `target` (a file name) gives a HalfWriter."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def fdopen(self, fd, *args, **kwargs):
+        handle = os.fdopen(fd, *args, **kwargs)
+        opened = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        return HalfWriter(handle) if opened.startswith(f".{self.target}.") else handle
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def test_a_write_that_fails_half_way_leaves_nothing_half_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "os", OsWithFullDisk("row.json"))
+    folder = tmp_path / "cell"
+    with pytest.raises((OSError, UserError), match="No space left"):  # (UserError once results.py converts it)
+        results.write_json(folder / "row.json", {"method": "full"})
+    assert list(folder.iterdir()) == []  # neither the target nor the temporary file
+    monkeypatch.setattr(results, "os", os)
+    results.atomic_write_bytes(folder / "row.json", b"old")
+    monkeypatch.setattr(results, "os", OsWithFullDisk("row.json"))
+    with pytest.raises((OSError, UserError)):  # an existing file keeps its old content
+        results.write_json(folder / "row.json", {"method": "new"})
+    assert [p.name for p in folder.iterdir()] == ["row.json"] and (folder / "row.json").read_bytes() == b"old"
+
+
+def test_a_run_whose_write_fails_half_way_stops_with_one_line_and_resumes(tmp_path, tiny_checkpoint, capsys,
+                                                                          monkeypatch):
+    args = run_args(tmp_path, tiny_checkpoint, data=small_digits(tmp_path))
+    monkeypatch.setattr(results, "os", OsWithFullDisk("results.csv"))
+    try:
+        line = one_line_error(args, capsys)
+    finally:
+        partial = tmp_path / "results" / ".tiny.partial"
+        assert not (tmp_path / "results" / "tiny").exists()
+        assert not (partial / "results.csv").exists() and not list(partial.rglob("*.tmp"))
+    assert "results.csv" in line and "No space left on device" in line and "rerun" in line
+    monkeypatch.setattr(results, "os", os)
+    assert main(args) == 0  # resumes: the cells written before the failure are kept
+    assert "already done, kept" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")) == 2
+
+
+# ---- KID subset larger than n: clamped with a warning ---------------------------------------------
+
+def test_kid_subset_larger_than_n_is_clamped_with_a_warning(tmp_path):
+    digits = load_dataset(DataConfig(**tomllib.loads(small_digits(tmp_path))))
+    config = MetricsConfig(inception="off", kid_subset_size=100, isc_splits=2)
+    with pytest.warns(UserWarning, match="kid_subset_size 100 exceeds the 8 images available; using 8"):
+        quality = compute_quality(digits.images[:8], digits, config, tmp_path)
+    assert math.isfinite(quality["kid_digits_cnn_mean"]) and quality["kid_digits_cnn_mean"] > -1
