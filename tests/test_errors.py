@@ -25,7 +25,7 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.methods import Method, register_method
 from adadiff_bench.methods.registry import _REGISTRY
 from adadiff_bench.metrics.quality import compute_quality
-from conftest import TINY, write_run_config
+from conftest import REPO, TINY, write_run_config
 
 SAMPLING = 'solver = "ddim"\nnum_steps = 2\nnum_samples = 8\nbatch_size = 8'
 METRICS = 'inception = "off"\nkid_subset_size = 8\nisc_splits = 2'
@@ -383,3 +383,13 @@ def test_kid_subset_larger_than_n_is_clamped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="kid_subset_size 100 exceeds the 8 images available; using 8"):
         quality = compute_quality(digits.images[:8], digits, config, tmp_path)
     assert math.isfinite(quality["kid_digits_cnn_mean"]) and quality["kid_digits_cnn_mean"] > -1
+
+
+def test_adadiff_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_checkpoint, capsys):
+    """The shipped 13-block AdaDiff checkpoint on a 5-block run model: one line before sampling."""
+    config = write_run_config(tmp_path, tiny_checkpoint, timing="enabled = false", extra_methods=(
+        f'[[methods]]\nname = "adadiff"\ncheckpoint = "{REPO / "checkpoints/adadiff_digits_finetuned.pt"}"\n'))
+    assert main(["run", "--config", str(config), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "differs from the run's model" in error
+    assert not (tmp_path / "results").exists()

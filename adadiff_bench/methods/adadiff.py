@@ -130,6 +130,14 @@ class AdaDiff(Method):
     family = "early-exit"
     Params = AdaDiffParams
 
+    @classmethod
+    def check(cls, params, model, where):
+        """The step log is sized and costed by the run's model: the checkpoint's backbone must match it."""
+        if not params.train:
+            from .prefix_exit import check_architecture
+            check_architecture(_cached_adadiff(params.checkpoint).backbone, model, where,
+                               f"the backbone of AdaDiff checkpoint {params.checkpoint!r}")
+
     def __init__(self, model, params=None):
         super().__init__(model, params)
         checkpoint = trained_on_demand(self.params) if self.params.train else self.params.checkpoint
