@@ -21,6 +21,10 @@ EPILOG = textwrap.dedent("""\
       adadiff-bench methods                                       # list registered methods
       adadiff-bench flops checkpoints/uvit_digits.pt --steps 25   # MACs, params and share per block
 
+    Several processes (one writer; the same images as one process):
+      torchrun --nproc_per_node=2 -m adadiff_bench run --config configs/demo.toml
+
+    A killed run resumes when the same command is rerun. Bad inputs and their messages: docs/errors.md.
     Results load in pandas: pd.read_csv("results/demo/results.csv").
     """)
 

@@ -320,6 +320,7 @@ def run(config: RunConfig, where: str = "config", overwrite: bool = False, progr
 
 
 def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, world: World) -> Path:
+    """`run` inside a (possibly one-process) world: rank 0 decides, locks and writes; every rank samples."""
     torch.set_num_threads(config.timing.threads)
     prep = prepare(config, where)
     store = RunStore(config.results_dir, config.name)
