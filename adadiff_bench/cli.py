@@ -131,7 +131,7 @@ def _run(args) -> int:
     return 0
 
 
-def _default_out(run_dirs: list[str], prefix: str = "") -> "Path":
+def _default_out(run_dirs: list[str], prefix: str = ""):
     """reports/<run name> (names joined by '+' for several runs)."""
     from pathlib import Path
 

@@ -18,7 +18,6 @@ from adadiff_bench import timing
 from adadiff_bench.cli import main
 from adadiff_bench.config import DataConfig, MetricsConfig
 from adadiff_bench.data import Dataset, load_dataset
-from adadiff_bench.errors import UserError
 from adadiff_bench.harness import Cell, generate
 from adadiff_bench.memory import PeakMemory
 from adadiff_bench.metrics import cleanfid_backend, quality
