@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .plot_style import DOUBLE, SINGLE, new_figure, save, style, styled
-from .tables import curves, is_ceiling, primary_fid_column, short_setting
+from .tables import curves, is_ceiling, pareto_mask, primary_fid_column, short_setting
 
 COSTS = {
     "gflops_per_image": ("GFLOPs per image (2 x MACs)", 1.0, "fid_vs_gflops"),
@@ -46,9 +46,8 @@ def pareto_front(frame: pd.DataFrame, fid: str, cost: str) -> pd.DataFrame:
     """The settings no competitor beats on both FID and cost, sorted by cost (ceilings excluded)."""
     rows = frame[~frame.apply(is_ceiling, axis=1)] if len(frame) else frame
     keys = [c for c in ("run", "method", "params", "solver", "num_steps") if c in rows.columns]
-    points = rows.groupby(keys)[[fid, cost]].mean().dropna().sort_values([cost, fid])
-    front = points[points[fid] < points[fid].cummin().shift(fill_value=np.inf)]  # strictly better than all cheaper
-    return front
+    points = rows.groupby(keys)[[fid, cost]].mean().dropna()
+    return points[pareto_mask(points, fid, np.ones(len(points), dtype=bool), cost)].sort_values([cost, fid])
 
 
 def _axis_labels(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:

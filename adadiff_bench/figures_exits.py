@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .plot_style import DOUBLE, SINGLE, new_figure, save, style, styled
+from .tables import primary_fid_column
 
 TARGET_LAYER_RATIO = 0.7
 STEP_SUMMARIES = ("timesteps", "timestep_exit_histogram", "timestep_block_fraction")
@@ -491,12 +492,6 @@ def _final_samples(run_dir: Path, cell_id: str, samples: list[int]) -> np.ndarra
 
 # ---- 5. estimator ablation -----------------------------------------------------------------------
 
-def primary_fid(frame: pd.DataFrame) -> str | None:
-    """`fid_digits_cnn` when present, else the first `fid_*` column (the report's ranking column)."""
-    columns = [c for c in frame.columns if c.startswith("fid_") and not c.endswith(("_std", "_ci_low", "_ci_high"))]
-    return "fid_digits_cnn" if "fid_digits_cnn" in columns else (columns[0] if columns else None)
-
-
 def ablated_knobs(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Each AdaDiff ablation knob that takes two or more values in the run -> the adadiff rows that set it."""
     adadiff = frame[frame["method"] == "adadiff"]
@@ -545,7 +540,7 @@ def _label_thresholds(ax, points: pd.DataFrame, fid: str, index: int) -> None:
 def estimator_ablation(frame: pd.DataFrame, out: str | Path) -> list[Path]:
     """FID vs layer ratio, one panel per ablated AdaDiff knob, one curve per value along the threshold sweep."""
     out = Path(out)
-    fid = primary_fid(frame)
+    fid = primary_fid_column(frame)
     if fid is None:
         return []
     valid = frame[frame["valid"].astype(bool)] if "valid" in frame.columns else frame

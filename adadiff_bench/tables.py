@@ -74,8 +74,9 @@ def reference_cost(frame: pd.DataFrame, info: dict, column: str = "gflops_per_im
 
 
 def primary_fid_column(frame: pd.DataFrame) -> str | None:
-    """The FID column to rank by: the built-in classifier's when present, else the first one."""
-    columns = [c for c in frame.columns if c.startswith("fid_")]
+    """The FID column to rank by: the built-in classifier's when present, else the first one (never a
+    derived column such as a bootstrap bound or a std across seeds)."""
+    columns = [c for c in frame.columns if c.startswith("fid_") and is_quality_column(c)]
     return "fid_digits_cnn" if "fid_digits_cnn" in columns else (columns[0] if columns else None)
 
 
@@ -139,9 +140,9 @@ def sort_board(board: pd.DataFrame, column: str | None) -> pd.DataFrame:
     return board.sort_values(column, ascending=not descending, kind="stable").reset_index(drop=True)
 
 
-def pareto_mask(board: pd.DataFrame, fid: str, competitors: np.ndarray) -> np.ndarray:
-    """Rows no other competitor beats on both FID and GFLOPs/image (lower is better for both)."""
-    quality, cost = board[fid].to_numpy(float), board["gflops_per_image"].to_numpy(float)
+def pareto_mask(board: pd.DataFrame, fid: str, competitors: np.ndarray, cost: str = "gflops_per_image") -> np.ndarray:
+    """Rows no other competitor beats on both FID and `cost` (lower is better for both)."""
+    quality, cost = board[fid].to_numpy(float), board[cost].to_numpy(float)
     usable = competitors & np.isfinite(quality) & np.isfinite(cost)
     mask = np.zeros(len(board), dtype=bool)
     for i in np.flatnonzero(usable):
