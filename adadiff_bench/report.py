@@ -20,8 +20,8 @@ import pandas as pd
 
 from .figures import fid_vs_cost, fid_vs_cost_by_family, sample_grid, samples_side_by_side, speedup_bars
 from .results import atomic_write_bytes, make_dir
-from .tables import (frame_to_markdown, interpolate_at, leaderboard, load_runs, matched_table,  # noqa: F401
-                     primary_fid_column, setting_label, short_setting, to_latex, to_markdown)
+from .tables import (frame_to_markdown, leaderboard, load_runs, matched_table, primary_fid_column, short_setting,
+                     to_latex, to_markdown)
 
 
 def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
