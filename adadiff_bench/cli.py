@@ -135,17 +135,17 @@ def _default_out(run_dirs: list[str], prefix: str = ""):
     """reports/<run name> (names joined by '+' for several runs)."""
     from pathlib import Path
 
-    from .results import load_run
+    from .results import RunReader
 
-    names = [load_run(d)[1]["config"]["name"] for d in run_dirs]
+    names = [RunReader(d).name for d in run_dirs]
     return Path("reports") / (prefix + "+".join(names))
 
 
 def _report(args) -> int:
     from pathlib import Path
 
-    from .html_report import open_in_browser
     from .report import write_report
+    from .report.html import open_in_browser
 
     out = Path(args.out) if args.out else _default_out(args.run_dirs)
     for path in write_report(args.run_dirs, out, args.sort_by):
@@ -161,7 +161,7 @@ def _leaderboard(args) -> int:
 
     from .report import write_leaderboard
     from .results import make_dir
-    from .tables import load_runs, to_markdown
+    from .report.tables import load_runs, to_markdown
 
     frame, infos = load_runs(args.run_dirs)
     out = Path(args.out) if args.out else _default_out(args.run_dirs, "leaderboard-")

@@ -1,12 +1,15 @@
-"""The results store: one folder per run, written atomically.
+"""The results store: one folder per run, written atomically (`RunStore`) and read back (`RunReader`).
 
     results/<run>/results.csv        one row per cell, units in column names
     results/<run>/run.json           schema version, config, versions, git commit, machine, SHA-256s
     results/<run>/exits.npz          step-log summaries of every cell, keys '<cell_id>/<summary>'
-    results/<run>/cells/<cell_id>/   row.json, samples.npz (uint8 NHWC, key arr_0), exits.npz
+    results/<run>/cells/<cell_id>/   row.json, samples.npz (uint8 NHWC, key arr_0), exits.npz,
+                                     and any other <name>.npz a method saved (e.g. uncertainty_maps)
 
 A run is built in `results/.<run>.partial/` and renamed into place when complete, so a reader
 never sees half a run; a killed run resumes from its partial folder (completed cells are kept).
+Both sides find files through one `RunLayout`. Reading never unpickles: archives are opened with
+`allow_pickle=False` and JSON with `json`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,60 @@ import pandas as pd
 from .errors import UserError
 
 SCHEMA_VERSION = 1
+SAMPLES, EXITS = "samples", "exits"  # the per-cell archives every cell has; other names are method artifacts
+SAMPLES_KEY = "arr_0"  # the key other evaluators read samples from
+STEP_SUMMARIES = ("timesteps", "timestep_exit_histogram", "timestep_block_fraction")  # per-step exits.npz keys
+
+
+class RunLayout:
+    """Where each file of a run lives, under the run's folder (finished) or its partial folder (being written)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def exits_npz(self) -> Path:
+        return self.root / "exits.npz"
+
+    @property
+    def cells(self) -> Path:
+        """The folder holding one folder per cell."""
+        return self.root / "cells"
+
+    def cell(self, cell_id: str) -> Path:
+        return self.cells / _safe_name(cell_id, "cell id")
+
+    def cell_row(self, cell_id: str) -> Path:
+        return self.cell(cell_id) / "row.json"
+
+    def cell_archive(self, cell_id: str, name: str) -> Path:
+        """`cells/<cell_id>/<name>.npz`: samples, exits or a method's artifact."""
+        return self.cell(cell_id) / f"{_safe_name(name, 'artifact name')}.npz"
+
+    @property
+    def progress_root(self) -> Path:
+        """Where unfinished cells keep their finished sampling batches (partial folder only)."""
+        return self.root / "progress"
+
+    def progress(self, cell_id: str) -> Path:
+        return self.progress_root / _safe_name(cell_id, "cell id")
+
+
+def _safe_name(name: str, kind: str) -> str:
+    """`name` when it is one plain path component (a results.csv naming '../x' is refused)."""
+    name = str(name)
+    if name in ("", ".", "..") or any(ch in name for ch in "/\\\0"):
+        raise UserError(f"{kind} {name!r} is not a plain folder or file name; "
+                        "the results store is damaged: rerun the benchmark")
+    return name
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -101,12 +158,17 @@ class RunStore:
         self.lock_path = self.root / f".{name}.lock"
         self._lock = None
 
+    @property
+    def layout(self) -> RunLayout:
+        """The files of the run being written (under its partial folder)."""
+        return RunLayout(self.partial)
+
     def cell_dir(self, cell_id: str) -> Path:
-        return self.partial / "cells" / cell_id
+        return self.layout.cell(cell_id)
 
     def progress_dir(self, cell_id: str) -> Path:
         """Where a cell's finished sampling batches wait until the cell is complete (a killed cell resumes)."""
-        return self.partial / "progress" / cell_id
+        return self.layout.progress(cell_id)
 
     def acquire_lock(self) -> None:
         """Hold the run's lock file while it is written; a second writer of the same run is refused."""
@@ -127,35 +189,36 @@ class RunStore:
             self._lock = None
 
     def completed_cells(self) -> set[str]:
-        cells = self.partial / "cells"
+        cells = self.layout.cells
         if not cells.is_dir():
             return set()
-        return {p.name for p in cells.iterdir() if (p / "row.json").is_file()}
+        return {p.name for p in cells.iterdir() if self.layout.cell_row(p.name).is_file()}
 
     def write_cell(self, cell_id: str, row: dict, samples_nhwc: np.ndarray, summaries: dict[str, np.ndarray],
                    artifacts: dict[str, dict[str, np.ndarray]] | None = None) -> None:
         """Samples, exits and artifacts first, row.json last: a cell counts as done only once its row exists."""
-        folder = self.cell_dir(cell_id)
-        write_npz(folder / "samples.npz", arr_0=samples_nhwc)
-        write_npz(folder / "exits.npz", **summaries)
+        layout = self.layout
+        write_npz(layout.cell_archive(cell_id, SAMPLES), **{SAMPLES_KEY: samples_nhwc})
+        write_npz(layout.cell_archive(cell_id, EXITS), **summaries)
         for name, arrays in (artifacts or {}).items():
-            write_npz(folder / f"{name}.npz", **arrays)
-        write_json(folder / "row.json", row)
+            write_npz(layout.cell_archive(cell_id, name), **arrays)
+        write_json(layout.cell_row(cell_id), row)
         shutil.rmtree(self.progress_dir(cell_id), ignore_errors=True)  # its batches are in samples.npz now
 
     def read_cell_row(self, cell_id: str) -> dict:
-        return json.loads((self.cell_dir(cell_id) / "row.json").read_text())
+        return json.loads(self.layout.cell_row(cell_id).read_text())
 
     def finish(self, rows: list[dict], run_info: dict, cell_ids: list[str]) -> Path:
         """Assemble results.csv and exits.npz from the cells, then move the run into place."""
-        write_csv(self.partial / "results.csv", pd.DataFrame(rows))
+        layout = self.layout
+        write_csv(layout.results_csv, pd.DataFrame(rows))
         exits = {}
         for cell_id in cell_ids:
-            with np.load(self.cell_dir(cell_id) / "exits.npz") as archive:
-                exits.update({f"{cell_id}/{key}": archive[key] for key in archive.files})
-        write_npz(self.partial / "exits.npz", **exits)
-        write_json(self.partial / "run.json", run_info)
-        shutil.rmtree(self.partial / "progress", ignore_errors=True)
+            arrays = read_npz(layout.cell_archive(cell_id, EXITS))
+            exits.update({f"{cell_id}/{key}": value for key, value in arrays.items()})
+        write_npz(layout.exits_npz, **exits)
+        write_json(layout.run_json, run_info)
+        shutil.rmtree(layout.progress_root, ignore_errors=True)
         old = None
         if self.final.exists():
             old = self.root / f".{self.final.name}.old"
@@ -167,11 +230,71 @@ class RunStore:
         return self.final
 
 
-def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """(results table, run.json) of a finished run."""
-    run_dir = Path(run_dir)
-    csv, info = run_dir / "results.csv", run_dir / "run.json"
-    if not csv.is_file() or not info.is_file():
-        raise UserError(f"{str(run_dir)!r} is not a finished run (no results.csv/run.json); "
-                        "run `adadiff-bench run --config ...` first")
-    return pd.read_csv(csv), json.loads(info.read_text())
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, never unpickling (an object array is refused with one line)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise UserError(f"{str(path)!r} holds pickled objects, which the results store never loads; "
+                        "rewrite it with plain numeric arrays (rerun the benchmark)") from None
+
+
+class RunReader:
+    """The one way into a finished run for everything that reads results (reports, notebooks).
+
+    `name` and `info` come from run.json, `frame()` is results.csv; `samples`, `exits` and `artifact`
+    read one cell's archives and give None when the cell lacks them. Nothing is ever unpickled.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.layout = RunLayout(run_dir)
+        if not self.layout.results_csv.is_file() or not self.layout.run_json.is_file():
+            raise UserError(f"{str(self.layout.root)!r} is not a finished run (no results.csv/run.json); "
+                            "run `adadiff-bench run --config ...` first")
+        self.info: dict = json.loads(self.layout.run_json.read_text())
+        self._frame: pd.DataFrame | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
+
+    @property
+    def name(self) -> str:
+        """The run's name as configured (the folder's name when run.json lacks it)."""
+        return self.info.get("config", {}).get("name") or self.path.name
+
+    def frame(self) -> pd.DataFrame:
+        """results.csv: one row per cell (a fresh copy on each call)."""
+        if self._frame is None:
+            self._frame = pd.read_csv(self.layout.results_csv)
+        return self._frame.copy()
+
+    @property
+    def cell_ids(self) -> list[str]:
+        """The cells of the run, in the order of results.csv."""
+        frame = self.frame()
+        return [str(c) for c in frame["cell_id"]] if "cell_id" in frame.columns else []
+
+    def samples(self, cell_id: str) -> np.ndarray | None:
+        """A cell's generated images, uint8 N x H x W x C, or None when the cell kept none."""
+        arrays = self.artifact(cell_id, SAMPLES)
+        return None if arrays is None else arrays[SAMPLES_KEY]
+
+    def exits(self, cell_id: str) -> dict[str, np.ndarray] | None:
+        """A cell's step-log summaries, or None when it has none or lacks the per-step ones (`STEP_SUMMARIES`)."""
+        arrays = self.artifact(cell_id, EXITS)
+        return arrays if arrays is not None and all(key in arrays for key in STEP_SUMMARIES) else None
+
+    def artifact(self, cell_id: str, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays of `cells/<cell_id>/<name>.npz` (e.g. name="uncertainty_maps"), or None when absent."""
+        path = self.layout.cell_archive(cell_id, name)
+        return read_npz(path) if path.is_file() else None
+
+    def artifact_names(self, cell_id: str) -> list[str]:
+        """The names of the archives a method saved for the cell besides its samples and exits, sorted."""
+        folder = self.layout.cell(cell_id)
+        names = (p.name.removesuffix(".npz") for p in folder.glob("*.npz")) if folder.is_dir() else ()
+        return sorted(n for n in names if n not in (SAMPLES, EXITS))

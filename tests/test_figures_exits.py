@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from adadiff_bench import figures_exits
-from adadiff_bench.figures_exits import (closest_per_entry, estimator_ablation, exit_distributions, exit_figures,
+from adadiff_bench.report import exit_figures as figures_exits
+from adadiff_bench.report.exit_figures import (closest_per_entry, estimator_ablation, exit_distributions, exit_figures,
                                          exit_fractions, exit_heatmaps, layer_ratio_by_timestep, recorded_exit,
                                          uncertainty_maps)
-from adadiff_bench.results import load_run, write_csv, write_json, write_npz
+from adadiff_bench.results import RunReader, write_csv, write_json, write_npz
 
 NUM_BLOCKS, TIMESTEPS = 4, np.array([999.0, 666.0, 333.0])
 RNG = np.random.default_rng(0)
@@ -48,7 +48,7 @@ def write_store(run_dir, rows, exits, artifacts=None):
         write_npz(run_dir / "cells" / cell_id / "exits.npz", **arrays)
     for (cell_id, name), arrays in (artifacts or {}).items():
         write_npz(run_dir / "cells" / cell_id / f"{name}.npz", **arrays)
-    return load_run(run_dir)[0]
+    return RunReader(run_dir).frame()
 
 
 @pytest.fixture

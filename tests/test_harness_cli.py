@@ -202,7 +202,7 @@ def test_cell_ids_are_plain_unique_folder_names():
 
 
 def test_matched_fid_is_interpolated_along_each_curve_and_blank_outside_it():
-    from adadiff_bench.tables import interpolate_at, matched_table
+    from adadiff_bench.report.tables import interpolate_at, matched_table
     assert interpolate_at([0.8, 0.4], [10.0, 20.0], [0.6, 0.4, 0.3, 0.9])[:2] == [15.0, 20.0]
     assert all(np.isnan(v) for v in interpolate_at([0.8, 0.4], [10.0, 20.0], [0.3, 0.9]))
     rows = [("full", "{}", 25, 1.0, 2.0, 5.0), ("static-exit", '{"k": 4}', 25, 0.4, 0.8, 20.0),

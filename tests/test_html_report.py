@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from adadiff_bench.errors import UserError
-from adadiff_bench.html_report import (HtmlFigure, HtmlSection, HtmlTable, open_in_browser,
-                                       write_html_report)
+from adadiff_bench.report.html import (HtmlFigure, HtmlSection, HtmlTable, open_in_browser,
+                                         write_html_report)
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 HOSTILE = "<script>alert('x')</script> & co"

@@ -22,7 +22,7 @@ from adadiff_bench.harness import Cell, generate
 from adadiff_bench.memory import PeakMemory
 from adadiff_bench.metrics import cleanfid_backend, quality
 from adadiff_bench.metrics.classifier import ASSET_PATH, EXTRACTOR_NAME, load_classifier
-from adadiff_bench.tables import leaderboard, to_markdown
+from adadiff_bench.report.tables import leaderboard, to_markdown
 from conftest import write_run_config
 
 METRICS = MetricsConfig(inception="off", kid_subset_size=100, isc_splits=5)

@@ -10,8 +10,8 @@ import pytest
 
 from adadiff_bench.cli import main
 from adadiff_bench.errors import UserError
-from adadiff_bench.figures import pareto_front, with_interleaved_time
-from adadiff_bench.tables import leaderboard, load_runs, pareto_mask, to_latex
+from adadiff_bench.report.figures import pareto_front, with_interleaved_time
+from adadiff_bench.report.tables import leaderboard, load_runs, pareto_mask, to_latex
 
 
 def fake_run(folder, name: str, rows: list[dict], num_samples: int = 100, data_sha: str = "a" * 64):

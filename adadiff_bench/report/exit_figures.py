@@ -26,7 +26,7 @@ import matplotlib.patches as mpatches
 import numpy as np
 import pandas as pd
 
-from .plot_style import DOUBLE, SINGLE, new_figure, save, style, styled
+from .style import DOUBLE, SINGLE, new_figure, save, style, styled
 from .tables import primary_fid_column
 
 TARGET_LAYER_RATIO = 0.7

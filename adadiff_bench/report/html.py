@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .results import atomic_write_bytes
+from ..errors import UserError
+from ..results import atomic_write_bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIGNIFICANT_DIGITS = 4  # a float column shows its largest magnitude with this many digits

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .figures import fid_vs_cost, fid_vs_cost_by_family, sample_grid, samples_side_by_side, speedup_bars
-from .results import atomic_write_bytes, make_dir
+from ..results import atomic_write_bytes, make_dir
 from .tables import (frame_to_markdown, leaderboard, load_runs, matched_table, primary_fid_column, short_setting,
                      to_latex, to_markdown)
 
@@ -107,7 +107,7 @@ def side_by_side_rows(frame: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
 
 def exit_figure_paths(frame: pd.DataFrame, run_dirs: dict[str, Path], out: Path) -> list[Path]:
     """The step-log and artifact figures of each run (in a subfolder per run when several)."""
-    from .figures_exits import exit_figures
+    from .exit_figures import exit_figures
     written = []
     for run, run_dir in run_dirs.items():
         written += exit_figures(frame[frame["run"] == run], run_dir, out / run if len(run_dirs) > 1 else out)
@@ -137,7 +137,7 @@ def write_report(run_dirs: str | Path | list, out: str | Path, sort_by: str | No
 def write_html(out: Path, frame: pd.DataFrame, infos: dict[str, dict], board: pd.DataFrame, matched: pd.DataFrame,
                written: list[Path]) -> Path:
     """index.html: the tables and every PNG figure written above, in one self-contained page."""
-    from .html_report import HtmlFigure, HtmlSection, HtmlTable, write_html_report
+    from .html import HtmlFigure, HtmlSection, HtmlTable, write_html_report
     from .tables import display_table
 
     figures = {p.stem: p for p in written if p.suffix == ".png" and p.parent.name not in ("samples", "exit_heatmaps")}

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import UserError, did_you_mean
-from .metrics.quality import HIGHER_IS_BETTER
-from .methods import available_methods, get_method
-from .results import load_run
+from ..errors import UserError, did_you_mean
+from ..metrics.quality import HIGHER_IS_BETTER
+from ..methods import available_methods, get_method
+from ..results import RunReader
 
 def load_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Results of one or several finished runs as one frame (columns `run`, `reference_gflops`, `family` added).
@@ -24,7 +24,8 @@ def load_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, dict[str, dict]
     """
     frames, infos = [], {}
     for run_dir in run_dirs:
-        frame, info = load_run(run_dir)
+        reader = RunReader(run_dir)
+        frame, info = reader.frame(), reader.info
         name = unique_name(info["config"]["name"], infos)
         infos[name] = info
         frames.append(frame.assign(run=name, reference_gflops=reference_cost(frame, info), family=families(frame),

@@ -13,7 +13,7 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
-from .plot_style import DOUBLE, SINGLE, new_figure, save, style, styled
+from .style import DOUBLE, SINGLE, new_figure, save, style, styled
 from .tables import curves, is_ceiling, pareto_mask, primary_fid_column, short_setting
 
 COSTS = {
