@@ -144,8 +144,7 @@ def _default_out(run_dirs: list[str], prefix: str = ""):
 def _report(args) -> int:
     from pathlib import Path
 
-    from .report import write_report
-    from .report.html import open_in_browser
+    from .report import open_in_browser, write_report
 
     out = Path(args.out) if args.out else _default_out(args.run_dirs)
     for path in write_report(args.run_dirs, out, args.sort_by):
@@ -160,13 +159,10 @@ def _leaderboard(args) -> int:
     from pathlib import Path
 
     from .report import write_leaderboard
-    from .results import make_dir
-    from .report.tables import load_runs, to_markdown
+    from .report.tables import to_markdown
 
-    frame, infos = load_runs(args.run_dirs)
     out = Path(args.out) if args.out else _default_out(args.run_dirs, "leaderboard-")
-    make_dir(out)
-    board, paths = write_leaderboard(frame, infos, out, args.sort_by)
+    board, paths = write_leaderboard(args.run_dirs, out, args.sort_by)
     print(to_markdown(board))
     for path in paths:
         print(path)

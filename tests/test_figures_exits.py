@@ -1,6 +1,8 @@
-"""Exit figures: what is plotted equals the step-log summaries, the setting selection, and runs that lack data."""
+"""Exit figures and AdaDiff's figures: what is plotted equals the step-log summaries and artifacts, the setting
+selection, and runs that lack data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,11 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from adadiff_bench.report import exit_figures as figures_exits
-from adadiff_bench.report.exit_figures import (closest_per_entry, estimator_ablation, exit_distributions, exit_figures,
-                                         exit_fractions, exit_heatmaps, layer_ratio_by_timestep, recorded_exit,
-                                         uncertainty_maps)
-from adadiff_bench.results import RunReader, write_csv, write_json, write_npz
+from adadiff_bench.report import ReportView, adadiff_figures, exit_figures, load_runs
+from adadiff_bench.report.adadiff_figures import estimator_ablation, recorded_exit, uncertainty_maps
+from adadiff_bench.report.exit_figures import (closest_per_entry, exit_distributions, exit_fractions, exit_heatmaps,
+                                               layer_ratio_by_timestep)
+from adadiff_bench.results import write_csv, write_json, write_npz
 
 NUM_BLOCKS, TIMESTEPS = 4, np.array([999.0, 666.0, 333.0])
 RNG = np.random.default_rng(0)
@@ -41,14 +43,14 @@ def make_row(entry, method, knobs, layer_ratio, swept=(), fid=10.0):
 
 
 def write_store(run_dir, rows, exits, artifacts=None):
-    """A results run by hand: results.csv, run.json and cells/<id>/exits.npz (+ other artifacts), read back."""
+    """A results run by hand: results.csv, run.json and cells/<id>/exits.npz (+ other artifacts), read back as a view."""
     write_csv(run_dir / "results.csv", pd.DataFrame(rows))
     write_json(run_dir / "run.json", {"config": {"name": "hand-made"}})
     for cell_id, arrays in exits.items():
         write_npz(run_dir / "cells" / cell_id / "exits.npz", **arrays)
     for (cell_id, name), arrays in (artifacts or {}).items():
         write_npz(run_dir / "cells" / cell_id / f"{name}.npz", **arrays)
-    return RunReader(run_dir).frame()
+    return load_runs([run_dir])
 
 
 @pytest.fixture
@@ -77,21 +79,22 @@ def store(tmp_path):
     artifacts = {(rows[2]["cell_id"], "uncertainty_maps"): {"steps": np.array([0, 2]), "timesteps": TIMESTEPS[[0, 2]],
                                                              "maps": maps, "inputs": inputs},
                  (rows[2]["cell_id"], "samples"): {"arr_0": samples}}
-    frame = write_store(tmp_path / "run", rows, exits, artifacts)
-    return tmp_path / "run", frame, exits, (maps, samples)
+    view = write_store(tmp_path / "run", rows, exits, artifacts)
+    return view, view.frame, exits, (maps, samples)
 
 
 @pytest.fixture
 def captured(monkeypatch):
     """The figures handed to `save`, still open, so that tests can read back what was drawn."""
     figures = {}
-    real_save = figures_exits.save
+    real_save = exit_figures.save
 
     def capture(fig, out, stem):
         figures[stem] = fig
         fig.canvas.draw()  # plotted arrays stay readable after save closes the figure
         return real_save(fig, out, stem)
-    monkeypatch.setattr(figures_exits, "save", capture)
+    for module in (exit_figures, adadiff_figures):
+        monkeypatch.setattr(module, "save", capture)
     return figures
 
 
@@ -124,8 +127,8 @@ def test_selection_picks_the_setting_closest_to_0_7_per_entry():
 
 
 def test_exit_heatmaps_plot_each_early_exit_entry_at_its_closest_setting(store, captured, tmp_path):
-    run_dir, frame, exits, _ = store
-    paths = exit_heatmaps(frame, run_dir, tmp_path / "out")
+    view, frame, exits, _ = store
+    paths = exit_heatmaps(view, tmp_path / "out")
     assert_valid_files(paths)
     panels = [ax for ax in captured["exit_heatmaps"].axes if ax.images]
     # adadiff at layer ratio 0.72 and calm; full (every exit at the last block) and the caching rows are left out
@@ -138,8 +141,8 @@ def test_exit_heatmaps_plot_each_early_exit_entry_at_its_closest_setting(store, 
 
 
 def test_exit_distributions_plot_the_chosen_steps(store, captured, tmp_path):
-    run_dir, frame, exits, _ = store
-    assert_valid_files(exit_distributions(frame, run_dir, tmp_path / "out", steps=[0, 2]))
+    view, frame, exits, _ = store
+    assert_valid_files(exit_distributions(view, tmp_path / "out", steps=[0, 2]))
     axes = [ax for ax in captured["exit_distributions"].axes if ax.lines]
     assert [ax.get_title() for ax in axes] == ["step 1 of 3, t = 999", "step 3 of 3, t = 333"]
     histogram = exits[frame.iloc[4]["cell_id"]]["timestep_exit_histogram"]  # calm, the second line
@@ -147,8 +150,8 @@ def test_exit_distributions_plot_the_chosen_steps(store, captured, tmp_path):
 
 
 def test_layer_ratio_by_timestep_is_the_mean_block_fraction(store, captured, tmp_path):
-    run_dir, frame, exits, _ = store
-    assert_valid_files(layer_ratio_by_timestep(frame, run_dir, tmp_path / "out"))
+    view, frame, exits, _ = store
+    assert_valid_files(layer_ratio_by_timestep(view, tmp_path / "out"))
     figure = captured["layer_ratio_by_timestep"]
     lines_ax, raster_ax = [ax for sub in figure.subfigs for ax in sub.axes if ax.get_title()]
     labels = [line.get_label() for line in lines_ax.lines]
@@ -163,8 +166,8 @@ def test_layer_ratio_by_timestep_is_the_mean_block_fraction(store, captured, tmp
 
 
 def test_uncertainty_maps_mask_samples_that_had_exited(store, captured, tmp_path):
-    run_dir, frame, _, (maps, samples) = store
-    paths = uncertainty_maps(frame, run_dir, tmp_path / "out")
+    view, frame, _, (maps, samples) = store
+    paths = uncertainty_maps(view, tmp_path / "out")
     assert_valid_files(paths)
     assert paths[0].name.startswith("uncertainty_maps_adadiff-threshold0.2")
     figure = captured[paths[0].stem]
@@ -188,7 +191,7 @@ def ablation_frame():
 
 
 def test_estimator_ablation_draws_one_curve_per_estimator(captured, tmp_path):
-    assert_valid_files(estimator_ablation(ablation_frame(), tmp_path / "out"))
+    assert_valid_files(estimator_ablation(ReportView(ablation_frame()), tmp_path / "out"))
     [ax] = captured["estimator_ablation"].axes
     official, probe, full = ax.lines
     assert official.get_label() == "estimator = official (never exits)"
@@ -202,6 +205,13 @@ def test_runs_without_exits_maps_or_ablation_return_nothing(tmp_path):
     full = np.zeros((len(TIMESTEPS), NUM_BLOCKS + 1), dtype=np.int64)
     full[:, NUM_BLOCKS] = 10
     ones = np.ones((len(TIMESTEPS), NUM_BLOCKS))
-    frame = write_store(tmp_path / "run", rows, {rows[0]["cell_id"]: summaries(full, ones)})  # adadiff: no files
-    assert exit_figures(frame, tmp_path / "run", tmp_path / "out") == []
-    assert exit_figures(frame.drop(columns=["entry", "fid_digits_cnn"]), tmp_path / "run", tmp_path / "out") == []
+    view = write_store(tmp_path / "run", rows, {rows[0]["cell_id"]: summaries(full, ones)})  # adadiff: no files
+    assert step_log_and_adadiff_figures(view, tmp_path / "out") == []
+    bare = dataclasses.replace(view, frame=view.frame.drop(columns=["entry", "fid_digits_cnn"]))
+    assert step_log_and_adadiff_figures(bare, tmp_path / "out") == []
+
+
+def step_log_and_adadiff_figures(view, out):
+    """Every figure of the two modules, as the report draws them for one run."""
+    return [path for draw in (exit_heatmaps, exit_distributions, layer_ratio_by_timestep, uncertainty_maps,
+                              estimator_ablation) for path in draw(view, out)]

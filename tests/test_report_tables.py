@@ -10,8 +10,9 @@ import pytest
 
 from adadiff_bench.cli import main
 from adadiff_bench.errors import UserError
+from adadiff_bench.report import load_runs
 from adadiff_bench.report.figures import pareto_front, with_interleaved_time
-from adadiff_bench.report.tables import leaderboard, load_runs, pareto_mask, to_latex
+from adadiff_bench.report.tables import leaderboard, pareto_mask, to_latex
 
 
 def fake_run(folder, name: str, rows: list[dict], num_samples: int = 100, data_sha: str = "a" * 64):
@@ -57,7 +58,7 @@ def test_ceilings_never_take_a_pareto_place():
 def test_pareto_front_in_the_figure_is_the_boards_pareto_set(tmp_path):
     rows = [{"method": "a", "params": json.dumps({"k": k}), "gflops_per_image": g, "fid_digits_cnn": f}
             for k, (g, f) in enumerate([(1.0, 20.0), (2.0, 10.0), (3.0, 12.0), (4.0, 5.0), (0.5, 30.0)])]
-    frame, _ = load_runs([fake_run(tmp_path / "r", "r", rows)])
+    frame = load_runs([fake_run(tmp_path / "r", "r", rows)]).frame
     board = leaderboard(frame)
     front = pareto_front(frame, "fid_digits_cnn", "gflops_per_image")
     assert sorted(front["gflops_per_image"]) == sorted(board.loc[board["pareto"], "gflops_per_image"]) == [0.5, 1.0, 2.0, 4.0]
@@ -67,7 +68,7 @@ def test_latex_table_is_booktabs_with_escaped_cells(tmp_path):
     rows = [{"method": "full", "gflops_per_image": 2.0, "fid_digits_cnn": 9.5},
             {"method": "adadiff", "params": json.dumps({"checkpoint": "checkpoints/a_b.pt", "threshold": 0.3}),
              "gflops_per_image": 1.0, "fid_digits_cnn": 20.0}]
-    frame, _ = load_runs([fake_run(tmp_path / "r", "r", rows)])
+    frame = load_runs([fake_run(tmp_path / "r", "r", rows)]).frame
     latex = to_latex(leaderboard(frame), caption="50% of n_samples")
     assert latex.count(r"\toprule") == latex.count(r"\midrule") == latex.count(r"\bottomrule") == 1
     body = latex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
@@ -103,8 +104,8 @@ def test_merged_leaderboard_names_each_run(tmp_path, capsys):
 
 
 def test_sort_by_an_unknown_column_suggests_one(tmp_path):
-    frame, _ = load_runs([fake_run(tmp_path / "r", "r", [{"method": "full", "gflops_per_image": 1.0,
-                                                           "fid_digits_cnn": 9.0, "speedup": 1.0}])])
+    frame = load_runs([fake_run(tmp_path / "r", "r", [{"method": "full", "gflops_per_image": 1.0,
+                                                        "fid_digits_cnn": 9.0, "speedup": 1.0}])]).frame
     with pytest.raises(UserError, match="did you mean 'speedup'"):
         leaderboard(frame, sort_by="speedpu")
 
@@ -112,7 +113,7 @@ def test_sort_by_an_unknown_column_suggests_one(tmp_path):
 def test_higher_is_better_columns_sort_descending(tmp_path):
     rows = [{"method": "a", "params": json.dumps({"k": k}), "gflops_per_image": 1.0, "fid_digits_cnn": 9.0,
              "speedup": s} for k, s in enumerate([1.2, 3.0, 0.5])]
-    frame, _ = load_runs([fake_run(tmp_path / "r", "r", rows)])
+    frame = load_runs([fake_run(tmp_path / "r", "r", rows)]).frame
     assert list(leaderboard(frame, sort_by="speedup")["speedup"]) == [3.0, 1.2, 0.5]
 
 
@@ -120,5 +121,5 @@ def test_interleaved_time_is_the_reference_time_over_the_speedup(tmp_path):
     rows = [{"method": "full", "gflops_per_image": 2.0, "fid_digits_cnn": 9.0, "time_per_image_s": 0.02, "speedup": 1.0},
             {"method": "static-exit", "params": '{"k": 4}', "gflops_per_image": 1.0, "fid_digits_cnn": 20.0,
              "time_per_image_s": 0.5, "speedup": 2.0}]  # an absolute time hit by a contention spike
-    frame, _ = load_runs([fake_run(tmp_path / "r", "r", rows)])
+    frame = load_runs([fake_run(tmp_path / "r", "r", rows)]).frame
     assert list(with_interleaved_time(frame)["interleaved_time_s"]) == pytest.approx([0.02, 0.01])

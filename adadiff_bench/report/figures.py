@@ -1,9 +1,12 @@
-"""Quality-vs-cost figures, speed-up bars and sample figures, from result rows (see `plot_style` for the look).
+"""Quality-vs-cost figures, speed-up bars and sample figures, from a `ReportView` (see `style` for the look).
 
 FID against GFLOPs per image or measured time per image: one curve per [[methods]] entry (its knob sweep),
 points labelled by the swept knob, and the Pareto front over every competitor's settings (ceilings
 excluded) drawn as a dashed staircase. With many curves the same data is also drawn as small
 multiples, one panel per method family, each over the reference curves in grey.
+
+Each figure function takes (view, out) and returns the paths it wrote ([] when the runs hold nothing
+it could show); the report draws them through the figure registry (`adadiff_bench.report.registry`).
 """
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
+from ..metrics.specs import primary_column
+from ..results import make_dir
 from .style import DOUBLE, SINGLE, new_figure, save, style, styled
-from .tables import curves, is_ceiling, pareto_mask, primary_fid_column, short_setting
+from .tables import axis_label, curves, is_ceiling, pareto_mask, short_setting
+from .view import ReportView
 
 COSTS = {
     "gflops_per_image": ("GFLOPs per image (2 x MACs)", 1.0, "fid_vs_gflops"),
@@ -31,8 +37,17 @@ def with_interleaved_time(frame: pd.DataFrame) -> pd.DataFrame:
     if "speedup" not in frame.columns or "reference_time_s" not in frame.columns:
         return frame.assign(interleaved_time_s=np.nan)
     return frame.assign(interleaved_time_s=frame["reference_time_s"] / frame["speedup"])
-REFERENCE_FAMILIES = ("reference",)
+
+
+REFERENCE_FAMILIES = ("reference",)  # drawn in grey in every family panel, not a panel of their own
 FAMILY_ORDER = ("early-exit", "layer-dropping", "step-skipping", "caching", "other")
+
+
+def panel_families(frame: pd.DataFrame) -> list[str]:
+    """The families that get a panel: those of `FAMILY_ORDER` present, in that order, then any other present
+    family (a plugin's, say) in name order; never one dropped."""
+    present = set(frame["family"].dropna()) - set(REFERENCE_FAMILIES)
+    return [f for f in FAMILY_ORDER if f in present] + sorted(present - set(FAMILY_ORDER))
 
 
 def curve_points(group: pd.DataFrame, labels: pd.Series, fid: str, cost: str) -> pd.DataFrame:
@@ -57,7 +72,7 @@ def _axis_labels(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
     if cost == "interleaved_time_s" and "threads" in frame.columns and frame["threads"].notna().any():
         label += f", {int(frame['threads'].dropna().iloc[0])} threads, {frame.get('device', pd.Series(['cpu'])).iloc[0]}"
     ax.set_xlabel(label)
-    ax.set_ylabel(f"FID [{fid[4:]}, n={n}] (lower is better)")
+    ax.set_ylabel(axis_label(fid, n))
 
 
 def fit(legend: str, width: int = 60) -> str:
@@ -100,10 +115,10 @@ def log_scales(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
 
 
 @styled
-def fid_vs_cost(frame: pd.DataFrame, out: Path, cost: str = "gflops_per_image") -> list[Path]:
+def fid_vs_cost(view: ReportView, out: Path, cost: str = "gflops_per_image") -> list[Path]:
     """FID against a cost, one curve per entry (and solver), points labelled, the Pareto front drawn."""
-    frame = with_interleaved_time(frame)
-    fid = primary_fid_column(frame)
+    frame = with_interleaved_time(view.valid)
+    fid = primary_column(frame.columns)
     if fid is None or frame.empty or cost not in frame.columns or frame[cost].isna().all():
         return []
     all_curves = list(curves(frame))
@@ -123,13 +138,13 @@ def fid_vs_cost(frame: pd.DataFrame, out: Path, cost: str = "gflops_per_image") 
 
 
 @styled
-def fid_vs_cost_by_family(frame: pd.DataFrame, out: Path, cost: str = "gflops_per_image") -> list[Path]:
+def fid_vs_cost_by_family(view: ReportView, out: Path, cost: str = "gflops_per_image") -> list[Path]:
     """Small multiples: one panel per method family, its curves over the reference curves (grey)."""
-    frame = with_interleaved_time(frame)
-    fid = primary_fid_column(frame)
+    frame = with_interleaved_time(view.valid)
+    fid = primary_column(frame.columns)
     if fid is None or "family" not in frame.columns or cost not in frame.columns or frame[cost].isna().all():
         return []
-    present = [f for f in FAMILY_ORDER if (frame["family"] == f).any()]
+    present = panel_families(frame)
     if len(present) < 2:
         return []
     reference = frame[frame["family"].isin(REFERENCE_FAMILIES + ("step-skipping",))
@@ -176,9 +191,9 @@ def _bar_label(row: pd.Series) -> str:
 
 
 @styled
-def speedup_bars(frame: pd.DataFrame, out: Path) -> list[Path]:
+def speedup_bars(view: ReportView, out: Path) -> list[Path]:
     """Measured speed-up next to the ideal one from FLOPs, per method setting (one per entry when many)."""
-    table = speedup_table(frame)
+    table = speedup_table(view.valid)
     if table.empty:
         return []
     table = table if len(table) <= 16 else one_per_entry(table)
@@ -209,6 +224,28 @@ def sample_grid(samples_nhwc: np.ndarray, path: Path, count: int = 64, scale: in
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
     return path
+
+
+def sample_figures(view: ReportView, out: Path) -> list[Path]:
+    """One grid per cell (under samples/, per run when several) and the side-by-side comparison."""
+    written = []
+    for _, row in view.frame.iterrows():
+        images = view.samples(row)
+        if images is not None:
+            folder = out / "samples" / row["run"] if view.several_runs else out / "samples"
+            make_dir(folder)
+            written.append(sample_grid(images, folder / f"{row['cell_id']}.png"))
+    chosen = [(short_setting(r).replace(" (", "\n("), view.samples(r)) for _, r in side_by_side_rows(view.frame).iterrows()]
+    return written + samples_side_by_side([(label, images) for label, images in chosen if images is not None], out)
+
+
+def side_by_side_rows(frame: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
+    """The reference and, per entry, the setting closest to 60% of the reference's cost (first seed only)."""
+    rows = frame[frame["valid"] & (frame["seed"] == frame["seed"].min())]
+    rows = rows.assign(gap=(rows["gflops_per_image"] / rows["reference_gflops"] - 0.6).abs())
+    reference = rows[(rows["method"] == "full") & (rows["gflops_per_image"] == rows["reference_gflops"])].head(1)
+    others = rows.drop(reference.index).sort_values("gap").groupby(["run", "entry"], sort=False).head(1)
+    return pd.concat([reference, others.sort_values(["run", "entry"])]).head(limit)
 
 
 @styled

@@ -8,11 +8,13 @@ apart in greyscale.
 from __future__ import annotations
 
 import functools
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 SINGLE, DOUBLE = 3.5, 7.1  # inches
@@ -25,6 +27,7 @@ RC = {
     "lines.markersize": 3.5, "axes.spines.top": False, "axes.spines.right": False, "pdf.fonttype": 42,
     "savefig.dpi": DPI, "figure.dpi": DPI,
 }
+NO_DATA_HATCH = dict(facecolor="#e8e8e8", edgecolor="#9a9a9a", hatch="////", linewidth=0)  # where nothing was measured
 
 
 def styled(plot):
@@ -54,3 +57,23 @@ def save(fig, out: Path, stem: str) -> list[Path]:
         fig.savefig(path)
     plt.close(fig)
     return paths
+
+
+def wrap(text: str, width: int = 40) -> str:
+    """A title broken into lines of at most `width` characters (never inside a hyphenated name)."""
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
+
+
+def no_data_patch(label: str) -> mpatches.Patch:
+    """A legend entry for the hatched "no data" background."""
+    return mpatches.Patch(label=label, **NO_DATA_HATCH)
+
+
+def hatch_background(ax) -> None:
+    """Hatched grey behind an image: its NaN pixels (drawn transparent) show it."""
+    ax.add_patch(mpatches.Rectangle((0, 0), 1, 1, transform=ax.transAxes, zorder=0, **NO_DATA_HATCH))
+
+
+def masked_cmap(name: str):
+    """A colour map that draws NaN transparent, over the hatched background."""
+    return matplotlib.colormaps[name].with_extremes(bad=(0, 0, 0, 0))

@@ -1,7 +1,10 @@
 """Tables from the results store: the leaderboard (Markdown, CSV, LaTeX), Pareto marks, matched-FID tables.
 
 Everything here reads result rows only. A leaderboard row is one method setting (method, knobs, solver,
-steps; with several runs, also the run), averaged over seeds, with each quality metric's std across seeds.
+steps; with several runs, also the run), aggregated over seeds as each metric's spec says (mean or
+median), with each quality metric's std across seeds. What a column is called, which way is better and
+how many decimals it shows come from the metric specs (`adadiff_bench.metrics.specs`), so a newly
+registered metric appears here without an edit.
 """
 from __future__ import annotations
 
@@ -12,77 +15,18 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError, did_you_mean
-from ..metrics.quality import HIGHER_IS_BETTER
-from ..methods import available_methods, get_method
-from ..results import RunReader
+from ..metrics.specs import SEED_STD, is_value_column, parse_column, primary_column
+from ..results import atomic_write_bytes
+from .view import ReportView, reference_cost
 
-def load_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Results of one or several finished runs as one frame (columns `run`, `reference_gflops`, `family` added).
-
-    Runs are only merged when they measured quality the same way: the same reference data (its SHA-256)
-    and the same number of samples per cell (FID's n).
-    """
-    frames, infos = [], {}
-    for run_dir in run_dirs:
-        reader = RunReader(run_dir)
-        frame, info = reader.frame(), reader.info
-        name = unique_name(info["config"]["name"], infos)
-        infos[name] = info
-        frames.append(frame.assign(run=name, reference_gflops=reference_cost(frame, info), family=families(frame),
-                                   reference_time_s=reference_cost(frame, info, "time_per_image_s")))
-    check_comparable(frames, infos)
-    return pd.concat(frames, ignore_index=True), infos
-
-
-def unique_name(name: str, taken: dict) -> str:
-    """A run's name, suffixed when two runs share it."""
-    candidate, i = name, 2
-    while candidate in taken:
-        candidate, i = f"{name}#{i}", i + 1
-    return candidate
-
-
-def families(frame: pd.DataFrame) -> pd.Series:
-    """Each row's method family: as recorded, else (older runs) from the registry, else 'other'."""
-    known = {name: get_method(name).family for name in available_methods()}
-    from_registry = frame["method"].map(known).fillna("other")
-    return frame["family"].fillna(from_registry) if "family" in frame.columns else from_registry
-
-
-def check_comparable(frames: list[pd.DataFrame], infos: dict[str, dict]) -> None:
-    """Refuse to mix runs of different reference data or a different n in one table."""
-    names = list(infos)
-    first_data, first_n = infos[names[0]]["data"], set(frames[0]["num_samples"])
-    for name, frame in zip(names[1:], frames[1:]):
-        data = infos[name]["data"]
-        if data["sha256"] != first_data["sha256"]:
-            raise UserError(f"runs {names[0]!r} and {name!r} measured quality against different data "
-                            f"({first_data['name']} {first_data['sha256'][:12]} vs {data['name']} {data['sha256'][:12]}); "
-                            "merge only runs on the same data set")
-        if set(frame["num_samples"]) != first_n:
-            raise UserError(f"runs {names[0]!r} and {name!r} use a different number of samples per cell "
-                            f"(n = {sorted(first_n)} vs {sorted(set(frame['num_samples']))}); FID depends on n, "
-                            "so merge only runs with the same num_samples")
-
-
-def reference_cost(frame: pd.DataFrame, info: dict, column: str = "gflops_per_image") -> pd.Series:
-    """A cost of the run's reference (`full` at the run's default solver and steps), on every row."""
-    ref = info["reference"]
-    is_ref = (frame["method"] == "full") & (frame["params"] == "{}") & (frame["solver"] == ref["solver"]) \
-        & (frame["num_steps"] == ref["num_steps"])
-    value = frame.loc[is_ref, column].mean() if is_ref.any() and column in frame.columns else np.nan
-    return pd.Series(value, index=frame.index)
-
-
-def primary_fid_column(frame: pd.DataFrame) -> str | None:
-    """The FID column to rank by: the built-in classifier's when present, else the first one (never a
-    derived column such as a bootstrap bound or a std across seeds)."""
-    columns = [c for c in frame.columns if c.startswith("fid_") and is_quality_column(c)]
-    return "fid_digits_cnn" if "fid_digits_cnn" in columns else (columns[0] if columns else None)
+def knobs_of(row: pd.Series) -> dict:
+    """A row's knobs, from its JSON `params` ({} when it has none)."""
+    params = row.get("params", "")
+    return json.loads(params) if isinstance(params, str) and params else {}
 
 
 def setting_label(row: pd.Series) -> str:
-    knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
+    knobs = knobs_of(row)
     shown = {k: (Path(v).stem if k == "checkpoint" else v) for k, v in knobs.items() if not k.startswith("map_")}
     parts = [f"{k}={v}" for k, v in shown.items()] + [f"{row['solver']} {row['num_steps']} steps"]
     label = f"{row['method']} ({', '.join(parts)})" + (" [ceiling, not a method]" if is_ceiling(row) else "")
@@ -96,32 +40,29 @@ def is_ceiling(row: pd.Series) -> bool:
     return bool(row.get("ceiling", False)) if pd.notna(row.get("ceiling", False)) else False
 
 
-QUALITY_PREFIXES = ("fid_", "is_", "kid_", "precision_", "recall_")
-SEED_STD = "_seed_std"  # suffix of a column's standard deviation across seeds
-
-
-def is_quality_column(column: str) -> bool:
-    """A quality metric's value column (not its within-run std or its bootstrap bounds)."""
-    return column.startswith(QUALITY_PREFIXES) and not column.endswith(("_std", "_ci_low", "_ci_high"))
+def seed_aggregation(column: str) -> str:
+    """How a column's values over seeds become one: its metric's spec says (mean or median); costs: mean."""
+    parsed = parse_column(column)
+    return parsed.metric.seeds if parsed is not None else "mean"
 
 
 def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
-    """One row per method setting: mean over seeds, each quality metric's std across seeds, Pareto marks."""
+    """One row per method setting: aggregated over seeds, each quality metric's std across seeds, Pareto marks."""
     several = frame["run"].nunique() > 1 if "run" in frame.columns else False
     frame = frame.assign(several_runs=several)
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
-    metric_columns = [c for c in frame.columns if is_quality_column(c)]
+    metric_columns = [c for c in frame.columns if is_value_column(c)]
     numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
         c for c in ("time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb") if c in frame.columns]
     bounds = [c for c in frame.columns if c.endswith(("_ci_low", "_ci_high"))]
     grouped = frame.groupby("setting", sort=False)
-    board = grouped.agg({**{c: "mean" for c in numeric}, **{c: "first" for c in bounds},
+    board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds},
                          "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
     spread = grouped[metric_columns].std(ddof=1).add_suffix(SEED_STD)  # NaN with one seed
     board = board.join(spread)
     board.loc[board["seeds"] > 1, bounds] = np.nan  # a bootstrap interval belongs to one seed's samples
     board = board.reset_index()
-    fid = primary_fid_column(board)
+    fid = primary_column(board.columns)
     competitors = ~grouped["ceiling"].first().fillna(False).astype(bool).values if "ceiling" in frame.columns \
         else np.ones(len(board), dtype=bool)
     board.insert(1, "pareto", pareto_mask(board, fid, competitors) if fid else False)
@@ -136,9 +77,7 @@ def sort_board(board: pd.DataFrame, column: str | None) -> pd.DataFrame:
         valid = [c for c in board.columns if c not in ("setting", "num_samples", "seeds") and not c.endswith(SEED_STD)]
         raise UserError(f"cannot sort by {column!r}{did_you_mean(column, valid)}: not a leaderboard column; "
                         f"valid: {', '.join(valid)}")
-    metric = column.partition("_")[0]
-    descending = HIGHER_IS_BETTER.get(metric, False) or column == "speedup"
-    return board.sort_values(column, ascending=not descending, kind="stable").reset_index(drop=True)
+    return board.sort_values(column, ascending=not higher_is_better(column), kind="stable").reset_index(drop=True)
 
 
 def pareto_mask(board: pd.DataFrame, fid: str, competitors: np.ndarray, cost: str = "gflops_per_image") -> np.ndarray:
@@ -152,31 +91,49 @@ def pareto_mask(board: pd.DataFrame, fid: str, competitors: np.ndarray, cost: st
     return mask
 
 
-METRIC_NAMES = {"fid": "FID", "is": "IS", "kid": "KID", "precision": "precision", "recall": "recall"}
+def metric_label(column: str, num_samples: int | None = None) -> str:
+    """A quality column's name for people: its quantity and feature space, and n where the metric depends on it,
+    as in "FID [digits_cnn, n=1000]"."""
+    parsed = parse_column(column)
+    n = f", n={num_samples}" if parsed.quantity.states_n and num_samples is not None else ""
+    return f"{parsed.quantity.label} [{parsed.space}{n}]"
+
+
+def higher_is_better(column: str) -> bool:
+    """Which way a column is better: the metric's spec says for quality columns; of the costs, only the speed-up."""
+    parsed = parse_column(column)
+    return parsed.quantity.higher_is_better if parsed is not None else column == "speedup"
+
+
+def axis_label(column: str, num_samples: int | None = None) -> str:
+    """A figure axis for a quality column: "FID [digits_cnn, n=1000] (lower is better)"."""
+    return f"{metric_label(column, num_samples)} ({'higher' if higher_is_better(column) else 'lower'} is better)"
+
+
+COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
+                  "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑",
+                  "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto"}
 
 
 def _header(column: str, num_samples: int) -> str:
     """A column's header: the metric, its feature space (and n for FID), an arrow for which way is better."""
-    metric, _, space = column.partition("_")
-    if metric in HIGHER_IS_BETTER and column.endswith("_ci"):
-        return f"FID {space.removesuffix('_ci')} bootstrap CI"
-    if metric in HIGHER_IS_BETTER:
-        arrow = "↑" if HIGHER_IS_BETTER[metric] else "↓"
-        n = f", n={num_samples}" if metric == "fid" else ""
-        return f"{METRIC_NAMES[metric]} [{space.removesuffix('_mean')}{n}] {arrow}"
-    return {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
-            "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑",
-            "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓",
-            "pareto": "Pareto"}.get(column, column)
+    if column.endswith("_ci") and parse_column(column + "_low") is not None:
+        parsed = parse_column(column + "_low")
+        return f"{parsed.quantity.label} {parsed.space} bootstrap CI"
+    if parse_column(column) is not None:
+        return f"{metric_label(column, num_samples)} {'↑' if higher_is_better(column) else '↓'}"
+    return COLUMN_HEADERS.get(column, column)
 
 
 def _number(column: str, value: float) -> str:
-    """A table cell: ms for times, KB for caches, 4 decimals for KID, 3 otherwise."""
+    """A table cell: ms for times, KB for caches, MB without decimals, a metric's own decimals, 3 otherwise."""
     if column == "time_per_image_s":
         value = value * 1e3
     if column == "cache_bytes":
         value = value / 1e3
-    return f"{value:.4f}" if column.startswith("kid_") else (f"{value:.0f}" if column == "peak_mem_mb" else f"{value:.3f}")
+    parsed = parse_column(column)
+    decimals = parsed.quantity.decimals if parsed is not None else (0 if column == "peak_mem_mb" else 3)
+    return f"{value:.{decimals}f}"
 
 
 def _cell(row: pd.Series, column: str) -> str:
@@ -251,7 +208,7 @@ def to_latex(board: pd.DataFrame, caption: str = "", label: str = "tab:leaderboa
 
 def knob_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One column per setting of each row: its knobs (from the JSON `params`), solver and num_steps."""
-    knobs = pd.DataFrame([json.loads(p) if isinstance(p, str) and p else {} for p in frame["params"]], index=frame.index)
+    knobs = pd.DataFrame([knobs_of(row) for _, row in frame.iterrows()], index=frame.index)
     return knobs.assign(solver=frame["solver"], num_steps=frame["num_steps"])
 
 
@@ -267,7 +224,7 @@ def short_value(value):
 
 def short_setting(row: pd.Series) -> str:
     """A compact label of a row's setting for figures: knob values shortened, the checkpoint by its stem."""
-    knobs = json.loads(row["params"]) if isinstance(row["params"], str) and row["params"] else {}
+    knobs = knobs_of(row)
     parts = [str(short_value(v)) if k == "checkpoint" else f"{k}={short_value(v)}" for k, v in knobs.items()
              if not k.startswith("map_")]
     return f"{row['method']} ({', '.join(parts + [f'{row.solver} {row.num_steps}'])})"
@@ -311,7 +268,7 @@ def interpolate_at(x: np.ndarray, y: np.ndarray, targets) -> list[float]:
 
 def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
     """FID of every curve at matched layer ratios and matched cost fractions (interpolated along its sweep)."""
-    fid = primary_fid_column(frame)
+    fid = primary_column(frame.columns)
     frame = frame[frame["valid"]].assign(cost_fraction=cost_fraction(frame[frame["valid"]], info))
     rows = []
     for legend, _, group in curves(frame):
@@ -333,3 +290,65 @@ def frame_to_markdown(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|---|" + "---:|" * (len(frame.columns) - 1)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+# ---- writing the table files ---------------------------------------------------------------------
+
+def seeds_note(board: pd.DataFrame, seeds: int) -> str:
+    """How the leaderboard's quality values combine several seeds (each metric's spec says mean or median)."""
+    medians = sorted({parsed.quantity.label for parsed in map(parse_column, board.columns)
+                      if parsed is not None and parsed.is_value and parsed.metric.seeds == "median"})
+    how = "means" + (f" ({', '.join(medians)}: medians)" if medians else "")
+    return f"Quality values are {how} over {seeds} seeds ± their standard deviation across seeds."
+
+
+def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
+    """What the leaderboard's numbers are: data, n, seeds, intervals, timing and FLOPs conventions."""
+    info = next(iter(infos.values()))
+    metrics = info["config"].get("metrics", {})
+    seeds = int(board["seeds"].max()) if len(board) else 0
+    lines = [f"Data: {info['data']['name']} ({info['data']['num_images']} reference images); FID's n = samples "
+             f"per cell; FID by {metrics.get('fid_backend', 'torch-fidelity')}. ★ = Pareto-optimal in FID and "
+             "GFLOPs/image among the competitors (ceilings excluded)."]
+    if len(infos) > 1:
+        lines.append(f"Merged runs: {', '.join(infos)} (same data and n); speed-ups are each against its own run's "
+                     "`full` reference.")
+    if seeds > 1:
+        lines.append(seeds_note(board, seeds))
+    if metrics.get("fid_bootstrap"):
+        lines.append(f"FID bootstrap CI: basic bootstrap interval at level {metrics['fid_ci']} over "
+                     f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed); one-seed rows only.")
+    lines.append(f"Speed-up is the ratio of median times against `full` at {info['reference']['solver']} "
+                 f"{info['reference']['num_steps']} steps, timed interleaved on {info['machine']['torch_threads']} "
+                 f"threads ({info['machine'].get('device', 'cpu')}); FLOPs = 2 x MACs (fvcore); peak memory: "
+                 "the process's peak resident set on the CPU, peak allocated on CUDA.")
+    return "\n" + "\n\n".join(lines) + "\n"
+
+
+def write_text(path: Path, text: str) -> Path:
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def leaderboard_files(view: ReportView, out: Path, sort_by: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """leaderboard.md, .csv and .tex under `out`; returns (the board, the paths)."""
+    board = leaderboard(view.frame, sort_by)
+    title = f"Leaderboard: {', '.join(view.infos)}"
+    notes = leaderboard_notes(board, view.infos)
+    paths = [write_text(out / "leaderboard.md", f"# {title}\n\n" + to_markdown(board) + notes),
+             write_text(out / "leaderboard.csv", board.to_csv(index=False)),
+             write_text(out / "leaderboard.tex", to_latex(board, caption=title + ". " + " ".join(notes.split())))]
+    return board, paths
+
+
+def matched_files(frame: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """matched.md and .csv: FID of every curve at matched layer ratios and cost fractions."""
+    matched = matched_table(frame[frame["valid"]])
+    if matched.empty:
+        return matched, []
+    header = (f"# FID at matched layer ratio and matched cost\n\n{primary_column(frame.columns)} with n = "
+              f"{int(frame['num_samples'].iloc[0])} samples per cell, interpolated linearly along each curve's "
+              "sweep; blank where the curve does not reach the target. Cost = GFLOPs/image over the reference "
+              "`full`'s.\n\n")
+    return matched, [write_text(out / "matched.csv", matched.to_csv(index=False)),
+                     write_text(out / "matched.md", header + frame_to_markdown(matched))]
