@@ -215,7 +215,7 @@ def test_harness_fid_in_the_inception_space_uses_cleanfid_features_and_caches_th
                                                                                             monkeypatch):
     from adadiff_bench.config import MetricsConfig
     from adadiff_bench.data import Dataset
-    from adadiff_bench.metrics import quality
+    from adadiff_bench.metrics import extractors, quality
 
     model_dir = save_stand_in(tmp_path / "model")
     extracted = []
@@ -227,12 +227,13 @@ def test_harness_fid_in_the_inception_space_uses_cleanfid_features_and_caches_th
     def mean_distance(a, b):  # a cheap stand-in for the 2048-d Frechet distance (~20 s on one core)
         return float(np.abs(a.mean(axis=0) - b.mean(axis=0)).sum())
 
-    monkeypatch.setattr(quality, "cleanfid_inception_features", counting_features)
-    monkeypatch.setattr(quality, "cleanfid_frechet_distance", mean_distance)
+    monkeypatch.setattr(extractors, "cleanfid_inception_features", counting_features)
+    monkeypatch.setattr(extractors, "cleanfid_frechet_distance", mean_distance)
     config = MetricsConfig(fid_backend="clean-fid", cleanfid_model=str(model_dir / CLEANFID_MODEL_FILE))
     samples, reference = torch.roll(digits[:8], 1, dims=3), Dataset("digits", digits[8:24], None, "0" * 64)
-    first = quality.cleanfid_fid(quality.INCEPTION, samples, reference, None, config, tmp_path / "cache", "key")
-    again = quality.cleanfid_fid(quality.INCEPTION, samples, reference, None, config, tmp_path / "cache", "key")
+    space = quality.FeatureSpace(extractors.get_extractor(extractors.INCEPTION), samples, reference, config,
+                                 tmp_path / "cache", {"input2_cache_name": "key"}, None)
+    first, again = space.cleanfid_fid(), space.cleanfid_fid()
     assert extracted == [16, 8, 8]  # the reference's features came from the cache the second time
     expected = mean_distance(cleanfid_inception_features(samples, model_dir),
                              cleanfid_inception_features(reference.images, model_dir))

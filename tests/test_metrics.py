@@ -19,7 +19,8 @@ from adadiff_bench.config import DataConfig, MetricsConfig
 from adadiff_bench.data import Dataset, load_dataset
 from adadiff_bench.errors import UserError
 from adadiff_bench.metrics import classifier
-from adadiff_bench.metrics.quality import INCEPTION_WEIGHTS_FILE, compute_quality, resolve_inception_weights
+from adadiff_bench.metrics.extractors import INCEPTION_WEIGHTS_FILE, resolve_inception_weights
+from adadiff_bench.metrics.quality import compute_quality
 
 FAST = MetricsConfig(inception="off", kid_subset_size=100, isc_splits=10)
 DIGITS_KEYS = {"fid_digits_cnn", "is_digits_cnn_mean", "is_digits_cnn_std", "kid_digits_cnn_mean", "kid_digits_cnn_std",

@@ -1,0 +1,260 @@
+"""Feature extractors: one registered spec per feature space, and which of them a run uses.
+
+A feature space is a network that turns images into features (`digits-cnn`: the packaged digits
+classifier; `inception`: torch-fidelity's Inception-V3). Every metric (see `specs`) is computed in
+every space that provides the feature layer it reads, and its columns carry the space's name:
+`fid_digits_cnn`, `is_inception_mean`.
+
+Adding a space is one `register_extractor(ExtractorSpec(...))` call, in this file or in a plugin
+module loaded through the `adadiff_bench.metrics` entry-point group. For example, raw pixels as
+features for images of any size (no logits, so no Inception Score in that space)::
+
+    class Pixels(FeatureExtractorBase):            # torch_fidelity.feature_extractor_base
+        def forward(self, images):
+            return (images.flatten(1).float() / 255,)
+        @staticmethod
+        def get_provided_features_list():
+            return ("pixels",)
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "pixels"
+
+    register_extractor(ExtractorSpec("pixels", "pixels", weights=lambda config, where: __file__,
+                                     roles=("fid", "kid", "prc"), fidelity_class=Pixels))
+
+Nothing is downloaded: a space whose weights are not on disk is left out (or refused, when the
+run requires it).
+"""
+from __future__ import annotations
+
+import io
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.hub
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from ..config import MetricsConfig
+from ..errors import UserError, unknown_choice
+from ..plugins import load_plugins
+from ..results import atomic_write_bytes
+from .classifier import ASSET_PATH, EXTRACTOR_NAME, DigitsCNNExtractor, weights_sha256
+from .cleanfid_backend import (CLEANFID_MODEL_FILE, cleanfid_default_model_dir, cleanfid_frechet_distance,
+                               cleanfid_inception_features, resolve_cleanfid_model)
+from .specs import FEATURE_ROLES, parse_column, quantities
+
+PLUGIN_GROUP = "adadiff_bench.metrics"
+DIGITS = EXTRACTOR_NAME
+INCEPTION = "inception"
+INCEPTION_FIDELITY_NAME = "inception-v3-compat"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def same_features_fid(space) -> float:
+    """clean-fid's Frechet distance on the space's own FID features (the default clean-fid behaviour)."""
+    layer = space.features.layers["fid"]
+    return cleanfid_frechet_distance(space.features.samples[layer].numpy(), space.features.reference[layer].numpy())
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """A feature space: the network, where its weights are, which images it reads, which feature roles it gives.
+
+    `name` is the space's name in configs and results (lower case words joined by "-"; in column
+    names the "-" becomes "_"). `fidelity_name` is the torch-fidelity feature extractor that computes
+    it: a torch-fidelity built-in, or `fidelity_class` (a `FeatureExtractorBase` subclass), which is
+    registered with torch-fidelity under that name when this spec is registered.
+
+    `weights(config, where)` returns the file to load, whose SHA-256 also keys the reference cache (a
+    network without weights returns a file that identifies it, such as its module's `__file__`), or
+    None to leave the space out. It owns the space's availability policy: a one-line `UserError`
+    (prefixed with `where` when given) when the run requires weights that are not on disk, a one-line
+    note on stderr when it leaves the space out for a reason the user should hear of.
+
+    The space reads images with `channels` in (1, 3) and, when `size` is set, exactly that H x W;
+    `rgb` repeats grey images to three channels first. `roles` are the metric feature roles it
+    provides (`specs.FEATURE_ROLES`: "fid", "isc", "kid", "prc"); a metric reading another role is
+    skipped in this space. torch-fidelity's `get_default_feature_layer_for_metric(role)` names the
+    layer of each role. `cleanfid(space)` is FID by clean-fid in this space (`fid_backend =
+    "clean-fid"`), and `cleanfid_model` says that it needs clean-fid's own Inception file, checked
+    before any work. `cuda`: the network may run on a CUDA device when the run uses one.
+    """
+    name: str
+    fidelity_name: str
+    weights: Callable[[MetricsConfig, str], str | None]
+    channels: tuple[int, ...] = (1, 3)
+    size: tuple[int, int] | None = None
+    rgb: bool = False
+    roles: tuple[str, ...] = FEATURE_ROLES
+    fidelity_class: type | None = None
+    cleanfid: Callable[[Any], float] = same_features_fid
+    cleanfid_model: bool = False
+    cuda: bool = True
+
+    @property
+    def column(self) -> str:
+        """The space's name as it appears in column names: `digits_cnn`."""
+        return self.name.replace("-", "_")
+
+    def applies(self, image_shape: tuple[int, ...]) -> bool:
+        """Whether the space reads C x H x W images of this shape."""
+        channels, *size = image_shape
+        return channels in self.channels and (self.size is None or tuple(size) == tuple(self.size))
+
+    def reads(self) -> str:
+        """The images the space reads, in words: "1-channel 8x8 images"."""
+        size = f" {self.size[0]}x{self.size[1]}" if self.size else ""
+        return f"{' or '.join(map(str, self.channels))}-channel{size} images"
+
+
+_EXTRACTORS: dict[str, ExtractorSpec] = {}
+
+
+def register_extractor(spec: ExtractorSpec) -> ExtractorSpec:
+    """Add a feature space (and its network to torch-fidelity); a malformed spec or a taken name is refused."""
+    problem = _malformed(spec)
+    if problem:
+        raise ValueError(f"feature extractor {spec.name!r}: {problem}")
+    if spec.name in _EXTRACTORS and _EXTRACTORS[spec.name] is not spec:
+        raise ValueError(f"feature extractor {spec.name!r} is already registered")
+    registered = FEATURE_EXTRACTORS_REGISTRY.get(spec.fidelity_name)
+    if spec.fidelity_class is not None and registered not in (None, spec.fidelity_class):
+        raise ValueError(f"feature extractor {spec.name!r}: torch-fidelity already has another "
+                         f"{spec.fidelity_name!r} ({registered.__qualname__})")
+    if spec.fidelity_class is not None and registered is None:
+        register_feature_extractor(spec.fidelity_name, spec.fidelity_class)
+    _EXTRACTORS[spec.name] = spec
+    return spec
+
+
+def _malformed(spec: ExtractorSpec) -> str | None:
+    """What is wrong with a spec, or None."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", spec.name):
+        return "a name like 'digits-cnn' is needed (lower case words joined by '-')"
+    for _, quantity in quantities():  # the space must read back out of every metric's column names
+        parsed = parse_column(quantity.column(spec.column))
+        if parsed is None or parsed.quantity != quantity or parsed.space != spec.column or not parsed.is_value:
+            return f"its column {quantity.column(spec.column)!r} would not read back as {quantity.name!r}"
+    if not spec.roles or not set(spec.roles) <= set(FEATURE_ROLES):
+        return f"roles must be some of {', '.join(FEATURE_ROLES)} (got {spec.roles!r})"
+    if not spec.channels or not set(spec.channels) <= {1, 3} or (spec.rgb and 3 not in spec.channels):
+        return f"channels must be some of 1, 3 (got {spec.channels!r}; rgb needs 3)"
+    if spec.size is not None and (len(spec.size) != 2 or min(spec.size) <= 0):
+        return f"size must be None or (height, width) (got {spec.size!r})"
+    if not callable(spec.weights) or not callable(spec.cleanfid):
+        return "weights and cleanfid must be functions"
+    if spec.fidelity_class is None and spec.fidelity_name not in FEATURE_EXTRACTORS_REGISTRY:
+        return f"torch-fidelity has no feature extractor {spec.fidelity_name!r}; give its fidelity_class"
+    return None
+
+
+def extractor_specs() -> list[ExtractorSpec]:
+    """Every registered feature space, in preference order (registration order; plugins loaded first)."""
+    load_plugins(PLUGIN_GROUP)
+    return list(_EXTRACTORS.values())
+
+
+def get_extractor(name: str) -> ExtractorSpec:
+    """The registered feature space `name`; a UserError with the close matches when there is none."""
+    load_plugins(PLUGIN_GROUP)
+    if name not in _EXTRACTORS:
+        raise unknown_choice("feature extractor", name, tuple(_EXTRACTORS))
+    return _EXTRACTORS[name]
+
+
+def resolve_extractors(image_shape: tuple[int, int, int], config: MetricsConfig, where: str) -> tuple[str, ...]:
+    """The feature spaces a run on C x H x W images uses, in preference order; raises UserError before any work.
+
+    A space is used when it reads images of this shape and its weights are available (`ExtractorSpec.
+    weights`: Inception under `inception = "auto" | "require" | "off"`). The clean-fid backend's model
+    file is checked here too.
+    """
+    names = tuple(spec.name for spec in extractor_specs()
+                  if spec.applies(tuple(image_shape)) and spec.weights(config, where) is not None)
+    check_fid_backend(config, names)
+    if not names:
+        print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
+              "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
+    return names
+
+
+def check_fid_backend(config: MetricsConfig, extractors: tuple[str, ...]) -> None:
+    """Refuse the clean-fid backend in a space that needs clean-fid's model file when that file is not on disk."""
+    if config.fid_backend == "clean-fid" and any(get_extractor(name).cleanfid_model for name in extractors) and \
+            resolve_cleanfid_model(config.cleanfid_model) is None:
+        raise UserError(cleanfid_missing_message())
+
+
+def cleanfid_missing_message() -> str:
+    """The one line that says where clean-fid's Inception file was looked for and how to provide it."""
+    return (f"fid_backend = \"clean-fid\" needs clean-fid's {CLEANFID_MODEL_FILE} (looked in "
+            f"{cleanfid_default_model_dir()}); set [metrics] cleanfid_model = PATH or use fid_backend = \"torch-fidelity\"")
+
+
+# ---- Inception: torch-fidelity's network when its weights are on disk; clean-fid's own pipeline for FID -----
+
+def default_inception_weights_path() -> Path:
+    """Where torch-fidelity caches the Inception weights it downloads ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def resolve_inception_weights(config: MetricsConfig) -> str | None:
+    """The Inception weights file to use: the configured path, else torch-fidelity's cached copy, else None."""
+    if config.inception_weights:
+        if not Path(config.inception_weights).is_file():
+            raise UserError(f"Inception weights file {config.inception_weights!r} does not exist; "
+                            f"pass an existing file with --inception-weights PATH ([metrics] inception_weights)")
+        return str(config.inception_weights)
+    cached = default_inception_weights_path()
+    return str(cached) if cached.is_file() else None
+
+
+def inception_weights(config: MetricsConfig, where: str = "") -> str | None:
+    """Inception's weights under `inception`: "off" leaves the space out, "require" refuses a run without them,
+    "auto" uses them when on disk and otherwise leaves the space out with a note."""
+    if config.inception == "off":
+        return None
+    weights = resolve_inception_weights(config)  # raises when a configured file is absent
+    if weights is None and config.inception == "require":
+        raise UserError(f'{where + ": " if where else ""}[metrics] inception = "require" but no Inception weights '
+                        f"were found at {default_inception_weights_path()}; pass --inception-weights PATH or set "
+                        'inception = "auto"')
+    if weights is None:
+        print(f"note: Inception metrics skipped: no weights on disk (pass --inception-weights PATH or put "
+              f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} in $TORCH_HOME/hub/checkpoints)", file=sys.stderr)
+    return weights
+
+
+def inception_cleanfid_fid(space) -> float:
+    """FID by clean-fid's own resize and TorchScript Inception; the reference's features are cached on disk."""
+    model_dir = resolve_cleanfid_model(space.config.cleanfid_model)
+    if model_dir is None:
+        raise UserError(cleanfid_missing_message())
+    model_hash = weights_sha256(model_dir / CLEANFID_MODEL_FILE)[:16]
+    cached = Path(space.cache_dir) / f"{space.kwargs['input2_cache_name']}-cleanfid-{model_hash}.npy"
+    if cached.is_file():
+        reference_inception = np.load(cached)
+    else:
+        reference_inception = cleanfid_inception_features(space.reference.images, model_dir)
+        atomic_write_bytes(cached, npy_bytes(reference_inception))
+    return cleanfid_frechet_distance(cleanfid_inception_features(space.samples, model_dir), reference_inception)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as the bytes of a .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+# ---- the built-in feature spaces, in preference order ---------------------------------------------
+
+register_extractor(ExtractorSpec(DIGITS, DIGITS, weights=lambda config, where="": str(ASSET_PATH),
+                                 channels=(1,), size=(8, 8), fidelity_class=DigitsCNNExtractor))
+register_extractor(ExtractorSpec(INCEPTION, INCEPTION_FIDELITY_NAME, weights=inception_weights, rgb=True,
+                                 cleanfid=inception_cleanfid_fid, cleanfid_model=True))
