@@ -10,6 +10,8 @@ module loaded through the `adadiff_bench.metrics` entry-point group. For example
 features for images of any size (no logits, so no Inception Score in that space)::
 
     class Pixels(FeatureExtractorBase):            # torch_fidelity.feature_extractor_base
+        def __init__(self, name, features_list, **kwargs):  # torch-fidelity passes its settings too
+            super().__init__(name, features_list)
         def forward(self, images):
             return (images.flatten(1).float() / 255,)
         @staticmethod
