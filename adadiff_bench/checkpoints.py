@@ -1,8 +1,17 @@
-"""Checkpoints: the model config plus (EMA) weights in one file, and `load_model` that gives back a ready module.
+"""Checkpoints: one registry of formats, the only place that opens a checkpoint file and says what it is.
 
-Format: a dict {"format": "adadiff-bench/uvit", "version": 1, "model": {U-ViT kwargs},
-"state_dict": {...}, "meta": {...}}. A plain reference U-ViT state dict (as published) loads too when
-the model config is passed alongside.
+A checkpoint of this suite is a dict with a `format` field naming its format ("adadiff-bench/uvit",
+"adadiff-bench/adadiff", "adadiff-bench/berxit", ...); files in other projects' layouts (a published
+U-ViT state dict, an official AdaDiff checkpoint) carry no such field and are recognised by their
+keys. Each format says what it holds and how to load it into a ready object. Files are read with
+`torch.load(weights_only=True)`: nothing in them can run code.
+
+The core formats live here (a U-ViT, a published U-ViT state dict); methods register theirs next
+to the code that reads and writes them (`Method.reads` / `Method.writes` name them).
+
+    load_checkpoint(path, "adadiff-bench/uvit")   # the object, or one line saying what the file is instead
+    cached_checkpoint(path, ...)                   # the same, shared (read-only use while sampling)
+    open_checkpoint(path)                          # (format, payload) without loading
 """
 from __future__ import annotations
 
@@ -10,6 +19,9 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -19,7 +31,29 @@ from .errors import UserError
 from .models.uvit import UViT
 
 FORMAT = "adadiff-bench/uvit"
+UVIT_STATE_DICT = "uvit-state-dict"
 VERSION = 1
+TRAIN_HINT = "train one with `adadiff-bench train --config configs/train_digits.toml`"
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """One kind of checkpoint file: its name, what it holds, how to load it, how to make one."""
+    name: str                                       # the file's `format` field (or a name for a foreign layout)
+    what: str                                       # for messages: "a U-ViT"
+    load: Callable[..., object]                     # (payload, path, **options) -> the ready object
+    how_to_make: str = ""                           # one clause: where such a file comes from
+    recognise: Callable[[dict], bool] | None = None  # a foreign layout (no `format` field): does it look like one?
+
+
+_FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
+    if fmt.name in _FORMATS and _FORMATS[fmt.name] != fmt:
+        raise ValueError(f"checkpoint format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
 
 
 def sha256_file(path: str | Path) -> str:
@@ -30,9 +64,78 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def build_model(config: UViTConfig) -> UViT:
-    return UViT(**dataclasses.asdict(config))
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw payload of a checkpoint file (weights only: no code runs), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} not found; {TRAIN_HINT} or point `checkpoint` at an existing file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise UserError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({type(exc).__name__}); "
+                        "re-download or retrain it") from None
 
+
+def _identify(payload) -> CheckpointFormat | None:
+    if not isinstance(payload, dict):
+        return None
+    if isinstance(payload.get("format"), str):
+        return _FORMATS.get(payload["format"])
+    return next((f for f in _FORMATS.values() if f.recognise is not None and f.recognise(payload)), None)
+
+
+def _identify_any(payload) -> CheckpointFormat | None:
+    """The format of a payload, loading the methods' (and plugins') formats when it is not a core one."""
+    fmt = _identify(payload)
+    if fmt is None:
+        from .methods.registry import load_all
+        load_all()
+        fmt = _identify(payload)
+    return fmt
+
+
+def open_checkpoint(path: str | Path) -> tuple[CheckpointFormat, dict]:
+    """(format, payload) of a checkpoint file; a file of no known format is refused with one line."""
+    payload = read_checkpoint(path)
+    fmt = _identify_any(payload)
+    if fmt is None:
+        stated = payload.get("format") if isinstance(payload, dict) else None
+        raise UserError(f"{str(path)!r} is not a checkpoint this suite knows"
+                        f"{f' (format {stated!r})' if stated else ''}; known formats: {', '.join(sorted(_FORMATS))}")
+    return fmt, payload
+
+
+def load_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None, where: str = "",
+                    **options) -> object:
+    """The object a checkpoint holds, refusing (one line) a file of another format than `formats`."""
+    fmt, payload = open_checkpoint(path)
+    wanted = (formats,) if isinstance(formats, str) else tuple(formats or ())
+    if wanted and fmt.name not in wanted:
+        needed = " or ".join(_FORMATS[w].what if w in _FORMATS else w for w in wanted)
+        hint = next((_FORMATS[w].how_to_make for w in wanted if w in _FORMATS and _FORMATS[w].how_to_make), "")
+        raise UserError(f"{where + ': ' if where else ''}{str(path)!r} is {fmt.what} ({fmt.name}), not {needed}"
+                        f"{'; ' + hint if hint else ''}")
+    return fmt.load(payload, str(path), **options)
+
+
+def cached_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None, where: str = "") -> object:
+    """`load_checkpoint`, loaded once per file version and shared: only for read-only use (sampling, checks)."""
+    stat = Path(path).stat() if Path(path).is_file() else None
+    version = (stat.st_mtime_ns, stat.st_size) if stat else None
+    key = (formats,) if isinstance(formats, str) else tuple(formats or ())
+    return _cached(str(path), version, key, where)
+
+
+@lru_cache(maxsize=16)
+def _cached(path: str, version, formats: tuple[str, ...], where: str) -> object:
+    return load_checkpoint(path, formats, where)
+
+
+def checkpoint_format(path: str | Path) -> CheckpointFormat:
+    return open_checkpoint(path)[0]
+
+
+# ---- writing -------------------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
@@ -54,44 +157,6 @@ def state_for_saving(module: torch.nn.Module, half: bool) -> dict:
             for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig, meta: dict | None = None,
-                    half: bool = False) -> None:
-    state = state_for_saving(model, half)
-    atomic_torch_save({"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(config),
-                       "state_dict": state, "meta": meta or {}}, path)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} not found; train one with `adadiff-bench train --config "
-                        "configs/train_digits.toml` or point `checkpoint` at an existing file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise UserError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file ({type(exc).__name__}); "
-                        "re-download or retrain it") from None
-
-
-def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
-    """Load a checkpoint into a float32 U-ViT in eval mode.
-
-    `path` is an adadiff-bench checkpoint, or a reference U-ViT state dict together with `config`.
-    """
-    payload = read_checkpoint(path)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        config = UViTConfig(**payload["model"])
-        state = payload["state_dict"]
-    elif config is not None and isinstance(payload, dict):
-        state = payload
-    else:
-        raise UserError(f"checkpoint {str(path)!r} is a plain state dict without a model config; pass the "
-                        "U-ViT config (load_model(path, config=UViTConfig(...)))")
-    model = build_model(config)
-    load_state_dict_strict(model, state, str(path))
-    return model.float().eval()
-
-
 def load_state_dict_strict(model: torch.nn.Module, state: dict, where: str) -> None:
     """`load_state_dict(strict=True)` with a one-line error naming missing and unexpected keys."""
     expected = model.state_dict()
@@ -108,3 +173,63 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict, where: str) -> N
         raise UserError(f"checkpoint {where!r} does not fit the model ({'; '.join(parts)}); "
                         "check that the model config matches the checkpoint")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# ---- U-ViT: this suite's format and the published state dicts ---------------------------------------
+
+def build_model(config: UViTConfig) -> UViT:
+    """A U-ViT from its config; the config stays on the module (`model.config`) for whoever saves it."""
+    model = UViT(**dataclasses.asdict(config))
+    model.config = config
+    return model
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig, meta: dict | None = None,
+                    half: bool = False) -> None:
+    state = state_for_saving(model, half)
+    atomic_torch_save({"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(config),
+                       "state_dict": state, "meta": meta or {}}, path)
+
+
+def uvit_from_state(config: UViTConfig, state: dict, path: str) -> UViT:
+    """A float32 U-ViT in eval mode with these weights (strict)."""
+    model = build_model(config)
+    load_state_dict_strict(model, state, path)
+    return model.float().eval()
+
+
+def _load_uvit(payload: dict, path: str) -> UViT:
+    return uvit_from_state(UViTConfig(**payload["model"]), payload["state_dict"], path)
+
+
+UVIT_KEY_PREFIXES = ("pos_embed", "patch_embed.", "time_embed.", "label_emb.", "in_blocks.", "mid_block.",
+                     "out_blocks.", "norm.", "decoder_pred.", "final_layer.")
+
+
+def looks_like_uvit_state(payload: dict) -> bool:
+    """A published U-ViT state dict: only U-ViT parameter names, and its patch embedding among them."""
+    return "patch_embed.proj.weight" in payload and all(str(k).startswith(UVIT_KEY_PREFIXES) for k in payload)
+
+
+def _load_uvit_state(payload, path: str, uvit: UViTConfig | None = None) -> UViT:
+    if uvit is None or not isinstance(payload, dict):
+        raise UserError(f"checkpoint {path!r} is a plain state dict without a model config; pass the "
+                        "U-ViT config (load_model(path, config=UViTConfig(...)))")
+    return uvit_from_state(uvit, payload, path)
+
+
+register_format(CheckpointFormat(FORMAT, "a U-ViT", _load_uvit, TRAIN_HINT))
+register_format(CheckpointFormat(UVIT_STATE_DICT, "a published U-ViT state dict (config given separately)",
+                                 _load_uvit_state, recognise=looks_like_uvit_state))
+
+
+def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
+    """A float32 U-ViT in eval mode from a checkpoint of this suite, or from a published U-ViT state dict
+    together with its `config` (a strict load names any key that does not fit)."""
+    payload = read_checkpoint(path)
+    fmt = _identify_any(payload)
+    if fmt is not None and fmt.name == FORMAT:
+        return _load_uvit(payload, str(path))
+    if fmt is None or fmt.name == UVIT_STATE_DICT:
+        return _load_uvit_state(payload, str(path), config)
+    raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a U-ViT; {TRAIN_HINT}")

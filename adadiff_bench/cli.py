@@ -170,8 +170,7 @@ def _leaderboard(args) -> int:
 
 
 def _train(args) -> int:
-    from .config import load_train_config
-    from .training import train
+    from .training import load_train_config, train
 
     path = train(load_train_config(args.config), progress=not args.no_progress)
     print(f"EMA weights written to {path}")

@@ -87,85 +87,18 @@ class TrainConfig:
 
 
 @dataclass
-class AdaDiffTrainConfig:
-    """`[adadiff]`: train AdaDiff's estimators (and optionally the backbone) from a base checkpoint.
-
-    `loss`: "official" (L_u averaged over layers; L_UAL with batch-mean certainty weights normalised
-    over layers) or "paper" (L_u summed over layers; L_UAL = sum_i (1 - u_i) ||g_i - eps||^2).
-    """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    estimator: str = "official"
-    heads: str = "shared"
-    timestep_weights: str = "shared"
-    loss: str = "official"
-    detach_weights: bool = False
-    freeze_backbone: bool = True
-    lambda_u: float = 1.0
-    beta_ual: float = 1.0
-
-    def validate(self, where: str) -> None:
-        if self.loss not in ("official", "paper"):
-            raise UserError(f"{where}: loss must be 'official' or 'paper' (got {self.loss!r})")
-        if self.lambda_u < 0 or self.beta_ual < 0:
-            raise UserError(f"{where}: lambda_u and beta_ual must be >= 0")
-        from .models.adadiff import AdaDiffConfig
-        AdaDiffConfig(self.estimator, self.heads, self.timestep_weights).validate(where)
-
-
-BASELINE_TRAINING_TABLES = ("berxit", "ase", "l2c")  # each trained by adadiff_bench.baselines.<table>
-
-
-@dataclass
-class BerxitTrainConfig:
-    """`[berxit]`: train BERxiT's learning-to-exit regressor on a frozen backbone (see baselines/berxit.py).
-
-    `base_checkpoint`: a U-ViT checkpoint, or an AdaDiff checkpoint whose backbone and exit heads are used.
-    """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-
-
-@dataclass
-class AseTrainConfig:
-    """`[ase]`: fine-tune a U-ViT for ASE's time-dependent block dropping (see baselines/ase.py).
-
-    `strengths`: the schedule strengths sampled during fine-tuning, one per batch (one model serves all of
-    them); units as in baselines/ase.py: 0.5 = up to every out-block dropped at the noisiest steps.
-    """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25])
-
-
-@dataclass
-class L2cTrainConfig:
-    """`[l2c]`: train Learning-to-Cache's router on a frozen backbone for one solver and step count
-    (see baselines/l2c.py).
-
-    `l1_weight`: the paper's lambda, the weight of the sparsity term sum(beta) that pushes toward reuse,
-    against the eps error summed over pixels (the official 0.1 was for 4x32x32 latents; 0.002 suits 8x8 digits).
-    """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    solver: str = "dpm-solver++"
-    num_steps: int = 25
-    l1_weight: float = 0.002
-
-
-@dataclass
 class TrainFile:
-    """A training config. With an `[adadiff]`, `[berxit]`, `[ase]` or `[l2c]` table the model comes from its
-    base checkpoint; without one a U-ViT is trained from scratch as `[model]` says."""
+    """A training config: `[data]`, `[model]`, `[train]`, and at most one method's table.
+
+    With a method's table (`[adadiff]`, `[berxit]`, `[ase]`, `[l2c]`: the `TrainConfig` a method
+    declares) that method's training task runs, usually from a base checkpoint; without one a U-ViT
+    is trained from scratch as `[model]` says. `training.load_train_config` reads one from TOML.
+    """
     data: DataConfig = field(default_factory=DataConfig)
     model: UViTConfig = field(default_factory=UViTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    adadiff: AdaDiffTrainConfig | None = None
-    berxit: BerxitTrainConfig | None = None
-    ase: AseTrainConfig | None = None
-    l2c: L2cTrainConfig | None = None
-
-    def validate(self, where: str) -> None:
-        tasks = [name for name in ("adadiff", *BASELINE_TRAINING_TABLES) if getattr(self, name) is not None]
-        if len(tasks) > 1:
-            raise UserError(f"{where}: a training config has at most one of [adadiff], [berxit], [ase], [l2c] "
-                            f"(found {', '.join(tasks)}); split it into one file per model")
+    task: str | None = None      # the method whose table the file holds
+    task_config: Any = None      # that table, as the method's TrainConfig
 
 
 @dataclass
@@ -288,10 +221,6 @@ def read_toml(path: str | Path) -> dict:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
-
-
-def load_train_config(path: str | Path) -> TrainFile:
-    return from_dict(TrainFile, read_toml(path), str(path))
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:

@@ -11,6 +11,7 @@ Randomness: sample i draws its initial noise, its label and every solver noise f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +32,27 @@ SOLVER_SETTINGS = {
     "euler": (EulerDiscreteScheduler, dict(timestep_spacing="linspace")),
 }
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplingContext:
+    """What the sampling loop hands the denoiser with every call (as k-diffusion's samplers hand their callbacks)."""
+    step: int                              # index of this network evaluation in the solver's schedule
+    timesteps: np.ndarray                  # every model timestep the solver visits, in order (float64)
+    rows: np.ndarray                       # run-wide indices of the batch's samples
+    generators: Sequence[torch.Generator]  # each sample's own generator (randomness depends on (seed, row) only)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step == len(self.timesteps) - 1
+
+
+# eps = denoiser(x, t, y, ctx)
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", SamplingContext], torch.Tensor]
 
 
 def make_scheduler(solver: str, num_steps: int):
@@ -75,21 +96,23 @@ def sample_labels(generators: Sequence[torch.Generator], num_classes: int) -> to
 @torch.no_grad()
 def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[int, ...],
            indices: Sequence[int], seed: int, num_classes: int = 0,
-           on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[SamplingContext], None] | None = None) -> torch.Tensor:
     """Draw the samples `indices` of run `seed`; returns float images in model space ([-1, 1] ideally).
 
-    `on_step(step_index, timestep)` is called before each network evaluation (the step log hooks in).
+    Each network evaluation gets a `SamplingContext`; `on_step(ctx)` is called before it (the step log hooks in).
     """
     generators = sample_generators(seed, indices)
     x = initial_noise(generators, image_shape)
     y = sample_labels(generators, num_classes)
     scheduler = make_scheduler(solver, num_steps)
+    timesteps, rows = scheduler.timesteps.double().numpy(), np.asarray(indices)
     x = x * scheduler.init_noise_sigma
     for step_index, t in enumerate(scheduler.timesteps):
+        ctx = SamplingContext(step_index, timesteps, rows, generators)
         if on_step is not None:
-            on_step(step_index, t)
+            on_step(ctx)
         model_input = scheduler.scale_model_input(x, t)
-        eps = denoiser(model_input, t.expand(len(x)), y)
+        eps = denoiser(model_input, t.expand(len(x)), y, ctx)
         x = scheduler.step(eps, t, x, generator=generators).prev_sample
     return x
 

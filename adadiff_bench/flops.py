@@ -9,6 +9,7 @@ B * H * L * S * D MACs.
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ with warnings.catch_warnings():  # importing fvcore scripts a loss with the depr
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from .models.uvit import UViT
+from .models.backbone import BRANCHES, Backbone
 from .steplog import UnitCosts
 
 IGNORED_OPS = ("aten::layer_norm", "aten::group_norm", "aten::batch_norm", "aten::instance_norm")
@@ -45,30 +46,22 @@ def count_macs(module: torch.nn.Module, inputs: tuple) -> FlopCountAnalysis:
     return analysis
 
 
-def final_conv_macs(model: UViT) -> int:
-    """The output conv runs as elementwise products (batch-invariant), which tracers do not see: count it here."""
-    conv = model.final_layer
-    if not isinstance(conv, torch.nn.Conv2d):
-        return 0
-    return conv.weight.numel() * model.img_size * model.img_size
+@lru_cache(maxsize=16)
+def unit_costs(model: Backbone) -> UnitCosts:
+    """MACs per image of the embedding, of each block (execution order), of each block's branches and of the head.
 
-
-def unit_costs(model: UViT) -> UnitCosts:
-    """MACs per image of the embedding, of each block (execution order) and of the head."""
-    x = torch.zeros(1, model.in_chans, model.img_size, model.img_size)
-    t = torch.zeros(1)
-    y = torch.zeros(1, dtype=torch.long) if model.num_classes > 0 else None
-    inputs = (x, t) if y is None else (x, t, y)
+    Measured once per network (cached: a method built inside a timed pass must not trace the model again)."""
+    parts = model.cost_parts()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        by_module = count_macs(model.eval(), inputs).by_module()
-    embed = sum(by_module.get(name, 0) for name in ("patch_embed", "time_embed", "label_emb"))
-    num_in = len(model.in_blocks)
-    block_names = ([f"in_blocks.{i}" for i in range(num_in)] + ["mid_block"]
-                   + [f"out_blocks.{i}" for i in range(len(model.out_blocks))])
-    blocks = np.array([by_module[name] for name in block_names], dtype=np.float64)
-    head = sum(by_module.get(name, 0) for name in ("norm", "decoder_pred")) + final_conv_macs(model)
-    return UnitCosts(embed=float(embed), blocks=blocks, head=float(head))
+        by_module = count_macs(model.eval(), model.dummy_inputs()).by_module()
+
+    def macs(names) -> float:
+        return float(sum(by_module.get(name, 0) for name in names if name is not None))
+
+    branches = np.array([[macs([names[b]]) for b in BRANCHES] for names in parts.branches], dtype=np.float64)
+    return UnitCosts(embed=macs(parts.embed), blocks=np.array([macs([b]) for b in parts.blocks], dtype=np.float64),
+                     head=macs(parts.head) + parts.untraced_head_macs, branches=branches)
 
 
 def dispatch_flops(fn) -> int:

@@ -1,7 +1,7 @@
 """Per-part cost table of a checkpoint: what `adadiff-bench flops` prints.
 
-Network rows, in execution order: `embed` (patch, time and label embedding, position table), every
-block, `head` (norm, decoder, final conv). MACs are per image and network evaluation, counted as in
+Network rows, in execution order: `embed` (on U-ViT patch, time and label embedding, position table),
+every block, `head` (norm, decoder, final conv), as the backbone's `cost_parts` names them. MACs are per image and network evaluation, counted as in
 `flops.py` (the unit costs the step log multiplies), FLOPs = 2 x MACs; `share` is a row's MACs over
 one full evaluation. Every backbone parameter belongs to exactly one network row.
 
@@ -16,73 +16,49 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
-from .adadiff_checkpoints import FORMAT as ADADIFF_FORMAT, load_adadiff
-from .checkpoints import FORMAT as UVIT_FORMAT, load_model, read_checkpoint
+from .checkpoints import FORMAT as UVIT_FORMAT
+from .checkpoints import load_checkpoint
 from .errors import UserError
 from .flops import unit_costs
-from .models.adadiff import AdaDiffUViT, looks_official
-from .models.uvit import UViT
+from .models.backbone import Backbone
 from .steplog import UnitCosts
+
+if TYPE_CHECKING:
+    from .methods.adadiff import AdaDiffNetwork
 
 NETWORK, OVERHEAD, WORST_CASE = "network", "overhead", "worst case"
 COLUMNS = ["part", "kind", "macs", "flops", "params", "share"]
-EMBED_MODULES = ("patch_embed", "time_embed", "label_emb", "pos_embed")
-HEAD_MODULES = ("norm", "decoder_pred", "final_layer")
+READS = (UVIT_FORMAT, "adadiff-bench/adadiff")
 
 
-def load_for_flops(path: str | Path) -> tuple[UViT, AdaDiffUViT | None]:
-    """(U-ViT backbone, AdaDiff network or None) of a checkpoint; a one-line UserError for anything else."""
+def load_for_flops(path: str | Path) -> tuple[Backbone, AdaDiffNetwork | None]:
+    """(backbone, AdaDiff network or None) of a checkpoint; a one-line UserError for anything else."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {str(path)!r} not found; pass a U-ViT or AdaDiff checkpoint such as "
                         "checkpoints/uvit_digits.pt")
-    payload = read_checkpoint(path)
-    kind = payload.get("format") if isinstance(payload, dict) else None
-    if kind == ADADIFF_FORMAT:
-        net = load_adadiff(path)
-        return net.backbone, net
-    if kind == UVIT_FORMAT:
-        return load_model(path), None
-    raise UserError(f"{path} is {_what_it_is(payload)}, not a U-ViT or AdaDiff checkpoint; pass the model "
-                    "checkpoint itself (e.g. checkpoints/uvit_digits.pt), saved with save_checkpoint or save_adadiff")
+    net = load_checkpoint(path, READS)
+    return (net, None) if isinstance(net, Backbone) else (net.backbone, net)
 
 
-def _what_it_is(payload) -> str:
-    """A few words naming what a foreign checkpoint file holds."""
-    if not isinstance(payload, dict):
-        return f"a pickled {type(payload).__name__}"
-    if "format" in payload:
-        return f"a file of format {payload['format']!r}"
-    if looks_official(payload):
-        return "an official AdaDiff state dict without its U-ViT config"
-    return "a plain state dict without a model config"
-
-
-def block_names(model: UViT) -> list[str]:
+def block_names(model: Backbone) -> list[str]:
     """Module names of the blocks in execution order."""
-    return ([f"in_blocks.{i}" for i in range(len(model.in_blocks))] + ["mid_block"]
-            + [f"out_blocks.{i}" for i in range(len(model.out_blocks))])
+    return list(model.cost_parts().blocks)
 
 
-def part_of(parameter: str) -> str:
-    """The network row a backbone parameter belongs to."""
-    module, _, rest = parameter.partition(".")
-    if module in EMBED_MODULES:
-        return "embed"
-    if module in HEAD_MODULES:
-        return "head"
-    if module in ("in_blocks", "out_blocks"):
-        return f"{module}.{rest.split('.')[0]}"
-    return module
-
-
-def params_by_part(model: UViT) -> Counter:
+def params_by_part(model: Backbone) -> Counter:
+    """Parameters per network row: every parameter lies under one module (or is one parameter) of a piece."""
+    parts = model.cost_parts()
+    owners = [(name, "embed") for name in parts.embed] + [(name, name) for name in parts.blocks] \
+        + [(name, "head") for name in parts.head]
     counts: Counter = Counter()
     for name, parameter in model.named_parameters():
-        counts[part_of(name)] += parameter.numel()
+        part = next(row for owner, row in owners if name == owner or name.startswith(owner + "."))
+        counts[part] += parameter.numel()
     return counts
 
 
@@ -95,7 +71,7 @@ def _row(part: str, kind: str, macs: float, params: int, full: float) -> dict:
             "share": float(macs) / full}
 
 
-def network_rows(model: UViT, costs: UnitCosts) -> list[dict]:
+def network_rows(model: Backbone, costs: UnitCosts) -> list[dict]:
     """embed, each block, head: MACs per image of one evaluation and the parameters each holds."""
     params = params_by_part(model)
     parts = ["embed", *block_names(model), "head"]
@@ -103,10 +79,10 @@ def network_rows(model: UViT, costs: UnitCosts) -> list[dict]:
     return [_row(part, NETWORK, m, params[part], costs.full) for part, m in zip(parts, macs)]
 
 
-def overhead_rows(net: AdaDiffUViT, costs: UnitCosts) -> list[dict]:
+def overhead_rows(net: AdaDiffNetwork, costs: UnitCosts) -> list[dict]:
     """One estimator call, one exit-head call, and the worst case (both after every block)."""
     n = net.num_exits
-    estimator_macs = net.estimator.macs_per_sample(net.backbone.pos_embed.shape[1])  # as AdaDiff logs it
+    estimator_macs = net.estimator.macs_per_sample(net.backbone.num_tokens)  # as AdaDiff logs it
     head_params = num_params(net.exit_heads[0]) if net.exit_heads is not None else 0  # shared: the final head
     worst_macs = n * estimator_macs + (n - 1) * costs.head  # the N-th head is the network's own
     return [
@@ -118,7 +94,7 @@ def overhead_rows(net: AdaDiffUViT, costs: UnitCosts) -> list[dict]:
     ]
 
 
-def cost_table(model: UViT, net: AdaDiffUViT | None = None) -> pd.DataFrame:
+def cost_table(model: Backbone, net: AdaDiffNetwork | None = None) -> pd.DataFrame:
     """The table of a loaded backbone (and its AdaDiff network, for the overhead rows)."""
     costs = unit_costs(model)
     rows = network_rows(model, costs) + (overhead_rows(net, costs) if net is not None else [])

@@ -1,7 +1,8 @@
 """The harness: a run config -> cells (method x knob setting x seed) -> sampling, metrics, cost, time -> results.
 
 Everything that can be checked is checked before the first sample is drawn: methods, knobs,
-solvers, checkpoint, data, Inception weights when required. Only then is anything written.
+solvers, checkpoint, data, Inception weights when required. Then each method prepares what its
+settings need (training on demand, rank 0 first under torchrun), and only then is anything written.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ from .diffusion import SOLVER_SETTINGS, sample, solver_timesteps
 from .distributed import World, agree, join_world, leave_world
 from .errors import UserError
 from .flops import unit_costs
-from .methods import get_method, make_params
+from .methods import PrepareContext, get_method, make_params
 from .metrics.quality import (check_fid_backend, compute_quality, default_inception_weights_path,
                               resolve_inception_weights)
 from .results import SCHEMA_VERSION, RunStore, make_dir, write_json, write_npz
 from .memory import PeakMemory
+from .metrics.specs import headline_columns
 from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
 
@@ -118,21 +120,49 @@ class Prepared:
     curves: dict[Cell, tuple[int, list[str]]]
     extractors: tuple[str, ...]
     checkpoint_sha256: str
+    params: dict[Cell, object]  # each cell's knobs as its method prepared them (e.g. a checkpoint trained on demand)
+
+    def method(self, cell: Cell):
+        """A fresh method object for `cell`, with its prepared knobs (the timing reference may not be a cell)."""
+        return build_method(cell, self.model, self.params.get(cell))
 
 
-def prepare(config: RunConfig, where: str) -> Prepared:
-    """Load and check everything the run needs; raises UserError before anything is written."""
+def prepare(config: RunConfig, where: str, world: World = World(), progress: bool = True) -> Prepared:
+    """Load and check everything the run needs, then let methods train what they need; raises UserError
+    before anything is written."""
     curves = plan_curves(config, where)
     model = load_model(config.checkpoint)
+    params = {}
     for cell, (entry, _) in curves.items():
         cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
-        params = make_params(cls, dict(cell.params), place)
-        cls.check(params, model, place)
-        cls.check_schedule(params, cell.solver, cell.num_steps, place)
+        params[cell] = make_params(cls, dict(cell.params), place)
+        cls.check(params[cell], model, place)
+        cls.check_schedule(params[cell], cell.solver, cell.num_steps, place)
     data = load_dataset(config.data)
     check_matches_model(data, model.img_size, model.in_chans)
     if model.num_classes > 0 and data.labels is None:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
+    extractors = feature_extractors(config, data, where)
+    context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
+    params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
+    return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
+                    sha256_file(config.checkpoint), params)
+
+
+def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, where: str) -> dict:
+    """Each distinct setting prepared once by its method (training on demand), and checked again as prepared."""
+    prepared: dict = {}
+    for cell, raw in params.items():
+        key = (cell.method, cell.params)
+        if key not in prepared:
+            cls, place = get_method(cell.method), f"{where}: methods[{curves[cell][0]}]"
+            prepared[key] = cls.prepare(raw, context)
+            if prepared[key] != raw:
+                cls.check(prepared[key], model, place)
+    return {cell: prepared[(cell.method, cell.params)] for cell in params}
+
+
+def feature_extractors(config: RunConfig, data: Dataset, where: str) -> tuple[str, ...]:
     extractors = ["digits-cnn"] if tuple(data.images.shape[1:]) == (1, 8, 8) else []
     if config.metrics.inception != "off":
         if resolve_inception_weights(config.metrics) is not None:  # raises when a configured file is absent
@@ -149,8 +179,7 @@ def prepare(config: RunConfig, where: str) -> Prepared:
     if not extractors:
         print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
               "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
-    return Prepared(model, data, unit_costs(model), list(curves), curves, tuple(extractors),
-                    sha256_file(config.checkpoint))
+    return tuple(extractors)
 
 
 def reference_cell(config: RunConfig) -> Cell:
@@ -158,9 +187,10 @@ def reference_cell(config: RunConfig) -> Cell:
     return Cell("full", (), config.sampling.solver, config.sampling.num_steps, config.seeds[0])
 
 
-def build_method(cell: Cell, model):
+def build_method(cell: Cell, model, params=None):
+    """The method object of `cell`: its knobs as prepared (`params`) or, without them, as written."""
     cls = get_method(cell.method)
-    return cls(model, make_params(cls, dict(cell.params), cell.method))
+    return cls(model, params if params is not None else make_params(cls, dict(cell.params), cell.method))
 
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
@@ -198,7 +228,7 @@ def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray) -
     log.set_batch(indices)
     method.start_batch(log)
     return sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed, max(model.num_classes, 0),
-                  on_step=lambda step, t: log.set_step(step))
+                  on_step=lambda ctx: log.set_step(ctx.step))
 
 
 def save_batch(path: Path, images: torch.Tensor, indices: np.ndarray, log: StepLog, method) -> None:
@@ -235,21 +265,21 @@ def batch_rows(start: int, images) -> np.ndarray:
     return np.arange(start, start + len(images))
 
 
-def time_cell(cell: Cell, reference: Cell, model, config: RunConfig) -> dict:
+def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig) -> dict:
     """The timing protocol (see `timing`): warm-up, then repeats interleaved with the reference."""
     timing = config.timing
     n, batch = timing.num_samples, config.sampling.batch_size
 
     def run(c: Cell):
-        return lambda: generate(c, model, n, batch)
+        return lambda: generate(c, prep.model, n, batch, method=prep.method(c))
 
     def warmup():  # runs of one batch touch every code path and allocation before the clock starts
         for _ in range(timing.warmup_batches):  # (full step counts: some methods only run their own schedule)
             for c in {cell, reference}:
-                generate(c, model, min(n, batch), batch)
+                generate(c, prep.model, min(n, batch), batch, method=prep.method(c))
 
     result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup,
-                     model_device(model))
+                     model_device(prep.model))
     return dataclasses.asdict(result)
 
 
@@ -266,12 +296,12 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     rank 0 and None on the other ranks (which only sample their share and time their own pass).
     """
     s = config.sampling
-    method = build_method(cell, prep.model)
+    method = prep.method(cell)
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
     with PeakMemory(model_device(prep.model)) as peak:
         images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
                                desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints)
-    timing = time_cell(cell, reference_cell(config), prep.model, config) if config.timing.enabled else None
+    timing = time_cell(cell, reference_cell(config), prep, config) if config.timing.enabled else None
     timings, peaks = world.gather(timing), world.gather(peak.mb)
     if not world.is_main:
         return None
@@ -322,7 +352,7 @@ def run(config: RunConfig, where: str = "config", overwrite: bool = False, progr
 def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, world: World) -> Path:
     """`run` inside a (possibly one-process) world: rank 0 decides, locks and writes; every rank samples."""
     torch.set_num_threads(config.timing.threads)
-    prep = prepare(config, where)
+    prep = prepare(config, where, world, progress)
     store = RunStore(config.results_dir, config.name)
     config_dict = to_dict(config)
     say = print if world.is_main else (lambda *args, **kwargs: None)
@@ -382,8 +412,7 @@ def _check_existing(store: RunStore, config_dict: dict, overwrite: bool, where: 
 def _headline(row: dict) -> str:
     if not row["valid"]:
         return f"INVALID ({row['invalid_reason']}); the run goes on"
-    parts = [f"{k}={row[k]:.4g}" for k in row if k.startswith(("fid_", "is_")) and k.endswith(("_mean", "cnn", "inception"))
-             and isinstance(row[k], float)]
+    parts = [f"{k}={row[k]:.4g}" for k in headline_columns(row) if isinstance(row[k], float)]
     parts.append(f"GFLOPs/image={row['gflops_per_image']:.3f}")
     parts.append(f"layer_ratio={row['layer_ratio']:.3f}")
     if "speedup" in row:
@@ -410,8 +439,8 @@ def run_info(config: RunConfig, prep: Prepared, started: str, world: World = Wor
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": world.size,
                     "device": str(model_device(prep.model)), "python": platform.python_version()},
         "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
-        "method_checkpoints": {path: sha256_file(path) for path in sorted(
-            {str(dict(c.params)["checkpoint"]) for c in prep.cells if dict(c.params).get("checkpoint")})},
+        "method_checkpoints": {path: sha256_file(path) for path in sorted(  # as prepared: trained on demand too
+            {str(p.checkpoint) for p in prep.params.values() if getattr(p, "checkpoint", "")})},
         "data": {"name": prep.data.name, "path": config.data.path, "num_images": len(prep.data.images),
                  "sha256": prep.data.sha256},
         "reference": dataclasses.asdict(reference_cell(config)),

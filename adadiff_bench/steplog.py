@@ -1,7 +1,9 @@
 """The step log: per sample and sampling step, which blocks ran and where the method exited.
 
 Every method writes what it executed here; FLOPs, layer ratio and the per-timestep histograms are
-all derived from it, so the savings of every family are counted in one place.
+all derived from it, so the savings of every family are counted in one place. The log only records:
+the sampling loop points it at the batch and step being sampled, and methods learn where they are
+from the sampling context (`diffusion.SamplingContext`), never from the log.
 
 Conventions: blocks are numbered in execution order (in-blocks, mid-block, out-blocks); the exit
 point of a prefix-exiting method is the number of blocks it ran (1..num_blocks, num_blocks = full
@@ -21,6 +23,7 @@ class UnitCosts:
     embed: float
     blocks: np.ndarray  # (num_blocks,)
     head: float
+    branches: np.ndarray | None = None  # (num_blocks, 3): each block's attn, mlp and skip-fusion part (BRANCHES)
 
     @property
     def full(self) -> float:
@@ -41,22 +44,13 @@ class StepLog:
         self._rows = np.arange(0)
         self._step = 0
 
-    # ---- context set by the sampling loop -----------------------------------------------------
+    # ---- where records go: set by the sampling loop (methods read the sampling context, not this) ----
     def set_batch(self, rows: np.ndarray) -> None:
-        """The global sample indices (rows of the log) of the batch being sampled."""
+        """The run-wide sample indices (rows of the log) of the batch being sampled."""
         self._rows = np.asarray(rows)
 
     def set_step(self, step_index: int) -> None:
         self._step = step_index
-
-    @property
-    def current_step(self) -> int:
-        return self._step
-
-    @property
-    def current_rows(self) -> np.ndarray:
-        """Global sample indices of the batch being sampled."""
-        return self._rows
 
     # ---- what methods record (`active` selects rows of the current batch; None = all) ------------
     def _select(self, active) -> np.ndarray:
@@ -136,7 +130,7 @@ class StepLog:
 
 
 class NullStepLog(StepLog):
-    """A step log that keeps the sampling context (batch rows, step) but records nothing.
+    """A step log that follows the sampling loop (batch rows, step) but records nothing.
 
     Used only to measure what the instrumentation itself costs (benchmarks/instrumentation_overhead.py).
     """

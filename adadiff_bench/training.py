@@ -1,4 +1,7 @@
-"""Train a U-ViT on a data set: AdamW with linear warm-up, EMA weights, periodic checkpoints, resume.
+"""Training: AdamW with linear warm-up, EMA weights, periodic checkpoints, resume; dispatch to a method's task.
+
+A training config (`load_train_config`) trains a U-ViT from scratch, or, with a method's table
+(`[adadiff]`, `[berxit]`, ...), runs the `training_task` that method declares in the registry.
 
 `out_dir/last.pt` holds the whole training state (model, EMA, optimiser, generator, step) and is
 rewritten atomically every `checkpoint_every` steps; a rerun with the same config resumes from it.
@@ -16,11 +19,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoints import atomic_torch_save, build_model, save_checkpoint
-from .config import BASELINE_TRAINING_TABLES, TrainFile, UViTConfig, to_dict
+from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load_checkpoint, register_format,
+                          save_checkpoint)
+from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
 from .diffusion import alphas_cumprod, training_loss
-from .errors import UserError
+from .errors import UserError, did_you_mean
+from .methods.registry import get_method, trainable_methods
+
+STATE_FORMAT = "adadiff-bench/train-state"
+STATE_KEYS = {"config", "step", "model", "ema", "optimizer", "generator"}
+GENERIC_TABLES = ("data", "model", "train")
 
 
 def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -51,15 +60,30 @@ def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
 
 
 def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
-    """The task a training config names: AdaDiff, a baseline's ([berxit], [ase], [l2c]) or a U-ViT from scratch."""
-    if config.adadiff is not None:
-        from .adadiff_training import adadiff_task
-        return adadiff_task(config, alpha_bar)
-    for table in BASELINE_TRAINING_TABLES:
-        if getattr(config, table) is not None:
-            from .methods.registry import baseline_module
-            return baseline_module(table).training_task(config, alpha_bar)
-    return base_task(config, alpha_bar)
+    """The task a training config names: its method's (through the registry), or a U-ViT from scratch."""
+    if config.task is None:
+        return base_task(config, alpha_bar)
+    return get_method(config.task).training_task(config, alpha_bar)
+
+
+def load_train_config(path: str | Path) -> TrainFile:
+    """A training TOML: `[data]`, `[model]`, `[train]` and at most one table of a method that trains."""
+    raw = read_toml(path)
+    tables = [key for key in raw if key not in GENERIC_TABLES]
+    trainable = trainable_methods()
+    for key in tables:
+        if key not in trainable:
+            valid = [*GENERIC_TABLES, *trainable]
+            raise UserError(f"{path}: unknown table or key {key!r}{did_you_mean(key, valid)}; valid: "
+                            f"{', '.join(GENERIC_TABLES)} and one method's table: {', '.join(trainable)}")
+    if len(tables) > 1:
+        raise UserError(f"{path}: a training config has at most one method's table (found "
+                        f"{', '.join(f'[{t}]' for t in tables)}); split it into one file per model")
+    config = from_dict(TrainFile, {k: raw[k] for k in GENERIC_TABLES if k in raw}, str(path))
+    if tables:
+        config.task = tables[0]
+        config.task_config = from_dict(get_method(tables[0]).TrainConfig, raw[tables[0]], f"{path}: [{tables[0]}]")
+    return config
 
 
 def train(config: TrainFile, progress: bool = True) -> Path:
@@ -114,7 +138,7 @@ def train(config: TrainFile, progress: bool = True) -> Path:
 
 
 def _save_state(path: Path, config: TrainFile, model, ema, optimizer, generator, step: int) -> None:
-    atomic_torch_save({"config": to_dict(config), "step": step, "model": model.state_dict(),
+    atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step, "model": model.state_dict(),
                        "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                        "generator": generator.get_state()}, path)
 
@@ -123,7 +147,7 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, generator) -> 
     """Load `last.pt` if present and made by the same config; returns the step to start from."""
     if not path.is_file():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path, STATE_FORMAT)
     saved, current = _identity(state["config"]), _identity(to_dict(config))
     if saved != current:
         changed = [k for k, v in current.items() if saved.get(k) != v]
@@ -140,3 +164,8 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, generator) -> 
 def _identity(config: dict) -> dict:
     """What must match to resume: all but the run length (extending is valid) and the thread count."""
     return {**config, "train": {k: v for k, v in config["train"].items() if k not in ("steps", "threads")}}
+
+
+register_format(CheckpointFormat(STATE_FORMAT, "a training state (last.pt: model, EMA, optimiser, step)",
+                                 lambda payload, path: payload,
+                                 recognise=lambda payload: set(payload) == STATE_KEYS))

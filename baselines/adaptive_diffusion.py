@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
-from ..methods import Method, register_method
+from adadiff_bench.errors import UserError
+from adadiff_bench.methods.registry import Method, register_method
 
 ESTIMATORS = ("paper", "official")
 HISTORY = 4  # x_{k-3}, ..., x_k: what a third difference needs
@@ -98,7 +98,7 @@ class AdaptiveDiffusion(Method):
         skip = (xi < self.params.threshold * reference) & (self.skips_in_a_row < self.params.max_skips)
         return ~skip
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         if self.seen_first:  # the initial noise x_0 never enters the estimator (official code)
             self.latents = (self.latents + [x])[-HISTORY:]
         self.seen_first = True

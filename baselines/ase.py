@@ -7,7 +7,8 @@ time-dependent set of blocks. Nothing learned decides: a fixed schedule maps the
 that run (none dropped near t = 0, more as t grows), the same for every sample at that t. The network is
 then fine-tuned with L_simple, each training sample running the blocks its t allows.
 
-Schedule: timesteps fall into 10 buckets of 100 (the official code's buckets); bucket b = 0..9 drops
+Schedule: timesteps fall into 10 buckets of 100 (the official code's buckets); bucket b = 0..9 drops the
+last n_drop blocks in execution order,
     n_drop(t) = min(D, floor(strength * D * b / 9)),   D = num_blocks - 1 droppable blocks,
 so strength 0 is the full network, strength 0.5 drops up to all out-blocks at the noisiest bucket (the
 paper's range on U-ViT), strength 1 up to everything but the first in-block; above 1 the schedule
@@ -36,18 +37,18 @@ where the paper fine-tunes one model per schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from adadiff_bench.checkpoints import load_model, read_checkpoint, save_checkpoint
-from adadiff_bench.config import TrainFile, UViTConfig
+from adadiff_bench.checkpoints import cached_checkpoint, load_model, save_checkpoint
+from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
+from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
-from adadiff_bench.models.uvit import UViT
+from adadiff_bench.models.backbone import BRANCHES, Backbone
 from adadiff_bench.steplog import StepLog
 from adadiff_bench.training import Task
 
@@ -65,76 +66,56 @@ def drop_counts(t: torch.Tensor, strength: float, num_blocks: int) -> torch.Tens
 
 @dataclass(frozen=True)
 class DropPlan:
-    """Per block (execution order): does it run; for a dropped out-block, does its skip_linear still fuse."""
+    """Per block (execution order): does it run; for a dropped block, does it still fuse its long skip."""
     runs: tuple[bool, ...]
     fuses: tuple[bool, ...]
 
 
-def drop_plan(n_drop: int, num_in: int, has_skip_linear: bool = True) -> DropPlan:
-    """Out-blocks from the output end first, then the mid-block, then in-blocks from the deepest."""
-    dropped_out = min(n_drop, num_in)
-    dropped_in = max(0, n_drop - num_in - 1)
-    runs_in = [i < num_in - dropped_in for i in range(num_in)]
-    runs_out = [j < num_in - dropped_out for j in range(num_in)]  # out-block j pops in-block num_in-1-j's skip
-    fuses_out = [has_skip_linear and not runs_out[j] and runs_in[num_in - 1 - j] for j in range(num_in)]
-    return DropPlan(tuple(runs_in + [n_drop <= num_in] + runs_out),
-                    tuple([False] * (num_in + 1) + fuses_out))
+def drop_plan(n_drop: int, model: Backbone) -> DropPlan:
+    """The last `n_drop` blocks are dropped (on U-ViT: out-blocks from the output end, then the mid-block,
+    then in-blocks from the deepest); a dropped block whose long-skip source ran still fuses it (ASE keeps
+    a dropped decoder block's skip fusion), one whose source was dropped too makes the pair an identity."""
+    num_blocks = model.num_blocks
+    runs = [index < num_blocks - n_drop for index in range(num_blocks)]
+    sources = {model.skip_partner(j): j for j in range(num_blocks) if model.skip_partner(j) is not None}
+    fuses = [not runs[i] and i in sources and runs[sources[i]] for i in range(num_blocks)]
+    return DropPlan(tuple(runs), tuple(fuses))
 
 
-def skip_fusion_macs(model: UViT) -> float:
-    """MACs per image of one out-block's skip_linear (a Linear(2D, D) on every token)."""
-    skip_linear = model.out_blocks[0].skip_linear if len(model.out_blocks) else None
-    if skip_linear is None:
-        return 0.0
-    num_tokens = model.extras + (model.img_size // model.patch_size) ** 2
-    return float(num_tokens * skip_linear.in_features * skip_linear.out_features)
-
-
-def plan_masks(n_drop: torch.Tensor, num_in: int, has_skip_linear: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(runs, fuses): (batch, num_blocks) booleans, each sample's `drop_plan`."""
-    counts = torch.unique(n_drop)
-    plans = [drop_plan(int(count), num_in, has_skip_linear) for count in counts]
-    runs = torch.tensor([plan.runs for plan in plans])
-    fuses = torch.tensor([plan.fuses for plan in plans])
-    which = torch.searchsorted(counts, n_drop)
-    return runs[which], fuses[which]
-
-
-def _on_rows(fn, rows: torch.Tensor, tokens: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-    """tokens with the rows `rows` replaced by fn(tokens[rows], ...); only those rows are computed."""
-    if len(rows) == len(tokens):
-        return fn(tokens, *inputs)
-    if len(rows) == 0:
-        return tokens
-    return tokens.index_copy(0, rows, fn(tokens[rows], *(v[rows] for v in inputs)))
-
-
-def ase_forward(model: UViT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+def ase_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
                 n_drop: torch.Tensor, log: StepLog | None = None) -> torch.Tensor:
-    """eps with n_drop[i] blocks dropped for sample i; each block runs on the samples that keep it."""
-    num_in, fusion_macs = len(model.in_blocks), skip_fusion_macs(model)
-    runs, fuses = plan_masks(n_drop, num_in, fusion_macs > 0)
-    tokens = model.embed(x, t, y)
-    skips: list[torch.Tensor] = []
-    for index, block in enumerate(model.block_list()):
-        rows = torch.nonzero(runs[:, index]).squeeze(1)
-        if index <= num_in:
-            tokens = _on_rows(block, rows, tokens)
-            if index < num_in:
-                skips.append(tokens)  # rows that dropped this in-block never read it (their pair fuses nothing)
+    """eps with n_drop[i] blocks dropped for sample i; samples with the same plan run as one sub-batch
+    (while sampling every sample of a step shares t, so the batch is one group)."""
+    counts = torch.unique(n_drop)
+    eps = None if len(counts) == 1 else torch.empty_like(x)
+    for count in counts:
+        rows = torch.nonzero(n_drop == count).squeeze(1)
+        inputs = (x, t, y) if eps is None else (x[rows], t[rows], None if y is None else y[rows])
+        out = _run_plan(model, *inputs, drop_plan(int(count), model), rows, log)
+        if eps is None:
+            eps = out
         else:
-            skip = skips.pop()
-            tokens = _on_rows(block, rows, tokens, skip)
-            fusing = torch.nonzero(fuses[:, index]).squeeze(1)  # ASE on U-ViT: a dropped decoder block's skip fusion
-            tokens = _on_rows(lambda h, s: block.skip_linear(torch.cat([h, s], dim=-1)), fusing, tokens, skip)
-            if log is not None and len(fusing):
-                log.add_macs(fusion_macs, fusing)
-        if log is not None and len(rows):
-            log.ran_block(index, rows)
+            eps[rows] = out
     if log is not None:
         log.ran_embed()
         log.ran_head()
-    return model.head(tokens)
+    return eps
+
+
+def _run_plan(model: Backbone, x, t, y, plan: DropPlan, rows: torch.Tensor, log: StepLog | None) -> torch.Tensor:
+    """One group's evaluation: the blocks its plan keeps, the skip fusions of the dropped ones it keeps."""
+    fusion_macs = unit_costs(model).branches[:, BRANCHES.index("fusion")]
+    tokens, state = model.begin(x, t, y)
+    for index in range(model.num_blocks):
+        if plan.runs[index]:
+            tokens = model.run_block(index, tokens, state)
+            if log is not None:
+                log.ran_block(index, rows)
+        else:
+            tokens = model.bypass_block(index, tokens, state, fuse_skip=plan.fuses[index])
+            if log is not None and plan.fuses[index]:
+                log.add_macs(fusion_macs[index], rows)
+    return model.head(tokens, state)
 
 
 @dataclass
@@ -152,13 +133,24 @@ class AseParams:
                             "the run's base model without fine-tuning")
 
 
-@lru_cache(maxsize=4)
-def _fine_tuned(path: str) -> UViT:
-    return load_model(path)
+@dataclass
+class AseTrainConfig:
+    """`[ase]`: fine-tune a U-ViT for ASE's time-dependent block dropping.
+
+    `strengths`: the schedule strengths sampled during fine-tuning, one per batch (one model serves all of
+    them); units as above: 0.5 = up to every out-block dropped at the noisiest steps.
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25])
+
+    def validate(self, where: str) -> None:
+        if not self.strengths or any(not math.isfinite(s) or s < 0 for s in self.strengths):
+            raise UserError(f"{where}: strengths must list numbers >= 0 (got {self.strengths}); "
+                            "e.g. [0.25, 0.5, 0.75, 1.0]")
 
 
-def network_of(params: AseParams, model: UViT) -> UViT:
-    return _fine_tuned(params.checkpoint) if params.checkpoint else model
+def network_of(params: AseParams, model: Backbone) -> Backbone:
+    return cached_checkpoint(params.checkpoint, UVIT_FORMAT) if params.checkpoint else model
 
 
 @register_method
@@ -166,6 +158,9 @@ class Ase(Method):
     name = "ase"
     family = "layer-dropping"
     Params = AseParams
+    TrainConfig = AseTrainConfig
+    reads = (UVIT_FORMAT,)
+    writes = UVIT_FORMAT
 
     @classmethod
     def check(cls, params, model, where):
@@ -176,28 +171,29 @@ class Ase(Method):
                             "(different architecture, so the run's unit costs would not apply); fine-tune it from "
                             "the run's checkpoint ([ase] base_checkpoint)")
 
+    @classmethod
+    def training_task(cls, config, alpha_bar):
+        return training_task(config, alpha_bar)
+
     def __init__(self, model, params=None):
         super().__init__(model, params)
         self.net = network_of(self.params, model)
 
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, ctx):
         n_drop = drop_counts(t, self.params.strength, self.net.num_blocks)
         return ase_forward(self.net, x, t, y, n_drop, self.log)
 
 
 # ---- fine-tuning (an `[ase]` table in a training config) -------------------------------------------
 
-def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
+def training_task(config, alpha_bar: torch.Tensor) -> Task:
     """Fine-tune every weight of the base U-ViT with L_simple, each batch dropping what the schedule says.
 
     A batch draws one strength from `[ase] strengths` (so one checkpoint serves a sweep); each of its
     samples drops n_drop(t) blocks for its own t.
     """
-    cfg = config.ase
-    if not cfg.strengths or any(not math.isfinite(s) or s < 0 for s in cfg.strengths):
-        raise UserError(f"[ase] strengths must list numbers >= 0 (got {cfg.strengths}); e.g. [0.25, 0.5, 0.75, 1.0]")
+    cfg: AseTrainConfig = config.task_config
     model = load_model(cfg.base_checkpoint)
-    model_config = UViTConfig(**read_checkpoint(cfg.base_checkpoint)["model"])
 
     def loss(x0, y, generator):
         t, eps, xt = add_noise(x0, generator, alpha_bar)
@@ -207,6 +203,6 @@ def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
 
     def export(path, ema, meta, half):
         meta = {**meta, "base_checkpoint": cfg.base_checkpoint, "ase_strengths": list(cfg.strengths)}
-        save_checkpoint(path, ema, model_config, meta, half=half)
+        save_checkpoint(path, ema, model.config, meta, half=half)
 
-    return Task(model, loss, export, model_config)
+    return Task(model, loss, export, model.config)

@@ -38,11 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adadiff_bench.checkpoints import atomic_torch_save, read_checkpoint, sha256_file
-from adadiff_bench.config import TrainFile, UViTConfig
+from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, register_format,
+                                       sha256_file)
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
-from adadiff_bench.methods.prefix_exit import PrefixExit, backbone_and_heads, check_architecture
+from adadiff_bench.methods.prefix_exit import PrefixExit, check_architecture, exit_network
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.training import Task
 
@@ -97,24 +97,36 @@ def save_berxit(path, lte: LearningToExit, backbone: str, backbone_sha256: str, 
                        "meta": meta or {}}, path)
 
 
+@dataclass
+class BerxitCheckpoint:
+    lte: LearningToExit
+    backbone: str          # the checkpoint it was trained on (path)
+    backbone_sha256: str
+
+
+def _load(payload: dict, path: str) -> BerxitCheckpoint:
+    lte = LearningToExit(payload["embed_dim"], payload["extras"])
+    lte.load_state_dict(payload["state_dict"])
+    return BerxitCheckpoint(lte.eval().requires_grad_(False), payload["backbone"], payload["backbone_sha256"])
+
+
+register_format(CheckpointFormat(FORMAT, "a BERxiT checkpoint (its regressor and its backbone's path)", _load,
+                                 TRAIN_HINT))
+
+
 def load_berxit(path: str, where: str = "berxit") -> tuple[LearningToExit, str]:
     """(regressor, backbone path), refusing a backbone that is missing or changed since training."""
     if not Path(path).is_file():
         raise UserError(f"{where}: BERxiT checkpoint {path!r} not found; fix the path or {TRAIN_HINT}")
-    payload = read_checkpoint(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{where}: {path!r} is not a BERxiT checkpoint; {TRAIN_HINT}")
-    backbone = payload["backbone"]
-    if not Path(backbone).is_file():
-        raise UserError(f"{where}: BERxiT checkpoint {path!r} was trained on backbone {backbone!r}, which is "
+    saved = cached_checkpoint(path, FORMAT, where)
+    if not Path(saved.backbone).is_file():
+        raise UserError(f"{where}: BERxiT checkpoint {path!r} was trained on backbone {saved.backbone!r}, which is "
                         f"missing; restore it or retrain the regressor")
-    sha = sha256_file(backbone)
-    if sha != payload["backbone_sha256"]:
-        raise UserError(f"{where}: backbone {backbone!r} changed since BERxiT checkpoint {path!r} was trained on it "
-                        f"(sha256 {sha[:12]}... != {payload['backbone_sha256'][:12]}...); retrain the regressor")
-    lte = LearningToExit(payload["embed_dim"], payload["extras"])
-    lte.load_state_dict(payload["state_dict"])
-    return lte.eval().requires_grad_(False), backbone
+    sha = sha256_file(saved.backbone)
+    if sha != saved.backbone_sha256:
+        raise UserError(f"{where}: backbone {saved.backbone!r} changed since BERxiT checkpoint {path!r} was trained on "
+                        f"it (sha256 {sha[:12]}... != {saved.backbone_sha256[:12]}...); retrain the regressor")
+    return saved.lte, saved.backbone
 
 
 # ---- the method --------------------------------------------------------------------------------
@@ -130,33 +142,49 @@ class BerxitParams:
         load_berxit(self.checkpoint, where)
 
 
+@dataclass
+class BerxitTrainConfig:
+    """`[berxit]`: train BERxiT's learning-to-exit regressor on a frozen backbone.
+
+    `base_checkpoint`: a U-ViT checkpoint, or an AdaDiff checkpoint whose backbone and exit heads are used.
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+
+
 @register_method
 class Berxit(PrefixExit):
     name = "berxit"
     family = "early-exit"
     Params = BerxitParams
+    TrainConfig = BerxitTrainConfig
+    reads = (FORMAT,)
+    writes = FORMAT
 
     def __init__(self, model, params=None):
         Method.__init__(self, model, params)  # `checkpoint` names the regressor; the backbone comes from it
         self.lte, backbone = load_berxit(self.params.checkpoint)
-        self.backbone, self.heads = backbone_and_heads(backbone)
+        self.backbone, self.heads = exit_network(backbone)
 
     @classmethod
     def check(cls, params, model, where):
         """The step log and unit costs are the run's model's: the backbone must have its architecture."""
-        backbone = backbone_and_heads(load_berxit(params.checkpoint, where)[1])[0]
+        backbone = exit_network(load_berxit(params.checkpoint, where)[1], where)[0]
         check_architecture(backbone, model, where, f"the backbone of BERxiT checkpoint {params.checkpoint!r}")
 
-    def policy(self, exit_point, tokens, t, active):
+    def policy(self, exit_point, tokens, state, t, active):
         self.log.add_macs(self.lte.macs_per_sample, active)
         return self.lte.predicted_error(tokens) <= self.params.tau
+
+    @classmethod
+    def training_task(cls, config, alpha_bar):
+        return training_task(config, alpha_bar)
 
 
 # ---- training: the regressor on a frozen backbone and frozen exit heads ------------------------
 
-def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
-    cfg = config.berxit
-    backbone, heads = backbone_and_heads(cfg.base_checkpoint)
+def training_task(config, alpha_bar: torch.Tensor) -> Task:
+    cfg: BerxitTrainConfig = config.task_config
+    backbone, heads = exit_network(cfg.base_checkpoint)
     backbone_sha256 = sha256_file(cfg.base_checkpoint)
     lte = LearningToExit(backbone.embed_dim, backbone.extras)
 
@@ -164,17 +192,15 @@ def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         t, eps, xt = add_noise(x0, generator, alpha_bar)
         u, label = [], []
         with torch.no_grad():
-            tokens = backbone.embed(xt, t, y)
-        skips: list[torch.Tensor] = []
+            tokens, state = backbone.begin(xt, t, y)
         for block in range(backbone.num_blocks):
             with torch.no_grad():  # the backbone and its exit heads stay frozen
-                tokens = backbone.run_block(block, tokens, skips)
-                label.append(lte_target(heads(block + 1, tokens), eps))
+                tokens = backbone.run_block(block, tokens, state)
+                label.append(lte_target(heads(block + 1, tokens, state), eps))
             u.append(lte(tokens))
         return lte_loss(torch.stack(u, 1), torch.stack(label, 1))
 
     def export(path, ema, meta, half):  # a few KB: always float32
         save_berxit(path, ema, cfg.base_checkpoint, backbone_sha256, meta)
 
-    model_config = UViTConfig(**read_checkpoint(cfg.base_checkpoint)["model"])
-    return Task(lte, loss, export, model_config)
+    return Task(lte, loss, export, backbone.config)

@@ -48,16 +48,17 @@ class Calm(PrefixExit):
     family = "early-exit"
     Params = CalmParams
 
-    def begin(self, x, t, y):
+    def begin(self, x, t, y, ctx):
         self.previous = None  # last exit point's state or prediction, for all rows of the batch
+        self.batch_size = len(x)
 
-    def policy(self, exit_point, tokens, t, active):
+    def policy(self, exit_point, tokens, state, t, active):
         if self.params.variant == "state":
             current, predictions = tokens, None  # (the similarity is a reduction, like a norm: not counted)
         else:
-            current = predictions = self.predict(exit_point, tokens, active)
+            current = predictions = self.predict(exit_point, tokens, state, active)
         if self.previous is None:
-            self.previous = torch.zeros(len(self.log.current_rows), *current.shape[1:], dtype=current.dtype)
+            self.previous = torch.zeros(self.batch_size, *current.shape[1:], dtype=current.dtype)
             exiting = torch.zeros(len(active), dtype=torch.bool)
         elif self.params.variant == "state":
             exiting = F.cosine_similarity(current.flatten(1), self.previous[active].flatten(1), dim=1) >= self.params.tau

@@ -17,16 +17,16 @@ cached step; the cache is one token tensor per sample.
 Knobs: `interval` (N, a full step every N steps; 1 = `full`) and `branch` (m, 1..number of
 in-blocks; 1 is the shallowest branch, the cheapest cached step). Differs from the paper: only the
 uniform 1:N schedule (not its non-uniform one for large N); a branch is one transformer block per
-side instead of a U-Net resolution stage.
+side instead of a U-Net resolution stage. Needs long skips: a backbone without them (a DiT) is
+refused in `check`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.methods.block_cache import BlockCaching, check_interval
 from adadiff_bench.methods.registry import register_method
-
-from ._block_cache import BlockCaching, check_interval
 
 
 @dataclass
@@ -48,29 +48,32 @@ class DeepCache(BlockCaching):
 
     @classmethod
     def check(cls, params, model, where):
-        num_in = len(model.in_blocks)
-        if params.branch > num_in:
-            raise UserError(f"{where}: branch = {params.branch} exceeds the model's {num_in} in-blocks; "
-                            f"pick branch in 1..{num_in}")
+        if not model.has_long_skips:
+            raise UserError(f"{where}: DeepCache reuses the deep features between long-skip pairs, and this backbone "
+                            "has no long skips; run deepcache on a U-ViT (or use fora, delta-dit or teacache)")
+        paired = sum(model.skip_partner(i) is not None for i in range(model.num_blocks))
+        if params.branch > paired:
+            raise UserError(f"{where}: branch = {params.branch} exceeds the model's {paired} in-blocks; "
+                            f"pick branch in 1..{paired}")
 
     def is_refresh(self, step: int) -> bool:
         return step % self.params.interval == 0
 
-    def refresh(self, tokens):
+    def refresh(self, tokens, state, step):
         first_shallow_out = self.model.num_blocks - self.params.branch  # U_m in execution order
-        skips = []
         for index in range(self.model.num_blocks):
             if index == first_shallow_out:
                 self.cache = {"deep": tokens}  # F_cache: the deep part's output, entering U_m
-            tokens = self.run_block(index, tokens, skips)
+            tokens = self.run_block(index, tokens, state)
         return tokens
 
-    def reuse(self, tokens):
+    def reuse(self, tokens, state, step):
         m, num_blocks = self.params.branch, self.model.num_blocks
-        skips = []
         for index in range(m):  # D_1..D_m, pushing fresh skips
-            tokens = self.run_block(index, tokens, skips)
+            tokens = self.run_block(index, tokens, state)
+        for index in range(m, num_blocks - m):  # the deep part does not run; its skips pair up among themselves
+            self.model.bypass_block(index, tokens, state)
         tokens = self.cache["deep"]
         for index in range(num_blocks - m, num_blocks):  # U_m..U_1 fuse the fresh skips
-            tokens = self.run_block(index, tokens, skips)
+            tokens = self.run_block(index, tokens, state)
         return tokens

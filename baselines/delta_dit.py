@@ -28,9 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.methods.block_cache import BlockCaching, check_interval
 from adadiff_bench.methods.registry import register_method
-
-from ._block_cache import BlockCaching, check_interval, paired_out_block
 
 
 @dataclass
@@ -70,35 +69,32 @@ class DeltaDiT(BlockCaching):
         return (step - stage_start) % self.params.interval == 0
 
     def exported_skips(self, blocks: range) -> list[int]:
-        """In-blocks of `blocks` whose long skip is popped by an out-block after the range."""
-        num_in = len(self.model.in_blocks)
-        return [i for i in blocks if i < num_in and paired_out_block(self.model, i) >= blocks.stop]
+        """Blocks of the range whose long skip is read by a block after the range."""
+        partners = {i: self.model.skip_partner(i) for i in blocks}
+        return [i for i, partner in partners.items() if partner is not None and partner >= blocks.stop]
 
-    def refresh(self, tokens):
-        blocks = self.cached_range(self.log.current_step)
+    def refresh(self, tokens, state, step):
+        blocks = self.cached_range(step)
         kept = set(self.exported_skips(blocks)) | {blocks.stop - 1}
-        skips, cache = [], {}
+        cache = {}
         for index in range(self.model.num_blocks):
             if index == blocks.start:
                 range_input = tokens
-            tokens = self.run_block(index, tokens, skips)
+            tokens = self.run_block(index, tokens, state)
             if index in kept:  # Δ of the range (last block) and of each exported skip
                 cache[index] = tokens - range_input
         self.cache = cache
         return tokens
 
-    def reuse(self, tokens):
-        blocks = self.cached_range(self.log.current_step)
-        num_in, skips = len(self.model.in_blocks), []
+    def reuse(self, tokens, state, step):
+        blocks = self.cached_range(step)
         for index in range(blocks.start):
-            tokens = self.run_block(index, tokens, skips)
+            tokens = self.run_block(index, tokens, state)
         range_input = tokens
-        for index in blocks:  # keep the skip stack as the skipped blocks would have left it
-            if index < num_in:
-                skips.append(range_input + self.cache[index] if index in self.cache else None)
-            elif index > num_in:
-                skips.pop()
+        for index in blocks:  # the skipped blocks leave the state as they would have, exported skips rebuilt
+            self.model.bypass_block(index, range_input + self.cache[index] if index in self.cache else range_input,
+                                    state)
         tokens = range_input + self.cache[blocks.stop - 1]
         for index in range(blocks.stop, self.model.num_blocks):
-            tokens = self.run_block(index, tokens, skips)
+            tokens = self.run_block(index, tokens, state)
         return tokens

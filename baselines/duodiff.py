@@ -22,12 +22,12 @@ thousand steps on CPU, far shorter than the paper's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from adadiff_bench.checkpoints import load_model
+from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
+from adadiff_bench.checkpoints import cached_checkpoint
 from adadiff_bench.diffusion import NUM_TRAIN_TIMESTEPS
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
@@ -50,10 +50,9 @@ class DuoDiffParams:
                             "train --config configs/duodiff_shallow_digits.toml` or fix the path")
 
 
-@lru_cache(maxsize=4)
 def shallow_model(path: str) -> tuple[torch.nn.Module, float]:
     """The shallow U-ViT and its MACs per image for one evaluation (embed + blocks + head)."""
-    model = load_model(path)
+    model = cached_checkpoint(path, UVIT_FORMAT)
     return model, unit_costs(model).full
 
 
@@ -62,6 +61,7 @@ class DuoDiff(Method):
     name = "duodiff"
     family = "layer-dropping"
     Params = DuoDiffParams
+    reads = (UVIT_FORMAT,)  # the shallow model, trained from scratch by a plain training config
 
     @classmethod
     def check(cls, params, model, where):
@@ -76,7 +76,7 @@ class DuoDiff(Method):
         super().__init__(model, params)
         self.shallow, self.shallow_macs = shallow_model(self.params.shallow)
 
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, ctx):
         eps = torch.empty_like(x)
         noisy = t > self.params.t_switch  # the first (noisy) steps go to the shallow model
         for use_shallow in (True, False):

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
-from ..methods import Method, register_method
-from ._block_cache import run_blocks
+from adadiff_bench.errors import UserError
+from adadiff_bench.methods.block_cache import run_blocks
+from adadiff_bench.methods.registry import Method, register_method
 
 
 @dataclass
@@ -44,12 +44,6 @@ def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (current - reference).flatten(1).abs().mean(1) / reference.flatten(1).abs().mean(1)
 
 
-def run_remaining(model, first_output: torch.Tensor, rows: torch.Tensor, log) -> torch.Tensor:
-    """Blocks 2..N for batch rows `rows`, the first block's output as their input and first long skip."""
-    hidden = first_output[rows]
-    return run_blocks(model, hidden, rows, log, first=1, skips=[hidden])
-
-
 @register_method
 class FirstBlockCache(Method):
     name = "first-block-cache"
@@ -61,11 +55,11 @@ class FirstBlockCache(Method):
         self.first_residual: torch.Tensor | None = None  # r_1 at each sample's last full step
         self.residual: torch.Tensor | None = None        # remaining stack's output - input, same step
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         model, log = self.model, self.log
-        tokens = model.embed(x, t, y)
+        tokens, state = model.begin(x, t, y)
         log.ran_embed()
-        first_output = model.run_block(0, tokens, [])
+        first_output = model.run_block(0, tokens, state)
         log.ran_block(0)
         first_residual = first_output - tokens
         if self.first_residual is None:
@@ -76,11 +70,12 @@ class FirstBlockCache(Method):
         rows = torch.nonzero(run).flatten()
         hidden = first_output + self.residual  # reused rows: first block's output + cached residual
         if len(rows):
-            computed = run_remaining(model, first_output, rows, log)
+            # blocks 2..N for those rows, the first block's output as their input (and, on U-ViT, first long skip)
+            computed = run_blocks(model, first_output[rows], state.subset(rows), rows, log, first=1)
             hidden[rows] = computed
             self.residual[rows] = computed - first_output[rows]
             self.first_residual[rows] = first_residual[rows]
         self.note_cache(self.first_residual, self.residual)
-        eps = model.head(hidden)
+        eps = model.head(hidden, state)
         log.ran_head()
         return eps

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from adadiff_bench.flops import unit_costs
+from adadiff_bench.models.backbone import BRANCHES
+from adadiff_bench.methods.block_cache import BlockCaching, check_interval
 from adadiff_bench.methods.registry import register_method
-
-from ._block_cache import BlockCaching, check_interval
 
 
 @dataclass
@@ -44,41 +43,22 @@ class Fora(BlockCaching):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        num_tokens = model.pos_embed.shape[1]
-        self.skip_macs = model.embed_dim * 2 * model.embed_dim * num_tokens  # skip_linear, per sample
+        self.fusion_macs = unit_costs(model).branches[:, BRANCHES.index("fusion")]  # per block, per sample
 
     def is_refresh(self, step: int) -> bool:
         return step % self.params.interval == 0
 
-    def fuse_skip(self, block, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """An out-block's long-skip fusion (identity for in- and mid-blocks)."""
-        if block.skip_linear is None:
-            return tokens
-        return block.skip_linear(torch.cat([tokens, skips.pop()], dim=-1))
-
-    def refresh(self, tokens):
-        num_in, skips, cache = len(self.model.in_blocks), [], {}
-        for k, block in enumerate(self.model.block_list()):
-            # Block.forward, keeping its two residual branches
-            tokens = self.fuse_skip(block, tokens, skips)
-            cache[k, "attn"] = h_attn = block.attn(block.norm1(tokens))
-            tokens = tokens + h_attn
-            cache[k, "mlp"] = h_mlp = block.mlp(block.norm2(tokens))
-            tokens = tokens + h_mlp
-            self.log.ran_block(k)
-            if k < num_in:
-                skips.append(tokens)
+    def refresh(self, tokens, state, step):
+        cache = {}
+        for k in range(self.model.num_blocks):  # every block runs, keeping its attention and MLP outputs
+            tokens = self.run_block(k, tokens, state,
+                                    branch=lambda name, compute, k=k: cache.setdefault((k, name), compute()))
         self.cache = cache
         return tokens
 
-    def reuse(self, tokens):
-        num_in, skips = len(self.model.in_blocks), []
-        for k, block in enumerate(self.model.block_list()):
-            if block.skip_linear is not None:
-                self.log.add_macs(self.skip_macs)
-            tokens = self.fuse_skip(block, tokens, skips)
-            tokens = tokens + self.cache[k, "attn"]
-            tokens = tokens + self.cache[k, "mlp"]
-            if k < num_in:
-                skips.append(tokens)
+    def reuse(self, tokens, state, step):
+        for k in range(self.model.num_blocks):  # x <- x + h_attn^(k) + h_mlp^(k) from the cache; skip fusions run
+            if self.fusion_macs[k]:
+                self.log.add_macs(self.fusion_macs[k])
+            tokens = self.model.run_block(k, tokens, state, branch=lambda name, compute, k=k: self.cache[k, name])
         return tokens

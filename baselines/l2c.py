@@ -13,10 +13,10 @@ step reuses are cached) alternate with cache steps (odd step indices), where bra
 iff beta[step, l, k] > `threshold` and otherwise reuses the full step's output. At most the cache steps,
 about half of all steps, save compute.
 
-On U-ViT (the paper's U-ViT variant, sublayer granularity): the cached units are each block's
-attention branch attn(norm1(x)) and MLP branch mlp(norm2(x)), the non-residual paths. Residual
-additions, long skips and the out-blocks' skip fusion (skip_linear, before the attention branch)
-always run.
+The cached units are each block's two residual branches, through the backbone interface's branch
+hook (on U-ViT, the paper's U-ViT variant at sublayer granularity: attn(norm1(x)) and mlp(norm2(x))).
+Residual additions, long skips and the out-blocks' skip fusion (skip_linear, before the attention
+branch) always run.
 
 Costs, exactly what ran: embedding and head every step; a block is logged with `ran_block` when its
 attention or its MLP ran (so `layer_ratio` counts a partly run block as run, a conservative figure),
@@ -42,7 +42,6 @@ calls it (ddim and ddpm share timesteps).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,69 +50,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from adadiff_bench.checkpoints import atomic_torch_save, load_model, read_checkpoint, sha256_file
-from adadiff_bench.config import TrainFile, UViTConfig, check_solver
+from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
+from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_model,
+                                       register_format, sha256_file)
+from adadiff_bench.config import check_solver
 from adadiff_bench.diffusion import solver_timesteps
 from adadiff_bench.errors import UserError
-from adadiff_bench.flops import count_macs
+from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
-from adadiff_bench.steplog import StepLog
+from adadiff_bench.models.backbone import Backbone
 from adadiff_bench.training import Task
 
 FORMAT = "adadiff-bench/l2c-router"
 TRAIN_HINT = "train one with `adadiff-bench train --config configs/l2c_digits.toml`"
+BRANCH_NAMES = ("attn", "mlp")  # the router's last axis: beta[step, block, 0] attention, 1 MLP
 
 
 def is_cache_step(step: int) -> bool:
     """Full steps 0, 2, 4, ...; the odd steps in between may reuse the full step's branch outputs."""
     return step % 2 == 1
-
-
-# ---- the U-ViT run branch by branch ----------------------------------------------------------------
-
-def branch_forward(block, x, skip=None, attn_out=None, mlp_out=None):
-    """Block.forward, with a given branch output (cached) in place of computing it; -> (x, attn_out, mlp_out)."""
-    if block.skip_linear is not None:
-        x = block.skip_linear(torch.cat([x, skip], dim=-1))
-    if attn_out is None:
-        attn_out = block.attn(block.norm1(x))
-    x = x + attn_out
-    if mlp_out is None:
-        mlp_out = block.mlp(block.norm2(x))
-    return x + mlp_out, attn_out, mlp_out
-
-
-def mixed_forward(block, x, skip, cached, beta):
-    """Training: each branch is beta * fresh + (1 - beta) * cached; beta (B, 2), cached (attn, mlp)."""
-    if block.skip_linear is not None:
-        x = block.skip_linear(torch.cat([x, skip], dim=-1))
-    beta_attn, beta_mlp = beta[:, 0, None, None], beta[:, 1, None, None]
-    x = x + beta_attn * block.attn(block.norm1(x)) + (1 - beta_attn) * cached[0]
-    return x + beta_mlp * block.mlp(block.norm2(x)) + (1 - beta_mlp) * cached[1]
-
-
-def run_blocks(model, tokens, block_fn):
-    """Blocks in execution order through `block_fn(index, block, x, skip) -> x`, long skips as U-ViT's."""
-    num_in, skips = len(model.in_blocks), []
-    for index, block in enumerate(model.block_list()):
-        tokens = block_fn(index, block, tokens, skips.pop() if index > num_in else None)
-        if index < num_in:
-            skips.append(tokens)
-    return tokens
-
-
-@lru_cache(maxsize=4)
-def branch_macs(model) -> np.ndarray:
-    """(num_blocks, 3) MACs per image of each block's attention branch, MLP branch and skip fusion (fvcore)."""
-    x = torch.zeros(1, model.in_chans, model.img_size, model.img_size)
-    inputs = (x, torch.zeros(1)) if model.num_classes <= 0 else (x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        by_module = count_macs(model.eval(), inputs).by_module()
-    names = ([f"in_blocks.{i}" for i in range(len(model.in_blocks))] + ["mid_block"]
-             + [f"out_blocks.{i}" for i in range(len(model.out_blocks))])
-    return np.array([[by_module.get(f"{name}.{part}", 0) for part in ("attn", "mlp", "skip_linear")]
-                     for name in names], dtype=np.float64)
 
 
 # ---- the router and its checkpoint -------------------------------------------------------------------
@@ -145,18 +100,17 @@ def save_router(path, router: RouterCheckpoint, meta: dict | None = None) -> Non
                        "solver": router.solver, "num_steps": router.num_steps, "meta": meta or {}}, path)
 
 
-def load_router(path: str) -> RouterCheckpoint:
-    stat = Path(path).stat() if Path(path).is_file() else None
-    return _read_router(str(path), stat and (stat.st_mtime_ns, stat.st_size))
-
-
-@lru_cache(maxsize=8)
-def _read_router(path: str, version) -> RouterCheckpoint:
-    payload = read_checkpoint(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path!r} is not a Learning-to-Cache router checkpoint; {TRAIN_HINT}")
+def _load(payload: dict, path: str) -> RouterCheckpoint:
     return RouterCheckpoint(payload["beta"], payload["base_checkpoint"], payload["base_sha256"],
                             payload["solver"], int(payload["num_steps"]), path)
+
+
+register_format(CheckpointFormat(FORMAT, "a Learning-to-Cache router (beta per step, block and branch)", _load,
+                                 TRAIN_HINT))
+
+
+def load_router(path: str) -> RouterCheckpoint:
+    return cached_checkpoint(path, FORMAT)
 
 
 @lru_cache(maxsize=8)
@@ -164,12 +118,7 @@ def _sha256(path: str, version) -> str:
     return sha256_file(path)
 
 
-@lru_cache(maxsize=4)
-def _base_state(path: str, sha256: str) -> dict:
-    return load_model(path).state_dict()
-
-
-def check_backbone(router: RouterCheckpoint, model, where: str) -> None:
+def check_backbone(router: RouterCheckpoint, model: Backbone, where: str) -> None:
     """Refuse a router whose base checkpoint changed (sha256) or is not the model it is asked to run on."""
     base = router.base_checkpoint
     if not Path(base).is_file():
@@ -180,7 +129,7 @@ def check_backbone(router: RouterCheckpoint, model, where: str) -> None:
     if sha != router.base_sha256:
         raise UserError(f"{where}: router {router.path!r} was trained on {base!r} with sha256 "
                         f"{router.base_sha256[:12]}..., but that file now has sha256 {sha[:12]}...; retrain the router")
-    state, expected = model.state_dict(), _base_state(base, sha)
+    state, expected = model.state_dict(), cached_checkpoint(base, UVIT_FORMAT).state_dict()
     if state.keys() != expected.keys() or not all(torch.equal(state[k], expected[k]) for k in state):
         raise UserError(f"{where}: router {router.path!r} was trained for backbone {base!r} (sha256 "
                         f"{sha[:12]}...), not for this run's model; set the run's checkpoint to {base!r} "
@@ -215,6 +164,24 @@ class L2cParams:
             raise UserError(f"{where}: router checkpoint {self.checkpoint!r} not found; fix the path or {TRAIN_HINT}")
 
 
+@dataclass
+class L2cTrainConfig:
+    """`[l2c]`: train Learning-to-Cache's router on a frozen backbone for one solver and step count.
+
+    `l1_weight`: the paper's lambda, the weight of the sparsity term sum(beta) that pushes toward reuse,
+    against the eps error summed over pixels (the official 0.1 was for 4x32x32 latents; 0.002 suits 8x8 digits).
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    solver: str = "dpm-solver++"
+    num_steps: int = 25
+    l1_weight: float = 0.002
+
+    def validate(self, where: str) -> None:
+        check_solver(self.solver, where)
+        if self.num_steps < 2 or self.l1_weight < 0:
+            raise UserError(f"{where}: num_steps must be >= 2 (a full step, then a cache step) and l1_weight >= 0")
+
+
 def compute_mask(beta: torch.Tensor, threshold: float) -> np.ndarray:
     """(num_steps, num_blocks, 2) bool: does the branch run? Everything runs at full steps."""
     runs = (beta > threshold).numpy()
@@ -227,14 +194,17 @@ class LearningToCache(Method):
     name = "l2c"
     family = "caching"
     Params = L2cParams
+    TrainConfig = L2cTrainConfig
+    reads = (FORMAT,)
+    writes = FORMAT
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
         self.router = load_router(self.params.checkpoint)
         check_backbone(self.router, model, self.name)
         self.runs = compute_mask(self.router.beta, self.params.threshold)
-        self.macs = branch_macs(model)
-        self.cache: dict[tuple[int, int], torch.Tensor] = {}  # (block, branch) -> output, rows of this batch
+        self.macs = unit_costs(model).branches  # (num_blocks, 3): attn, mlp, skip fusion
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}  # (block, branch) -> output, rows of this batch
 
     @classmethod
     def check(cls, params, model, where):
@@ -247,42 +217,47 @@ class LearningToCache(Method):
         if (solver, num_steps) != (router.solver, router.num_steps):
             raise schedule_error(router, f"{solver!r} with {num_steps} steps", where)
 
-    def start_batch(self, log: StepLog) -> None:
+    @classmethod
+    def training_task(cls, config, alpha_bar):
+        return training_task(config, alpha_bar)
+
+    def start_batch(self, log) -> None:
         super().start_batch(log)
-        check_timesteps(self.router, log.timesteps, self.name)  # all the method sees of the cell's schedule
         self.cache = {}
 
-    def __call__(self, x, t, y):
-        step = self.log.current_step
-        tokens = self.model.embed(x, t, y)
+    def __call__(self, x, t, y, ctx):
+        if ctx.step == 0:
+            check_timesteps(self.router, ctx.timesteps, self.name)  # all the method sees of the cell's schedule
+        step, model = ctx.step, self.model
+        tokens, state = model.begin(x, t, y)
         self.log.ran_embed()
+        for index in range(model.num_blocks):
+            if is_cache_step(step):
+                tokens = model.run_block(index, tokens, state, branch=self._reuse(index, self.runs[step, index]))
+                self._log_block(index, self.runs[step, index])
+            else:
+                reused_next = ~self.runs[step + 1, index] if step + 1 < len(self.runs) else np.zeros(2, dtype=bool)
+                tokens = model.run_block(index, tokens, state, branch=self._keep(index, reused_next))
+                self.log.ran_block(index)
         if is_cache_step(step):
-            tokens = run_blocks(self.model, tokens, self._cached_block(self.runs[step]))
             self.cache = {}  # the next step is a full one
         else:
-            reused_next = ~self.runs[step + 1] if step + 1 < len(self.runs) else np.zeros_like(self.runs[0])
-            tokens = run_blocks(self.model, tokens, self._full_block(reused_next))
             self.note_cache(*self.cache.values())
         self.log.ran_head()
-        return self.model.head(tokens)
+        return model.head(tokens, state)
 
-    def _full_block(self, reused_next: np.ndarray):
-        def block_fn(index, block, x, skip):
-            x, *outputs = branch_forward(block, x, skip)
-            for branch, output in enumerate(outputs):
-                if reused_next[index, branch]:  # keep only what the next step reuses
-                    self.cache[index, branch] = output
-            self.log.ran_block(index)
-            return x
-        return block_fn
+    def _keep(self, index: int, reused_next: np.ndarray):
+        """A full step's branch hook: compute every branch, keep only what the next step reuses."""
+        def branch(name, compute):
+            output = compute()
+            if reused_next[BRANCH_NAMES.index(name)]:
+                self.cache[index, name] = output
+            return output
+        return branch
 
-    def _cached_block(self, runs: np.ndarray):
-        def block_fn(index, block, x, skip):
-            cached = [None if runs[index, branch] else self.cache[index, branch] for branch in (0, 1)]
-            x, _, _ = branch_forward(block, x, skip, *cached)
-            self._log_block(index, runs[index])
-            return x
-        return block_fn
+    def _reuse(self, index: int, runs: np.ndarray):
+        """A cache step's branch hook: a branch runs iff its beta passed the threshold, else its cached output."""
+        return lambda name, compute: compute() if runs[BRANCH_NAMES.index(name)] else self.cache[index, name]
 
     def _log_block(self, index: int, runs: np.ndarray) -> None:
         attn_mlp, skip_fusion = self.macs[index, :2], self.macs[index, 2]
@@ -305,29 +280,35 @@ def alpha_bar_at(alpha_bar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1 / (1 + sigma ** 2)).float().view(-1, 1, 1, 1)
 
 
+def run_with_branches(backbone: Backbone, x, t, y, branch_of) -> torch.Tensor:
+    """eps of a whole evaluation, block `index`'s branches passed through the hook `branch_of(index)`."""
+    tokens, state = backbone.begin(x, t, y)
+    for index in range(backbone.num_blocks):
+        tokens = backbone.run_block(index, tokens, state, branch=branch_of(index))
+    return backbone.head(tokens, state)
+
+
 @torch.no_grad()
 def cache_step_pair(backbone, x0, y, t_full, t_cache, alpha_bar, generator):
-    """(x at the cache step, cached branch outputs {block: (attn, mlp)} of the full step before it)."""
+    """(x at the cache step, cached branch outputs {(block, branch): output} of the full step before it)."""
     a_full, a_cache = alpha_bar_at(alpha_bar, t_full), alpha_bar_at(alpha_bar, t_cache)
     noise = torch.randn(x0.shape, generator=generator)
     x_full = a_full.sqrt() * x0 + (1 - a_full).sqrt() * noise
     cached = {}
-
-    def record(index, block, x, skip):
-        x, attn_out, mlp_out = branch_forward(block, x, skip)
-        cached[index] = (attn_out, mlp_out)
-        return x
-
-    eps = backbone.head(run_blocks(backbone, backbone.embed(x_full, t_full, y), record))
+    eps = run_with_branches(backbone, x_full, t_full, y,
+                            lambda index: lambda name, compute: cached.setdefault((index, name), compute()))
     x0_hat = (x_full - (1 - a_full).sqrt() * eps) / a_full.sqrt()
     return a_cache.sqrt() * x0_hat + (1 - a_cache).sqrt() * eps, cached  # one DDIM step
 
 
 def student_eps(backbone, x, t, y, cached, beta):
     """eps with every branch interpolated between fresh and cached outputs by beta (B, num_blocks, 2)."""
-    tokens = run_blocks(backbone, backbone.embed(x, t, y),
-                        lambda index, block, h, skip: mixed_forward(block, h, skip, cached[index], beta[:, index]))
-    return backbone.head(tokens)
+    def mix(index):
+        def branch(name, compute):
+            b = beta[:, index, BRANCH_NAMES.index(name), None, None]
+            return b * compute() + (1 - b) * cached[index, name]
+        return branch
+    return run_with_branches(backbone, x, t, y, mix)
 
 
 def router_loss(eps_teacher, eps_student, beta, l1_weight: float) -> torch.Tensor:
@@ -336,14 +317,10 @@ def router_loss(eps_teacher, eps_student, beta, l1_weight: float) -> torch.Tenso
     return (error + l1_weight * beta.flatten(1).sum(1)).mean()
 
 
-def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
+def training_task(config, alpha_bar: torch.Tensor) -> Task:
     """Train the router on the frozen base model for one solver and step count."""
-    cfg, where = config.l2c, "[l2c]"
-    check_solver(cfg.solver, where)
-    if cfg.num_steps < 2 or cfg.l1_weight < 0:
-        raise UserError(f"{where}: num_steps must be >= 2 (a full step, then a cache step) and l1_weight >= 0")
+    cfg: L2cTrainConfig = config.task_config
     backbone = load_model(cfg.base_checkpoint).requires_grad_(False)
-    model_config = UViTConfig(**read_checkpoint(cfg.base_checkpoint)["model"])
     base_sha256 = sha256_file(cfg.base_checkpoint)
     timesteps = torch.from_numpy(solver_timesteps(cfg.solver, cfg.num_steps)).float()
     cache_steps = torch.tensor([s for s in range(cfg.num_steps) if is_cache_step(s)])
@@ -362,4 +339,4 @@ def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         save_router(path, RouterCheckpoint(ema().detach(), cfg.base_checkpoint, base_sha256, cfg.solver,
                                            cfg.num_steps), {"steps": meta.get("steps"), "l1_weight": cfg.l1_weight})
 
-    return Task(router, loss, export, model_config)
+    return Task(router, loss, export, backbone.config)

@@ -13,7 +13,6 @@ other methods as a competitor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
@@ -31,11 +30,6 @@ class OracleParams(PrefixParams):
             raise UserError(f"{where}: tau is an RMS error and must be >= 0 (got {self.tau})")
 
 
-@lru_cache(maxsize=8)
-def _full_macs(model) -> float:
-    return unit_costs(model).full
-
-
 @register_method
 class Oracle(PrefixExit):
     name = "oracle"
@@ -43,10 +37,10 @@ class Oracle(PrefixExit):
     Params = OracleParams
     ceiling = True
 
-    def begin(self, x, t, y):
+    def begin(self, x, t, y, ctx):
         self.target = self.backbone(x, t, y)  # the full-depth answer a real method cannot know
-        self.log.add_macs(_full_macs(self.backbone))
+        self.log.add_macs(unit_costs(self.backbone).full)
 
-    def policy(self, exit_point, tokens, t, active):
-        predictions = self.predict(exit_point, tokens, active)
+    def policy(self, exit_point, tokens, state, t, active):
+        predictions = self.predict(exit_point, tokens, state, active)
         return rms_distance(predictions, self.target[active]) <= self.params.tau, predictions

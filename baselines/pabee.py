@@ -40,12 +40,12 @@ class Pabee(PrefixExit):
     family = "early-exit"
     Params = PabeeParams
 
-    def begin(self, x, t, y):
+    def begin(self, x, t, y, ctx):
         self.previous = torch.zeros_like(x)                       # last exit's eps, per row of the batch
         self.agreeing = torch.zeros(len(x), dtype=torch.long)     # consecutive agreeing pairs so far
 
-    def policy(self, exit_point, tokens, t, active):
-        predictions = self.predict(exit_point, tokens, active)
+    def policy(self, exit_point, tokens, state, t, active):
+        predictions = self.predict(exit_point, tokens, state, active)
         if exit_point > 1:
             agree = rms_distance(predictions, self.previous[active]) <= self.params.delta
             self.agreeing[active] = torch.where(agree, self.agreeing[active] + 1, 0)

@@ -89,20 +89,19 @@ class RandomExit(PrefixExit):
             return 1
         return 1 + int(rng.binomial(n - 1, (self.params.layer_ratio * n - 1) / (n - 1)))
 
-    def step_probabilities(self) -> np.ndarray | None:
+    def step_probabilities(self, ctx) -> np.ndarray | None:
         if not self.params.profile:
             return None
         timesteps, probabilities = load_profile(self.params.profile, self.name)
-        if not np.array_equal(timesteps, self.log.timesteps):
+        if not np.array_equal(timesteps, ctx.timesteps):
             raise UserError(f"random-exit: profile {self.params.profile!r} has {len(timesteps)} steps at other "
-                            f"timesteps than this cell's {len(self.log.timesteps)}; record it with the same "
+                            f"timesteps than this cell's {ctx.num_steps}; record it with the same "
                             "solver and num_steps")
-        return probabilities[self.log.current_step]
+        return probabilities[ctx.step]
 
-    def begin(self, x, t, y):
-        probabilities = self.step_probabilities()
-        step = self.log.current_step
-        self.exit_points = torch.tensor([self.draw(i, step, probabilities) for i in self.log.current_rows])
+    def begin(self, x, t, y, ctx):
+        probabilities = self.step_probabilities(ctx)
+        self.exit_points = torch.tensor([self.draw(i, ctx.step, probabilities) for i in ctx.rows])
 
-    def policy(self, exit_point, tokens, t, active):
+    def policy(self, exit_point, tokens, state, t, active):
         return self.exit_points[active] == exit_point

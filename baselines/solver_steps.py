@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import Method, register_method
+from adadiff_bench.methods.registry import Method, register_method
 
 
 @register_method
@@ -28,7 +28,7 @@ class SolverSteps(Method):
     name = "solver-steps"
     family = "step-skipping"
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         eps = self.model(x, t, y)
         self.log.ran_full()
         return eps

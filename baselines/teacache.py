@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
-from ..methods import Method, register_method
-from ._block_cache import run_blocks
+from adadiff_bench.errors import UserError
+from adadiff_bench.methods.block_cache import run_blocks
+from adadiff_bench.methods.registry import Method, register_method
 
 
 def parse_coefficients(text: str) -> list[float]:
@@ -75,11 +75,6 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     return (current - previous).flatten(1).abs().mean(1) / previous.flatten(1).abs().mean(1)
 
 
-def run_stack(model, tokens: torch.Tensor, rows: torch.Tensor, log) -> torch.Tensor:
-    """All U-ViT blocks (long skips included) for batch rows `rows`, logged."""
-    return run_blocks(model, tokens[rows], rows, log)
-
-
 @register_method
 class TeaCache(Method):
     name = "teacache"
@@ -96,10 +91,9 @@ class TeaCache(Method):
         self.residual: torch.Tensor | None = None        # stack output - input at each sample's last computed step
         self.accumulated: torch.Tensor | None = None     # accumulated (rescaled) relative L1 per sample
 
-    def should_calc(self, model_input: torch.Tensor) -> torch.Tensor:
+    def should_calc(self, model_input: torch.Tensor, ctx) -> torch.Tensor:
         """Per sample: run the block stack this step? Updates the accumulators."""
-        last_step = self.log.current_step == len(self.log.timesteps) - 1
-        if self.previous_input is None or last_step:
+        if self.previous_input is None or ctx.is_last_step:
             calc = torch.ones(len(model_input), dtype=torch.bool)
             self.accumulated = torch.zeros(len(model_input), dtype=torch.float64)
         else:
@@ -110,19 +104,19 @@ class TeaCache(Method):
         self.previous_input = model_input
         return calc
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         model, log = self.model, self.log
-        tokens = model.embed(x, t, y)
+        tokens, state = model.begin(x, t, y)
         log.ran_embed()
-        rows = torch.nonzero(self.should_calc(tokens)).flatten()
+        rows = torch.nonzero(self.should_calc(tokens, ctx)).flatten()
         if self.residual is None:
             self.residual = torch.zeros_like(tokens)
         hidden = tokens + self.residual  # reused rows: this step's input + the cached residual
         if len(rows):
-            computed = run_stack(model, tokens, rows, log)
+            computed = run_blocks(model, tokens[rows], state.subset(rows), rows, log)  # the whole stack, long skips inside
             hidden[rows] = computed
             self.residual[rows] = computed - tokens[rows]
         self.note_cache(self.previous_input, self.residual)
-        eps = model.head(hidden)
+        eps = model.head(hidden, state)
         log.ran_head()
         return eps

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .prefix_exit import backbone_and_heads, check_architecture
+from .prefix_exit import EXIT_NETWORK_FORMATS, backbone_of, check_architecture
 from .registry import Method, register_method
 
 
@@ -29,18 +29,18 @@ class Full(Method):
     name = "full"
     family = "reference"
     Params = FullParams
+    reads = EXIT_NETWORK_FORMATS
 
     @classmethod
     def check(cls, params, model, where):
         if params.checkpoint:
-            check_architecture(backbone_and_heads(params.checkpoint)[0], model, where, f"checkpoint {params.checkpoint!r}")
+            check_architecture(backbone_of(params.checkpoint, model), model, where, f"checkpoint {params.checkpoint!r}")
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        if self.params.checkpoint:
-            self.model = backbone_and_heads(self.params.checkpoint)[0]  # (an AdaDiff checkpoint: its backbone)
+        self.model = backbone_of(self.params.checkpoint, model)  # (an AdaDiff checkpoint: its backbone)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         eps = self.model(x, t, y)
         self.log.ran_full()
         return eps

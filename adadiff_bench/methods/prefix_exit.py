@@ -1,8 +1,8 @@
-"""What the prefix-exiting baselines share: a backbone with exit heads, run through the exit-aware forward.
+"""What the prefix-exiting methods share: a backbone with exit heads, run through the exit-aware forward.
 
-A prefix-exit method runs blocks 1..k of the U-ViT and takes eps from the exit head after block k;
-only its exit policy differs. Subclasses implement `policy` (see `ExitPolicy`) and may reset
-per-call state in `begin`.
+A prefix-exit method runs blocks 1..k of the backbone and takes eps from the exit head after block k;
+only its exit policy differs. Subclasses implement `policy` (see `models.exit_forward.ExitPolicy`)
+and may reset per-call state in `begin`.
 
 Knob `checkpoint`: "" runs the run's base model with its own final head at every exit; an AdaDiff
 checkpoint runs its backbone with its exit heads (shared or per exit), so a baseline can be compared
@@ -11,14 +11,19 @@ with AdaDiff on the same network; a U-ViT checkpoint runs that model with its fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ..checkpoints import FORMAT as UVIT_FORMAT
+from ..checkpoints import UVIT_STATE_DICT, cached_checkpoint
 from ..errors import UserError
+from ..models.backbone import Backbone, BlockState
 from ..models.exit_forward import ExitHeads, exit_aware_forward, shared_head
 from .registry import Method
+
+# a backbone alone (its final head serves every exit) or an AdaDiff network (its own exit heads)
+EXIT_NETWORK_FORMATS = (UVIT_FORMAT, UVIT_STATE_DICT, "adadiff-bench/adadiff", "adadiff-official")
 
 
 @dataclass
@@ -31,35 +36,29 @@ class PrefixParams:
                             "empty to use the run's base model")
 
 
-@lru_cache(maxsize=8)
-def backbone_and_heads(path: str):
-    """(U-ViT, exit heads) of a U-ViT or AdaDiff checkpoint."""
-    from ..adadiff_checkpoints import FORMAT, load_adadiff
-    from ..checkpoints import load_model, read_checkpoint
-    payload = read_checkpoint(path)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        net = load_adadiff(path).eval()
-        return net.backbone, net.head
-    model = load_model(path).eval()
-    return model, shared_head(model)
+def exit_network(path: str, where: str = "") -> tuple[Backbone, ExitHeads]:
+    """(backbone, exit heads) of a checkpoint: an AdaDiff network's own heads, or a backbone's final head."""
+    net = cached_checkpoint(path, EXIT_NETWORK_FORMATS, where)
+    if isinstance(net, Backbone):
+        return net, shared_head(net)
+    return net.backbone, net.exit_head
 
 
-def backbone_of(checkpoint: str, model):
-    """The U-ViT a prefix-exit method with this `checkpoint` knob runs."""
-    return backbone_and_heads(checkpoint)[0] if checkpoint else model
+def backbone_of(checkpoint: str, model: Backbone) -> Backbone:
+    """The backbone a prefix-exit method with this `checkpoint` knob runs."""
+    return exit_network(checkpoint)[0] if checkpoint else model
 
 
-def architecture(model) -> tuple[int, ...]:
-    """What the run's unit costs depend on: channels, image size, patch, width, blocks."""
-    return model.in_chans, model.img_size, model.patch_size, model.embed_dim, model.num_blocks
+def _shape(net: Backbone) -> tuple[int, ...]:
+    a = net.architecture
+    return a.in_chans, a.img_size, a.patch_size, a.embed_dim, a.num_blocks
 
 
-def check_architecture(backbone, model, where: str, what: str) -> None:
+def check_architecture(backbone: Backbone, model: Backbone, where: str, what: str) -> None:
     """The step log is costed with the run's model: a method's backbone must have its architecture."""
-    if architecture(backbone) != architecture(model):
-        raise UserError(f"{where}: {what} (channels, size, patch, width, blocks = {architecture(backbone)}) "
-                        f"differs from the run's model {architecture(model)}; use a checkpoint of the run's "
-                        "architecture")
+    if backbone.architecture != model.architecture:
+        raise UserError(f"{where}: {what} (channels, size, patch, width, blocks = {_shape(backbone)}) differs from "
+                        f"the run's model {_shape(model)}; use a checkpoint of the run's architecture")
 
 
 def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -68,15 +67,14 @@ def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class PrefixExit(Method):
-    """Base of the prefix-exit baselines (not registered itself)."""
+    """Base of the prefix-exit methods (not registered itself)."""
     Params = PrefixParams
+    reads = EXIT_NETWORK_FORMATS
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        if self.params.checkpoint:
-            self.backbone, self.heads = backbone_and_heads(self.params.checkpoint)
-        else:
-            self.backbone, self.heads = model, shared_head(model)
+        self.backbone, self.heads = exit_network(self.params.checkpoint) if self.params.checkpoint \
+            else (model, shared_head(model))
 
     @classmethod
     def check(cls, params, model, where):
@@ -86,21 +84,17 @@ class PrefixExit(Method):
     def num_blocks(self) -> int:
         return self.backbone.num_blocks
 
-    def predict(self, exit_point: int, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def predict(self, exit_point: int, tokens: torch.Tensor, state: BlockState, active: torch.Tensor) -> torch.Tensor:
         """The exit's eps prediction for the active samples, logged as a head call."""
         self.log.ran_head(active)
-        return self.heads(exit_point, tokens)
+        return self.heads(exit_point, tokens, state)
 
-    def begin(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> None:
+    def begin(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> None:
         """Called at the start of every network evaluation (one sampling step of a batch)."""
 
-    def policy(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor, active: torch.Tensor):
+    def policy(self, exit_point: int, tokens: torch.Tensor, state: BlockState, t: torch.Tensor, active: torch.Tensor):
         raise NotImplementedError
 
-    def __call__(self, x, t, y):
-        self.begin(x, t, y)
+    def __call__(self, x, t, y, ctx):
+        self.begin(x, t, y, ctx)
         return exit_aware_forward(self.backbone, x, t, y, self.policy, self.log, heads=self.heads)
-
-
-__all__ = ["ExitHeads", "PrefixExit", "PrefixParams", "backbone_and_heads", "backbone_of", "check_architecture",
-           "rms_distance"]

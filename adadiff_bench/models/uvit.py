@@ -5,46 +5,20 @@ follow the reference implementation (repository baofff/U-ViT, `libs/uvit.py`), s
 checkpoints load with `load_state_dict(strict=True)`. Attention goes through
 `scaled_dot_product_attention`, in float32 as the reference's "flash" mode does.
 
-Beyond the reference, the forward is split into `embed`, `blocks` and `head` so that the
-exit-aware forward and the caching methods can run the network piece by piece.
+Beyond the reference, U-ViT implements the backbone interface (`models.backbone`): `begin`,
+`run_block` and `head` run it piece by piece, the long-skip stack is the blocks' shared state, and
+`skip_partner` names the out-block that reads each in-block's skip.
 """
 from __future__ import annotations
 
-import math
+import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: [cos | sin] halves."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """B C (h p) (w p) -> B (h w) (p p C)."""
-    b, c, height, width = images.shape
-    h, w = height // patch_size, width // patch_size
-    x = images.reshape(b, c, h, patch_size, w, patch_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, patch_size * patch_size * c)
-
-
-def unpatchify(tokens: torch.Tensor, channels: int) -> torch.Tensor:
-    """B (h w) (p p C) -> B C (h p) (w p); the inverse of `patchify`."""
-    b, num_tokens, patch_dim = (int(n) for n in tokens.shape)
-    patch_size = math.isqrt(patch_dim // channels)
-    h = w = math.isqrt(num_tokens)
-    if h * w != num_tokens or patch_size * patch_size * channels != patch_dim:
-        raise ValueError(f"cannot unpatchify tokens of shape {tuple(tokens.shape)} into {channels} channels")
-    x = tokens.reshape(b, h, w, patch_size, patch_size, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * patch_size, w * patch_size)
+from .backbone import Backbone, BranchHook, CostParts, timestep_embedding, unpatchify
 
 
 class Mlp(nn.Module):
@@ -128,7 +102,7 @@ class FinalConv2d(nn.Conv2d):
         return out
 
 
-class UViT(nn.Module):
+class UViT(nn.Module, Backbone):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm,
                  mlp_time_embed=False, num_classes=-1, use_checkpoint=False, conv=True, skip=True):
@@ -173,11 +147,11 @@ class UViT(nn.Module):
             nn.init.zeros_(module.bias)
             nn.init.ones_(module.weight)
 
-    # ---- the network in pieces -------------------------------------------------------------
+    # ---- the backbone interface (models.backbone) ------------------------------------------------
     @property
-    def num_blocks(self) -> int:
-        """Blocks in execution order: in-blocks, mid-block, out-blocks (depth + 1 of them)."""
-        return len(self.in_blocks) + 1 + len(self.out_blocks)
+    def block_kinds(self) -> tuple[str, ...]:
+        """in-blocks, the mid-block, out-blocks (depth + 1 blocks in execution order)."""
+        return ("in",) * len(self.in_blocks) + ("mid",) + ("out",) * len(self.out_blocks)
 
     def block_list(self) -> list[Block]:
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
@@ -191,25 +165,98 @@ class UViT(nn.Module):
             tokens = torch.cat((self.label_emb(y).unsqueeze(1), tokens), dim=1)
         return tokens + self.pos_embed
 
-    def run_block(self, index: int, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """Run block `index` (execution order); in-blocks push onto `skips`, out-blocks pop from it."""
+    def begin(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, SkipStack]:
+        return self.embed(x, t, y), SkipStack([])
+
+    def _block(self, index: int) -> tuple[Block, str]:
+        """Block `index` in execution order, and its kind."""
         num_in = len(self.in_blocks)
         if index < num_in:
-            tokens = self.in_blocks[index](tokens)
-            skips.append(tokens)
-            return tokens
+            return self.in_blocks[index], "in"
         if index == num_in:
-            return self.mid_block(tokens)
-        return self.out_blocks[index - num_in - 1](tokens, skips.pop())
+            return self.mid_block, "mid"
+        return self.out_blocks[index - num_in - 1], "out"
 
-    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+    def run_block(self, index: int, tokens: torch.Tensor, state: SkipStack,
+                  branch: BranchHook | None = None) -> torch.Tensor:
+        """Block `index`; in-blocks push their output onto the skip stack, out-blocks pop and fuse one."""
+        block, kind = self._block(index)
+        skip = state.skips.pop() if kind == "out" else None
+        tokens = block(tokens, skip) if branch is None else _with_branches(block, tokens, skip, branch)
+        if kind == "in":
+            state.skips.append(tokens)
+        return tokens
+
+    def bypass_block(self, index: int, tokens: torch.Tensor, state: SkipStack, fuse_skip: bool = False) -> torch.Tensor:
+        block, kind = self._block(index)
+        if kind == "in":
+            state.skips.append(tokens)
+        elif kind == "out":
+            skip = state.skips.pop()
+            if fuse_skip and block.skip_linear is not None:
+                tokens = block.skip_linear(torch.cat([tokens, skip], dim=-1))
+        return tokens
+
+    def head(self, tokens: torch.Tensor, state: SkipStack | None = None) -> torch.Tensor:
         """Token sequence -> eps image (norm, decoder_pred, drop extras, unpatchify, conv)."""
         patches = self.decoder_pred(self.norm(tokens))[:, self.extras:, :]
         return self.final_layer(unpatchify(patches, self.in_chans))
 
+    def copy_head(self) -> UViTHead:
+        """A trainable copy of the final head (an early exit's own head)."""
+        return UViTHead(self)
+
+    def skip_partner(self, index: int) -> int | None:
+        """In-block i's output is fused by out-block num_blocks - 1 - i (when the model has skip fusions)."""
+        fused = self.out_blocks[0].skip_linear is not None
+        return self.num_blocks - 1 - index if fused and self._block(index)[1] == "in" else None
+
+    def cost_parts(self) -> CostParts:
+        names = ([f"in_blocks.{i}" for i in range(len(self.in_blocks))] + ["mid_block"]
+                 + [f"out_blocks.{i}" for i in range(len(self.out_blocks))])
+        branches = tuple({"attn": f"{name}.attn", "mlp": f"{name}.mlp",
+                          "fusion": f"{name}.skip_linear" if block.skip_linear is not None else None}
+                         for name, block in zip(names, self.block_list()))
+        conv = self.final_layer  # runs as elementwise products (batch-invariant), which tracers do not see
+        untraced = conv.weight.numel() * self.img_size * self.img_size if isinstance(conv, nn.Conv2d) else 0
+        return CostParts(embed=("patch_embed", "time_embed", "label_emb", "pos_embed"), blocks=tuple(names),
+                         branches=branches, head=("norm", "decoder_pred", "final_layer"),
+                         untraced_head_macs=float(untraced))
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.embed(x, timesteps, y)
-        skips: list[torch.Tensor] = []
+        tokens, state = self.begin(x, timesteps, y)
         for index in range(self.num_blocks):
-            tokens = self.run_block(index, tokens, skips)
-        return self.head(tokens)
+            tokens = self.run_block(index, tokens, state)
+        return self.head(tokens, state)
+
+
+class UViTHead(nn.Module):
+    """A copy of U-ViT's final head (norm, decoder_pred, unpatchify, conv), called as head(tokens, state)."""
+
+    def __init__(self, backbone: UViT):
+        super().__init__()
+        self.norm = copy.deepcopy(backbone.norm)
+        self.decoder_pred = copy.deepcopy(backbone.decoder_pred)
+        self.final_layer = copy.deepcopy(backbone.final_layer)
+        self.extras, self.in_chans = backbone.extras, backbone.in_chans
+
+    def forward(self, tokens: torch.Tensor, state: SkipStack | None = None) -> torch.Tensor:
+        patches = self.decoder_pred(self.norm(tokens))[:, self.extras:, :]
+        return self.final_layer(unpatchify(patches, self.in_chans))
+
+
+@dataclass
+class SkipStack:
+    """U-ViT's block state: the in-blocks' outputs, waiting for the out-blocks that fuse them."""
+    skips: list[torch.Tensor]
+
+    def subset(self, rows: torch.Tensor) -> SkipStack:
+        return SkipStack([skip[rows] for skip in self.skips])
+
+
+def _with_branches(block: Block, x: torch.Tensor, skip: torch.Tensor | None, branch: BranchHook) -> torch.Tensor:
+    """Block.forward with its attention and MLP branches passed through `branch` (see models.backbone)."""
+    if block.skip_linear is not None:
+        x = block.skip_linear(torch.cat([x, skip], dim=-1))
+    x = x + branch("attn", lambda: block.attn(block.norm1(x)))
+    return x + branch("mlp", lambda: block.mlp(block.norm2(x)))

@@ -1,4 +1,4 @@
-"""Uncertainty estimators for AdaDiff's exit points, selected by name.
+"""Uncertainty estimators for AdaDiff's exit points: `ESTIMATORS`, a dict of named constructors.
 
 Every estimator maps the hidden state after exit point i (and the timestep) to an uncertainty in
 [0, 1], per pixel or per sample, so that one rule reads "exit when uncertainty <= threshold".
@@ -12,25 +12,30 @@ Every estimator maps the hidden state after exit point i (and the timestep) to a
   inputs; `"bucketed"` as separate weights per timestep bucket.
 - `probe`: a linear probe on the mean token, sigmoid: one scalar per sample.
 - `attention`: a learned query attends over the tokens, then a small MLP and a sigmoid.
+
+Every constructor takes (backbone, config): the backbone's geometry (width, patch, channels, extra
+tokens, one exit per block) and the AdaDiff config's options. A package adds its own estimator with
+`register_estimator(name, constructor)` (through the `adadiff_bench.methods` entry-point group), and
+training and sampling pick it by name like the built-in ones.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from .uvit import timestep_embedding, unpatchify
-
-ESTIMATORS = ("official", "timestep", "probe", "attention")
+from ...models.backbone import Backbone, timestep_embedding, unpatchify
 
 
 class Estimator(nn.Module):
     """Base: one estimator per exit point (exit points are numbered 1..num_exits)."""
     per_pixel = False
 
-    def __init__(self, num_exits: int, embed_dim: int, patch_size: int, in_chans: int, extras: int):
+    def __init__(self, backbone: Backbone, config=None):
         super().__init__()
-        self.num_exits, self.embed_dim = num_exits, embed_dim
-        self.patch_size, self.in_chans, self.extras = patch_size, in_chans, extras
+        self.num_exits, self.embed_dim = backbone.num_blocks, backbone.embed_dim
+        self.patch_size, self.in_chans, self.extras = backbone.patch_size, backbone.in_chans, backbone.extras
 
     def uncertainty(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -59,8 +64,8 @@ class Estimator(nn.Module):
 class OfficialEstimator(Estimator):
     per_pixel = True
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, backbone, config=None):
+        super().__init__(backbone, config)
         out = self.patch_size ** 2 * self.in_chans
         self.certainty = nn.ModuleList([nn.Linear(self.embed_dim, out) for _ in range(self.num_exits)])
 
@@ -82,8 +87,9 @@ class OfficialEstimator(Estimator):
 class TimestepEstimator(Estimator):
     per_pixel = True
 
-    def __init__(self, *args, weights: str = "shared", num_buckets: int = 10):
-        super().__init__(*args)
+    def __init__(self, backbone, config=None, num_buckets: int = 10):
+        super().__init__(backbone, config)
+        weights = getattr(config, "timestep_weights", "shared")
         if weights not in ("shared", "bucketed"):
             raise ValueError(f"timestep_weights must be 'shared' or 'bucketed', got {weights!r}")
         self.weights, self.num_buckets = weights, num_buckets
@@ -111,8 +117,8 @@ class TimestepEstimator(Estimator):
 
 
 class ProbeEstimator(Estimator):
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, backbone, config=None):
+        super().__init__(backbone, config)
         self.probe = nn.ModuleList([nn.Linear(self.embed_dim, 1) for _ in range(self.num_exits)])
 
     def uncertainty(self, exit_point, tokens, t):
@@ -126,8 +132,8 @@ class ProbeEstimator(Estimator):
 
 
 class AttentionEstimator(Estimator):
-    def __init__(self, *args, hidden: int = 64):
-        super().__init__(*args)
+    def __init__(self, backbone, config=None, hidden: int = 64):
+        super().__init__(backbone, config)
         d = self.embed_dim
         self.query = nn.Parameter(torch.zeros(self.num_exits, d))
         nn.init.normal_(self.query, std=d ** -0.5)
@@ -148,15 +154,16 @@ class AttentionEstimator(Estimator):
         return num_tokens * d * d + 2 * num_tokens * d + d * hidden + hidden
 
 
-def build_estimator(name: str, num_exits: int, embed_dim: int, patch_size: int, in_chans: int, extras: int,
-                    timestep_weights: str = "shared") -> Estimator:
-    args = (num_exits, embed_dim, patch_size, in_chans, extras)
-    if name == "official":
-        return OfficialEstimator(*args)
-    if name == "timestep":
-        return TimestepEstimator(*args, weights=timestep_weights)
-    if name == "probe":
-        return ProbeEstimator(*args)
-    if name == "attention":
-        return AttentionEstimator(*args)
-    raise ValueError(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}")
+ESTIMATORS: dict[str, Callable[..., Estimator]] = {
+    "official": OfficialEstimator,
+    "timestep": TimestepEstimator,
+    "probe": ProbeEstimator,
+    "attention": AttentionEstimator,
+}
+
+
+def register_estimator(name: str, constructor: Callable[..., Estimator]) -> None:
+    """Add an estimator under `name`: `constructor(backbone, config)` returns an `Estimator`."""
+    if not name or name in ESTIMATORS:
+        raise ValueError(f"estimator name {name!r} is empty or already taken ({', '.join(ESTIMATORS)})")
+    ESTIMATORS[name] = constructor

@@ -11,32 +11,35 @@ the whole batch, which makes the method batch-dependent), `patience` (the offici
 exit only at the second in-block that passes, not necessarily consecutive).
 
 Ablations: with `train` (an AdaDiff training config) and overrides such as `estimator`, `loss` or
-`backbone`, the checkpoint is trained on demand the first time and cached under
-`results/.adadiff_cache/`, keyed by a hash of the training config.
+`backbone`, the checkpoint is trained on demand in the harness's prepare step, before any sampling,
+the first time, and cached in the results folder's training cache (`<results_dir>/.adadiff_cache/`),
+keyed by a hash of the training config.
 
 Differs from the official code: it never runs a head or estimator it does not need (the official
 forward evaluates the head after every block, even at inference), and its default rule is per sample.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..adadiff_checkpoints import load_adadiff
-from ..config import load_train_config, to_dict
-from ..errors import UserError
-from ..training import train
-from ..models.exit_forward import exit_aware_forward
-from .registry import Method, register_method
+from ...checkpoints import cached_checkpoint
+from ...config import to_dict
+from ...errors import UserError
+from ...models.exit_forward import exit_aware_forward
+from ...training import load_train_config, train
+from ..prefix_exit import check_architecture
+from ..registry import Method, PrepareContext, register_method
+from .checkpoint import FORMAT, OFFICIAL_FORMAT
+from .training import AdaDiffTrainConfig, adadiff_task
 
-
-ON_DEMAND_CACHE = Path("results") / ".adadiff_cache"
+OVERRIDES = ("estimator", "loss", "backbone", "heads", "timestep_weights")
 
 
 @dataclass
@@ -73,8 +76,7 @@ class AdaDiffParams:
             raise UserError(f"{where}: map_steps must be >= 0 and map_samples >= 1")
         if self.backbone not in ("", "frozen", "fine-tuned"):
             raise UserError(f"{where}: backbone must be 'frozen' or 'fine-tuned' (got {self.backbone!r})")
-        overrides = any((self.estimator, self.loss, self.backbone, self.heads, self.timestep_weights))
-        if overrides and not self.train:
+        if any(getattr(self, knob) for knob in OVERRIDES) and not self.train:
             raise UserError(f"{where}: estimator/loss/backbone/heads overrides need `train` (a training config) "
                             "so the checkpoint can be trained on demand")
         if self.train:
@@ -88,39 +90,34 @@ def parse_steps(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-@lru_cache(maxsize=8)
-def _cached_adadiff(path: str):
-    return load_adadiff(path)
-
-
 def on_demand_config(params: AdaDiffParams, where: str = "adadiff"):
     """The training config `params.train` with the knob overrides applied (validated)."""
     config = load_train_config(params.train)
-    if config.adadiff is None:
+    if config.task != "adadiff":
         raise UserError(f"{where}: {params.train} has no [adadiff] table; point `train` at an AdaDiff training config")
     overrides = {"estimator": params.estimator, "loss": params.loss, "heads": params.heads,
                  "timestep_weights": params.timestep_weights}
     for key, value in overrides.items():
         if value:
-            setattr(config.adadiff, key, value)
+            setattr(config.task_config, key, value)
     if params.backbone:
-        config.adadiff.freeze_backbone = params.backbone == "frozen"
-    config.adadiff.validate(where)
+        config.task_config.freeze_backbone = params.backbone == "frozen"
+    config.task_config.validate(where)
     return config
 
 
-def trained_on_demand(params: AdaDiffParams, cache_root: Path | None = None) -> str:
+def trained_on_demand(params: AdaDiffParams, cache_root: Path, progress: bool = True) -> str:
     """Train (once) the checkpoint an ablation cell asks for; cached by a hash of its training config."""
     config = on_demand_config(params)
     config.train.export = None
     config.train.out_dir = ""
     key = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
-    out_dir = (cache_root or ON_DEMAND_CACHE) / f"{config.adadiff.estimator}-{config.adadiff.loss}-" \
-                           f"{'frozen' if config.adadiff.freeze_backbone else 'fine-tuned'}-{key}"
+    cfg = config.task_config
+    out_dir = cache_root / f"{cfg.estimator}-{cfg.loss}-{'frozen' if cfg.freeze_backbone else 'fine-tuned'}-{key}"
     config.train.out_dir = str(out_dir)
     if not (out_dir / "ema.pt").is_file():
         print(f"training AdaDiff on demand ({config.train.steps} steps) into {out_dir}", flush=True)
-        train(config)
+        train(config, progress=progress)
     return str(out_dir / "ema.pt")
 
 
@@ -129,23 +126,41 @@ class AdaDiff(Method):
     name = "adadiff"
     family = "early-exit"
     Params = AdaDiffParams
+    TrainConfig = AdaDiffTrainConfig
+    reads = (FORMAT, OFFICIAL_FORMAT)
+    writes = FORMAT
 
     @classmethod
     def check(cls, params, model, where):
-        """The step log is sized and costed by the run's model: the checkpoint's backbone must match it."""
+        """The step log is sized and costed by the run's model: the checkpoint's backbone must match it.
+        (A checkpoint trained on demand is checked once `prepare` has made it.)"""
         if not params.train:
-            from .prefix_exit import check_architecture
-            check_architecture(_cached_adadiff(params.checkpoint).backbone, model, where,
-                               f"the backbone of AdaDiff checkpoint {params.checkpoint!r}")
+            net = cached_checkpoint(params.checkpoint, cls.reads, where)
+            check_architecture(net.backbone, model, where, f"the backbone of AdaDiff checkpoint {params.checkpoint!r}")
+
+    @classmethod
+    def prepare(cls, params, context: PrepareContext):
+        """An ablation setting (`train` and overrides): train its checkpoint (once) and sample with it."""
+        if not params.train:
+            return params
+        path = trained_on_demand(params, context.training_cache, context.progress)
+        return dataclasses.replace(params, checkpoint=path, train="", **{knob: "" for knob in OVERRIDES})
+
+    @classmethod
+    def training_task(cls, config, alpha_bar):
+        return adadiff_task(config, alpha_bar)
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        checkpoint = trained_on_demand(self.params) if self.params.train else self.params.checkpoint
-        self.net = _cached_adadiff(checkpoint)
+        if self.params.train:
+            raise UserError(f"adadiff: a setting with `train` = {self.params.train!r} must be prepared (trained) "
+                            "first; run it through the harness (`adadiff-bench run`)")
+        self.net = cached_checkpoint(self.params.checkpoint, self.reads)
         self.batch_dependent = self.params.rule == "per-batch"
         self.map_steps = parse_steps(self.params.map_steps)
         self._maps: dict[int, np.ndarray] = {}
         self._inputs: dict[int, np.ndarray] = {}
+        self._map_timesteps: dict[int, float] = {}
 
     def exits(self, uncertainty: torch.Tensor) -> torch.Tensor:
         """Per active sample: does its uncertainty pass the threshold at this exit point?"""
@@ -156,34 +171,33 @@ class AdaDiff(Method):
             return (1.0 - uncertainty) > p.threshold
         return uncertainty <= p.threshold
 
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, ctx):
         log, net = self.log, self.net
-        num_in = len(net.backbone.in_blocks)
+        kinds = net.backbone.block_kinds
         passes = torch.zeros(len(x), dtype=torch.long)  # in-block passes so far, for patience
-        num_tokens = net.backbone.pos_embed.shape[1]
-        estimator_macs = net.estimator.macs_per_sample(num_tokens)
+        estimator_macs = net.estimator.macs_per_sample(net.backbone.num_tokens)
+        recorded = self._recorded_rows(x, ctx)
 
-        recorded = self._recorded_rows(x)
-
-        def policy(exit_point, tokens, t_active, active):
+        def policy(exit_point, tokens, state, t_active, active):
             log.add_macs(estimator_macs, active)
             if recorded is not None:
-                self._record_maps(exit_point, tokens, t_active, active, recorded)
+                self._record_maps(exit_point, tokens, t_active, active, recorded, ctx)
             passing = self.exits(net.estimator.scalar(exit_point, tokens, t_active))
-            if self.params.patience and exit_point <= num_in:
+            if self.params.patience and kinds[exit_point - 1] == "in":
                 passes[active] += passing.long()
                 return passing & (passes[active] >= 2)
             return passing
 
-        return exit_aware_forward(net.backbone, x, t, y, policy, log, heads=net.head)
+        return exit_aware_forward(net.backbone, x, t, y, policy, log, heads=net.exit_head)
 
     # ---- per-pixel uncertainty maps (only in the harness's sampling pass, never timed) ------------
-    def _recorded_rows(self, x: torch.Tensor) -> np.ndarray | None:
+    def _recorded_rows(self, x: torch.Tensor, ctx) -> np.ndarray | None:
         """Batch rows whose maps are recorded at this step (None when nothing is)."""
-        step = self.log.current_step
+        step = ctx.step
         if not self.record_artifacts or step not in self.map_steps:
             return None
-        sample_ids = self.log.current_rows
+        self._map_timesteps[step] = float(ctx.timesteps[step])
+        sample_ids = ctx.rows
         rows = np.flatnonzero(sample_ids < self.params.map_samples)
         if len(rows) == 0:
             return None
@@ -194,7 +208,7 @@ class AdaDiff(Method):
         self._inputs[step][sample_ids[rows]] = x[rows].numpy()
         return rows
 
-    def _record_maps(self, exit_point, tokens, t_active, active, recorded_rows) -> None:
+    def _record_maps(self, exit_point, tokens, t_active, active, recorded_rows, ctx) -> None:
         """Store the uncertainty map at `exit_point` of every recorded sample still active."""
         keep = np.isin(active.numpy(), recorded_rows)
         if not keep.any():
@@ -202,9 +216,9 @@ class AdaDiff(Method):
         with torch.no_grad():
             u = self.net.estimator.uncertainty(exit_point, tokens[keep], t_active[keep])
         if u.dim() == 1:  # a per-sample estimator: broadcast its scalar over the image
-            u = u.view(-1, 1, 1, 1).expand(-1, *self._inputs[self.log.current_step].shape[1:])
-        sample_ids = self.log.current_rows[active.numpy()[keep]]
-        self._maps[self.log.current_step][sample_ids, exit_point - 1] = u.numpy()
+            u = u.view(-1, 1, 1, 1).expand(-1, *self._inputs[ctx.step].shape[1:])
+        sample_ids = ctx.rows[active.numpy()[keep]]
+        self._maps[ctx.step][sample_ids, exit_point - 1] = u.numpy()
 
     def restore_artifacts(self, artifacts: dict[str, dict]) -> None:
         maps = artifacts.get("uncertainty_maps")
@@ -212,13 +226,14 @@ class AdaDiff(Method):
             return
         for i, step in enumerate(np.asarray(maps["steps"]).tolist()):
             self._maps[step], self._inputs[step] = np.array(maps["maps"][i]), np.array(maps["inputs"][i])
+            self._map_timesteps[step] = float(maps["timesteps"][i])
 
     def artifacts(self) -> dict[str, dict]:
         if not self._maps:
             return {}
         steps = sorted(self._maps)
         return {"uncertainty_maps": {
-            "steps": np.array(steps), "timesteps": self.log.timesteps[steps],
+            "steps": np.array(steps), "timesteps": np.array([self._map_timesteps[s] for s in steps]),
             "maps": np.stack([self._maps[s] for s in steps]),       # step, sample, exit point, C, H, W
             "inputs": np.stack([self._inputs[s] for s in steps]),   # the noisy model input at that step
         }}

@@ -1,36 +1,35 @@
-"""AdaDiff's network: a U-ViT backbone, an uncertainty estimator per exit point, and exit heads.
+"""AdaDiff's network: a backbone, an uncertainty estimator per exit point, and exit heads.
 
 Tang et al., "AdaDiff: Accelerating Diffusion Models through Step-Wise Adaptive Computation",
-ECCV 2024 (arXiv 2309.17074). Exit points follow every block (depth + 1 of them, numbered
-1..num_blocks by blocks run). Exit heads: the backbone's own final head shared by all exits (the
-official code) or one head per exit point, initialised from the final head (option).
+ECCV 2024 (arXiv 2309.17074). Exit points follow every block (one per block, numbered 1..num_blocks
+by blocks run). Exit heads: the backbone's own final head shared by all exits (the official code)
+or one head per exit point, initialised as a copy of the final head (option).
 
 Official checkpoints (Tangshengku/AdaDiff) are U-ViT state dicts plus `lte_classifer.{i}.lte.*`;
-`from_official_state_dict` maps those names onto `estimator.certainty.{i}.*` at the loading edge.
+`map_official_state_dict` maps those names onto `estimator.certainty.{i}.*` at the loading edge.
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .estimators import ESTIMATORS, Estimator, build_estimator
-from .uvit import UViT
+from ...errors import UserError, unknown_choice
+from ...models.backbone import Backbone, BlockState
+from .estimators import ESTIMATORS, Estimator
 
 OFFICIAL_ESTIMATOR_KEY = re.compile(r"^lte_classifer\.(\d+)\.lte\.(weight|bias)$")
 
 
 @dataclass
 class AdaDiffConfig:
-    estimator: str = "official"        # official | timestep | probe | attention
+    estimator: str = "official"        # a name in ESTIMATORS: official | timestep | probe | attention | ...
     heads: str = "shared"              # shared (official) | per-exit
     timestep_weights: str = "shared"   # the timestep estimator's w_t: shared | bucketed
 
     def validate(self, where: str) -> None:
-        from ..errors import UserError, unknown_choice
         if self.estimator not in ESTIMATORS:
             raise UserError(f"{where}: {unknown_choice('estimator', self.estimator, ESTIMATORS)}")
         if self.heads not in ("shared", "per-exit"):
@@ -39,42 +38,24 @@ class AdaDiffConfig:
             raise UserError(f"{where}: timestep_weights must be 'shared' or 'bucketed' (got {self.timestep_weights!r})")
 
 
-class ExitHead(nn.Module):
-    """A copy of U-ViT's final head (norm, decoder_pred, unpatchify, conv) for one exit point."""
-
-    def __init__(self, backbone: UViT):
-        super().__init__()
-        self.norm = copy.deepcopy(backbone.norm)
-        self.decoder_pred = copy.deepcopy(backbone.decoder_pred)
-        self.final_layer = copy.deepcopy(backbone.final_layer)
-        self.extras, self.in_chans = backbone.extras, backbone.in_chans
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        from .uvit import unpatchify
-        patches = self.decoder_pred(self.norm(tokens))[:, self.extras:, :]
-        return self.final_layer(unpatchify(patches, self.in_chans))
-
-
-class AdaDiffUViT(nn.Module):
-    def __init__(self, backbone: UViT, config: AdaDiffConfig):
+class AdaDiffNetwork(nn.Module):
+    def __init__(self, backbone: Backbone, config: AdaDiffConfig):
         super().__init__()
         self.backbone, self.config = backbone, config
-        num_exits = backbone.num_blocks
-        self.estimator: Estimator = build_estimator(config.estimator, num_exits, backbone.embed_dim,
-                                                    backbone.patch_size, backbone.in_chans, backbone.extras,
-                                                    config.timestep_weights)
+        self.estimator: Estimator = ESTIMATORS[config.estimator](backbone, config)
         # per-exit heads for every exit but the last, which is the backbone's own head
-        self.exit_heads = nn.ModuleList([ExitHead(backbone) for _ in range(num_exits - 1)]) \
+        self.exit_heads = nn.ModuleList([backbone.copy_head() for _ in range(self.num_exits - 1)]) \
             if config.heads == "per-exit" else None
 
     @property
     def num_exits(self) -> int:
         return self.backbone.num_blocks
 
-    def head(self, exit_point: int, tokens: torch.Tensor) -> torch.Tensor:
+    def exit_head(self, exit_point: int, tokens: torch.Tensor, state: BlockState) -> torch.Tensor:
+        """eps from the hidden state after `exit_point` blocks."""
         if self.exit_heads is None or exit_point == self.num_exits:
-            return self.backbone.head(tokens)
-        return self.exit_heads[exit_point - 1](tokens)
+            return self.backbone.head(tokens, state)
+        return self.exit_heads[exit_point - 1](tokens, state)
 
     def all_exits(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, backbone_grad: bool = True):
         """Every exit's eps prediction and uncertainty (training): lists of length num_exits.
@@ -82,13 +63,12 @@ class AdaDiffUViT(nn.Module):
         `backbone_grad=False` (frozen backbone) runs the blocks without building their graph.
         """
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-            tokens = self.backbone.embed(x, t, y)
-        skips: list[torch.Tensor] = []
+            tokens, state = self.backbone.begin(x, t, y)
         predictions, uncertainties = [], []
         for block in range(self.num_exits):
             with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-                tokens = self.backbone.run_block(block, tokens, skips)
-            predictions.append(self.head(block + 1, tokens))
+                tokens = self.backbone.run_block(block, tokens, state)
+            predictions.append(self.exit_head(block + 1, tokens, state))
             uncertainties.append(self.estimator.uncertainty(block + 1, tokens, t))
         return predictions, uncertainties
 
@@ -107,4 +87,4 @@ def map_official_state_dict(state: dict) -> dict:
 
 
 def looks_official(state: dict) -> bool:
-    return any(OFFICIAL_ESTIMATOR_KEY.match(k) for k in state)
+    return any(OFFICIAL_ESTIMATOR_KEY.match(str(k)) for k in state)

@@ -11,14 +11,42 @@ final head included, stays fixed: only the estimators (and per-exit heads, if ch
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .adadiff_checkpoints import save_adadiff
-from .checkpoints import load_model
-from .config import AdaDiffTrainConfig, TrainFile
-from .diffusion import add_noise
-from .models.adadiff import AdaDiffConfig, AdaDiffUViT
-from .training import Task
+from ...checkpoints import load_model
+from ...config import TrainFile
+from ...diffusion import add_noise
+from ...errors import UserError
+from ...training import Task
+from .checkpoint import save_adadiff
+from .network import AdaDiffConfig, AdaDiffNetwork
+
+
+@dataclass
+class AdaDiffTrainConfig:
+    """`[adadiff]`: train AdaDiff's estimators (and optionally the backbone) from a base checkpoint.
+
+    `loss`: "official" (L_u averaged over layers; L_UAL with batch-mean certainty weights normalised
+    over layers) or "paper" (L_u summed over layers; L_UAL = sum_i (1 - u_i) ||g_i - eps||^2).
+    """
+    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    estimator: str = "official"
+    heads: str = "shared"
+    timestep_weights: str = "shared"
+    loss: str = "official"
+    detach_weights: bool = False
+    freeze_backbone: bool = True
+    lambda_u: float = 1.0
+    beta_ual: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.loss not in ("official", "paper"):
+            raise UserError(f"{where}: loss must be 'official' or 'paper' (got {self.loss!r})")
+        if self.lambda_u < 0 or self.beta_ual < 0:
+            raise UserError(f"{where}: lambda_u and beta_ual must be >= 0")
+        AdaDiffConfig(self.estimator, self.heads, self.timestep_weights).validate(where)
 
 
 def uncertainty_targets(predictions: list[torch.Tensor], eps: torch.Tensor, per_pixel: bool) -> list[torch.Tensor]:
@@ -53,10 +81,10 @@ def _broadcast(u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
-    cfg = config.adadiff
+    """The `[adadiff]` table's task: AdaDiff's network built on the base checkpoint, trained with its objective."""
+    cfg: AdaDiffTrainConfig = config.task_config
     backbone = load_model(cfg.base_checkpoint)
-    model_config = _config_of(cfg.base_checkpoint)
-    net = AdaDiffUViT(backbone, AdaDiffConfig(cfg.estimator, cfg.heads, cfg.timestep_weights))
+    net = AdaDiffNetwork(backbone, AdaDiffConfig(cfg.estimator, cfg.heads, cfg.timestep_weights))
     if cfg.freeze_backbone:
         net.backbone.requires_grad_(False)
 
@@ -66,13 +94,7 @@ def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         return adadiff_losses(predictions, uncertainties, eps, cfg, net.estimator.per_pixel)["total"]
 
     def export(path, ema, meta, half):
-        save_adadiff(path, ema, model_config, {**meta, "base_checkpoint": cfg.base_checkpoint,
-                                               "freeze_backbone": cfg.freeze_backbone, "loss": cfg.loss}, half)
+        save_adadiff(path, ema, backbone.config, {**meta, "base_checkpoint": cfg.base_checkpoint,
+                                                  "freeze_backbone": cfg.freeze_backbone, "loss": cfg.loss}, half)
 
-    return Task(net, loss, export, model_config)
-
-
-def _config_of(path: str):
-    from .checkpoints import read_checkpoint
-    from .config import UViTConfig
-    return UViTConfig(**read_checkpoint(path)["model"])
+    return Task(net, loss, export, backbone.config)
