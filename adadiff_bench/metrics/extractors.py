@@ -7,22 +7,13 @@ every space that provides the feature layer it reads, and its columns carry the 
 
 Adding a space is one `register_extractor(ExtractorSpec(...))` call, in this file or in a plugin
 module loaded through the `adadiff_bench.metrics` entry-point group. For example, raw pixels as
-features for images of any size (no logits, so no Inception Score in that space)::
-
-    class Pixels(FeatureExtractorBase):            # torch_fidelity.feature_extractor_base
-        def __init__(self, name, features_list, **kwargs):  # torch-fidelity passes its settings too
-            super().__init__(name, features_list)
-        def forward(self, images):
-            return (images.flatten(1).float() / 255,)
-        @staticmethod
-        def get_provided_features_list():
-            return ("pixels",)
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "pixels"
+features for images of any size, with no logits, so no Inception Score in that space::
 
     register_extractor(ExtractorSpec("pixels", "pixels", weights=lambda config, where: __file__,
                                      roles=("fid", "kid", "prc"), fidelity_class=Pixels))
+
+where `Pixels` is a torch-fidelity `FeatureExtractorBase` whose one feature, "pixels", is
+`images.flatten(1).float() / 255` (tests/test_metric_registry.py has it in full).
 
 Nothing is downloaded: a space whose weights are not on disk is left out (or refused, when the
 run requires it).
@@ -195,7 +186,8 @@ def check_fid_backend(config: MetricsConfig, extractors: tuple[str, ...]) -> Non
 def cleanfid_missing_message() -> str:
     """The one line that says where clean-fid's Inception file was looked for and how to provide it."""
     return (f"fid_backend = \"clean-fid\" needs clean-fid's {CLEANFID_MODEL_FILE} (looked in "
-            f"{cleanfid_default_model_dir()}); set [metrics] cleanfid_model = PATH or use fid_backend = \"torch-fidelity\"")
+            f"{cleanfid_default_model_dir()}); set [metrics] cleanfid_model = PATH or use "
+            "fid_backend = \"torch-fidelity\"")
 
 
 # ---- Inception: torch-fidelity's network when its weights are on disk; clean-fid's own pipeline for FID -----

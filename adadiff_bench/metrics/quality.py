@@ -143,7 +143,8 @@ def enabled_metrics(extractor: ExtractorSpec, config: MetricsConfig) -> list[Met
 
 
 def metrics_in_feature_space(extractor: str, weights: str, samples: torch.Tensor, reference: Dataset,
-                             config: MetricsConfig, cache_dir: str | Path, device: torch.device = CPU) -> dict[str, float]:
+                             config: MetricsConfig, cache_dir: str | Path,
+                             device: torch.device = CPU) -> dict[str, float]:
     """Every enabled metric in one feature space, as flat columns named with the space."""
     spec = get_extractor(extractor)
     metrics = enabled_metrics(spec, config)
