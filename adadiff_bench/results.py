@@ -38,23 +38,11 @@ class RunLayout:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-
-    @property
-    def results_csv(self) -> Path:
-        return self.root / "results.csv"
-
-    @property
-    def run_json(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def exits_npz(self) -> Path:
-        return self.root / "exits.npz"
-
-    @property
-    def cells(self) -> Path:
-        """The folder holding one folder per cell."""
-        return self.root / "cells"
+        self.results_csv = self.root / "results.csv"
+        self.run_json = self.root / "run.json"
+        self.exits_npz = self.root / "exits.npz"  # every cell's summaries, keys '<cell_id>/<summary>'
+        self.cells = self.root / "cells"  # one folder per cell
+        self.progress_root = self.root / "progress"  # unfinished cells' sampling batches (partial folder only)
 
     def cell(self, cell_id: str) -> Path:
         return self.cells / _safe_name(cell_id, "cell id")
@@ -65,11 +53,6 @@ class RunLayout:
     def cell_archive(self, cell_id: str, name: str) -> Path:
         """`cells/<cell_id>/<name>.npz`: samples, exits or a method's artifact."""
         return self.cell(cell_id) / f"{_safe_name(name, 'artifact name')}.npz"
-
-    @property
-    def progress_root(self) -> Path:
-        """Where unfinished cells keep their finished sampling batches (partial folder only)."""
-        return self.root / "progress"
 
     def progress(self, cell_id: str) -> Path:
         return self.progress_root / _safe_name(cell_id, "cell id")

@@ -13,7 +13,6 @@ is closest to `TARGET_LAYER_RATIO`. Figures of AdaDiff's own artifacts are in `a
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .style import DOUBLE, SINGLE, hatch_background, masked_cmap, new_figure, save, style, styled, wrap
-from .tables import knobs_of
+from .tables import knobs_of, swept_of
 from .view import ReportView
 
 TARGET_LAYER_RATIO = 0.7
@@ -100,7 +99,7 @@ def setting_labels(rows: pd.DataFrame) -> list[str]:
     labels = []
     for i, (_, row) in enumerate(rows.iterrows()):
         same_method = [knobs[j] for j in range(len(rows)) if rows["method"].iloc[j] == row["method"]]
-        swept = json.loads(row["swept"]) if isinstance(row.get("swept"), str) and row.get("swept") else []
+        swept = swept_of(row)
         shown = [k for k, v in knobs[i].items()
                  if k in swept or any(other.get(k) != v for other in same_method)]
         parts = [f"{k}={short_knob_value(knobs[i][k])}" for k in shown]
@@ -118,8 +117,7 @@ def _timestep_ticks(timesteps: np.ndarray, count: int = 6) -> tuple[np.ndarray, 
 def short_id(row: pd.Series) -> str:
     """A short, file-safe id of a cell: method, swept knob values and the cell id's tail."""
     knobs = knobs_of(row)
-    swept = json.loads(row["swept"]) if isinstance(row.get("swept"), str) and row.get("swept") else []
-    parts = [f"{k}{short_knob_value(knobs[k])}" for k in swept if k in knobs]
+    parts = [f"{k}{short_knob_value(knobs[k])}" for k in swept_of(row) if k in knobs]
     tail = str(row["cell_id"]).rsplit("-", 1)[-1]
     return re.sub(r"[^A-Za-z0-9._=-]", "_", "-".join([row["method"], *parts, tail]))
 

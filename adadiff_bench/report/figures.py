@@ -235,7 +235,8 @@ def sample_figures(view: ReportView, out: Path) -> list[Path]:
             folder = out / "samples" / row["run"] if view.several_runs else out / "samples"
             make_dir(folder)
             written.append(sample_grid(images, folder / f"{row['cell_id']}.png"))
-    chosen = [(short_setting(r).replace(" (", "\n("), view.samples(r)) for _, r in side_by_side_rows(view.frame).iterrows()]
+    chosen = [(short_setting(row).replace(" (", "\n("), view.samples(row))
+              for _, row in side_by_side_rows(view.frame).iterrows()]
     return written + samples_side_by_side([(label, images) for label, images in chosen if images is not None], out)
 
 

@@ -70,7 +70,8 @@ def register_figure(name: str, draw: FigureFunction, caption: str, section: str,
         raise ValueError(f"figure {name!r}: a name like 'my_figure', a function, a caption and a section are needed")
     figure = Figure(name, draw, caption, section, per_run)
     if name in _FIGURES and _FIGURES[name] != figure:
-        raise ValueError(f"figure {name!r} is already registered (by {_FIGURES[name].draw.__module__}); pick another name")
+        raise ValueError(f"figure {name!r} is already registered (caption {_FIGURES[name].caption!r}); "
+                         "pick another name")
     _FIGURES[name] = figure
     return figure
 

@@ -15,14 +15,21 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError, did_you_mean
-from ..metrics.specs import SEED_STD, is_value_column, parse_column, primary_column
+from ..metrics.specs import CI_HIGH, CI_LOW, SEED_STD, is_value_column, parse_column, primary_column
 from ..results import atomic_write_bytes
 from .view import ReportView, reference_cost
+
 
 def knobs_of(row: pd.Series) -> dict:
     """A row's knobs, from its JSON `params` ({} when it has none)."""
     params = row.get("params", "")
     return json.loads(params) if isinstance(params, str) and params else {}
+
+
+def swept_of(row: pd.Series) -> list[str]:
+    """The knobs a row's [[methods]] entry sweeps, from its JSON `swept` ([] when it has none)."""
+    swept = row.get("swept", "")
+    return json.loads(swept) if isinstance(swept, str) and swept else []
 
 
 def setting_label(row: pd.Series) -> str:
@@ -54,7 +61,7 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame
     metric_columns = [c for c in frame.columns if is_value_column(c)]
     numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
         c for c in ("time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb") if c in frame.columns]
-    bounds = [c for c in frame.columns if c.endswith(("_ci_low", "_ci_high"))]
+    bounds = [c for c in frame.columns if c.endswith((CI_LOW, CI_HIGH))]
     grouped = frame.groupby("setting", sort=False)
     board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds},
                          "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
@@ -155,9 +162,9 @@ def shown_columns(board: pd.DataFrame) -> list[str]:
     hidden = ("setting", "num_samples", "seeds")
     columns = []
     for c in board.columns:
-        if c.endswith("_ci_low") and board[c].notna().any():
+        if c.endswith(CI_LOW) and board[c].notna().any():
             columns.append(c.removesuffix("_low"))
-        elif c not in hidden and not c.endswith((SEED_STD, "_ci_low", "_ci_high")):
+        elif c not in hidden and not c.endswith((SEED_STD, CI_LOW, CI_HIGH)):
             columns.append(c)
     return columns
 
@@ -237,7 +244,7 @@ def curves(frame: pd.DataFrame):
     keys = ["run", "entry", "solver"] if "run" in frame.columns else ["entry", "solver"]
     several = "run" in frame.columns and frame["run"].nunique() > 1
     for _, group in frame.groupby(keys, sort=True):
-        swept = [k for k in json.loads(group["swept"].iloc[0]) if k != "solver"]
+        swept = [k for k in swept_of(group.iloc[0]) if k != "solver"]
         first = knobs.loc[group.index[0]]
         fixed = [f"{k}={short_value(v)}" for k, v in first.items()
                  if k not in swept and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
