@@ -1,0 +1,81 @@
+"""The suite's conformance check, exported so that a plugin package runs it on its own method.
+
+    from adadiff_bench.testing import check_method_contracts, tiny_backbone
+
+    def test_my_method_keeps_the_suite_contracts():
+        check_method_contracts("my-method", tiny_backbone(), {"threshold": 0.5})
+
+A method that passes keeps the contracts every number of the suite rests on:
+- its step log is well formed: exit points are -1 (no exit by prefix) or 1..N, and a prefix exit at
+  k ran exactly blocks 1..k and at least one head;
+- the FLOPs its step log implies equal what torch's dispatcher counts over a whole sampling run
+  (within 1%), so its GFLOPs are real;
+- it is deterministic given the seed;
+- batch size changes neither its images nor its step log, unless it declares `batch_dependent`.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import build_model
+from .config import UViTConfig
+from .flops import dispatch_flops, unit_costs
+from .harness import Cell, build_method, generate
+from .methods import PrepareContext, get_method, make_params
+from .models.backbone import Backbone
+
+TINY_UVIT = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2)
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    """A small U-ViT with random weights (8x8 grey images, 5 blocks): fast enough for any test."""
+    torch.manual_seed(seed)
+    return build_model(TINY_UVIT).eval()
+
+
+def check_method_contracts(name: str, model: Backbone, params: dict | None = None, solver: str = "dpm-solver++",
+                           num_steps: int = 25, num_samples: int = 3, training_cache: Path | None = None) -> None:
+    """Sample `num_samples` images with method `name` (knobs `params`) on `model` and check every contract;
+    raises AssertionError naming the broken one."""
+    cls = get_method(name)
+    cell = Cell(name, tuple(sorted((params or {}).items())), solver, num_steps, 0)
+    knobs = make_params(cls, dict(cell.params), name)
+    cls.check(knobs, model, name)
+    cls.check_schedule(knobs, solver, num_steps, name)
+    with tempfile.TemporaryDirectory() as scratch:
+        knobs = cls.prepare(knobs, PrepareContext(Path(training_cache or scratch), progress=False))
+
+    def run(batch_size: int):
+        return generate(cell, model, num_samples, batch_size, method=build_method(cell, model, knobs))
+
+    images, log = run(num_samples)
+    assert torch.isfinite(images).all(), f"{name}: non-finite samples"
+    check_step_log(name, log)
+    flops = dispatch_flops(lambda: run(num_samples))
+    logged = log.macs_per_image(unit_costs(model))
+    assert abs(logged - flops / 2 / num_samples) <= 0.01 * logged, \
+        f"{name}: the step log implies {logged:.6g} MACs per image, the dispatcher counted {flops / 2 / num_samples:.6g}"
+    again, log_again = run(num_samples)
+    assert torch.equal(images, again) and (log.blocks_run == log_again.blocks_run).all(), \
+        f"{name}: two runs with the same seed differ"
+    if not build_method(cell, model, knobs).batch_dependent:
+        one_by_one, log_single = run(1)
+        assert torch.allclose(images, one_by_one, atol=1e-5), f"{name}: batch size changed the images"
+        assert (log.blocks_run == log_single.blocks_run).all() and (log.exit_point == log_single.exit_point).all(), \
+            f"{name}: batch size changed the step log"
+
+
+def check_step_log(name: str, log) -> None:
+    """Exit points -1 or 1..N; a prefix exit at k ran blocks 1..k only and at least one head."""
+    n = log.num_blocks
+    exits = log.exit_point
+    assert np.isin(exits, [-1, *range(1, n + 1)]).all(), f"{name}: exit points outside -1, 1..{n}"
+    prefix = np.arange(n) < exits[..., None]
+    exited = exits > 0
+    assert (log.blocks_run[exited] == prefix[exited]).all(), f"{name}: a prefix exit at k did not run exactly 1..k"
+    assert (log.head_calls[exited] >= 1).all(), f"{name}: an exit without a head call"
+    assert 0.0 <= log.layer_ratio() <= 1.0, f"{name}: layer ratio outside [0, 1]"
