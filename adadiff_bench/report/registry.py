@@ -87,9 +87,9 @@ def draw_figures(view: ReportView, out: Path) -> list[DrawnFigure]:
     for figure in registered_figures():
         if figure.per_run and view.several_runs:
             for run in view.infos:
-                drawn.append(DrawnFigure(figure, out / run, figure.draw(view.of_run(run), out / run), run))
+                drawn.append(DrawnFigure(figure, out / run, list(figure.draw(view.of_run(run), out / run) or []), run))
         else:
-            drawn.append(DrawnFigure(figure, out, figure.draw(view, out)))
+            drawn.append(DrawnFigure(figure, out, list(figure.draw(view, out) or [])))
     return drawn
 
 
