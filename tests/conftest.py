@@ -1,14 +1,19 @@
-"""Shared fixtures: a tiny U-ViT checkpoint and a tiny run config, so that tests stay fast."""
+"""Shared fixtures: a tiny U-ViT checkpoint and a tiny run config, so that tests stay fast; and the helpers
+that drive a method by hand (a sampling context) and recompute a U-ViT independently of the backbone
+interface (plain module calls with an explicit skip list), so that tests check the interface against it."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from adadiff_bench.checkpoints import build_model, save_checkpoint
 from adadiff_bench.config import UViTConfig
+from adadiff_bench.diffusion import SamplingContext, sample_generators
 
 torch.set_num_threads(int(os.environ.get("ADADIFF_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
@@ -43,3 +48,35 @@ def write_run_config(tmp_path: Path, checkpoint: Path, extra_methods: str = "", 
     path = tmp_path / "run.toml"
     path.write_text(text)
     return path
+
+
+# ---- driving a method by hand, as the sampling loop would --------------------------------------------
+
+def context(step: int = 0, timesteps=None, rows=None, batch: int | None = None, seed: int = 0) -> SamplingContext:
+    """The sampling context of network evaluation `step`: `timesteps` the solver's whole schedule (default:
+    `step + 1` zeros), `rows` the batch's run-wide sample indices (default 0..batch-1)."""
+    timesteps = np.zeros(step + 1) if timesteps is None else np.asarray(timesteps, dtype=np.float64)
+    rows = np.arange(batch) if rows is None else np.asarray(rows)
+    return SamplingContext(step, timesteps, rows, sample_generators(seed, rows.tolist()))
+
+
+# ---- an independent U-ViT: plain module calls, explicit long skips ------------------------------------
+
+def plain_blocks(model, tokens: torch.Tensor, blocks: Iterable[int], skips: list) -> torch.Tensor:
+    """Run U-ViT blocks `blocks` (execution order) with plain module calls: in-blocks append their output to
+    `skips`, out-blocks call `block(x, skips.pop())`."""
+    num_in, all_blocks = len(model.in_blocks), model.block_list()
+    for k in blocks:
+        tokens = all_blocks[k](tokens, skips.pop() if k > num_in else None)
+        if k < num_in:
+            skips.append(tokens)
+    return tokens
+
+
+def plain_hidden_states(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The tokens after every block (exit points 1..N), all blocks run for every sample."""
+    tokens, skips, states = model.embed(x, t, y), [], []
+    for k in range(len(model.block_list())):
+        tokens = plain_blocks(model, tokens, [k], skips)
+        states.append(tokens)
+    return states

@@ -5,15 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_bench.adadiff_checkpoints import build_adadiff, load_adadiff, save_adadiff
-from adadiff_bench.adadiff_training import adadiff_losses
-from adadiff_bench.config import AdaDiffTrainConfig
 from adadiff_bench.flops import dispatch_flops, unit_costs
 from adadiff_bench.methods import get_method, make_params
-from adadiff_bench.models.adadiff import AdaDiffConfig
-from adadiff_bench.models.estimators import ESTIMATORS
+from adadiff_bench.methods.adadiff import (ESTIMATORS, AdaDiffConfig, AdaDiffTrainConfig, adadiff_losses,
+                                           build_adadiff, load_adadiff, save_adadiff)
 from adadiff_bench.steplog import StepLog
-from conftest import TINY
+from conftest import TINY, context, plain_hidden_states
 
 
 def random_adadiff(estimator="official", heads="shared", seed=0):
@@ -38,7 +35,7 @@ def run_step(method, x, t, num_blocks):
     log.set_step(0)
     method.start_batch(log)
     with torch.no_grad():
-        eps = method(x, t, None)
+        eps = method(x, t, None, context(0, batch=len(x)))
     return eps, log
 
 
@@ -54,12 +51,34 @@ def spreading_threshold(scalars):
     return float(max(candidates, key=lambda c: len(set(first_exits(scalars, c).tolist()))))
 
 
+def plain_exits(net, x, t):
+    """Every exit's eps and uncertainty from plain block calls (not the backbone interface), all blocks run."""
+    with torch.no_grad():
+        states = plain_hidden_states(net.backbone, x, t)
+        predictions = [net.exit_head(i, tokens, None) for i, tokens in enumerate(states, 1)]
+        uncertainties = [net.estimator.uncertainty(i, tokens, t) for i, tokens in enumerate(states, 1)]
+    return predictions, uncertainties
+
+
 def brute_force(net, x, t):
     """Every exit's eps and scalar uncertainty, computing all blocks for every sample."""
-    with torch.no_grad():
-        predictions, uncertainties = net.all_exits(x, t)
+    predictions, uncertainties = plain_exits(net, x, t)
     scalars = torch.stack([u.flatten(1).mean(1) if u.dim() > 1 else u for u in uncertainties], 1)
     return torch.stack(predictions, 1), scalars
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("heads", ["shared", "per-exit"])
+def test_all_exits_for_training_equals_the_plain_computation(estimator, heads):
+    net = random_adadiff(estimator, heads)
+    x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,))
+    with torch.no_grad():
+        predictions, uncertainties = net.all_exits(x, t)
+    expected_predictions, expected_uncertainties = plain_exits(net, x, t)
+    assert len(predictions) == len(uncertainties) == net.num_exits == TINY.depth + 1
+    for got, expected in zip(predictions + uncertainties, expected_predictions + expected_uncertainties):
+        assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(predictions[-1], net.backbone(x, t), atol=1e-6)  # the last exit is the full network
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -119,17 +138,20 @@ def test_patience_exits_at_the_second_passing_in_block(tmp_path):
 
 
 def official_forward(state, x, t, thres):
-    """The official AdaDiff inference rule at batch size 1, written from its description (ADADIFF.md)."""
+    """The official AdaDiff inference rule at batch size 1, written from its description (ADADIFF.md):
+    plain module calls with an explicit skip list, not the backbone interface."""
     from adadiff_bench.checkpoints import build_model, load_state_dict_strict
-    from adadiff_bench.models.uvit import unpatchify
+    from adadiff_bench.models.backbone import unpatchify
     model = build_model(TINY).eval()
     load_state_dict_strict(model, {k: v for k, v in state.items() if not k.startswith("lte_")}, "official")
-    num_in = len(model.in_blocks)
+    num_in, blocks = len(model.in_blocks), model.block_list()
     with torch.no_grad():
         tokens = model.embed(x, t)
         skips, patient = [], False
-        for block in range(model.num_blocks):
-            tokens = model.run_block(block, tokens, skips)
+        for block in range(len(blocks)):
+            tokens = blocks[block](tokens, skips.pop() if block > num_in else None)
+            if block < num_in:
+                skips.append(tokens)
             weight, bias = state[f"lte_classifer.{block}.lte.weight"], state[f"lte_classifer.{block}.lte.bias"]
             certainty = unpatchify(torch.sigmoid(tokens[:, model.extras:] @ weight.T + bias), model.in_chans)
             if certainty.mean() > thres:
@@ -139,7 +161,7 @@ def official_forward(state, x, t, thres):
                     patient = True
                 else:
                     return model.head(tokens), block + 1
-        return model.head(tokens), model.num_blocks
+        return model.head(tokens), len(blocks)
 
 
 def test_official_state_dict_loads_strictly_and_matches_the_official_rule(tmp_path):
@@ -255,3 +277,46 @@ def test_uncertainty_maps_are_saved_for_chosen_steps(tmp_path):
             assert np.all((maps["maps"][k, sample][visited] >= 0) & (maps["maps"][k, sample][visited] <= 1))
     # the timed pass (record_artifacts False) records nothing
     assert build_method(cell, net.backbone).artifacts() == {}
+
+
+def test_a_registered_estimator_is_picked_by_name_for_building_saving_and_loading(tmp_path):
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.methods.adadiff import Estimator, register_estimator
+
+    class HalfEstimator(Estimator):
+        """Uncertainty 0.5 for every sample, through one linear layer per exit (zero weights, zero bias)."""
+
+        def __init__(self, backbone, config=None):
+            super().__init__(backbone, config)
+            self.linear = torch.nn.ModuleList([torch.nn.Linear(self.embed_dim, 1) for _ in range(self.num_exits)])
+            for layer in self.linear:
+                torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
+
+        def uncertainty(self, exit_point, tokens, t):
+            return torch.sigmoid(self.linear[exit_point - 1](tokens.mean(1))).squeeze(-1)
+
+        def _per_exit_linears(self):
+            return [self.linear[0]]
+
+        def _rows(self, num_tokens):
+            return 1
+
+    with pytest.raises(ValueError, match="already taken"):
+        register_estimator("official", HalfEstimator)
+    register_estimator("test-half", HalfEstimator)
+    try:
+        AdaDiffConfig(estimator="test-half").validate("test")
+        net = build_adadiff(TINY, AdaDiffConfig(estimator="test-half")).eval()
+        save_adadiff(tmp_path / "half.pt", net, TINY)
+        loaded = load_adadiff(tmp_path / "half.pt")
+        assert isinstance(loaded.estimator, HalfEstimator) and loaded.config.estimator == "test-half"
+        x, t = torch.randn(3, 1, 8, 8), torch.randint(0, 1000, (3,))
+        for threshold, exit_point in ((0.5, 1), (0.4, net.num_exits)):  # u = 0.5 everywhere: exit at 1 or never
+            method = make_method(tmp_path, loaded, threshold=threshold)
+            eps, log = run_step(method, x, t, net.num_exits)
+            assert (log.exit_point[:, 0] == exit_point).all()
+            assert (log.extra_macs[:, 0] == TINY.embed_dim * min(exit_point, net.num_exits - 1)).all()
+    finally:
+        ESTIMATORS.pop("test-half", None)
+    with pytest.raises(UserError, match="unknown estimator 'test-half'"):
+        AdaDiffConfig(estimator="test-half").validate("test")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adadiff_bench.adadiff_checkpoints import load_adadiff
+from adadiff_bench.methods.adadiff import load_adadiff
 from adadiff_bench.checkpoints import load_model
 from adadiff_bench.cli import main
 from conftest import REPO
@@ -37,9 +37,9 @@ def test_frozen_training_changes_only_estimators_and_heads(tmp_path, tiny_checkp
     final = load_adadiff(tmp_path / "run" / "ema.pt")
     assert final.config.estimator == estimator
     # the estimators moved away from their (seeded) initialisation
-    from adadiff_bench.models.adadiff import AdaDiffConfig, AdaDiffUViT
+    from adadiff_bench.methods.adadiff import AdaDiffConfig, AdaDiffNetwork
     torch.manual_seed(0)
-    initial = AdaDiffUViT(load_model(tiny_checkpoint), AdaDiffConfig(estimator, heads))
+    initial = AdaDiffNetwork(load_model(tiny_checkpoint), AdaDiffConfig(estimator, heads))
     moved = [n for n, v in initial.estimator.state_dict().items() if not torch.equal(final.estimator.state_dict()[n], v)]
     assert moved
 
@@ -54,20 +54,33 @@ def test_finetuning_changes_the_backbone(tmp_path, tiny_checkpoint):
 
 
 def test_ablation_cells_train_on_demand_once(tmp_path, tiny_checkpoint, monkeypatch):
-    from adadiff_bench.methods import adadiff as adadiff_module
-    from adadiff_bench.methods import get_method, make_params
+    from adadiff_bench.methods import PrepareContext, get_method, make_params
+    from adadiff_bench.methods.adadiff import method as adadiff_method
     config = write_config(tmp_path, tiny_checkpoint, freeze=True)
-    monkeypatch.setattr(adadiff_module, "ON_DEMAND_CACHE", tmp_path / "cache")
     calls = []
-    real_train = adadiff_module.train
-    monkeypatch.setattr(adadiff_module, "train", lambda cfg: (calls.append(cfg.adadiff.estimator), real_train(cfg))[1])
+    real_train = adadiff_method.train
+    monkeypatch.setattr(adadiff_method, "train", lambda cfg, progress=True: (calls.append(cfg.task_config.estimator),
+                                                                             real_train(cfg, progress=progress))[1])
     cls = get_method("adadiff")
+    context = PrepareContext(tmp_path / "cache", progress=False)
     for _ in range(2):
         params = make_params(cls, {"train": str(config), "estimator": "probe", "loss": "paper"}, "test")
-        method = cls(load_model(tiny_checkpoint), params)
+        prepared = cls.prepare(params, context)  # the harness's prepare step trains (once), then samples with it
+        assert prepared.train == "" and prepared.estimator == "" and prepared.checkpoint.endswith("ema.pt")
+        method = cls(load_model(tiny_checkpoint), prepared)
         assert method.net.config.estimator == "probe"
     assert calls == ["probe"]  # the second cell reused the cached checkpoint
     assert len(list((tmp_path / "cache").glob("probe-paper-frozen-*/ema.pt"))) == 1
+
+
+def test_a_setting_that_trains_is_refused_unless_prepared(tmp_path, tiny_checkpoint):
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.methods import get_method, make_params
+    cls = get_method("adadiff")
+    params = make_params(cls, {"train": str(write_config(tmp_path, tiny_checkpoint, freeze=True))}, "test")
+    with pytest.raises(UserError, match="must be prepared"):
+        cls(load_model(tiny_checkpoint), params)
+    assert not (tmp_path / "run").exists()  # nothing trained by the constructor
 
 
 def test_overrides_without_a_training_config_are_refused():
@@ -78,3 +91,23 @@ def test_overrides_without_a_training_config_are_refused():
     with pytest.raises(UserError, match="unknown estimator 'prob'"):
         make_params(get_method("adadiff"), {"train": str(REPO / "configs" / "adadiff_digits_frozen.toml"),
                                             "estimator": "prob"}, "test")
+
+
+def test_a_run_trains_on_demand_under_its_results_folder_whatever_the_cwd(tmp_path, tiny_checkpoint, monkeypatch):
+    import json
+
+    from conftest import write_run_config
+    train_config = write_config(tmp_path, tiny_checkpoint, freeze=True)
+    config = write_run_config(tmp_path, tiny_checkpoint, timing="enabled = false", extra_methods=(
+        f'[[methods]]\nname = "adadiff"\ntrain = "{train_config}"\nestimator = "probe"\nthreshold = 0.5\n'),
+        sampling='solver = "ddim"\nnum_steps = 2\nnum_samples = 4\nbatch_size = 4',
+        metrics='inception = "off"\nkid_subset_size = 4\nisc_splits = 2')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    trained = list((tmp_path / "results" / ".adadiff_cache").glob("probe-official-frozen-*/ema.pt"))
+    assert len(trained) == 1 and load_adadiff(trained[0]).config.estimator == "probe"
+    assert list(elsewhere.iterdir()) == []  # nothing under the working directory
+    info = json.loads((tmp_path / "results" / "tiny" / "run.json").read_text())
+    assert str(trained[0]) in info["method_checkpoints"]  # the prepared checkpoint is recorded

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff_bench.checkpoints import load_model, read_checkpoint
-from adadiff_bench.config import AseTrainConfig, TrainFile, load_train_config
+from adadiff_bench.checkpoints import build_model, load_model, read_checkpoint
+from adadiff_bench.config import TrainFile, UViTConfig
 from adadiff_bench.diffusion import alphas_cumprod
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import dispatch_flops, unit_costs
@@ -15,9 +15,16 @@ from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.methods.registry import baseline_module
 from adadiff_bench.steplog import StepLog
-from conftest import REPO, TINY
+from adadiff_bench.training import load_train_config
+from conftest import REPO, TINY, context
 
 ase = baseline_module("ase")
+AseTrainConfig = ase.AseTrainConfig
+
+
+def ase_file(**table) -> TrainFile:
+    """A training config with an `[ase]` table, as `load_train_config` makes one."""
+    return TrainFile(task="ase", task_config=AseTrainConfig(**table))
 
 
 def make_method(model, checkpoint, **knobs):
@@ -31,7 +38,7 @@ def run_step(method, x, t):
     log.set_step(0)
     method.start_batch(log)
     with torch.no_grad():
-        return method(x, t, None), log
+        return method(x, t, None, context(0, batch=len(x))), log
 
 
 def brute_force(model, x, t, n_drop):
@@ -72,7 +79,8 @@ def test_schedule_drops_more_blocks_at_noisier_steps_and_higher_strength(num_in)
     assert (counts[:, :100] == 0).all()                 # the least noisy bucket runs everything
     assert counts[2].max() == num_in                    # 0.5: up to every out-block (the paper's range)
     assert counts[4].max() == counts[5].max() == num_blocks - 1
-    plans = [ase.drop_plan(n, num_in) for n in range(num_blocks)]
+    model = build_model(UViTConfig(img_size=4, patch_size=2, embed_dim=8, depth=2 * num_in, num_heads=1))
+    plans = [ase.drop_plan(n, model) for n in range(num_blocks)]
     runs = np.array([plan.runs for plan in plans])
     assert (runs.sum(1) == num_blocks - np.arange(num_blocks)).all()
     assert (runs[1:] <= runs[:-1]).all() and runs[:, 0].all()  # nested; the first in-block always runs
@@ -80,12 +88,16 @@ def test_schedule_drops_more_blocks_at_noisier_steps_and_higher_strength(num_in)
 
 def test_drop_plan_on_u_vit_keeps_the_skip_fusion_of_dropped_out_blocks():
     # 13 blocks: in 0-5, mid 6, out 7-12 (out-block 12 pops in-block 0's skip)
-    two = ase.drop_plan(2, 6)
+    shape = dict(img_size=4, patch_size=2, embed_dim=8, depth=12, num_heads=1)
+    model = build_model(UViTConfig(**shape))
+    two = ase.drop_plan(2, model)
     assert two.runs == (True,) * 11 + (False, False) and two.fuses == (False,) * 11 + (True, True)
-    eight = ase.drop_plan(8, 6)  # all out-blocks, the mid-block and the deepest in-block (5) dropped
+    eight = ase.drop_plan(8, model)  # all out-blocks, the mid-block and the deepest in-block (5) dropped
     assert eight.runs == (True,) * 5 + (False,) * 8
     assert eight.fuses == (False,) * 8 + (True,) * 5  # out-block 7 pairs with the dropped in-block 5
-    assert ase.drop_plan(3, 6, has_skip_linear=False).fuses == (False,) * 13
+    assert ase.drop_plan(0, model) == ase.DropPlan((True,) * 13, (False,) * 13)
+    # a backbone without long skips (no skip_linear) has nothing to fuse
+    assert ase.drop_plan(3, build_model(UViTConfig(**shape, skip=False))).fuses == (False,) * 13
 
 
 def test_dropped_block_forward_equals_brute_force_per_sample(tiny_model, tiny_checkpoint):
@@ -96,7 +108,7 @@ def test_dropped_block_forward_equals_brute_force_per_sample(tiny_model, tiny_ch
     n_drop = ase.drop_counts(t, 1.0, tiny_model.num_blocks)
     assert set(n_drop.tolist()) == set(range(tiny_model.num_blocks))  # every drop count is exercised
     assert torch.allclose(eps, brute_force(tiny_model, x, t, n_drop), atol=1e-5)
-    expected_runs = np.array([ase.drop_plan(int(n), len(tiny_model.in_blocks)).runs for n in n_drop])
+    expected_runs = np.array([ase.drop_plan(int(n), tiny_model).runs for n in n_drop])
     assert (log.blocks_run[:, 0] == expected_runs).all()
     assert (log.exit_point == -1).all() and (log.embed_calls == 1).all() and (log.head_calls == 1).all()
     # strength 0 is the plain U-ViT forward
@@ -107,8 +119,8 @@ def test_dropped_block_forward_equals_brute_force_per_sample(tiny_model, tiny_ch
 def test_step_log_flops_match_the_dispatcher_and_batch_size_changes_nothing(tiny_model, tiny_checkpoint):
     cell = Cell("ase", (("checkpoint", str(tiny_checkpoint)), ("strength", 1.0)), "ddim", 5, 0)
     n = 4
+    images, log = generate(cell, tiny_model, n, 2)  # first: loads the checkpoint and measures its unit costs (fvcore)
     flops = dispatch_flops(lambda: generate(cell, tiny_model, n, 2))
-    images, log = generate(cell, tiny_model, n, 2)
     costs = unit_costs(tiny_model)
     assert log.macs_per_image(costs) == pytest.approx(flops / 2 / n, rel=0.01)
     assert (log.extra_macs > 0).any()  # the skip fusions of dropped out-blocks are counted
@@ -119,7 +131,7 @@ def test_step_log_flops_match_the_dispatcher_and_batch_size_changes_nothing(tiny
 
 
 def test_fine_tuning_trains_only_what_the_schedule_runs(tiny_model, tiny_checkpoint):
-    config = TrainFile(ase=AseTrainConfig(base_checkpoint=str(tiny_checkpoint), strengths=[1.0]))
+    config = ase_file(base_checkpoint=str(tiny_checkpoint), strengths=[1.0])
     task = ase.training_task(config, alphas_cumprod())
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
     loss = task.loss(x0, None, torch.Generator().manual_seed(0))
@@ -157,9 +169,13 @@ def test_knobs_are_validated(tmp_path, tiny_model, tiny_checkpoint):
         make_params(cls, {"strength": -0.5}, "test")
     with pytest.raises(UserError, match="not found"):
         make_params(cls, {"checkpoint": str(tmp_path / "missing.pt")}, "test")
+    empty = tmp_path / "empty.toml"  # the [ase] table is validated when the training config is read
+    empty.write_text(f'[ase]\nbase_checkpoint = "{tiny_checkpoint}"\nstrengths = []\n')
+    with pytest.raises(UserError, match=r"\[ase\]: strengths must list numbers >= 0") as error:
+        load_train_config(empty)
+    assert "\n" not in str(error.value)
     with pytest.raises(UserError, match=r"strengths must list numbers >= 0"):
-        ase.training_task(TrainFile(ase=AseTrainConfig(base_checkpoint=str(tiny_checkpoint), strengths=[])),
-                          alphas_cumprod())
+        AseTrainConfig(base_checkpoint=str(tiny_checkpoint), strengths=[-1.0]).validate("[ase]")
     digits = load_model(REPO / "checkpoints" / "uvit_digits.pt")
     with pytest.raises(UserError, match="not a fine-tune of the run's U-ViT"):
         cls.check(make_params(cls, {"checkpoint": str(tiny_checkpoint)}, "test"), digits, "test")

@@ -18,7 +18,7 @@ from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.methods.registry import baseline_module
 from adadiff_bench.steplog import StepLog
-from conftest import REPO, TINY
+from conftest import REPO, TINY, context, plain_hidden_states
 
 berxit = baseline_module("berxit")
 D = TINY.embed_dim
@@ -58,20 +58,19 @@ def test_policy_exits_exactly_where_the_predicted_error_is_within_tau(tmp_path, 
     tokens[:, 0, 0] = 1000.0        # the time token is not pooled
     log = start(method, len(z))
     active = torch.arange(len(z))
-    exiting = method.policy(1, tokens, torch.zeros(len(z)), active)
+    exiting = method.policy(1, tokens, None, torch.zeros(len(z)), active)
     assert exiting.tolist() == (F.softplus(z) <= math.log(2.0)).tolist() == (z < 0).tolist()
     assert (log.extra_macs[:, 0] == D).all()  # the regressor's cost, per sample and call
     # ... and that is what runs: one (B x D) @ (D x 1) product
-    assert dispatch_flops(lambda: method.policy(1, tokens, torch.zeros(len(z)), active)) == 2 * D * len(z)
+    assert dispatch_flops(lambda: method.policy(1, tokens, None, torch.zeros(len(z)), active)) == 2 * D * len(z)
 
 
 def brute_force(method, x, t):
     """Every exit's eps and the hand computation of its predicted error, all blocks run for every sample."""
     backbone, w, b = method.backbone, method.lte.linear.weight[0], method.lte.linear.bias[0]
+    predictions, errors = [], []
     with torch.no_grad():
-        tokens, skips, predictions, errors = backbone.embed(x, t), [], [], []
-        for block in range(backbone.num_blocks):
-            tokens = backbone.run_block(block, tokens, skips)
+        for tokens in plain_hidden_states(backbone, x, t):
             predictions.append(backbone.head(tokens))
             errors.append(F.softplus(tokens[:, 1:].mean(1) @ w + b))  # -log(1 - sigmoid(a)) = softplus(a)
     return torch.stack(predictions, 1), torch.stack(errors, 1)
@@ -100,7 +99,7 @@ def test_real_exits_equal_brute_force_at_the_first_exit_within_tau(tmp_path, tin
     assert len(set(expected.tolist())) > 2
     log = start(method, 16)
     with torch.no_grad():
-        eps = method(x, t, None)
+        eps = method(x, t, None, context(0, batch=16))
     assert log.exit_point[:, 0].tolist() == expected.tolist()
     assert torch.allclose(eps, predictions[torch.arange(16), expected - 1], atol=1e-5)
     assert log.blocks_run[:, 0].sum(1).tolist() == expected.tolist()  # nothing ran after the exit
@@ -122,17 +121,19 @@ def test_lte_loss_against_hand_computation():
 
 
 def test_training_loss_is_the_lte_loss_over_every_exit_of_the_frozen_backbone(tiny_checkpoint):
-    from adadiff_bench.config import BerxitTrainConfig, TrainFile
+    from adadiff_bench.config import TrainFile
+    from adadiff_bench.methods.prefix_exit import exit_network
     alpha_bar = alphas_cumprod()
-    task = berxit.training_task(TrainFile(berxit=BerxitTrainConfig(base_checkpoint=str(tiny_checkpoint))), alpha_bar)
+    config = TrainFile(task="berxit", task_config=berxit.BerxitTrainConfig(base_checkpoint=str(tiny_checkpoint)))
+    task = berxit.training_task(config, alpha_bar)
     x0 = torch.randn(4, 1, 8, 8)
     loss = task.loss(x0, None, torch.Generator().manual_seed(5))
     t, eps, xt = add_noise(x0, torch.Generator().manual_seed(5), alpha_bar)
-    model, lte = berxit.backbone_and_heads(str(tiny_checkpoint))[0], task.model
-    tokens, skips, terms = model.embed(xt, t), [], []
-    for block in range(model.num_blocks):
-        with torch.no_grad():
-            tokens = model.run_block(block, tokens, skips)
+    model, lte = exit_network(str(tiny_checkpoint))[0], task.model
+    with torch.no_grad():
+        states = plain_hidden_states(model, xt, t)
+    terms = []
+    for tokens in states:
         target = 1 - torch.exp(-(model.head(tokens) - eps).pow(2).mean((1, 2, 3)))
         terms.append((torch.sigmoid(lte.linear(tokens[:, 1:].mean(1))).squeeze(1) - target).pow(2))
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)

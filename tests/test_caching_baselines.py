@@ -11,6 +11,7 @@ from adadiff_bench.flops import dispatch_flops, unit_costs
 from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.steplog import StepLog
+from conftest import TINY, context, plain_blocks
 
 # TINY has 5 blocks in execution order: in-blocks 0, 1, mid-block 2, out-blocks 3, 4 (3 pops 1's skip, 4 pops 0's)
 F = [1, 1, 1, 1, 1]
@@ -41,7 +42,7 @@ def run_steps(method, inputs):
     with torch.no_grad():
         for step, (x, t) in enumerate(inputs):
             log.set_step(step)
-            outputs.append(method(x, t, None))
+            outputs.append(method(x, t, None, context(step, np.zeros(len(inputs)), batch=len(x))))
     return outputs, log
 
 
@@ -68,16 +69,6 @@ def plain_trace(model, x, t):
             if k < num_in:
                 skips.append(tokens)
     return trace
-
-
-def plain_blocks(model, tokens, blocks, skips):
-    """Run `blocks` with plain module calls, pushing/popping long skips on `skips`."""
-    num_in, all_blocks = len(model.in_blocks), model.block_list()
-    for k in blocks:
-        tokens = all_blocks[k](tokens, skips.pop() if k > num_in else None)
-        if k < num_in:
-            skips.append(tokens)
-    return tokens
 
 
 @pytest.mark.parametrize("name, knobs", list(SCHEDULES))
@@ -198,10 +189,10 @@ CELLS = [Cell("deepcache", (("interval", 2),), "ddim", 5, 0), Cell("fora", (("in
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.method)
 def test_logged_macs_equal_the_dispatch_count(tiny_model, cell):
     n = 4
+    costs = unit_costs(tiny_model)  # measured once before any sampling, as the harness does
     flops = dispatch_flops(lambda: generate(cell, tiny_model, n, 2))
     _, log = generate(cell, tiny_model, n, 2)
     _, full_log = generate(Cell("full", (), "ddim", 5, 0), tiny_model, n, 2)
-    costs = unit_costs(tiny_model)
     assert log.macs_per_image(costs) < 0.9 * full_log.macs_per_image(costs)
     assert log.macs_per_image(costs) == pytest.approx(flops / 2 / n, rel=0.01)
 
@@ -234,3 +225,22 @@ def test_knobs_beyond_the_model_are_refused(tiny_model, name, knobs, message):
     cls = get_method(name)
     with pytest.raises(UserError, match=message):
         cls.check(make_params(cls, dict(knobs), "test"), tiny_model, "test")
+
+
+def test_deepcache_refuses_a_backbone_without_long_skips_in_one_line():
+    import dataclasses
+
+    from adadiff_bench.checkpoints import build_model
+    no_skips = build_model(dataclasses.replace(TINY, skip=False)).eval()
+    assert all(no_skips.skip_partner(i) is None for i in range(no_skips.num_blocks))
+    cls = get_method("deepcache")
+    with pytest.raises(UserError, match="this backbone has no long skips") as error:
+        cls.check(make_params(cls, {}, "test"), no_skips, "methods[1]")
+    assert str(error.value).startswith("methods[1]: DeepCache") and "\n" not in str(error.value)
+    # the methods that do not need long skips accept it, and still equal the full model on a refresh step
+    for name, knobs in (("fora", {}), ("delta-dit", {"boundary": 0, "num_cached": 2})):
+        get_method(name).check(make_params(get_method(name), knobs, "test"), no_skips, "test")
+        inputs = random_inputs(2)
+        (refreshed, _), _ = run_steps(make(name, no_skips, **knobs), inputs)
+        with torch.no_grad():
+            assert torch.equal(refreshed, no_skips(*inputs[0]))

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adadiff_bench.config import DataConfig, RunConfig, load_run_config, load_train_config
+from adadiff_bench.config import DataConfig, RunConfig, load_run_config
 from adadiff_bench.data import check_matches_model, load_dataset, to_model_range, to_uint8
 from adadiff_bench.errors import UserError
+from adadiff_bench.training import load_train_config
 from conftest import REPO
 
 
@@ -23,6 +24,22 @@ def test_shipped_configs_load():
     assert load_run_config(REPO / "configs" / "user_data_example.toml").data.name == "npz"
     train = load_train_config(REPO / "configs" / "train_digits.toml")
     assert (train.model.depth, train.model.embed_dim, train.model.patch_size) == (12, 128, 2)
+    assert train.task is None and train.task_config is None  # a U-ViT from scratch
+
+
+# each shipped training config with a method's table, and the TrainConfig class that table becomes
+SHIPPED_TRAINING = {"adadiff_digits_frozen": "adadiff", "adadiff_digits_finetuned": "adadiff",
+                    "berxit_digits": "berxit", "ase_digits": "ase", "l2c_digits": "l2c",
+                    "duodiff_shallow_digits": None, "adadiff_ablation_base": "adadiff"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_TRAINING))
+def test_shipped_training_configs_load_with_their_methods_table(name):
+    from adadiff_bench.methods import get_method
+    config = load_train_config(REPO / "configs" / f"{name}.toml")
+    assert config.task == SHIPPED_TRAINING[name]
+    if config.task is not None:
+        assert type(config.task_config) is get_method(config.task).TrainConfig
 
 
 @pytest.mark.parametrize("text, message", [
@@ -132,3 +149,95 @@ def test_data_of_the_wrong_shape_for_the_model():
     data = load_dataset(DataConfig())
     with pytest.raises(UserError, match=r"1x8x8 \(CxHxW\) but the model expects 3x32x32"):
         check_matches_model(data, img_size=32, in_chans=3)
+
+
+# ---- training configs: at most one table of a method that trains, dispatched through the registry -------
+
+TRAIN = '[train]\nsteps = 1\nthreads = 1\n'
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[adadiff]\n[ase]\n' + TRAIN, r"at most one method's table \(found \[adadiff\], \[ase\]\); split it"),
+    ('[adadif]\n' + TRAIN, r"unknown table or key 'adadif' \(did you mean 'adadiff'\?\); valid: data, model, "
+                           r"train and one method's table: .*adadiff"),
+    ('[trian]\nsteps = 1\n', r"unknown table or key 'trian' \(did you mean 'train'\?\)"),
+    # deepcache is a method, but it does not train: it has no table
+    ('[deepcache]\ninterval = 2\n' + TRAIN, r"unknown table or key 'deepcache'; valid: data, model, train and one "
+                                            r"method's table: adadiff, ase, berxit, l2c$"),
+    ('[ase]\nstrength = [0.5]\n', r"\[ase\]: unknown key 'strength' \(did you mean 'strengths'\?\)"),
+])
+def test_bad_training_config_is_one_clear_line(tmp_path, text, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_train_config(write(tmp_path, text))
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(tmp_path / "c.toml"))
+
+
+def test_trainable_methods_are_those_with_a_training_table():
+    from adadiff_bench.methods import get_method, trainable_methods
+    assert trainable_methods() == ["adadiff", "ase", "berxit", "l2c"]
+    assert get_method("deepcache").TrainConfig is None
+    with pytest.raises(NotImplementedError, match="does not train"):
+        get_method("deepcache").training_task(None, None)
+
+
+def test_a_registered_methods_table_is_trained_through_the_registry(tmp_path):
+    """A method registered here, with a TrainConfig and a training_task, is trained by `training.train` from a TOML
+    holding its table: load_train_config reads the table into its TrainConfig, train() runs its task."""
+    from dataclasses import dataclass
+
+    from adadiff_bench.methods import Method, register_method, trainable_methods
+    from adadiff_bench.methods.registry import _REGISTRY
+    from adadiff_bench.training import Task, train
+
+    @dataclass
+    class ScaleTrainConfig:
+        target: float = 1.0
+
+        def validate(self, where):
+            if self.target <= 0:
+                raise UserError(f"{where}: target must be > 0")
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    seen = []
+
+    class TrainsAScale(Method):
+        """Test-only: learns one number, scale -> target, and exports it."""
+        name = "test-trains-a-scale"
+        TrainConfig = ScaleTrainConfig
+
+        @classmethod
+        def training_task(cls, config, alpha_bar):
+            seen.append((config.task, config.task_config, len(alpha_bar)))
+            module = Scale()
+            exported = tmp_path / "exported.pt"
+
+            def export(path, ema, meta, half):
+                torch.save({"scale": float(ema.scale), "meta": meta}, path)
+                exported.write_text(str(path))
+            return Task(module, lambda x0, y, g: (module.scale - config.task_config.target) ** 2 + 0 * x0.mean(),
+                        export, config.model)
+
+    register_method(TrainsAScale)
+    try:
+        assert "test-trains-a-scale" in trainable_methods()
+        text = (f'[test-trains-a-scale]\ntarget = 2.0\n\n[train]\nsteps = 20\nbatch_size = 4\nlr = 0.2\n'
+                f'warmup_steps = 0\nema_decay = 0.0\nweight_decay = 0.0\nthreads = 1\nout_dir = "{tmp_path / "out"}"\n')
+        config = load_train_config(write(tmp_path, text))
+        assert config.task == "test-trains-a-scale" and config.task_config == ScaleTrainConfig(target=2.0)
+        path = train(config, progress=False)
+        assert seen == [("test-trains-a-scale", ScaleTrainConfig(target=2.0), 1000)]
+        saved = torch.load(path, weights_only=True)
+        assert path == tmp_path / "out" / "ema.pt" and (tmp_path / "exported.pt").read_text() == str(path)
+        assert 1.0 < saved["scale"] < 3.0  # moved from 0 toward the target
+        assert saved["meta"]["train_config"]["task"] == "test-trains-a-scale"
+        assert saved["meta"]["train_config"]["task_config"] == {"target": 2.0}
+        with pytest.raises(UserError, match=r"\[test-trains-a-scale\]: target must be > 0"):
+            load_train_config(write(tmp_path, "[test-trains-a-scale]\ntarget = -1.0\n"))
+    finally:
+        _REGISTRY.pop(TrainsAScale.name, None)
+    with pytest.raises(UserError, match="unknown table or key 'test-trains-a-scale'"):
+        load_train_config(write(tmp_path, text))

@@ -15,7 +15,7 @@ from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.methods.registry import baseline_module
 from adadiff_bench.steplog import StepLog
-from conftest import REPO, TINY
+from conftest import REPO, TINY, context
 
 duodiff = baseline_module("duodiff")
 SHALLOW = dataclasses.replace(TINY, depth=2)
@@ -48,7 +48,7 @@ def test_shallow_model_serves_steps_above_t_switch_and_the_full_model_the_rest(t
     log.set_step(0)
     method.start_batch(log)
     with torch.no_grad():
-        eps = method(x, t, None)
+        eps = method(x, t, None, context(0, batch=len(x)))
         shallow = load_model(shallow_checkpoint)
         expected = torch.cat([shallow(x[:3], t[:3]), tiny_model(x[3:], t[3:])])
     assert torch.allclose(eps, expected, atol=1e-6)

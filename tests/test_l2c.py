@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adadiff_bench.checkpoints import build_model, sha256_file
-from adadiff_bench.config import L2cTrainConfig, TrainFile
+from adadiff_bench.config import TrainFile
 from adadiff_bench.diffusion import alphas_cumprod, solver_timesteps
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import dispatch_flops, unit_costs
@@ -15,9 +15,10 @@ from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.methods.registry import baseline_module
 from adadiff_bench.steplog import StepLog
-from conftest import TINY
+from conftest import TINY, context
 
 l2c = baseline_module("l2c")
+L2cTrainConfig = l2c.L2cTrainConfig
 NUM_STEPS = 4  # full steps 0 and 2, cache steps 1 and 3
 NUM_BLOCKS = TINY.depth + 1
 
@@ -49,23 +50,39 @@ def cell(router_path, threshold=0.5, solver="ddim", num_steps=NUM_STEPS):
 
 def two_steps(method, model, x, steps):
     """Run the method at steps 0 and 1 on (x, t) pairs; returns the eps of the cache step and the log."""
-    log = StepLog(len(x[0]), np.asarray(solver_timesteps("ddim", NUM_STEPS)), model.num_blocks)
+    timesteps = solver_timesteps("ddim", NUM_STEPS)
+    log = StepLog(len(x[0]), timesteps, model.num_blocks)
     log.set_batch(np.arange(len(x[0])))
     method.start_batch(log)
     with torch.no_grad():
         for step in steps:
             log.set_step(step)
-            eps = method(x[step], torch.full((len(x[step]),), 900.0 - 300 * step), None)
+            eps = method(x[step], torch.full((len(x[step]),), 900.0 - 300 * step), None,
+                         context(step, timesteps, batch=len(x[step])))
     return eps, log
 
 
-def branch_calls(model, method):
+class StepTracker:
+    """A method as the sampling loop sees it, noting the step of the call in progress (from its context)."""
+
+    def __init__(self, method):
+        self.method, self.step = method, None
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def __call__(self, x, t, y, ctx):
+        self.step = ctx.step
+        return self.method(x, t, y, ctx)
+
+
+def branch_calls(model, tracker: StepTracker):
     """Record (step, block, branch) of every attention/MLP call during sampling."""
     calls = []
     for index, block in enumerate(model.block_list()):
         for branch, module in enumerate((block.attn, block.mlp)):
             module.register_forward_hook(
-                lambda m, i, o, index=index, branch=branch: calls.append((method.log.current_step, index, branch)))
+                lambda m, i, o, index=index, branch=branch: calls.append((tracker.step, index, branch)))
     return calls
 
 
@@ -76,9 +93,10 @@ def test_reuse_decisions_follow_the_hand_set_scores(tmp_path, tiny_model, tiny_c
     assert runs[1].tolist() == [[True, False], [False, True], [True, False], [False, False], [False, False]]
     assert runs[3].tolist() == [[False, False], [True, True], [False, True], [True, False], [True, False]]
 
-    method = make_method(tiny_model, router)
+    method = StepTracker(make_method(tiny_model, router))
     calls = branch_calls(tiny_model, method)
     _, log = generate(cell(router), tiny_model, 3, 3, method=method)
+    assert {s for s, _, _ in calls} == set(range(NUM_STEPS))
     for step in range(NUM_STEPS):
         ran = {(index, branch) for s, index, branch in calls if s == step}
         assert ran == {tuple(ib) for ib in np.argwhere(runs[step])}
@@ -117,7 +135,8 @@ def test_cache_step_equals_brute_force_swap_of_cached_outputs(tmp_path, tiny_mod
     assert not torch.allclose(eps, fresh, atol=1e-3)  # the reuse mattered
 
     # training's interpolation with beta in {0, 1} is the same computation
-    cached = {index: (recorded[index, 0], recorded[index, 1]) for index in range(NUM_BLOCKS)}
+    cached = {(index, name): recorded[index, branch] for index in range(NUM_BLOCKS)
+              for branch, name in enumerate(l2c.BRANCH_NAMES)}
     beta = torch.from_numpy(runs).float().expand(4, -1, -1)
     with torch.no_grad():
         student = l2c.student_eps(tiny_model, x[1], t[1], None, cached, beta)
@@ -175,8 +194,8 @@ def test_alpha_bar_at_integer_and_fractional_timesteps():
 
 
 def test_training_task_trains_only_the_cache_steps_scores(tiny_checkpoint):
-    config = TrainFile(l2c=L2cTrainConfig(base_checkpoint=str(tiny_checkpoint), solver="ddim",
-                                          num_steps=NUM_STEPS, l1_weight=0.01))
+    config = TrainFile(task="l2c", task_config=L2cTrainConfig(base_checkpoint=str(tiny_checkpoint), solver="ddim",
+                                                              num_steps=NUM_STEPS, l1_weight=0.01))
     torch.manual_seed(0)
     task = l2c.training_task(config, alphas_cumprod())
     assert [name for name, _ in task.model.named_parameters()] == ["logits"]  # the backbone is not in the module

@@ -61,3 +61,28 @@ def test_full_step_log_and_macs_agree_with_a_dispatch_level_count(tiny_model):
     hist = log.timestep_exit_histogram()
     assert hist.shape == (3, tiny_model.num_blocks + 1) and (hist[:, -1] == n).all()
     assert np.array_equal(log.timesteps, solver_timesteps("ddim", 3))
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm-solver++"])
+def test_the_denoiser_gets_a_sampling_context_with_every_call(tiny_model, solver):
+    from adadiff_bench.diffusion import SamplingContext, sample
+    seen, announced = [], []
+
+    def denoiser(x, t, y, ctx):
+        assert isinstance(ctx, SamplingContext) and announced[-1] is ctx  # on_step saw it just before
+        seen.append((ctx.step, float(t[0]), ctx))
+        with torch.no_grad():
+            return tiny_model(x, t, y)
+
+    indices = [10, 11, 12]
+    images = sample(denoiser, solver, 4, (1, 8, 8), indices, seed=3, on_step=announced.append)
+    expected_timesteps = solver_timesteps(solver, 4)
+    assert [step for step, _, _ in seen] == [0, 1, 2, 3]
+    for step, t, ctx in seen:
+        assert ctx.timesteps.dtype == np.float64 and np.array_equal(ctx.timesteps, expected_timesteps)
+        assert t == pytest.approx(ctx.timesteps[ctx.step])  # the model timestep of this evaluation
+        assert ctx.rows.tolist() == indices and len(ctx.generators) == 3 and ctx.num_steps == 4
+        assert ctx.is_last_step == (step == 3)
+    # the same samples through the harness's loop (batch of 3 starting at sample 10 of a 13-sample run)
+    full, _ = generate(Cell("full", (), solver, 4, seed=3), tiny_model, 13, 10)
+    assert torch.equal(images, full[10:])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from adadiff_bench.adadiff_checkpoints import load_adadiff
+from adadiff_bench.methods.adadiff import load_adadiff
 from adadiff_bench.checkpoints import load_model
 from adadiff_bench.config import DataConfig, MetricsConfig
 from adadiff_bench.data import load_dataset, to_uint8
@@ -37,3 +37,44 @@ def test_base_model_samples_look_like_digits(tmp_path):
     with torch.no_grad():
         shares = torch.bincount(classifier(samples).argmax(-1), minlength=10).float() / len(samples)
     assert shares.min() > 0.03
+
+
+# every shipped checkpoint, the format it is, and the type its format loads it as
+SHIPPED_FORMATS = {
+    "uvit_digits.pt": ("adadiff-bench/uvit", "UViT"),
+    "duodiff_shallow_digits.pt": ("adadiff-bench/uvit", "UViT"),
+    "ase_digits.pt": ("adadiff-bench/uvit", "UViT"),
+    "adadiff_digits_frozen.pt": ("adadiff-bench/adadiff", "AdaDiffNetwork"),
+    "adadiff_digits_finetuned.pt": ("adadiff-bench/adadiff", "AdaDiffNetwork"),
+    "berxit_digits.pt": ("adadiff-bench/berxit", "BerxitCheckpoint"),
+    "l2c_digits.pt": ("adadiff-bench/l2c-router", "RouterCheckpoint"),
+}
+
+
+def test_every_shipped_checkpoint_opens_as_its_format():
+    from adadiff_bench.checkpoints import load_checkpoint, open_checkpoint
+    from adadiff_bench.methods import available_methods, get_method
+    assert sorted(p.name for p in (REPO / "checkpoints").glob("*.pt")) == sorted(SHIPPED_FORMATS)
+    readers = {fmt for name in available_methods() for fmt in get_method(name).reads}
+    for name, (format_name, type_name) in SHIPPED_FORMATS.items():
+        fmt, payload = open_checkpoint(REPO / "checkpoints" / name)
+        assert fmt.name == payload["format"] == format_name, name
+        assert type(load_checkpoint(REPO / "checkpoints" / name, format_name)).__name__ == type_name
+        assert format_name in readers  # some method reads it
+
+
+def test_each_shipped_training_config_exports_the_format_its_method_writes():
+    from adadiff_bench.checkpoints import FORMAT, checkpoint_format
+    from adadiff_bench.methods import get_method
+    from adadiff_bench.training import load_train_config
+    exported = 0
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        if "[train]" not in path.read_text() or "[[methods]]" in path.read_text():
+            continue
+        config = load_train_config(path)
+        if not config.train.export:
+            continue
+        writes = FORMAT if config.task is None else get_method(config.task).writes
+        assert checkpoint_format(REPO / config.train.export).name == writes, path.name
+        exported += 1
+    assert exported == 7

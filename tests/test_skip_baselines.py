@@ -11,6 +11,7 @@ from adadiff_bench.flops import dispatch_flops, unit_costs
 from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.steplog import StepLog
+from conftest import context, plain_blocks
 
 SOLVER, STEPS = "dpm-solver++", 10
 # settings that skip or reuse some steps of the tiny random model's sampling runs
@@ -50,8 +51,8 @@ class Recorder:
     def start_batch(self, log):
         self.method.start_batch(log)
 
-    def __call__(self, x, t, y):
-        eps = self.method(x, t, y)
+    def __call__(self, x, t, y, ctx):
+        eps = self.method(x, t, y, ctx)
         self.calls.append((x.clone(), t.clone(), eps.clone()))
         return eps
 
@@ -66,7 +67,7 @@ def feed(method, inputs: torch.Tensor) -> StepLog:
     with torch.no_grad():
         for step in range(num_steps):
             log.set_step(step)
-            method(inputs[step], torch.full((batch,), float(timesteps[step])), None)
+            method(inputs[step], torch.full((batch,), float(timesteps[step])), None, context(step, timesteps, batch=batch))
     return log
 
 
@@ -92,11 +93,8 @@ def last_computed_step(ran: np.ndarray, row: int, step: int) -> int:
 
 
 def run_blocks(model, tokens, first=0, skips=None):
-    """U-ViT blocks first..N on `tokens` (`skips`: long skips of the blocks before `first`)."""
-    skips = [] if skips is None else list(skips)
-    for block in range(first, model.num_blocks):
-        tokens = model.run_block(block, tokens, skips)
-    return tokens
+    """U-ViT blocks first..N on `tokens` (`skips`: long skips of the blocks before `first`), plain block calls."""
+    return plain_blocks(model, tokens, range(first, len(model.block_list())), [] if skips is None else list(skips))
 
 
 # ---- AdaptiveDiffusion's rule on constructed latents ---------------------------------------------
@@ -187,7 +185,7 @@ def test_first_block_cache_decisions_and_reuse_match_brute_force(tiny_model):
         def first_block(step):  # (output, residual) of the first block for this sample
             x, t, _ = method.calls[step]
             tokens = tiny_model.embed(x[row:row + 1], t[row:row + 1])
-            output = tiny_model.run_block(0, tokens, [])
+            output = tiny_model.in_blocks[0](tokens)
             return output, output - tokens
         for step, (_, _, eps) in enumerate(method.calls):
             output, residual = first_block(step)
