@@ -257,7 +257,7 @@ class NanEps(Method):
     """Test-only: runs the full network, then returns NaN as the noise prediction."""
     name = "nan-eps-test"
 
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, ctx):
         eps = self.model(x, t, y)
         self.log.ran_full()
         return torch.full_like(eps, float("nan"))

@@ -12,7 +12,7 @@ from PIL import Image
 from adadiff_bench.cli import main
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods import Method, available_methods, get_method, register_method
-from conftest import write_run_config
+from conftest import context, write_run_config
 
 REQUIRED_COLUMNS = ["method", "params", "solver", "num_steps", "num_samples", "seed", "fid_digits_cnn",
                     "is_digits_cnn_mean", "kid_digits_cnn_mean", "macs_per_image", "flops_per_image", "layer_ratio",
@@ -189,7 +189,61 @@ def test_full_method_equals_the_plain_forward(tiny_model):
     method.start_batch(log)
     x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 10)
     with torch.no_grad():
-        assert torch.equal(method(x, t, None), tiny_model(x, t))
+        assert torch.equal(method(x, t, None, context(0, batch=4)), tiny_model(x, t))
+
+
+def test_methods_prepare_once_per_setting_before_sampling_under_the_results_folder(tmp_path, tiny_checkpoint,
+                                                                                    monkeypatch):
+    """`Method.prepare` runs in the harness before any sampling, once per distinct setting, with the training cache
+    `<results_dir>/.adadiff_cache` (from the config, not the working directory); cells sample with its knobs."""
+    from dataclasses import dataclass, replace
+
+    from adadiff_bench.methods.registry import _REGISTRY
+    events = []
+
+    @dataclass
+    class PreparedParams:
+        scale: float = 1.0
+        made: str = ""  # set by prepare: the file it "trained"
+
+    class Prepares(Method):
+        name = "test-prepares"
+        Params = PreparedParams
+
+        @classmethod
+        def prepare(cls, params, context):
+            events.append(("prepare", params.scale, context.training_cache))
+            made = context.training_cache / f"scale-{params.scale}.txt"
+            made.parent.mkdir(parents=True, exist_ok=True)
+            made.write_text("trained")
+            return replace(params, made=str(made))
+
+        def __call__(self, x, t, y, ctx):
+            assert self.params.made and open(self.params.made).read() == "trained"  # prepared knobs
+            events.append(("sample", self.params.scale))
+            eps = self.model(x, t, y)
+            self.log.ran_full()
+            return eps * self.params.scale
+
+    register_method(Prepares)
+    try:
+        config = write_run_config(tmp_path, tiny_checkpoint,  # timed too: the timed pass gets the prepared knobs
+                                  extra_methods=f'[[methods]]\nname = "{Prepares.name}"\nscale = [1.0, 0.5]\n'
+                                                f'num_steps = [2, 3]\n')
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    finally:
+        _REGISTRY.pop(Prepares.name, None)
+    cache = tmp_path / "results" / ".adadiff_cache"
+    prepares = [e for e in events if e[0] == "prepare"]
+    assert prepares == [("prepare", 1.0, cache), ("prepare", 0.5, cache)]  # 2 settings x 2 step counts: 2 calls
+    assert events.index(prepares[-1]) < events.index(next(e for e in events if e[0] == "sample"))
+    assert sorted(p.name for p in cache.iterdir()) == ["scale-0.5.txt", "scale-1.0.txt"]
+    assert list(elsewhere.iterdir()) == []
+    frame = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    assert len(frame[frame["method"] == Prepares.name]) == 4
 
 
 def test_cell_ids_are_plain_unique_folder_names():
