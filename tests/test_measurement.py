@@ -20,7 +20,7 @@ from adadiff_bench.config import DataConfig, MetricsConfig
 from adadiff_bench.data import Dataset, load_dataset
 from adadiff_bench.harness import Cell, generate
 from adadiff_bench.memory import PeakMemory
-from adadiff_bench.metrics import cleanfid_backend, quality
+from adadiff_bench.metrics import bootstrap, cleanfid_backend, quality
 from adadiff_bench.metrics.classifier import ASSET_PATH, EXTRACTOR_NAME, load_classifier
 from adadiff_bench.report.tables import leaderboard, to_markdown
 from conftest import write_run_config
@@ -147,7 +147,7 @@ def test_bootstrap_interval_covers_the_true_fid_of_gaussians():
     for trial in range(trials):
         for count in widths:
             features = torch.from_numpy(shift + rng.standard_normal((count, dim)) * np.sqrt(scales))
-            low, high = quality.fid_bootstrap_interval(features, reference, resamples=200, level=0.95, seed=trial)
+            low, high = bootstrap.fid_bootstrap_interval(features, reference, resamples=200, level=0.95, seed=trial)
             widths[count].append(high - low)
             covered += count == n and low <= true_fid <= high
     assert covered / trials >= 0.85

@@ -11,7 +11,7 @@ extractor and a hash of the extractor's weights (`reference_cache_name`).
 
 Metrics and feature spaces from plugin packages (entry-point group `adadiff_bench.metrics`) are loaded
 before anything is computed. An optional bootstrap gives a confidence interval for FID
-(`fid_bootstrap_interval`).
+(`bootstrap.fid_bootstrap_interval`).
 """
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch_fidelity
 import torch_fidelity.metric_fid as fidelity_fid
 import torch_fidelity.utils as fidelity_utils
 
@@ -33,7 +31,9 @@ from ..errors import UserError
 from ..plugins import load_plugins
 from .classifier import weights_sha256
 from .extractors import DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend, get_extractor
-# harness.prepare imports these two from here until it calls extractors.resolve_extractors (then delete this line)
+# Transitional re-exports: delete once harness imports the Inception helpers from extractors (resolve_extractors)
+# and specs.compute_fid imports fid_bootstrap_interval from bootstrap
+from .bootstrap import fid_bootstrap_interval  # noqa: F401
 from .extractors import default_inception_weights_path, resolve_inception_weights  # noqa: F401
 from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, SPREAD, MetricSpec, metric_specs
 
@@ -200,29 +200,6 @@ def extract_features(kwargs: dict) -> Features:
                                                       **kwargs)
     return Features(network, layers, fidelity_utils.extract_featuresdict_from_input_id_cached(1, network, **kwargs),
                     fidelity_utils.extract_featuresdict_from_input_id_cached(2, network, **kwargs))
-
-
-def fid_bootstrap_interval(sample_features: torch.Tensor, reference_stats: dict, resamples: int, level: float,
-                           seed: int = 0) -> tuple[float, float]:
-    """A basic (reverse-percentile) bootstrap interval for FID over resampled generated samples.
-
-    The reference statistics stay fixed. FID is biased upward at finite n, and a resample (with its
-    duplicates) is biased once more; the basic interval [2 F - q_hi, 2 F - q_lo] reflects the resamples'
-    spread around the point estimate F and so corrects for that shift, where the plain percentile
-    interval would sit above the estimate.
-    """
-    features = sample_features.numpy()
-    rng = np.random.default_rng(seed)
-
-    def fid_of(rows: np.ndarray) -> float:
-        stats = fidelity_fid.fid_features_to_statistics(torch.from_numpy(features[rows]))
-        return fidelity_fid.fid_statistics_to_metric(stats, reference_stats, False)[torch_fidelity.KEY_METRIC_FID]
-
-    n = len(features)
-    point = fid_of(np.arange(n))
-    values = [fid_of(rng.integers(0, n, n)) for _ in range(resamples)]
-    q_low, q_high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return max(0.0, 2 * point - float(q_high)), max(0.0, 2 * point - float(q_low))
 
 
 def with_three_channels(images: torch.Tensor) -> torch.Tensor:
