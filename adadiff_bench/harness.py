@@ -17,7 +17,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from .distributed import World, agree, join_world, leave_world
 from .errors import UserError
 from .flops import unit_costs
 from .methods import PrepareContext, get_method, make_params
-from .metrics.quality import (check_fid_backend, compute_quality, default_inception_weights_path,
-                              resolve_inception_weights)
+from .metrics.extractors import resolve_extractors
+from .metrics.quality import compute_quality
 from .results import SCHEMA_VERSION, RunStore, make_dir, write_json, write_npz
 from .memory import PeakMemory
 from .metrics.specs import headline_columns
@@ -142,7 +141,7 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     check_matches_model(data, model.img_size, model.in_chans)
     if model.num_classes > 0 and data.labels is None:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
-    extractors = feature_extractors(config, data, where)
+    extractors = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, where)
     context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
     params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
     return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
@@ -160,26 +159,6 @@ def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, 
             if prepared[key] != raw:
                 cls.check(prepared[key], model, place)
     return {cell: prepared[(cell.method, cell.params)] for cell in params}
-
-
-def feature_extractors(config: RunConfig, data: Dataset, where: str) -> tuple[str, ...]:
-    extractors = ["digits-cnn"] if tuple(data.images.shape[1:]) == (1, 8, 8) else []
-    if config.metrics.inception != "off":
-        if resolve_inception_weights(config.metrics) is not None:  # raises when a configured file is absent
-            extractors.append("inception")
-        elif config.metrics.inception == "require":
-            raise UserError(f'{where}: [metrics] inception = "require" but no Inception weights were found at '
-                            f"{default_inception_weights_path()}; pass --inception-weights PATH or set "
-                            'inception = "auto"')
-        else:
-            print("note: Inception metrics skipped: no weights on disk (pass --inception-weights PATH or put "
-                  "torch-fidelity's weights-inception-2015-12-05-6726825d.pth in $TORCH_HOME/hub/checkpoints)",
-                  file=sys.stderr)
-    check_fid_backend(config.metrics, tuple(extractors))
-    if not extractors:
-        print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
-              "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
-    return tuple(extractors)
 
 
 def reference_cell(config: RunConfig) -> Cell:
