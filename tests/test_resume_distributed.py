@@ -22,7 +22,7 @@ NOT_COMPARED = ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_
                 "timing_repeats", "peak_mem_mb", "peak_mem_kind", "processes", "time_per_image_s_ranks")
 
 SLOW_PLUGIN = '''
-"""A test plugin: `full`, slowed down, that notes every batch it starts in BATCH_LOG."""
+"""A test plugin: `full`, slowed down, that notes every batch it starts sampling in BATCH_LOG."""
 import os, time
 from adadiff_bench.methods import Method, register_method
 
@@ -30,12 +30,10 @@ from adadiff_bench.methods import Method, register_method
 class SlowFull(Method):
     name = "slow-full"
 
-    def start_batch(self, log):
-        super().start_batch(log)
-        with open(os.environ["BATCH_LOG"], "a") as notes:
-            notes.write(f"{len(log.timesteps)} {int(log.current_rows[0])}\\n")
-
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, ctx):
+        if ctx.step == 0:  # a batch starts
+            with open(os.environ["BATCH_LOG"], "a") as notes:
+                notes.write(f"{ctx.num_steps} {int(ctx.rows[0])}\\n")
         time.sleep(0.04)
         eps = self.model(x, t, y)
         self.log.ran_full()
