@@ -293,7 +293,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}
     if finite:
-        row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors))
+        row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors,
+                                   device=model_device(prep.model)))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
                 "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes,
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,

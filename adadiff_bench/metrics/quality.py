@@ -31,10 +31,6 @@ from ..errors import UserError
 from ..plugins import load_plugins
 from .classifier import weights_sha256
 from .extractors import DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend, get_extractor
-# Transitional re-exports: delete once harness imports the Inception helpers from extractors (resolve_extractors)
-# and specs.compute_fid imports fid_bootstrap_interval from bootstrap
-from .bootstrap import fid_bootstrap_interval  # noqa: F401
-from .extractors import default_inception_weights_path, resolve_inception_weights  # noqa: F401
 from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, SPREAD, MetricSpec, metric_specs
 
 CPU = torch.device("cpu")

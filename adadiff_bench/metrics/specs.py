@@ -160,7 +160,7 @@ def compute_fid(space) -> dict[str, float]:
     if space.config.fid_backend == "clean-fid":
         values["fid"] = space.cleanfid_fid()
     if space.config.fid_bootstrap:
-        from .quality import fid_bootstrap_interval
+        from .bootstrap import fid_bootstrap_interval
         low, high = fid_bootstrap_interval(samples[layer], space.reference_statistics(), space.config.fid_bootstrap,
                                            space.config.fid_ci)
         values.update({"fid" + CI_LOW: low, "fid" + CI_HIGH: high})
