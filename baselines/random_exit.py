@@ -22,6 +22,7 @@ import torch
 from adadiff_bench.errors import UserError
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, backbone_of
 from adadiff_bench.methods.registry import register_method
+from adadiff_bench.results import read_npz
 
 
 @dataclass
@@ -45,8 +46,8 @@ def _exits_file(path: str) -> Path:
 
 @lru_cache(maxsize=8)
 def _read_profile(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(_exits_file(path)) as saved:
-        return saved["timesteps"], saved["timestep_exit_histogram"]
+    saved = read_npz(_exits_file(path))  # the results store's reader: never unpickles
+    return saved["timesteps"], saved["timestep_exit_histogram"]
 
 
 def load_profile(path: str, where: str) -> tuple[np.ndarray, np.ndarray]:
