@@ -1,7 +1,8 @@
 """Per-part cost table of a checkpoint: what `adadiff-bench flops` prints.
 
 Network rows, in execution order: `embed` (on U-ViT patch, time and label embedding, position table),
-every block, `head` (norm, decoder, final conv), as the backbone's `cost_parts` names them. MACs are per image and network evaluation, counted as in
+every block, `head` (norm, decoder, final conv), as the backbone's `cost_parts` names them. MACs are per
+image and network evaluation, counted as in
 `flops.py` (the unit costs the step log multiplies), FLOPs = 2 x MACs; `share` is a row's MACs over
 one full evaluation. Every backbone parameter belongs to exactly one network row.
 

@@ -56,9 +56,9 @@ def check_method_contracts(name: str, model: Backbone, params: dict | None = Non
     assert torch.isfinite(images).all(), f"{name}: non-finite samples"
     check_step_log(name, log)
     flops = dispatch_flops(lambda: run(num_samples))
-    logged = log.macs_per_image(unit_costs(model))
-    assert abs(logged - flops / 2 / num_samples) <= 0.01 * logged, \
-        f"{name}: the step log implies {logged:.6g} MACs per image, the dispatcher counted {flops / 2 / num_samples:.6g}"
+    logged, counted = log.macs_per_image(unit_costs(model)), flops / 2 / num_samples
+    assert abs(logged - counted) <= 0.01 * logged, \
+        f"{name}: the step log implies {logged:.6g} MACs per image, the dispatcher counted {counted:.6g}"
     again, log_again = run(num_samples)
     assert torch.equal(images, again) and (log.blocks_run == log_again.blocks_run).all(), \
         f"{name}: two runs with the same seed differ"

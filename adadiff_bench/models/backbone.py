@@ -105,7 +105,8 @@ class Backbone:
         """Block `index` (execution order) on `tokens`; `branch` intercepts its residual branches."""
         raise NotImplementedError
 
-    def bypass_block(self, index: int, tokens: torch.Tensor, state: BlockState, fuse_skip: bool = False) -> torch.Tensor:
+    def bypass_block(self, index: int, tokens: torch.Tensor, state: BlockState,
+                     fuse_skip: bool = False) -> torch.Tensor:
         """Block `index` does not run: keep `state` as if it had returned `tokens`, and return the tokens.
 
         On U-ViT an in-block's long skip is then `tokens`, an out-block's skip is consumed (and fused into
