@@ -21,8 +21,15 @@ import torch_fidelity
 
 from adadiff_bench.config import DataConfig, MetricsConfig
 from adadiff_bench.data import load_dataset
-from adadiff_bench.metrics.quality import EXTRACTOR_NAME, COLUMNS, compute_quality, fidelity_kwargs, weights_for
+from adadiff_bench.metrics.extractors import DIGITS, get_extractor
+from adadiff_bench.metrics.quality import compute_quality, fidelity_kwargs
 from adadiff_bench.timing import iqr
+
+# harness column (metric, suffix) -> the key of the same number in torch-fidelity's result
+COLUMNS = (("fid", "", torch_fidelity.KEY_METRIC_FID),
+           ("is", "_mean", torch_fidelity.KEY_METRIC_ISC_MEAN), ("is", "_std", torch_fidelity.KEY_METRIC_ISC_STD),
+           ("kid", "_mean", torch_fidelity.KEY_METRIC_KID_MEAN), ("kid", "_std", torch_fidelity.KEY_METRIC_KID_STD),
+           ("precision", "", torch_fidelity.KEY_METRIC_PRECISION), ("recall", "", torch_fidelity.KEY_METRIC_RECALL))
 
 
 def load_samples(path: str | None, reference: torch.Tensor, count: int) -> torch.Tensor:
@@ -52,9 +59,9 @@ def main() -> None:
     samples = load_samples(args.samples, reference.images, args.num_samples)
     config = MetricsConfig(inception="off")
     with tempfile.TemporaryDirectory() as cache_dir:
-        kwargs = fidelity_kwargs(EXTRACTOR_NAME, weights_for(EXTRACTOR_NAME, config), samples, reference, config,
-                                 cache_dir)
-        harness = lambda: compute_quality(samples, reference, config, cache_dir)  # noqa: E731
+        space = get_extractor(DIGITS)
+        kwargs = fidelity_kwargs(DIGITS, space.weights(config, ""), samples, reference, config, cache_dir)
+        harness = lambda: compute_quality(samples, reference, config, cache_dir, (DIGITS,))  # noqa: E731
         direct = lambda: torch_fidelity.calculate_metrics(**kwargs)  # noqa: E731
         harness(), direct()  # warm-up; both now read the reference's cached features
         ratios, same = [], True
@@ -62,12 +69,11 @@ def main() -> None:
             harness_s, ours = timed(harness)
             direct_s, theirs = timed(direct)
             ratios.append(harness_s / direct_s)
-            column = EXTRACTOR_NAME.replace("-", "_")
-            same &= all(ours[f"{name}_{column}{suffix}"] == theirs[key] for name, suffix, key in COLUMNS)
+            same &= all(ours[f"{name}_{space.column}{suffix}"] == theirs[key] for name, suffix, key in COLUMNS)
     print(f"threads={args.threads} samples={len(samples)} reference={len(reference.images)} repeats={args.repeats}")
     print("| feature space | harness time / direct torch-fidelity time (median) | IQR | numbers identical |")
     print("|---|---:|---:|---|")
-    print(f"| {EXTRACTOR_NAME} | {np.median(ratios):.3f} | {iqr(ratios):.3f} | {'yes' if same else 'NO'} |")
+    print(f"| {DIGITS} | {np.median(ratios):.3f} | {iqr(ratios):.3f} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":
