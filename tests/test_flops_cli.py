@@ -157,3 +157,19 @@ def test_help_states_the_conventions(capsys):
         main(["flops", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "FLOPs = 2 x MACs" in text and "not counted" in text
+
+
+@pytest.mark.parametrize("which", ["tiny", "digits"])
+def test_branch_costs_add_up_to_each_block_and_are_measured_once(which, tiny_checkpoint, digits):
+    model, _ = loaded(which, tiny_checkpoint, digits)
+    costs = unit_costs(model)
+    assert unit_costs(model) is costs  # cached per network: a method built in a timed pass traces nothing
+    num_tokens, d = model.num_tokens, model.embed_dim
+    assert costs.branches.shape == (model.num_blocks, 3)  # attn, mlp, skip fusion
+    assert np.array_equal(costs.branches.sum(1), costs.blocks)  # norms and additions are not counted
+    for index, (block, kind) in enumerate(zip(model.block_list(), model.block_kinds)):
+        attn, mlp, fusion = costs.branches[index]
+        hidden = block.mlp.fc1.out_features
+        assert attn == num_tokens * d * 3 * d + 2 * num_tokens * num_tokens * d + num_tokens * d * d
+        assert mlp == 2 * num_tokens * d * hidden
+        assert fusion == (num_tokens * 2 * d * d if kind == "out" else 0)
