@@ -67,7 +67,8 @@ def feed(method, inputs: torch.Tensor) -> StepLog:
     with torch.no_grad():
         for step in range(num_steps):
             log.set_step(step)
-            method(inputs[step], torch.full((batch,), float(timesteps[step])), None, context(step, timesteps, batch=batch))
+            t = torch.full((batch,), float(timesteps[step]))
+            method(inputs[step], t, None, context(step, timesteps, batch=batch))
     return log
 
 

@@ -371,7 +371,8 @@ def test_a_file_of_another_format_is_refused_in_one_line_naming_both(tmp_path, t
         load_checkpoint(tiny_checkpoint, "adadiff-bench/berxit", "methods[1]")
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"methods[1]: '{tiny_checkpoint}' is a U-ViT (adadiff-bench/uvit), not a BERxiT checkpoint")
+    assert message.startswith(f"methods[1]: '{tiny_checkpoint}' is a U-ViT (adadiff-bench/uvit), "
+                              "not a BERxiT checkpoint")
     assert "train one with `adadiff-bench train --config configs/berxit_digits.toml`" in message
     # several accepted formats are all named
     with pytest.raises(UserError, match=r"is a U-ViT \(adadiff-bench/uvit\), not an AdaDiff network .* or an official"):
