@@ -99,10 +99,14 @@ def open_checkpoint(path: str | Path) -> tuple[CheckpointFormat, dict]:
     payload = read_checkpoint(path)
     fmt = _identify_any(payload)
     if fmt is None:
-        stated = payload.get("format") if isinstance(payload, dict) else None
-        raise UserError(f"{str(path)!r} is not a checkpoint this suite knows"
-                        f"{f' (format {stated!r})' if stated else ''}; known formats: {', '.join(sorted(_FORMATS))}")
+        raise _unknown_format(path, payload)
     return fmt, payload
+
+
+def _unknown_format(path: str | Path, payload) -> UserError:
+    stated = payload.get("format") if isinstance(payload, dict) else None
+    return UserError(f"{str(path)!r} is not a checkpoint this suite knows{f' (format {stated!r})' if stated else ''}; "
+                     f"known formats: {', '.join(sorted(_FORMATS))}")
 
 
 def load_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None, where: str = "",
@@ -123,12 +127,15 @@ def cached_checkpoint(path: str | Path, formats: str | Sequence[str] | None = No
     stat = Path(path).stat() if Path(path).is_file() else None
     version = (stat.st_mtime_ns, stat.st_size) if stat else None
     key = (formats,) if isinstance(formats, str) else tuple(formats or ())
-    return _cached(str(path), version, key, where)
+    try:
+        return _cached(str(path), version, key)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 @lru_cache(maxsize=16)
-def _cached(path: str, version, formats: tuple[str, ...], where: str) -> object:
-    return load_checkpoint(path, formats, where)
+def _cached(path: str, version, formats: tuple[str, ...]) -> object:
+    return load_checkpoint(path, formats)
 
 
 def checkpoint_format(path: str | Path) -> CheckpointFormat:
@@ -230,6 +237,8 @@ def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
     fmt = _identify_any(payload)
     if fmt is not None and fmt.name == FORMAT:
         return _load_uvit(payload, str(path))
+    if fmt is None and isinstance(payload, dict) and "format" in payload:
+        raise _unknown_format(path, payload)
     if fmt is None or fmt.name == UVIT_STATE_DICT:
         return _load_uvit_state(payload, str(path), config)
     raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a U-ViT; {TRAIN_HINT}")

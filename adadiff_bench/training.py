@@ -25,7 +25,7 @@ from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
 from .diffusion import alphas_cumprod, training_loss
 from .errors import UserError, did_you_mean
-from .methods.registry import get_method, trainable_methods
+from .methods.registry import available_methods, get_method, trainable_methods
 
 STATE_FORMAT = "adadiff-bench/train-state"
 STATE_KEYS = {"config", "step", "model", "ema", "optimizer", "generator"}
@@ -63,6 +63,8 @@ def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
     """The task a training config names: its method's (through the registry), or a U-ViT from scratch."""
     if config.task is None:
         return base_task(config, alpha_bar)
+    if hasattr(config.task_config, "validate"):  # (a config built in Python has not been through from_dict)
+        config.task_config.validate(f"[{config.task}]")
     return get_method(config.task).training_task(config, alpha_bar)
 
 
@@ -72,6 +74,9 @@ def load_train_config(path: str | Path) -> TrainFile:
     tables = [key for key in raw if key not in GENERIC_TABLES]
     trainable = trainable_methods()
     for key in tables:
+        if key in available_methods() and key not in trainable:
+            raise UserError(f"{path}: method {key!r} does not train (it has no [{key}] table); methods that train: "
+                            f"{', '.join(trainable)}")
         if key not in trainable:
             valid = [*GENERIC_TABLES, *trainable]
             raise UserError(f"{path}: unknown table or key {key!r}{did_you_mean(key, valid)}; valid: "

@@ -83,15 +83,16 @@ def drop_plan(n_drop: int, model: Backbone) -> DropPlan:
 
 
 def ase_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                n_drop: torch.Tensor, log: StepLog | None = None) -> torch.Tensor:
+                n_drop: torch.Tensor, log: StepLog | None = None, fusion_macs=None) -> torch.Tensor:
     """eps with n_drop[i] blocks dropped for sample i; samples with the same plan run as one sub-batch
-    (while sampling every sample of a step shares t, so the batch is one group)."""
+    (while sampling every sample of a step shares t, so the batch is one group). With `log`, what ran is
+    recorded, a kept skip fusion at `fusion_macs[block]` per sample."""
     counts = torch.unique(n_drop)
     eps = None if len(counts) == 1 else torch.empty_like(x)
     for count in counts:
         rows = torch.nonzero(n_drop == count).squeeze(1)
         inputs = (x, t, y) if eps is None else (x[rows], t[rows], None if y is None else y[rows])
-        out = _run_plan(model, *inputs, drop_plan(int(count), model), rows, log)
+        out = _run_plan(model, *inputs, drop_plan(int(count), model), rows, log, fusion_macs)
         if eps is None:
             eps = out
         else:
@@ -102,9 +103,9 @@ def ase_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     return eps
 
 
-def _run_plan(model: Backbone, x, t, y, plan: DropPlan, rows: torch.Tensor, log: StepLog | None) -> torch.Tensor:
+def _run_plan(model: Backbone, x, t, y, plan: DropPlan, rows: torch.Tensor, log: StepLog | None,
+              fusion_macs) -> torch.Tensor:
     """One group's evaluation: the blocks its plan keeps, the skip fusions of the dropped ones it keeps."""
-    fusion_macs = unit_costs(model).branches[:, BRANCHES.index("fusion")]
     tokens, state = model.begin(x, t, y)
     for index in range(model.num_blocks):
         if plan.runs[index]:
@@ -178,10 +179,12 @@ class Ase(Method):
     def __init__(self, model, params=None):
         super().__init__(model, params)
         self.net = network_of(self.params, model)
+        # the run's model has the fine-tune's architecture (`check`), and its unit costs are measured already
+        self.fusion_macs = unit_costs(model).branches[:, BRANCHES.index("fusion")]
 
     def __call__(self, x, t, y, ctx):
         n_drop = drop_counts(t, self.params.strength, self.net.num_blocks)
-        return ase_forward(self.net, x, t, y, n_drop, self.log)
+        return ase_forward(self.net, x, t, y, n_drop, self.log, self.fusion_macs)
 
 
 # ---- fine-tuning (an `[ase]` table in a training config) -------------------------------------------

@@ -162,8 +162,8 @@ TRAIN = '[train]\nsteps = 1\nthreads = 1\n'
                            r"train and one method's table: .*adadiff"),
     ('[trian]\nsteps = 1\n', r"unknown table or key 'trian' \(did you mean 'train'\?\)"),
     # deepcache is a method, but it does not train: it has no table
-    ('[deepcache]\ninterval = 2\n' + TRAIN, r"unknown table or key 'deepcache'; valid: data, model, train and one "
-                                            r"method's table: adadiff, ase, berxit, l2c$"),
+    ('[deepcache]\ninterval = 2\n' + TRAIN, r"method 'deepcache' does not train \(it has no \[deepcache\] table\); "
+                                            r"methods that train: adadiff, ase, berxit, l2c$"),
     ('[ase]\nstrength = [0.5]\n', r"\[ase\]: unknown key 'strength' \(did you mean 'strengths'\?\)"),
 ])
 def test_bad_training_config_is_one_clear_line(tmp_path, text, message):

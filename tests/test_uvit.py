@@ -396,8 +396,6 @@ def test_a_file_with_an_unknown_format_value_is_refused(tmp_path, tiny_checkpoin
         open_checkpoint(tmp_path / "list.pt")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: checkpoints.load_model treats a payload whose `format` "
-                   "value is unknown as a plain state dict ('... without a model config')")
 def test_load_model_refuses_a_file_with_an_unknown_format_value(tmp_path, tiny_checkpoint):
     payload = torch.load(tiny_checkpoint, weights_only=True)
     payload["format"] = "someone-else/model"
