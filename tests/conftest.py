@@ -12,13 +12,22 @@ import pytest
 import torch
 
 from adadiff_bench.checkpoints import build_model, save_checkpoint
-from adadiff_bench.config import UViTConfig
 from adadiff_bench.diffusion import SamplingContext, sample_generators
+from adadiff_bench.testing import TINY_UVIT
 
 torch.set_num_threads(int(os.environ.get("ADADIFF_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2)
+TINY = TINY_UVIT  # the tiny U-ViT plugin authors test with too
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

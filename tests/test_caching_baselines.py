@@ -28,13 +28,7 @@ SCHEDULES = {  # (method, knobs): blocks run at each of 6 sampling steps
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls on a busy machine (as test_skip_baselines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 def make(name, model, **knobs):

@@ -24,13 +24,7 @@ ON_DRIFT = {"adaptive-diffusion": {"threshold": 0.1, "max_skips": 2},
             "first-block-cache": {"threshold": 0.3}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 def cell(name: str, knobs: dict | None = None) -> Cell:
