@@ -46,8 +46,14 @@ def check_method_contracts(name: str, model: Backbone, params: dict | None = Non
     knobs = make_params(cls, dict(cell.params), name)
     cls.check(knobs, model, name)
     cls.check_schedule(knobs, solver, num_steps, name)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch:  # what `prepare` trains lives until the checks are done
         knobs = cls.prepare(knobs, PrepareContext(Path(training_cache or scratch), progress=False))
+        check_sampling(cell, model, knobs, num_samples)
+
+
+def check_sampling(cell: Cell, model: Backbone, knobs, num_samples: int) -> None:
+    """The contracts of one prepared setting: a well-formed step log with real FLOPs, determinism, batch size."""
+    name = cell.method
 
     def run(batch_size: int):
         return generate(cell, model, num_samples, batch_size, method=build_method(cell, model, knobs))

@@ -54,3 +54,16 @@ def test_the_check_catches_a_method_whose_step_log_undercounts():
 def test_tiny_backbone_samples():
     images, _ = generate(Cell("full", (), "ddim", 2, 0), tiny_backbone(), 2, 2)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_the_check_prepares_a_setting_that_trains_on_demand(tmp_path):
+    """An AdaDiff ablation setting is trained by `prepare` (a few steps here) and sampled from what it trained."""
+    from adadiff_bench.checkpoints import save_checkpoint
+    from adadiff_bench.testing import TINY_UVIT
+    save_checkpoint(tmp_path / "base.pt", tiny_backbone(), TINY_UVIT)
+    (tmp_path / "train.toml").write_text(f'[train]\nsteps = 3\nbatch_size = 8\nwarmup_steps = 0\n'
+                                         f'out_dir = "{tmp_path / "unused"}"\n[adadiff]\n'
+                                         f'base_checkpoint = "{tmp_path / "base.pt"}"\n')
+    check_method_contracts("adadiff", tiny_backbone(), {"train": str(tmp_path / "train.toml"), "threshold": 0.5,
+                                                        "estimator": "probe"}, training_cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("probe-official-frozen-*/ema.pt"))) == 1
