@@ -46,11 +46,6 @@ def load_for_flops(path: str | Path) -> tuple[Backbone, AdaDiffNetwork | None]:
     return (net, None) if isinstance(net, Backbone) else (net.backbone, net)
 
 
-def block_names(model: Backbone) -> list[str]:
-    """Module names of the blocks in execution order."""
-    return list(model.cost_parts().blocks)
-
-
 def params_by_part(model: Backbone) -> Counter:
     """Parameters per network row: every parameter lies under one module (or is one parameter) of a piece."""
     parts = model.cost_parts()
@@ -75,7 +70,7 @@ def _row(part: str, kind: str, macs: float, params: int, full: float) -> dict:
 def network_rows(model: Backbone, costs: UnitCosts) -> list[dict]:
     """embed, each block, head: MACs per image of one evaluation and the parameters each holds."""
     params = params_by_part(model)
-    parts = ["embed", *block_names(model), "head"]
+    parts = ["embed", *model.cost_parts().blocks, "head"]
     macs = [costs.embed, *costs.blocks, costs.head]
     return [_row(part, NETWORK, m, params[part], costs.full) for part, m in zip(parts, macs)]
 
