@@ -15,6 +15,7 @@ to the code that reads and writes them (`Method.reads` / `Method.writes` name th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -122,20 +123,37 @@ def load_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None
     return fmt.load(payload, str(path), **options)
 
 
-def cached_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None, where: str = "") -> object:
-    """`load_checkpoint`, loaded once per file version and shared: only for read-only use (sampling, checks)."""
+def cached_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None, where: str = "",
+                      device: torch.device | str = "cpu") -> object:
+    """`load_checkpoint`, loaded once per file version and device and shared: only for read-only use
+    (sampling, checks). Its modules and tensors live on `device`."""
     stat = Path(path).stat() if Path(path).is_file() else None
     version = (stat.st_mtime_ns, stat.st_size) if stat else None
     key = (formats,) if isinstance(formats, str) else tuple(formats or ())
     try:
-        return _cached(str(path), version, key)
+        return _cached(str(path), version, key, str(torch.device(device)))
     except UserError as exc:
         raise UserError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 @lru_cache(maxsize=16)
-def _cached(path: str, version, formats: tuple[str, ...]) -> object:
-    return load_checkpoint(path, formats)
+def _cached(path: str, version, formats: tuple[str, ...], device: str) -> object:
+    if device == "cpu":
+        return load_checkpoint(path, formats)
+    return moved_to(_cached(path, version, formats, "cpu"), torch.device(device))
+
+
+def moved_to(obj, device: torch.device):
+    """A copy of a loaded checkpoint's object on `device`: modules and tensors moved, in dicts and lists too."""
+    if isinstance(obj, torch.nn.Module):
+        return copy.deepcopy(obj).to(device)
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {key: moved_to(value, device) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(moved_to(value, device) for value in obj)
+    return obj
 
 
 def checkpoint_format(path: str | Path) -> CheckpointFormat:

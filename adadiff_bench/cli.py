@@ -21,7 +21,10 @@ EPILOG = textwrap.dedent("""\
       adadiff-bench methods                                       # list registered methods
       adadiff-bench flops checkpoints/uvit_digits.pt --steps 25   # MACs, params and share per block
 
-    Several processes (one writer; the same images as one process):
+    On a GPU (device = "auto" picks CUDA when there is one; bf16 autocasts the network):
+      adadiff-bench run --config configs/demo.toml --device cuda --precision bf16
+
+    Several processes (one writer; the same images as one process; on GPUs each rank takes cuda:LOCAL_RANK):
       torchrun --nproc_per_node=2 -m adadiff_bench run --config configs/demo.toml
 
     A killed run resumes when the same command is rerun. Bad inputs and their messages: docs/errors.md.
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a U-ViT on a data set with AdamW, warm-up and EMA. The final EMA "
                                             "weights are written to train.out_dir/ema.pt (and train.export).")
     train.add_argument("--config", required=True, help="training TOML, e.g. configs/train_digits.toml")
+    train.add_argument("--device", help="override train.device: auto, cpu, cuda or cuda:N")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override train.precision (autocast)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     run = commands.add_parser("run", help="run a benchmark config: methods x knobs x seeds -> results/<name>/",
@@ -53,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", help="override results_dir (default: results)")
     run.add_argument("--inception-weights", metavar="PATH",
                      help="torch-fidelity Inception weights file; makes Inception metrics required")
+    run.add_argument("--device", help="override `device`: auto (CUDA when available), cpu, cuda or cuda:N")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                     help="override `precision`: autocast of the network (the solver and metrics stay fp32)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -113,6 +121,10 @@ def _run(args) -> int:
         overrides["name"] = args.name
     if args.results_dir:
         overrides["results_dir"] = args.results_dir
+    if args.device:
+        overrides["device"] = args.device
+    if args.precision:
+        overrides["precision"] = args.precision
     config = load_run_config(args.config)
     if args.num_samples is not None:
         if args.num_samples <= 0:
@@ -172,7 +184,13 @@ def _leaderboard(args) -> int:
 def _train(args) -> int:
     from .training import load_train_config, train
 
-    path = train(load_train_config(args.config), progress=not args.no_progress)
+    config = load_train_config(args.config)
+    if args.device:
+        config.train.device = args.device
+    if args.precision:
+        config.train.precision = args.precision
+    config.train.validate(args.config)
+    path = train(config, progress=not args.no_progress)
     print(f"EMA weights written to {path}")
     return 0
 

@@ -6,6 +6,7 @@ out of range raises `UserError` naming the file, the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -16,6 +17,8 @@ from typing import Any
 from .errors import UserError, did_you_mean
 
 SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -76,10 +79,14 @@ class TrainConfig:
     out_dir: str = "results/train/uvit_digits"
     export: str | None = None
     export_half: bool = True
+    device: str = "auto"      # where training runs (as a run's `device`); noise is still drawn on the CPU
+    precision: str = "fp32"   # autocast of the forward and loss; weights, optimiser and EMA stay fp32
 
     def validate(self, where: str) -> None:
         _positive(where, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                   checkpoint_every=self.checkpoint_every)
+        check_device_spec(self.device, where)
+        check_precision(self.precision, where)
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"{where}: ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.warmup_steps < 0:
@@ -185,6 +192,9 @@ class RunConfig:
     checkpoint: str = "checkpoints/uvit_digits.pt"
     seeds: list[int] = field(default_factory=lambda: [0])
     results_dir: str = "results"
+    device: str = "auto"          # auto (CUDA when available) | cpu | cuda | cuda:N
+    precision: str = "fp32"       # fp32 | bf16 | fp16: autocast of the network; solver and metrics in fp32
+    deterministic: bool = False   # deterministic kernels (CUDA: cuBLAS workspace, no cuDNN autotuning, no TF32)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -198,6 +208,20 @@ class RunConfig:
             raise UserError(f"{where}: seeds must list at least one seed")
         if not self.methods:
             raise UserError(f"{where}: add at least one [[methods]] table (for example name = \"full\")")
+        check_device_spec(self.device, where)
+        check_precision(self.precision, where)
+
+
+def check_device_spec(spec: str, where: str) -> None:
+    """The `device` setting's syntax (no hardware is looked at here: see `device.resolve_device`)."""
+    if not isinstance(spec, str) or not DEVICE_SPEC.match(spec):
+        raise UserError(f"{where}: device must be auto, cpu, cuda or cuda:N (got {spec!r})")
+
+
+def check_precision(precision: str, where: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"{where}: precision must be one of {', '.join(PRECISIONS)} (got {precision!r}); "
+                        "fp32 is exact, bf16 and fp16 autocast the network")
 
 
 def check_solver(solver: str, where: str) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from .device import autocast, to_device
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 
@@ -96,14 +98,18 @@ def sample_labels(generators: Sequence[torch.Generator], num_classes: int) -> to
 @torch.no_grad()
 def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[int, ...],
            indices: Sequence[int], seed: int, num_classes: int = 0,
-           on_step: Callable[[SamplingContext], None] | None = None) -> torch.Tensor:
-    """Draw the samples `indices` of run `seed`; returns float images in model space ([-1, 1] ideally).
+           on_step: Callable[[SamplingContext], None] | None = None,
+           device: torch.device | str = "cpu", precision: str = "fp32") -> torch.Tensor:
+    """Draw the samples `indices` of run `seed`; returns float32 images in model space ([-1, 1] ideally), on `device`.
 
     Each network evaluation gets a `SamplingContext`; `on_step(ctx)` is called before it (the step log hooks in).
+    Noise and labels are drawn by each sample's CPU generator and then moved to `device`, so they never depend
+    on it. The network runs under autocast at `precision`; the solver's arithmetic stays in float32.
     """
+    device = torch.device(device)
     generators = sample_generators(seed, indices)
-    x = initial_noise(generators, image_shape)
-    y = sample_labels(generators, num_classes)
+    x = to_device(initial_noise(generators, image_shape), device)
+    y = to_device(sample_labels(generators, num_classes), device)
     scheduler = make_scheduler(solver, num_steps)
     timesteps, rows = scheduler.timesteps.double().numpy(), np.asarray(indices)
     x = x * scheduler.init_noise_sigma
@@ -112,17 +118,21 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
         if on_step is not None:
             on_step(ctx)
         model_input = scheduler.scale_model_input(x, t)
-        eps = denoiser(model_input, t.expand(len(x)), y, ctx)
-        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+        with autocast(device, precision):
+            eps = denoiser(model_input, to_device(t.expand(len(x)), device), y, ctx)
+        x = scheduler.step(eps.float(), t, x, generator=generators).prev_sample
     return x
 
 
 def add_noise(x0: torch.Tensor, generator: torch.Generator,
               alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t, eps, x_t) with t uniform in 0..999 and x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+    """(t, eps, x_t) with t uniform in 0..999 and x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps.
+
+    `generator` is a CPU generator: t and eps are drawn on the CPU, then moved to x0's device."""
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    a = alpha_bar[t].float().view(-1, 1, 1, 1)
+    eps = to_device(torch.randn(x0.shape, generator=generator), x0.device)
+    a = alpha_bar[t].float().view(-1, 1, 1, 1).to(x0.device)
+    t = to_device(t, x0.device)
     return t, eps, a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 

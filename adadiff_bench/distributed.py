@@ -5,7 +5,7 @@
 Each sample draws its noise from its own generator seeded by (seed, index), so which process samples
 which index changes no image: rank r samples the batches r, r + N, r + 2N, ... of a cell, and rank 0
 gathers the images and step-log rows, computes the metrics and writes the results; the other ranks
-write nothing. Processes talk over the gloo backend on the CPU (nccl on CUDA). Without torchrun's
+write nothing. Processes talk over the gloo backend on the CPU (nccl on CUDA, each rank on cuda:LOCAL_RANK). Without torchrun's
 environment (WORLD_SIZE unset or 1) everything runs in one process and nothing here is used.
 """
 from __future__ import annotations
@@ -57,16 +57,18 @@ class World:
             dist.barrier()
 
 
-def join_world() -> World:
-    """Join torchrun's process group when launched by it; a one-process world otherwise."""
+def join_world(cuda: bool = False) -> World:
+    """Join torchrun's process group when launched by it (nccl when the run is on CUDA, else gloo);
+    a one-process world otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("ADADIFF_DEVICE") == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        if cuda:  # each rank on its own GPU: cuda:LOCAL_RANK
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
 
 

@@ -29,6 +29,8 @@ from .checkpoints import load_model, sha256_file
 from .config import MethodEntry, RunConfig, check_solver, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
 from .diffusion import SOLVER_SETTINGS, sample, solver_timesteps
+from .device import (check_precision_on, device_info, device_name, module_device, resolve_device,
+                     set_deterministic, wants_cuda)
 from .distributed import World, agree, join_world, leave_world
 from .errors import UserError
 from .flops import unit_costs
@@ -120,6 +122,9 @@ class Prepared:
     extractors: tuple[str, ...]
     checkpoint_sha256: str
     params: dict[Cell, object]  # each cell's knobs as its method prepared them (e.g. a checkpoint trained on demand)
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    determinism: dict = dataclasses.field(default_factory=dict)
 
     def method(self, cell: Cell):
         """A fresh method object for `cell`, with its prepared knobs (the timing reference may not be a cell)."""
@@ -130,7 +135,10 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     """Load and check everything the run needs, then let methods train what they need; raises UserError
     before anything is written."""
     curves = plan_curves(config, where)
-    model = load_model(config.checkpoint)
+    device = resolve_device(config.device, f"{where}: device")
+    check_precision_on(config.precision, device, f"{where}: precision")
+    determinism = set_deterministic(device, config.deterministic)
+    model = load_model(config.checkpoint).to(device)
     params = {}
     for cell, (entry, _) in curves.items():
         cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
@@ -145,7 +153,7 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
     params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
     return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
-                    sha256_file(config.checkpoint), params)
+                    sha256_file(config.checkpoint), params, device, config.precision, determinism)
 
 
 def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, where: str) -> dict:
@@ -174,8 +182,10 @@ def build_method(cell: Cell, model, params=None):
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
              desc: str = "", method=None, record: bool = True, world: World = World(),
-             checkpoints: Path | None = None) -> tuple[torch.Tensor, StepLog]:
-    """Sample `num_samples` images for one cell; returns (float images, step log).
+             checkpoints: Path | None = None, precision: str = "fp32") -> tuple[torch.Tensor, StepLog]:
+    """Sample `num_samples` images for one cell; returns (float images on the CPU, step log).
+
+    The network runs where `model` lives, at `precision` (autocast); each finished batch comes back to the CPU.
 
     With several processes (`world`), each samples its share of the batches and all of them get the
     gathered result. With `checkpoints`, every finished batch is saved there and a rerun takes saved
@@ -193,7 +203,7 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
         if saved is not None and saved.is_file():
             batches[start] = take_back_batch(saved, indices, log, method)
             continue
-        batches[start] = sample_batch(cell, model, method, log, indices)
+        batches[start] = sample_batch(cell, model, method, log, indices, precision).cpu()
         if saved is not None:
             save_batch(saved, batches[start], indices, log, method)
     if world.active:
@@ -201,13 +211,13 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
     return torch.cat([batches[start] for start in sorted(batches)]), log
 
 
-def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray) -> torch.Tensor:
-    """One batch of samples, logged into the rows `indices` of `log`."""
+def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray, precision: str = "fp32") -> torch.Tensor:
+    """One batch of samples (on the model's device), logged into the rows `indices` of `log`."""
     image_shape = (model.in_chans, model.img_size, model.img_size)
     log.set_batch(indices)
     method.start_batch(log)
     return sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed, max(model.num_classes, 0),
-                  on_step=lambda ctx: log.set_step(ctx.step))
+                  on_step=lambda ctx: log.set_step(ctx.step), device=model_device(model), precision=precision)
 
 
 def save_batch(path: Path, images: torch.Tensor, indices: np.ndarray, log: StepLog, method) -> None:
@@ -250,12 +260,12 @@ def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig) ->
     n, batch = timing.num_samples, config.sampling.batch_size
 
     def run(c: Cell):
-        return lambda: generate(c, prep.model, n, batch, method=prep.method(c))
+        return lambda: generate(c, prep.model, n, batch, method=prep.method(c), precision=prep.precision)
 
-    def warmup():  # runs of one batch touch every code path and allocation before the clock starts
+    def warmup():  # runs of one batch touch every code path, allocation and first CUDA call before the clock starts
         for _ in range(timing.warmup_batches):  # (full step counts: some methods only run their own schedule)
             for c in {cell, reference}:
-                generate(c, prep.model, min(n, batch), batch, method=prep.method(c))
+                generate(c, prep.model, min(n, batch), batch, method=prep.method(c), precision=prep.precision)
 
     result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup,
                      model_device(prep.model))
@@ -264,7 +274,7 @@ def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig) ->
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device the model's weights live on (what the timing and memory protocols synchronise)."""
-    return next(model.parameters()).device
+    return module_device(model)
 
 
 def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path, progress: bool,
@@ -279,7 +289,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
     with PeakMemory(model_device(prep.model)) as peak:
         images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
-                               desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints)
+                               desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints,
+                               precision=prep.precision)
     timing = time_cell(cell, reference_cell(config), prep, config) if config.timing.enabled else None
     timings, peaks = world.gather(timing), world.gather(peak.mb)
     if not world.is_main:
@@ -298,7 +309,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
                 "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes,
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,
-                "device": str(model_device(prep.model)), "threads": torch.get_num_threads()})
+                "device": str(prep.device), "device_name": device_name(prep.device), "precision": prep.precision,
+                "threads": torch.get_num_threads()})
     if timing is not None:
         row.update(combine_timings(timings))
     row["cell_id"] = cell.cell_id
@@ -322,7 +334,7 @@ def run(config: RunConfig, where: str = "config", overwrite: bool = False, progr
 
     Under torchrun every process samples its share of each cell and rank 0 alone writes.
     """
-    world = join_world()
+    world = join_world(cuda=wants_cuda(config.device))
     try:
         return run_cells(config, where, overwrite, progress, world)
     finally:
@@ -417,7 +429,8 @@ def run_info(config: RunConfig, prep: Prepared, started: str, world: World = Wor
         "git_commit": _git_commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": world.size,
-                    "device": str(model_device(prep.model)), "python": platform.python_version()},
+                    "python": platform.python_version(), **device_info(prep.device),
+                    "determinism": prep.determinism, "precision": prep.precision},
         "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
         "method_checkpoints": {path: sha256_file(path) for path in sorted(  # as prepared: trained on demand too
             {str(p.checkpoint) for p in prep.params.values() if getattr(p, "checkpoint", "")})},

@@ -66,14 +66,20 @@ class StepLog:
     def ran_block(self, block: int, active=None) -> None:
         self.blocks_run[self._select(active), self._step, block] = True
 
+    def ran_prefixes(self, exit_points: np.ndarray, active=None) -> None:
+        """Blocks 1..exit_points[i] ran for the i-th selected row (a prefix-exit forward's record of one step)."""
+        ran = np.arange(self.num_blocks) < np.asarray(exit_points)[:, None]
+        self.blocks_run[self._select(active), self._step, :] |= ran
+
     def ran_head(self, active=None) -> None:
         self.head_calls[self._select(active), self._step] += 1
 
     def exited(self, exit_point: int, active=None) -> None:
         self.exit_point[self._select(active), self._step] = exit_point
 
-    def add_macs(self, macs: float, active=None) -> None:
-        """Compute outside the blocks, embedding and head (estimators, routers) for the selected rows.
+    def add_macs(self, macs, active=None) -> None:
+        """Compute outside the blocks, embedding and head (estimators, routers) for the selected rows
+        (`macs`: one amount for all, or an array with one per selected row).
 
         A negative amount takes back the part of a logged block that did not run (a reused sublayer)."""
         self.extra_macs[self._select(active), self._step] += macs
@@ -148,6 +154,9 @@ class NullStepLog(StepLog):
         pass
 
     def ran_head(self, active=None) -> None:
+        pass
+
+    def ran_prefixes(self, exit_points, active=None) -> None:
         pass
 
     def exited(self, exit_point: int, active=None) -> None:

@@ -11,10 +11,13 @@ A method that passes keeps the contracts every number of the suite rests on:
 - the FLOPs its step log implies equal what torch's dispatcher counts over a whole sampling run
   (within 1%), so its GFLOPs are real;
 - it is deterministic given the seed;
-- batch size changes neither its images nor its step log, unless it declares `batch_dependent`.
+- batch size changes neither its images nor its step log, unless it declares `batch_dependent`;
+- it makes no tensor without the model's device (`check_device_placement`: a forgotten `device=`
+  shows on the CPU, not first on a GPU).
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -24,9 +27,11 @@ import torch
 from .checkpoints import build_model
 from .config import UViTConfig
 from .flops import dispatch_flops, unit_costs
+from .diffusion import sample, solver_timesteps
 from .harness import Cell, build_method, generate
 from .methods import PrepareContext, get_method, make_params
 from .models.backbone import Backbone
+from .steplog import StepLog
 
 TINY_UVIT = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2)
 
@@ -49,6 +54,62 @@ def check_method_contracts(name: str, model: Backbone, params: dict | None = Non
     with tempfile.TemporaryDirectory() as scratch:  # what `prepare` trains lives until the checks are done
         knobs = cls.prepare(knobs, PrepareContext(Path(training_cache or scratch), progress=False))
         check_sampling(cell, model, knobs, num_samples)
+        check_device_placement(cell, model, knobs, num_samples)
+        check_modules_follow_the_model(cell, model, knobs)
+
+
+def check_modules_follow_the_model(cell: Cell, model: Backbone, knobs) -> None:
+    """Built on a copy of the model on the "meta" device, the method holds no module or tensor elsewhere:
+    what it loads (estimators, routers, second models) follows the model's device."""
+    method = build_method(cell, copy.deepcopy(model).to("meta"), knobs)
+    for name, value in vars(method).items():
+        for tensor in _tensors_in(value):
+            assert tensor.device.type == "meta", \
+                f"{cell.method}: its {name!r} holds a tensor on {tensor.device} while the model is on another device"
+
+
+def _tensors_in(value, depth: int = 0):
+    """The tensors a method attribute holds: in modules, containers and bound methods (a few levels deep)."""
+    if depth > 3:
+        return
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, torch.nn.Module):
+        yield from value.parameters()
+        yield from value.buffers()
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item, depth + 1)
+    elif hasattr(value, "__self__"):  # a bound method of a module, e.g. an exit head
+        yield from _tensors_in(value.__self__, depth + 1)
+
+
+def check_device_placement(cell: Cell, model: Backbone, knobs, num_samples: int = 2) -> None:
+    """Every call of the method's denoiser runs with torch's default device set to "meta" while the model
+    and inputs sit on the CPU: a tensor made without `device=` lands on "meta", and mixing it with the
+    model's tensors fails here as it would on a GPU. (Set-up outside the denoiser, such as the scheduler's,
+    runs normally.)"""
+    method = build_method(cell, model, knobs)
+    log = StepLog(num_samples, solver_timesteps(cell.solver, cell.num_steps), model.num_blocks)
+    log.set_batch(np.arange(num_samples))
+    method.start_batch(log)
+
+    def denoiser(x, t, y, ctx):
+        log.set_step(ctx.step)
+        with torch.device("meta"):
+            try:
+                eps = method(x, t, y, ctx)
+            except (RuntimeError, NotImplementedError) as exc:
+                raise AssertionError(f"{cell.method}: a tensor was made without the model's device "
+                                     f"(under a meta default device: {str(exc).splitlines()[0]})") from exc
+        assert eps.device == x.device, f"{cell.method}: eps came back on {eps.device}, not the input's {x.device}"
+        return eps
+
+    shape = (model.in_chans, model.img_size, model.img_size)
+    sample(denoiser, cell.solver, cell.num_steps, shape, range(num_samples), cell.seed, max(model.num_classes, 0))
 
 
 def check_sampling(cell: Cell, model: Backbone, knobs, num_samples: int) -> None:

@@ -30,6 +30,7 @@ def run_blocks(model: Backbone, hidden: torch.Tensor, state: BlockState, rows: t
                first: int = 0) -> torch.Tensor:
     """Blocks `first`..N for batch rows `rows` (`hidden` and `state` hold just those rows), logged as a run
     to full depth."""
+    rows = rows.cpu() if rows is not None else None  # one host copy, not one per block
     for block in range(first, model.num_blocks):
         hidden = model.run_block(block, hidden, state)
         log.ran_block(block, rows)

@@ -38,7 +38,7 @@ class Full(Method):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        self.model = backbone_of(self.params.checkpoint, model)  # (an AdaDiff checkpoint: its backbone)
+        self.model = backbone_of(self.params.checkpoint, model, self.device)  # (an AdaDiff checkpoint: its backbone)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         eps = self.model(x, t, y)

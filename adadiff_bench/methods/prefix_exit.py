@@ -36,17 +36,18 @@ class PrefixParams:
                             "empty to use the run's base model")
 
 
-def exit_network(path: str, where: str = "") -> tuple[Backbone, ExitHeads]:
-    """(backbone, exit heads) of a checkpoint: an AdaDiff network's own heads, or a backbone's final head."""
-    net = cached_checkpoint(path, EXIT_NETWORK_FORMATS, where)
+def exit_network(path: str, where: str = "", device: torch.device | str = "cpu") -> tuple[Backbone, ExitHeads]:
+    """(backbone, exit heads) of a checkpoint, on `device`: an AdaDiff network's own heads, or a backbone's
+    final head."""
+    net = cached_checkpoint(path, EXIT_NETWORK_FORMATS, where, device=device)
     if isinstance(net, Backbone):
         return net, shared_head(net)
     return net.backbone, net.exit_head
 
 
-def backbone_of(checkpoint: str, model: Backbone) -> Backbone:
-    """The backbone a prefix-exit method with this `checkpoint` knob runs."""
-    return exit_network(checkpoint)[0] if checkpoint else model
+def backbone_of(checkpoint: str, model: Backbone, device: torch.device | str = "cpu") -> Backbone:
+    """The backbone a prefix-exit method with this `checkpoint` knob runs (on `device`)."""
+    return exit_network(checkpoint, device=device)[0] if checkpoint else model
 
 
 def _shape(net: Backbone) -> tuple[int, ...]:
@@ -73,7 +74,7 @@ class PrefixExit(Method):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        self.backbone, self.heads = exit_network(self.params.checkpoint) if self.params.checkpoint \
+        self.backbone, self.heads = exit_network(self.params.checkpoint, device=self.device) if self.params.checkpoint \
             else (model, shared_head(model))
 
     @classmethod

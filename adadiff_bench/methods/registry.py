@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..config import from_dict
+from ..device import module_device
 from ..errors import UserError, unknown_choice
 from ..plugins import load_plugins
 from ..steplog import StepLog
@@ -65,6 +66,11 @@ class Method:
     anything runs), `prepare` (train or fetch what a setting needs; rank 0 first under torchrun), the
     constructor (once per cell, with the prepared knobs), then per batch `start_batch` and one call
     per sampling step. A method that trains sets `TrainConfig` and implements `training_task`.
+
+    Devices: the run's model is on `self.device`; a method loads its own modules there
+    (`cached_checkpoint(..., device=self.device)`) and makes every tensor with `device=` (or from an
+    input), so it runs on a GPU as on the CPU (tests/test_device.py checks this on the CPU). Randomness
+    is drawn by CPU generators and then moved, so it never depends on the device.
     """
     name: ClassVar[str]
     family: ClassVar[str] = "other"
@@ -77,6 +83,7 @@ class Method:
 
     def __init__(self, model: Backbone, params=None):
         self.model = model
+        self.device = module_device(model)  # where the method's own modules and tensors must live too
         self.params = params if params is not None else self.Params()
         self.log: StepLog | None = None
         self.record_artifacts = False  # set by the harness for the sampling pass (never the timed one)

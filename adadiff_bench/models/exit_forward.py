@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..steplog import StepLog
@@ -23,7 +24,8 @@ class ExitPolicy(Protocol):
     def __call__(self, exit_point: int, tokens: torch.Tensor, state: BlockState, t: torch.Tensor,
                  active: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Boolean mask over the active samples (True = exit now). `active` are their rows in the batch,
-        `tokens`, `state` and `t` theirs only.
+        `tokens`, `state` and `t` theirs only; `active` is a host tensor, the others on the model's device.
+        A mask on the host costs no synchronisation (a policy that decides without reading the GPU).
 
         A policy that decides from the exit's own eps prediction (and logged that head call) returns
         (mask, predictions of all active samples): the exiting ones are taken from it, not recomputed.
@@ -43,35 +45,72 @@ def shared_head(model: Backbone) -> ExitHeads:
 
 
 def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                       policy: ExitPolicy, log: StepLog, heads: ExitHeads | None = None) -> torch.Tensor:
-    """eps for a batch where each sample stops at the first exit point its policy chooses."""
+                       policy: ExitPolicy, log: StepLog, heads: ExitHeads | None = None,
+                       policy_macs: float = 0.0) -> torch.Tensor:
+    """eps for a batch where each sample stops at the first exit point its policy chooses.
+
+    `policy_macs`: MACs of one policy call on one sample (an estimator), logged once per step for
+    every call made. What it costs to decide is kept small: at most one host read per block (the
+    policy's mask; none when the policy decides on the host), no compaction while nobody leaves,
+    and compaction by index (`index_select` with indices copied asynchronously on a GPU).
+    """
     heads = heads or shared_head(model)
-    num_blocks = model.num_blocks
-    eps = torch.empty_like(x)
-    active = torch.arange(len(x))
+    last = model.num_blocks
+    active = torch.arange(len(x), device="cpu")  # host: the batch rows still running (policies and the log index them)
+    exit_at = np.full(len(x), last)         # host: each row's exit point
+    eps = None
     tokens, state = model.begin(x, t, y)
     log.ran_embed()
-    for block in range(num_blocks):
+    for block in range(last - 1):
         tokens = model.run_block(block, tokens, state)
-        log.ran_block(block, active)
-        exit_point = block + 1
-        if exit_point == num_blocks:
-            exiting = torch.ones(len(active), dtype=torch.bool)
-        else:
-            exiting = policy(exit_point, tokens, state, t[active], active)
-        predictions = None
-        if isinstance(exiting, tuple):
-            exiting, predictions = exiting
-        if exiting.any():
-            rows = active[exiting]
-            if predictions is None:
-                eps[rows] = heads(exit_point, tokens[exiting], state.subset(exiting))
-                log.ran_head(rows)
-            else:
-                eps[rows] = predictions[exiting]
-            log.exited(exit_point, rows)
-            staying = ~exiting
-            active, tokens, state = active[staying], tokens[staying], state.subset(staying)
-        if len(active) == 0:
+        mask, predictions = _decision(policy(block + 1, tokens, state, t, active))
+        leaving = _on_host(mask)
+        if not leaving.any():
+            continue
+        gone, kept = np.flatnonzero(leaving), np.flatnonzero(~leaving)
+        eps = _exit(eps, x, block + 1, active[gone], _index(gone, x.device), tokens, state, predictions, heads, log)
+        exit_at[active.numpy()[gone]] = block + 1
+        if len(kept) == 0:
             break
+        stay = _index(kept, x.device)
+        active, tokens, t, state = active[kept], tokens.index_select(0, stay), t.index_select(0, stay), \
+            state.subset(stay)
+    else:  # the last block: every sample still running exits through the final head
+        tokens = model.run_block(last - 1, tokens, state)
+        eps = _exit(eps, x, last, active, None, tokens, state, None, heads, log)
+    log.ran_prefixes(exit_at)
+    if policy_macs:
+        log.add_macs(policy_macs * np.minimum(exit_at, last - 1))
+    return eps
+
+
+def _decision(decision) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask, predictions or None) from what a policy returned."""
+    return decision if isinstance(decision, tuple) else (decision, None)
+
+
+def _on_host(mask: torch.Tensor) -> np.ndarray:
+    """The policy's mask as a host array: the block's one synchronisation when the mask is on a GPU."""
+    return mask.cpu().numpy() if mask.device.type != "cpu" else mask.numpy()
+
+
+def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host row numbers as an index on `device` (pinned and copied without waiting, on a GPU)."""
+    index = torch.from_numpy(rows)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
+def _exit(eps, x, exit_point, rows, index, tokens, state, predictions, heads, log) -> torch.Tensor:
+    """Write the eps of the exiting rows (`index` of the active batch; None = all of it) and log their exit."""
+    if predictions is None:
+        out = heads(exit_point, tokens if index is None else tokens.index_select(0, index),
+                    state if index is None else state.subset(index))
+        log.ran_head(rows)
+    else:
+        out = predictions if index is None else predictions.index_select(0, index)
+    log.exited(exit_point, rows)
+    if eps is None and len(rows) == len(x):  # the whole batch exits together: no scatter needed
+        return out
+    eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps
+    eps[_index(rows.numpy(), x.device)] = out.to(eps.dtype)
     return eps

@@ -155,7 +155,8 @@ class AdaDiff(Method):
         if self.params.train:
             raise UserError(f"adadiff: a setting with `train` = {self.params.train!r} must be prepared (trained) "
                             "first; run it through the harness (`adadiff-bench run`)")
-        self.net = cached_checkpoint(self.params.checkpoint, self.reads)
+        self.net = cached_checkpoint(self.params.checkpoint, self.reads, device=self.device)
+        self.estimator_macs = self.net.estimator.macs_per_sample(self.net.backbone.num_tokens)
         self.batch_dependent = self.params.rule == "per-batch"
         self.map_steps = parse_steps(self.params.map_steps)
         self._maps: dict[int, np.ndarray] = {}
@@ -172,23 +173,23 @@ class AdaDiff(Method):
         return uncertainty <= p.threshold
 
     def __call__(self, x, t, y, ctx):
-        log, net = self.log, self.net
+        net = self.net
         kinds = net.backbone.block_kinds
-        passes = torch.zeros(len(x), dtype=torch.long)  # in-block passes so far, for patience
-        estimator_macs = net.estimator.macs_per_sample(net.backbone.num_tokens)
+        passes = torch.zeros(len(x), dtype=torch.long, device=x.device) if self.params.patience else None
         recorded = self._recorded_rows(x, ctx)
 
         def policy(exit_point, tokens, state, t_active, active):
-            log.add_macs(estimator_macs, active)
             if recorded is not None:
                 self._record_maps(exit_point, tokens, t_active, active, recorded, ctx)
             passing = self.exits(net.estimator.scalar(exit_point, tokens, t_active))
-            if self.params.patience and kinds[exit_point - 1] == "in":
-                passes[active] += passing.long()
-                return passing & (passes[active] >= 2)
+            if passes is not None and kinds[exit_point - 1] == "in":  # the official rule: the second passing in-block
+                rows = active.to(x.device)
+                passes[rows] += passing.long()
+                return passing & (passes[rows] >= 2)
             return passing
 
-        return exit_aware_forward(net.backbone, x, t, y, policy, log, heads=net.exit_head)
+        return exit_aware_forward(net.backbone, x, t, y, policy, self.log, heads=net.exit_head,
+                                  policy_macs=self.estimator_macs)
 
     # ---- per-pixel uncertainty maps (only in the harness's sampling pass, never timed) ------------
     def _recorded_rows(self, x: torch.Tensor, ctx) -> np.ndarray | None:
@@ -205,7 +206,7 @@ class AdaDiff(Method):
             n, exits = self.params.map_samples, self.net.num_exits - 1
             self._maps[step] = np.full((n, exits, *x.shape[1:]), np.nan, dtype=np.float32)
             self._inputs[step] = np.full((n, *x.shape[1:]), np.nan, dtype=np.float32)
-        self._inputs[step][sample_ids[rows]] = x[rows].numpy()
+        self._inputs[step][sample_ids[rows]] = x[torch.from_numpy(rows).to(x.device)].float().cpu().numpy()
         return rows
 
     def _record_maps(self, exit_point, tokens, t_active, active, recorded_rows, ctx) -> None:
@@ -213,12 +214,13 @@ class AdaDiff(Method):
         keep = np.isin(active.numpy(), recorded_rows)
         if not keep.any():
             return
+        index = torch.from_numpy(np.flatnonzero(keep)).to(tokens.device)
         with torch.no_grad():
-            u = self.net.estimator.uncertainty(exit_point, tokens[keep], t_active[keep])
+            u = self.net.estimator.uncertainty(exit_point, tokens[index], t_active[index])
         if u.dim() == 1:  # a per-sample estimator: broadcast its scalar over the image
             u = u.view(-1, 1, 1, 1).expand(-1, *self._inputs[ctx.step].shape[1:])
         sample_ids = ctx.rows[active.numpy()[keep]]
-        self._maps[ctx.step][sample_ids, exit_point - 1] = u.numpy()
+        self._maps[ctx.step][sample_ids, exit_point - 1] = u.float().cpu().numpy()
 
     def restore_artifacts(self, artifacts: dict[str, dict]) -> None:
         maps = artifacts.get("uncertainty_maps")
