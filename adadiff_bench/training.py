@@ -3,10 +3,15 @@
 A training config (`load_train_config`) trains a U-ViT from scratch, or, with a method's table
 (`[adadiff]`, `[berxit]`, ...), runs the `training_task` that method declares in the registry.
 
-`out_dir/last.pt` holds the whole training state (model, EMA, optimiser, generator, step) and is
-rewritten atomically every `checkpoint_every` steps; a rerun with the same config resumes from it.
-At the end the EMA weights are written as a checkpoint (`out_dir/ema.pt`, and `export` in half
-precision when asked), which `adadiff_bench.load_model` reads.
+`train.device` picks where the network trains and `train.precision` autocasts its forward and loss
+(fp16 with a gradient scaler); weights, optimiser and EMA stay fp32. Batch indices, timesteps and
+noise are drawn by the CPU generator and then moved, so the data and noise never depend on the device.
+
+`out_dir/last.pt` holds the whole training state (model, EMA, optimiser, gradient scaler, generator,
+step) and is rewritten atomically every `checkpoint_every` steps; a rerun with the same config resumes
+from it, on any device. At the end the EMA weights are written as a checkpoint (`out_dir/ema.pt`, and
+`export` in half precision when asked), which `adadiff_bench.load_model` reads. Everything saved holds
+CPU tensors, so a model trained on a GPU loads on a machine without one.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load
                           save_checkpoint)
 from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
+from .device import autocast, check_precision_on, device_info, resolve_device, to_device
 from .diffusion import alphas_cumprod, training_loss
 from .errors import UserError, did_you_mean
 from .methods.registry import available_methods, get_method, trainable_methods
@@ -45,11 +51,17 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 @dataclass
 class Task:
-    """What a training run optimises: the module (EMA'd and checkpointed), its loss, how to export it."""
+    """What a training run optimises: the module (EMA'd and checkpointed), its loss, how to export it.
+
+    train() moves `model` and the `frozen` modules (what the loss uses beside `model`: a base network, exit
+    heads; neither trained nor saved) to the device. `loss(x0, y, generator)` runs under autocast with x0 and y
+    on that device and `generator` on the CPU: it draws there and moves the draws to x0's device, as
+    `diffusion.add_noise` does. `export(path, ema, meta, half)` gets the EMA module back on the CPU."""
     model: torch.nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
     export: Callable[[Path, torch.nn.Module, dict, bool], None]
     model_config: UViTConfig
+    frozen: tuple[torch.nn.Module, ...] = ()
 
 
 def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
@@ -94,6 +106,8 @@ def load_train_config(path: str | Path) -> TrainFile:
 def train(config: TrainFile, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the EMA checkpoint."""
     cfg = config.train
+    device = resolve_device(cfg.device, "[train]")  # (an absent GPU is refused before anything is written)
+    check_precision_on(cfg.precision, device, "[train]")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -108,33 +122,44 @@ def train(config: TrainFile, progress: bool = True) -> Path:
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = task.model
+    model = task.model.to(device)
+    for module in task.frozen:
+        module.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # (a no-op for fp32 and bf16)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, generator)
+    start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator)
 
     model.train()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
                disable=not progress, mininterval=2.0)
     started = time.perf_counter()
     for step in bar:
+        # a batch drawn on the CPU and moved; forward and loss autocast to `precision`
         batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-        loss = task.loss(images[batch], labels[batch] if conditional else None, generator)
+        x0 = to_device(images[batch], device)
+        y = to_device(labels[batch], device) if conditional else None
+        with autocast(device, cfg.precision):
+            loss = task.loss(x0, y, generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         update_ema(ema, model, cfg.ema_decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if progress:  # (reading the loss waits for the GPU)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_state(out_dir / "last.pt", config, model, ema, optimizer, generator, step + 1)
+            _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1)
     bar.close()
 
     meta = {"steps": cfg.steps, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
-            "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1)}
+            "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1),
+            "device": device_info(device), "precision": cfg.precision}
+    ema = ema.cpu()  # (what a task exports loads on any machine)
     ema_path = out_dir / "ema.pt"
     task.export(ema_path, ema, meta, False)
     if cfg.export:
@@ -142,33 +167,64 @@ def train(config: TrainFile, progress: bool = True) -> Path:
     return ema_path
 
 
-def _save_state(path: Path, config: TrainFile, model, ema, optimizer, generator, step: int) -> None:
-    atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step, "model": model.state_dict(),
-                       "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+def _save_state(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, step: int) -> None:
+    atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step,
+                       "model": _on_cpu(model.state_dict()), "ema": _on_cpu(ema.state_dict()),
+                       "optimizer": _on_cpu(optimizer.state_dict()), "scaler": scaler.state_dict(),
                        "generator": generator.get_state()}, path)
 
 
-def _resume(path: Path, config: TrainFile, model, ema, optimizer, generator) -> int:
-    """Load `last.pt` if present and made by the same config; returns the step to start from."""
+def _on_cpu(state):
+    """A (nested) state dict with every tensor on the CPU: a state saved on a GPU loads anywhere."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
+
+
+def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator) -> int:
+    """Load `last.pt` if present and made by the same config; returns the step to start from.
+
+    The model is already on its device: the weights are copied onto it, and the optimiser's state follows its
+    parameters there."""
     if not path.is_file():
         return 0
     state = load_checkpoint(path, STATE_FORMAT)
     saved, current = _identity(state["config"]), _identity(to_dict(config))
     if saved != current:
-        changed = [k for k, v in current.items() if saved.get(k) != v]
-        raise UserError(f"{path} was written by a different training config (differs in {', '.join(changed)}); "
-                        "use a new train.out_dir or delete the old one")
+        raise UserError(f"{path} was written by a different training config (differs in "
+                        f"{', '.join(_differences(saved, current))}); use a new train.out_dir or delete the old one")
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # (empty for fp32 and bf16, absent in a state from before the precision setting)
+        scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     print(f"resuming from {path} at step {state['step']}")
     return int(state["step"])
 
 
 def _identity(config: dict) -> dict:
-    """What must match to resume: all but the run length (extending is valid) and the thread count."""
-    return {**config, "train": {k: v for k, v in config["train"].items() if k not in ("steps", "threads")}}
+    """What must match to resume: all but the run length (extending is valid), the thread count and the device
+    (a run may move between the CPU and a GPU). The precision must match: it changes the recipe."""
+    train = {k: v for k, v in config["train"].items() if k not in ("steps", "threads", "device")}
+    train.setdefault("precision", "fp32")  # (a state from before the setting trained in fp32)
+    return {**config, "train": train}
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Where two configs differ, as dotted keys with both values: "train.precision ('fp32' saved, 'bf16' now)"."""
+    differences = []
+    for key in dict.fromkeys([*current, *saved]):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key} ({old!r} saved, {new!r} now)")
+    return differences
 
 
 register_format(CheckpointFormat(STATE_FORMAT, "a training state (last.pt: model, EMA, optimiser, step)",

@@ -89,8 +89,10 @@ def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         net.backbone.requires_grad_(False)
 
     def loss(x0, y, generator):
+        # t and eps drawn by the CPU generator, moved to x0's device; the network autocast, its loss terms in fp32
         t, eps, xt = add_noise(x0, generator, alpha_bar)
         predictions, uncertainties = net.all_exits(xt, t, y, backbone_grad=not cfg.freeze_backbone)
+        predictions, uncertainties = [p.float() for p in predictions], [u.float() for u in uncertainties]
         return adadiff_losses(predictions, uncertainties, eps, cfg, net.estimator.per_pixel)["total"]
 
     def export(path, ema, meta, half):
