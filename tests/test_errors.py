@@ -393,3 +393,32 @@ def test_adadiff_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_ch
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "differs from the run's model" in error
     assert not (tmp_path / "results").exists()
+
+
+# ---- devices ----------------------------------------------------------------------------------------
+
+def top_level(args: list[str], line: str) -> list[str]:
+    """`args` of `run_args` with `line` added at the top level of their config."""
+    config = args[args.index("--config") + 1]
+    text = open(config).read()
+    open(config, "w").write(line + "\n" + text)
+    return args
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_a_gpu_asked_for_and_absent(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(top_level(run_args(tmp_path, tiny_checkpoint), 'device = "cuda"'), capsys)
+    assert "device 'cuda' asks for a GPU but CUDA is not available here" in line and 'set device = "cpu"' in line
+    assert_nothing_written(tmp_path)
+
+
+def test_a_malformed_device(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(top_level(run_args(tmp_path, tiny_checkpoint), 'device = "gpu"'), capsys)
+    assert "device must be auto, cpu, cuda or cuda:N (got 'gpu')" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_an_unknown_precision(tmp_path, tiny_checkpoint, capsys):
+    line = one_line_error(top_level(run_args(tmp_path, tiny_checkpoint), 'precision = "fp8"'), capsys)
+    assert "precision must be one of fp32, bf16, fp16 (got 'fp8')" in line
+    assert_nothing_written(tmp_path)
