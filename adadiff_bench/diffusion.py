@@ -82,17 +82,17 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+    return [torch.Generator(device="cpu").manual_seed(sample_seed(seed, i)) for i in indices]
 
 
 def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return torch.stack([torch.randn(shape, generator=g, device="cpu") for g in generators])
 
 
 def sample_labels(generators: Sequence[torch.Generator], num_classes: int) -> torch.Tensor | None:
     if num_classes <= 0:
         return None
-    return torch.stack([torch.randint(num_classes, (), generator=g) for g in generators])
+    return torch.stack([torch.randint(num_classes, (), generator=g, device="cpu") for g in generators])
 
 
 @torch.no_grad()
@@ -129,8 +129,8 @@ def add_noise(x0: torch.Tensor, generator: torch.Generator,
     """(t, eps, x_t) with t uniform in 0..999 and x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps.
 
     `generator` is a CPU generator: t and eps are drawn on the CPU, then moved to x0's device."""
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
-    eps = to_device(torch.randn(x0.shape, generator=generator), x0.device)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator, device="cpu")
+    eps = to_device(torch.randn(x0.shape, generator=generator, device="cpu"), x0.device)
     a = alpha_bar[t].float().view(-1, 1, 1, 1).to(x0.device)
     t = to_device(t, x0.device)
     return t, eps, a.sqrt() * x0 + (1 - a).sqrt() * eps
