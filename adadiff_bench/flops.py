@@ -8,6 +8,7 @@ B * H * L * S * D MACs.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from functools import lru_cache
 
@@ -18,6 +19,7 @@ with warnings.catch_warnings():  # importing fvcore scripts a loss with the depr
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
+from .device import module_device
 from .models.backbone import BRANCHES, Backbone
 from .steplog import UnitCosts
 
@@ -50,11 +52,13 @@ def count_macs(module: torch.nn.Module, inputs: tuple) -> FlopCountAnalysis:
 def unit_costs(model: Backbone) -> UnitCosts:
     """MACs per image of the embedding, of each block (execution order), of each block's branches and of the head.
 
-    Measured once per network (cached: a method built inside a timed pass must not trace the model again)."""
+    Measured once per network (cached: a method built inside a timed pass must not trace the model again).
+    Costs depend on shapes alone: a model on a GPU (or "meta") is traced as an uninitialised CPU copy."""
     parts = model.cost_parts()
+    traced = model if module_device(model).type == "cpu" else copy.deepcopy(model).to_empty(device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        by_module = count_macs(model.eval(), model.dummy_inputs()).by_module()
+        by_module = count_macs(traced.eval(), traced.dummy_inputs()).by_module()
 
     def macs(names) -> float:
         return float(sum(by_module.get(name, 0) for name in names if name is not None))
