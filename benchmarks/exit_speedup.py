@@ -20,20 +20,23 @@ import numpy as np
 import torch
 
 from adadiff_bench.checkpoints import load_model
+from adadiff_bench.device import module_device, resolve_device
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.harness import Cell, build_method, generate
 from adadiff_bench.timing import iqr, time_once
 
 
-def paired_speedups(cell: Cell, reference: Cell, model, batch: int, repeats: int) -> np.ndarray:
+def paired_speedups(cell: Cell, reference: Cell, model, batch: int, repeats: int, precision: str = "fp32") -> np.ndarray:
     """reference time / cell time for each of `repeats` back-to-back pairs (after one warm-up of each)."""
     methods = {c: build_method(c, model) for c in (cell, reference)}
+    device = module_device(model)
 
     def run(c: Cell):
-        return lambda: generate(c, model, batch, batch, method=methods[c])
+        return lambda: generate(c, model, batch, batch, method=methods[c], precision=precision)
 
     run(cell)(), run(reference)()
-    return np.array([time_once(run(reference), batch) / time_once(run(cell), batch) for _ in range(repeats)])
+    return np.array([time_once(run(reference), batch, device) / time_once(run(cell), batch, device)
+                     for _ in range(repeats)])
 
 
 def main() -> None:
@@ -46,22 +49,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA events time it there)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.base)
+    model = load_model(args.base).to(resolve_device(args.device, "--device"))
     costs = unit_costs(model)
     full = Cell("full", (), args.solver, args.steps, 0)
-    print(f"threads={args.threads} solver={args.solver} steps={args.steps} repeats={args.repeats} "
-          f"checkpoint={args.checkpoint}")
+    print(f"device={args.device} precision={args.precision} threads={args.threads} solver={args.solver} "
+          f"steps={args.steps} repeats={args.repeats} checkpoint={args.checkpoint}")
     print("| batch | threshold | layer ratio | ideal speed-up | measured speed-up (IQR) | measured / ideal |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch_sizes:
         _, full_log = generate(full, model, batch, batch)
         for threshold in args.thresholds:
             cell = Cell("adadiff", (("checkpoint", args.checkpoint), ("threshold", threshold)), args.solver, args.steps, 0)
-            _, log = generate(cell, model, batch, batch)
+            _, log = generate(cell, model, batch, batch, precision=args.precision)
             ideal = full_log.macs_per_image(costs) / log.macs_per_image(costs)
-            ratios = paired_speedups(cell, full, model, batch, args.repeats)
+            ratios = paired_speedups(cell, full, model, batch, args.repeats, args.precision)
             measured = float(np.median(ratios))
             print(f"| {batch} | {threshold:g} | {log.layer_ratio():.3f} | {ideal:.2f} | {measured:.2f} "
                   f"({iqr(list(ratios)):.2f}) | {measured / ideal:.2f} |", flush=True)
