@@ -37,6 +37,8 @@ import torch
 from adadiff_bench.errors import UserError
 from adadiff_bench.methods.registry import Method, register_method
 
+from ._rows import device_index
+
 ESTIMATORS = ("paper", "official")
 HISTORY = 4  # x_{k-3}, ..., x_k: what a third difference needs
 
@@ -70,13 +72,6 @@ def skip_test(latents: list[torch.Tensor], estimator: str) -> tuple[torch.Tensor
     return (d_k - 2 * d_k1 + d_k2).abs() / 2, d_k1
 
 
-def run_network(model, x, t, y, rows: torch.Tensor, log) -> torch.Tensor:
-    """eps of the whole U-ViT for batch rows `rows`, logged as one full evaluation of those rows."""
-    eps = model(x[rows], t[rows], None if y is None else y[rows])
-    log.ran_full(rows)
-    return eps
-
-
 @register_method
 class AdaptiveDiffusion(Method):
     name = "adaptive-diffusion"
@@ -87,26 +82,32 @@ class AdaptiveDiffusion(Method):
         super().start_batch(log)
         self.latents: list[torch.Tensor] = []   # the last HISTORY inputs after x_0
         self.eps: torch.Tensor | None = None    # each sample's last computed eps
-        self.skips_in_a_row: torch.Tensor | None = None
+        self.skips_in_a_row: torch.Tensor | None = None  # (host)
         self.seen_first = False
 
     def runs_network(self, batch_size: int) -> torch.Tensor:
-        """Per sample: does this step run the network (True) or reuse the last eps (False)?"""
+        """Per sample, on the host: does this step run the network (True) or reuse the last eps (False)?"""
         if len(self.latents) < HISTORY:
-            return torch.ones(batch_size, dtype=torch.bool)
+            return torch.ones(batch_size, dtype=torch.bool, device="cpu")
         xi, reference = skip_test(self.latents, self.params.estimator)
-        skip = (xi < self.params.threshold * reference) & (self.skips_in_a_row < self.params.max_skips)
-        return ~skip
+        smooth = (xi < self.params.threshold * reference).cpu()  # the step's one read of the device
+        return ~(smooth & (self.skips_in_a_row < self.params.max_skips))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, ctx) -> torch.Tensor:
         if self.seen_first:  # the initial noise x_0 never enters the estimator (official code)
             self.latents = (self.latents + [x])[-HISTORY:]
         self.seen_first = True
         run = self.runs_network(len(x))
-        rows = torch.nonzero(run).flatten()
-        eps = torch.empty_like(x) if self.eps is None else self.eps.clone()
-        if len(rows):
-            eps[rows] = run_network(self.model, x, t, y, rows, self.log)
+        rows = torch.nonzero(run).flatten()  # (host)
+        if len(rows) == len(x):  # every sample runs the whole U-ViT: no gather, no scatter
+            eps = self.model(x, t, y)
+            self.log.ran_full()
+        else:  # the samples that run go through the network as a sub-batch, the rest reuse their eps
+            eps = torch.empty_like(x) if self.eps is None else self.eps.clone()
+            if len(rows):
+                index = device_index(rows, x.device)
+                eps[index] = self.model(x[index], t[index], None if y is None else y[index]).to(eps.dtype)
+                self.log.ran_full(rows)
         self.eps = eps
         self.skips_in_a_row = torch.where(run, 0, 1 if self.skips_in_a_row is None else self.skips_in_a_row + 1)
         self.note_cache(*self.latents, self.eps)

@@ -52,6 +52,8 @@ from adadiff_bench.models.backbone import BRANCHES, Backbone
 from adadiff_bench.steplog import StepLog
 from adadiff_bench.training import Task
 
+from ._rows import device_index
+
 DEFAULT_CHECKPOINT = "checkpoints/ase_digits.pt"
 NUM_BUCKETS, BUCKET_SIZE = 10, 100  # timesteps 0..999 in buckets of 100
 
@@ -87,25 +89,29 @@ def ase_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     """eps with n_drop[i] blocks dropped for sample i; samples with the same plan run as one sub-batch
     (while sampling every sample of a step shares t, so the batch is one group). With `log`, what ran is
     recorded, a kept skip fusion at `fusion_macs[block]` per sample."""
+    n_drop = n_drop.cpu()  # the groups are formed on the host (one read when the counts are on a GPU)
     counts = torch.unique(n_drop)
-    eps = None if len(counts) == 1 else torch.empty_like(x)
-    for count in counts:
-        rows = torch.nonzero(n_drop == count).squeeze(1)
-        inputs = (x, t, y) if eps is None else (x[rows], t[rows], None if y is None else y[rows])
-        out = _run_plan(model, *inputs, drop_plan(int(count), model), rows, log, fusion_macs)
-        if eps is None:
-            eps = out
-        else:
-            eps[rows] = out
+    if len(counts) == 1:
+        eps = _run_plan(model, x, t, y, drop_plan(int(counts[0]), model), None, log, fusion_macs)
+    else:
+        eps = None
+        for count in counts:
+            rows = torch.nonzero(n_drop == count).squeeze(1)
+            index = device_index(rows, x.device)
+            out = _run_plan(model, x[index], t[index], None if y is None else y[index], drop_plan(int(count), model),
+                            rows, log, fusion_macs)
+            eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps
+            eps[index] = out.to(eps.dtype)
     if log is not None:
         log.ran_embed()
         log.ran_head()
     return eps
 
 
-def _run_plan(model: Backbone, x, t, y, plan: DropPlan, rows: torch.Tensor, log: StepLog | None,
+def _run_plan(model: Backbone, x, t, y, plan: DropPlan, rows: torch.Tensor | None, log: StepLog | None,
               fusion_macs) -> torch.Tensor:
-    """One group's evaluation: the blocks its plan keeps, the skip fusions of the dropped ones it keeps."""
+    """One group's evaluation (batch rows `rows`, host; None = all): the blocks its plan keeps, the skip fusions
+    of the dropped ones it keeps."""
     tokens, state = model.begin(x, t, y)
     for index in range(model.num_blocks):
         if plan.runs[index]:
@@ -150,8 +156,8 @@ class AseTrainConfig:
                             "e.g. [0.25, 0.5, 0.75, 1.0]")
 
 
-def network_of(params: AseParams, model: Backbone) -> Backbone:
-    return cached_checkpoint(params.checkpoint, UVIT_FORMAT) if params.checkpoint else model
+def network_of(params: AseParams, model: Backbone, device: torch.device | str = "cpu") -> Backbone:
+    return cached_checkpoint(params.checkpoint, UVIT_FORMAT, device=device) if params.checkpoint else model
 
 
 @register_method
@@ -178,12 +184,12 @@ class Ase(Method):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        self.net = network_of(self.params, model)
+        self.net = network_of(self.params, model, self.device)
         # the run's model has the fine-tune's architecture (`check`), and its unit costs are measured already
         self.fusion_macs = unit_costs(model).branches[:, BRANCHES.index("fusion")]
 
     def __call__(self, x, t, y, ctx):
-        n_drop = drop_counts(t, self.params.strength, self.net.num_blocks)
+        n_drop = drop_counts(t.cpu(), self.params.strength, self.net.num_blocks)  # (host: one read of t on a GPU)
         return ase_forward(self.net, x, t, y, n_drop, self.log, self.fusion_macs)
 
 
@@ -200,7 +206,7 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
 
     def loss(x0, y, generator):
         t, eps, xt = add_noise(x0, generator, alpha_bar)
-        strength = cfg.strengths[int(torch.randint(len(cfg.strengths), (1,), generator=generator))]
+        strength = cfg.strengths[int(torch.randint(len(cfg.strengths), (1,), generator=generator, device="cpu"))]
         n_drop = drop_counts(t, strength, model.num_blocks)
         return (ase_forward(model, xt, t, y, n_drop) - eps).pow(2).mean()
 

@@ -38,11 +38,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, register_format,
-                                       sha256_file)
+from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_checkpoint,
+                                       moved_to, register_format, sha256_file)
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
-from adadiff_bench.methods.prefix_exit import PrefixExit, check_architecture, exit_network
+from adadiff_bench.methods.prefix_exit import EXIT_NETWORK_FORMATS, PrefixExit, check_architecture, exit_network
+from adadiff_bench.models.backbone import Backbone
+from adadiff_bench.models.exit_forward import shared_head
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.training import Task
 
@@ -114,8 +116,8 @@ register_format(CheckpointFormat(FORMAT, "a BERxiT checkpoint (its regressor and
                                  TRAIN_HINT))
 
 
-def load_berxit(path: str, where: str = "berxit") -> tuple[LearningToExit, str]:
-    """(regressor, backbone path), refusing a backbone that is missing or changed since training."""
+def load_berxit(path: str, where: str = "berxit", device: torch.device | str = "cpu") -> tuple[LearningToExit, str]:
+    """(regressor on `device`, backbone path), refusing a backbone that is missing or changed since training."""
     if not Path(path).is_file():
         raise UserError(f"{where}: BERxiT checkpoint {path!r} not found; fix the path or {TRAIN_HINT}")
     saved = cached_checkpoint(path, FORMAT, where)
@@ -126,7 +128,8 @@ def load_berxit(path: str, where: str = "berxit") -> tuple[LearningToExit, str]:
     if sha != saved.backbone_sha256:
         raise UserError(f"{where}: backbone {saved.backbone!r} changed since BERxiT checkpoint {path!r} was trained on "
                         f"it (sha256 {sha[:12]}... != {saved.backbone_sha256[:12]}...); retrain the regressor")
-    return saved.lte, saved.backbone
+    device = torch.device(device)  # (cached_checkpoint moves modules and tensors, not those inside this dataclass)
+    return saved.lte if device.type == "cpu" else moved_to(saved.lte, device), saved.backbone
 
 
 # ---- the method --------------------------------------------------------------------------------
@@ -162,8 +165,8 @@ class Berxit(PrefixExit):
 
     def __init__(self, model, params=None):
         Method.__init__(self, model, params)  # `checkpoint` names the regressor; the backbone comes from it
-        self.lte, backbone = load_berxit(self.params.checkpoint)
-        self.backbone, self.heads = exit_network(backbone)
+        self.lte, backbone = load_berxit(self.params.checkpoint, device=self.device)
+        self.backbone, self.heads = exit_network(backbone, device=self.device)
 
     @classmethod
     def check(cls, params, model, where):
@@ -184,7 +187,9 @@ class Berxit(PrefixExit):
 
 def training_task(config, alpha_bar: torch.Tensor) -> Task:
     cfg: BerxitTrainConfig = config.task_config
-    backbone, heads = exit_network(cfg.base_checkpoint)
+    # a private copy (not the shared cached one): train() moves it to the device with the regressor
+    net = load_checkpoint(cfg.base_checkpoint, EXIT_NETWORK_FORMATS, "[berxit] base_checkpoint").requires_grad_(False)
+    backbone, heads = (net, shared_head(net)) if isinstance(net, Backbone) else (net.backbone, net.exit_head)
     backbone_sha256 = sha256_file(cfg.base_checkpoint)
     lte = LearningToExit(backbone.embed_dim, backbone.extras)
 
@@ -203,4 +208,4 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
     def export(path, ema, meta, half):  # a few KB: always float32
         save_berxit(path, ema, cfg.base_checkpoint, backbone_sha256, meta)
 
-    return Task(lte, loss, export, backbone.config)
+    return Task(lte, loss, export, backbone.config, frozen=(net,))

@@ -24,6 +24,8 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
 from adadiff_bench.methods.registry import register_method
 
+from ._rows import ActiveRows
+
 VARIANTS = ("state", "prediction")
 
 
@@ -51,18 +53,20 @@ class Calm(PrefixExit):
     def begin(self, x, t, y, ctx):
         self.previous = None  # last exit point's state or prediction, for all rows of the batch
         self.batch_size = len(x)
+        self.rows = ActiveRows(len(x))
 
     def policy(self, exit_point, tokens, state, t, active):
         if self.params.variant == "state":
             current, predictions = tokens, None  # (the similarity is a reduction, like a norm: not counted)
         else:
             current = predictions = self.predict(exit_point, tokens, state, active)
-        if self.previous is None:
-            self.previous = torch.zeros(self.batch_size, *current.shape[1:], dtype=current.dtype)
-            exiting = torch.zeros(len(active), dtype=torch.bool)
+        rows = self.rows(active, current.device)
+        if self.previous is None:  # nothing to compare with yet: nobody exits (a host mask, no GPU read)
+            self.previous = torch.zeros(self.batch_size, *current.shape[1:], dtype=current.dtype, device=current.device)
+            exiting = torch.zeros(len(active), dtype=torch.bool, device="cpu")
         elif self.params.variant == "state":
-            exiting = F.cosine_similarity(current.flatten(1), self.previous[active].flatten(1), dim=1) >= self.params.tau
+            exiting = F.cosine_similarity(current.flatten(1), self.previous[rows].flatten(1), dim=1) >= self.params.tau
         else:
-            exiting = rms_distance(current, self.previous[active]) <= self.params.tau
-        self.previous[active] = current
+            exiting = rms_distance(current, self.previous[rows]) <= self.params.tau
+        self.previous[rows] = current.to(self.previous.dtype)
         return exiting if predictions is None else (exiting, predictions)

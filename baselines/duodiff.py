@@ -33,6 +33,8 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
 
+from ._rows import device_index
+
 DEFAULT_SHALLOW = "checkpoints/duodiff_shallow_digits.pt"
 
 
@@ -50,10 +52,10 @@ class DuoDiffParams:
                             "train --config configs/duodiff_shallow_digits.toml` or fix the path")
 
 
-def shallow_model(path: str) -> tuple[torch.nn.Module, float]:
-    """The shallow U-ViT and its MACs per image for one evaluation (embed + blocks + head)."""
-    model = cached_checkpoint(path, UVIT_FORMAT)
-    return model, unit_costs(model).full
+def shallow_model(path: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, float]:
+    """The shallow U-ViT on `device` and its MACs per image for one evaluation (embed + blocks + head), counted
+    on its CPU copy (fvcore traces on the CPU)."""
+    return cached_checkpoint(path, UVIT_FORMAT, device=device), unit_costs(cached_checkpoint(path, UVIT_FORMAT)).full
 
 
 @register_method
@@ -74,19 +76,25 @@ class DuoDiff(Method):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        self.shallow, self.shallow_macs = shallow_model(self.params.shallow)
+        self.shallow, self.shallow_macs = shallow_model(self.params.shallow, self.device)
 
     def __call__(self, x, t, y, ctx):
-        eps = torch.empty_like(x)
-        noisy = t > self.params.t_switch  # the first (noisy) steps go to the shallow model
+        noisy = t.cpu() > self.params.t_switch  # (host) the first, noisy steps go to the shallow model
+        if noisy.all() or not noisy.any():  # while sampling, every sample of a step shares t: one network
+            return self.evaluate(bool(noisy[0]), x, t, y, None)
+        eps = None
         for use_shallow in (True, False):
             rows = torch.nonzero(noisy == use_shallow).squeeze(1)
-            if len(rows) == 0:
-                continue
-            net = self.shallow if use_shallow else self.model
-            eps[rows] = net(x[rows], t[rows], None if y is None else y[rows])
-            if use_shallow:
-                self.log.add_macs(self.shallow_macs, rows)
-            else:
-                self.log.ran_full(rows)
+            index = device_index(rows, x.device)
+            out = self.evaluate(use_shallow, x[index], t[index], None if y is None else y[index], rows)
+            eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps
+            eps[index] = out.to(eps.dtype)
         return eps
+
+    def evaluate(self, use_shallow: bool, x, t, y, rows: torch.Tensor | None) -> torch.Tensor:
+        """eps of the shallow or the full model for batch rows `rows` (host; None = all), logged."""
+        if use_shallow:
+            self.log.add_macs(self.shallow_macs, rows)
+            return self.shallow(x, t, y)
+        self.log.ran_full(rows)
+        return self.model(x, t, y)

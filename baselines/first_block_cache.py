@@ -29,6 +29,8 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.methods.block_cache import run_blocks
 from adadiff_bench.methods.registry import Method, register_method
 
+from ._rows import device_index
+
 
 @dataclass
 class FirstBlockCacheParams:
@@ -62,19 +64,22 @@ class FirstBlockCache(Method):
         first_output = model.run_block(0, tokens, state)
         log.ran_block(0)
         first_residual = first_output - tokens
-        if self.first_residual is None:
-            self.first_residual, self.residual = first_residual.clone(), torch.zeros_like(tokens)
-            run = torch.ones(len(x), dtype=torch.bool)
+        rows = None  # (host) the samples that run blocks 2..N; None = all, as at the first step
+        if self.first_residual is not None:
+            changed = relative_l1(first_residual, self.first_residual) >= self.params.threshold
+            rows = torch.nonzero(changed.cpu()).flatten()  # the step's one read of the device
+        if rows is None or len(rows) == len(x):  # every sample runs: no gather, no scatter
+            hidden = run_blocks(model, first_output, state, None, log, first=1)
+            self.first_residual, self.residual = first_residual, hidden - first_output
         else:
-            run = relative_l1(first_residual, self.first_residual) >= self.params.threshold
-        rows = torch.nonzero(run).flatten()
-        hidden = first_output + self.residual  # reused rows: first block's output + cached residual
-        if len(rows):
-            # blocks 2..N for those rows, the first block's output as their input (and, on U-ViT, first long skip)
-            computed = run_blocks(model, first_output[rows], state.subset(rows), rows, log, first=1)
-            hidden[rows] = computed
-            self.residual[rows] = computed - first_output[rows]
-            self.first_residual[rows] = first_residual[rows]
+            hidden = first_output + self.residual  # reused rows: first block's output + cached residual
+            if len(rows):
+                # blocks 2..N for those rows, the first block's output as their input (and, on U-ViT, first long skip)
+                index = device_index(rows, x.device)
+                computed = run_blocks(model, first_output[index], state.subset(index), rows, log, first=1)
+                hidden[index] = computed.to(hidden.dtype)
+                self.residual[index] = (computed - first_output[index]).to(self.residual.dtype)
+                self.first_residual[index] = first_residual[index].to(self.first_residual.dtype)
         self.note_cache(self.first_residual, self.residual)
         eps = model.head(hidden, state)
         log.ran_head()

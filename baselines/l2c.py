@@ -54,6 +54,7 @@ from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
 from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_model,
                                        register_format, sha256_file)
 from adadiff_bench.config import check_solver
+from adadiff_bench.device import to_device
 from adadiff_bench.diffusion import solver_timesteps
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
@@ -118,8 +119,8 @@ def _sha256(path: str, version) -> str:
     return sha256_file(path)
 
 
-def check_backbone(router: RouterCheckpoint, model: Backbone, where: str) -> None:
-    """Refuse a router whose base checkpoint changed (sha256) or is not the model it is asked to run on."""
+def check_base_file(router: RouterCheckpoint, where: str) -> None:
+    """Refuse a router whose base checkpoint is missing or changed (sha256) since training."""
     base = router.base_checkpoint
     if not Path(base).is_file():
         raise UserError(f"{where}: router {router.path!r} needs its base checkpoint {base!r}, which is missing; "
@@ -129,11 +130,17 @@ def check_backbone(router: RouterCheckpoint, model: Backbone, where: str) -> Non
     if sha != router.base_sha256:
         raise UserError(f"{where}: router {router.path!r} was trained on {base!r} with sha256 "
                         f"{router.base_sha256[:12]}..., but that file now has sha256 {sha[:12]}...; retrain the router")
-    state, expected = model.state_dict(), cached_checkpoint(base, UVIT_FORMAT).state_dict()
-    if state.keys() != expected.keys() or not all(torch.equal(state[k], expected[k]) for k in state):
+
+
+def check_backbone(router: RouterCheckpoint, model: Backbone, where: str) -> None:
+    """Refuse a router whose base checkpoint changed (sha256) or is not the model it is asked to run on."""
+    check_base_file(router, where)
+    base = router.base_checkpoint
+    state, expected = model.state_dict(), cached_checkpoint(base, UVIT_FORMAT).state_dict()  # (the CPU copy)
+    if state.keys() != expected.keys() or not all(torch.equal(v, expected[k].to(v.device)) for k, v in state.items()):
         raise UserError(f"{where}: router {router.path!r} was trained for backbone {base!r} (sha256 "
-                        f"{sha[:12]}...), not for this run's model; set the run's checkpoint to {base!r} "
-                        "or train a router for your model")
+                        f"{router.base_sha256[:12]}...), not for this run's model; set the run's checkpoint to "
+                        f"{base!r} or train a router for your model")
 
 
 def schedule_error(router: RouterCheckpoint, cell_schedule: str, where: str) -> UserError:
@@ -142,9 +149,8 @@ def schedule_error(router: RouterCheckpoint, cell_schedule: str, where: str) -> 
                      f"\"{router.solver}\" and num_steps = {router.num_steps} for l2c, or train a router for them")
 
 
-def check_timesteps(router: RouterCheckpoint, timesteps: np.ndarray, where: str) -> None:
-    """Refuse a sampling run whose solver timesteps are not those the router was trained for."""
-    expected = solver_timesteps(router.solver, router.num_steps)
+def check_timesteps(router: RouterCheckpoint, timesteps: np.ndarray, expected: np.ndarray, where: str) -> None:
+    """Refuse a sampling run whose solver timesteps are not those the router was trained for (`expected`)."""
     if len(timesteps) != len(expected) or not np.allclose(timesteps, expected):
         raise schedule_error(router, f"{len(timesteps)} steps at other timesteps", where)
 
@@ -200,9 +206,12 @@ class LearningToCache(Method):
 
     def __init__(self, model, params=None):
         super().__init__(model, params)
-        self.router = load_router(self.params.checkpoint)
-        check_backbone(self.router, model, self.name)
+        self.router = load_router(self.params.checkpoint)  # (host: the router decides on the host)
+        # the weights are compared with the router's base in `check` (the harness runs it before building);
+        # here the file alone, which also holds for a model on a GPU or on "meta"
+        check_base_file(self.router, self.name)
         self.runs = compute_mask(self.router.beta, self.params.threshold)
+        self.router_timesteps = solver_timesteps(self.router.solver, self.router.num_steps)
         self.macs = unit_costs(model).branches  # (num_blocks, 3): attn, mlp, skip fusion
         self.cache: dict[tuple[int, str], torch.Tensor] = {}  # (block, branch) -> output, rows of this batch
 
@@ -227,7 +236,7 @@ class LearningToCache(Method):
 
     def __call__(self, x, t, y, ctx):
         if ctx.step == 0:
-            check_timesteps(self.router, ctx.timesteps, self.name)  # all the method sees of the cell's schedule
+            check_timesteps(self.router, ctx.timesteps, self.router_timesteps, self.name)  # all it sees of the schedule
         step, model = ctx.step, self.model
         tokens, state = model.begin(x, t, y)
         self.log.ran_embed()
@@ -290,12 +299,15 @@ def run_with_branches(backbone: Backbone, x, t, y, branch_of) -> torch.Tensor:
 
 @torch.no_grad()
 def cache_step_pair(backbone, x0, y, t_full, t_cache, alpha_bar, generator):
-    """(x at the cache step, cached branch outputs {(block, branch): output} of the full step before it)."""
-    a_full, a_cache = alpha_bar_at(alpha_bar, t_full), alpha_bar_at(alpha_bar, t_cache)
-    noise = torch.randn(x0.shape, generator=generator)
+    """(x at the cache step, cached branch outputs {(block, branch): output} of the full step before it).
+
+    `t_full`, `t_cache` and `alpha_bar` on the host, and the noise drawn by the CPU `generator`; all moved to x0's
+    device."""
+    a_full, a_cache = (to_device(alpha_bar_at(alpha_bar, t), x0.device) for t in (t_full, t_cache))
+    noise = to_device(torch.randn(x0.shape, generator=generator, device="cpu"), x0.device)
     x_full = a_full.sqrt() * x0 + (1 - a_full).sqrt() * noise
     cached = {}
-    eps = run_with_branches(backbone, x_full, t_full, y,
+    eps = run_with_branches(backbone, x_full, to_device(t_full, x0.device), y,
                             lambda index: lambda name, compute: cached.setdefault((index, name), compute()))
     x0_hat = (x_full - (1 - a_full).sqrt() * eps) / a_full.sqrt()
     return a_cache.sqrt() * x0_hat + (1 - a_cache).sqrt() * eps, cached  # one DDIM step
@@ -323,20 +335,20 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
     backbone = load_model(cfg.base_checkpoint).requires_grad_(False)
     base_sha256 = sha256_file(cfg.base_checkpoint)
     timesteps = torch.from_numpy(solver_timesteps(cfg.solver, cfg.num_steps)).float()
-    cache_steps = torch.tensor([s for s in range(cfg.num_steps) if is_cache_step(s)])
+    cache_steps = torch.tensor([s for s in range(cfg.num_steps) if is_cache_step(s)], device="cpu")
     router = Router(cfg.num_steps, backbone.num_blocks)
 
     def loss(x0, y, generator):
-        steps = cache_steps[torch.randint(len(cache_steps), (len(x0),), generator=generator)]
+        steps = cache_steps[torch.randint(len(cache_steps), (len(x0),), generator=generator, device="cpu")]
         x, cached = cache_step_pair(backbone, x0, y, timesteps[steps - 1], timesteps[steps], alpha_bar, generator)
+        t_cache = to_device(timesteps[steps], x0.device)
         with torch.no_grad():
-            eps_teacher = backbone(x, timesteps[steps], y)
-        beta = router()[steps]
-        return router_loss(eps_teacher, student_eps(backbone, x, timesteps[steps], y, cached, beta), beta,
-                           cfg.l1_weight)
+            eps_teacher = backbone(x, t_cache, y)
+        beta = router()[to_device(steps, x0.device)]
+        return router_loss(eps_teacher, student_eps(backbone, x, t_cache, y, cached, beta), beta, cfg.l1_weight)
 
     def export(path, ema, meta, half):
         save_router(path, RouterCheckpoint(ema().detach(), cfg.base_checkpoint, base_sha256, cfg.solver,
                                            cfg.num_steps), {"steps": meta.get("steps"), "l1_weight": cfg.l1_weight})
 
-    return Task(router, loss, export, backbone.config)
+    return Task(router, loss, export, backbone.config, frozen=(backbone,))  # train() moves both to the device

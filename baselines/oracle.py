@@ -19,6 +19,8 @@ from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
 from adadiff_bench.methods.registry import register_method
 
+from ._rows import ActiveRows
+
 
 @dataclass
 class OracleParams(PrefixParams):
@@ -37,10 +39,16 @@ class Oracle(PrefixExit):
     Params = OracleParams
     ceiling = True
 
+    def start_batch(self, log) -> None:
+        super().start_batch(log)
+        self.full_macs = unit_costs(self.backbone).full  # (measured here, not under the sampling loop's autocast)
+
     def begin(self, x, t, y, ctx):
         self.target = self.backbone(x, t, y)  # the full-depth answer a real method cannot know
-        self.log.add_macs(unit_costs(self.backbone).full)
+        self.log.add_macs(self.full_macs)
+        self.rows = ActiveRows(len(x))
 
     def policy(self, exit_point, tokens, state, t, active):
         predictions = self.predict(exit_point, tokens, state, active)
-        return rms_distance(predictions, self.target[active]) <= self.params.tau, predictions
+        target = self.target[self.rows(active, predictions.device)]
+        return rms_distance(predictions, target) <= self.params.tau, predictions

@@ -20,6 +20,8 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
 from adadiff_bench.methods.registry import register_method
 
+from ._rows import ActiveRows
+
 
 @dataclass
 class PabeeParams(PrefixParams):
@@ -41,13 +43,15 @@ class Pabee(PrefixExit):
     Params = PabeeParams
 
     def begin(self, x, t, y, ctx):
-        self.previous = torch.zeros_like(x)                       # last exit's eps, per row of the batch
-        self.agreeing = torch.zeros(len(x), dtype=torch.long)     # consecutive agreeing pairs so far
+        self.previous = torch.zeros_like(x)                                      # last exit's eps, per row of the batch
+        self.agreeing = torch.zeros(len(x), dtype=torch.long, device=x.device)  # consecutive agreeing pairs so far
+        self.rows = ActiveRows(len(x))
 
     def policy(self, exit_point, tokens, state, t, active):
         predictions = self.predict(exit_point, tokens, state, active)
+        rows = self.rows(active, predictions.device)
         if exit_point > 1:
-            agree = rms_distance(predictions, self.previous[active]) <= self.params.delta
-            self.agreeing[active] = torch.where(agree, self.agreeing[active] + 1, 0)
-        self.previous[active] = predictions
-        return self.agreeing[active] >= self.params.patience, predictions
+            agree = rms_distance(predictions, self.previous[rows]) <= self.params.delta
+            self.agreeing[rows] = torch.where(agree, self.agreeing[rows] + 1, 0)
+        self.previous[rows] = predictions.to(self.previous.dtype)  # (autocast may hand a lower precision)
+        return self.agreeing[rows] >= self.params.patience, predictions

@@ -102,7 +102,7 @@ class RandomExit(PrefixExit):
 
     def begin(self, x, t, y, ctx):
         probabilities = self.step_probabilities(ctx)
-        self.exit_points = torch.tensor([self.draw(i, ctx.step, probabilities) for i in ctx.rows])
+        self.exit_points = torch.tensor([self.draw(i, ctx.step, probabilities) for i in ctx.rows], device="cpu")
 
-    def policy(self, exit_point, tokens, state, t, active):
+    def policy(self, exit_point, tokens, state, t, active):  # host draws, host mask: no GPU read
         return self.exit_points[active] == exit_point

@@ -41,5 +41,5 @@ class StaticExit(PrefixExit):
         if params.k > num_blocks:
             raise UserError(f"{where}: k = {params.k} exceeds the model's {num_blocks} blocks; pick k in 1..{num_blocks}")
 
-    def policy(self, exit_point, tokens, state, t, active):
-        return torch.full((len(active),), exit_point >= self.params.k, dtype=torch.bool)
+    def policy(self, exit_point, tokens, state, t, active):  # decided on the host: no GPU read
+        return torch.full((len(active),), exit_point >= self.params.k, dtype=torch.bool, device="cpu")

@@ -38,6 +38,8 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.methods.block_cache import run_blocks
 from adadiff_bench.methods.registry import Method, register_method
 
+from ._rows import device_index
+
 
 def parse_coefficients(text: str) -> list[float]:
     return [float(part) for part in text.split(",")] if text.strip() else []
@@ -92,12 +94,12 @@ class TeaCache(Method):
         self.accumulated: torch.Tensor | None = None     # accumulated (rescaled) relative L1 per sample
 
     def should_calc(self, model_input: torch.Tensor, ctx) -> torch.Tensor:
-        """Per sample: run the block stack this step? Updates the accumulators."""
+        """Per sample, on the host: run the block stack this step? Updates the (host) accumulators."""
         if self.previous_input is None or ctx.is_last_step:
-            calc = torch.ones(len(model_input), dtype=torch.bool)
-            self.accumulated = torch.zeros(len(model_input), dtype=torch.float64)
+            calc = torch.ones(len(model_input), dtype=torch.bool, device="cpu")
+            self.accumulated = torch.zeros(len(model_input), dtype=torch.float64, device="cpu")
         else:
-            distance = relative_l1(model_input, self.previous_input).double()
+            distance = relative_l1(model_input, self.previous_input).cpu().double()  # the step's one read of the device
             self.accumulated += rescaled(distance, self.coefficients)
             calc = self.accumulated >= self.params.threshold
             self.accumulated[calc] = 0.0
@@ -108,14 +110,18 @@ class TeaCache(Method):
         model, log = self.model, self.log
         tokens, state = model.begin(x, t, y)
         log.ran_embed()
-        rows = torch.nonzero(self.should_calc(tokens, ctx)).flatten()
-        if self.residual is None:
-            self.residual = torch.zeros_like(tokens)
-        hidden = tokens + self.residual  # reused rows: this step's input + the cached residual
-        if len(rows):
-            computed = run_blocks(model, tokens[rows], state.subset(rows), rows, log)  # the whole stack, long skips inside
-            hidden[rows] = computed
-            self.residual[rows] = computed - tokens[rows]
+        rows = torch.nonzero(self.should_calc(tokens, ctx)).flatten()  # (host)
+        if len(rows) == len(x):  # every sample runs the stack: no gather, no scatter
+            hidden = run_blocks(model, tokens, state, None, log)
+            self.residual = hidden - tokens
+        else:
+            hidden = tokens + self.residual  # reused rows: this step's input + the cached residual
+            if len(rows):
+                index = device_index(rows, x.device)
+                # the whole stack for those rows, long skips inside
+                computed = run_blocks(model, tokens[index], state.subset(index), rows, log)
+                hidden[index] = computed.to(hidden.dtype)
+                self.residual[index] = (computed - tokens[index]).to(self.residual.dtype)
         self.note_cache(self.previous_input, self.residual)
         eps = model.head(hidden, state)
         log.ran_head()
