@@ -17,6 +17,7 @@ import os
 import platform
 import re
 
+import numpy as np
 import torch
 
 from .config import check_device_spec, check_precision  # noqa: F401 (re-exported)
@@ -78,6 +79,13 @@ def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor
     if tensor is None or tensor.device == device:
         return tensor
     return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
+
+
+def rows_on(rows, device: torch.device) -> torch.Tensor:
+    """Host row numbers (a CPU tensor or a NumPy array) as an index on `device`: on a GPU pinned and copied
+    without waiting, so compaction adds no synchronisation to the one read of a mask."""
+    index = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

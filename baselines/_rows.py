@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def device_index(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host row numbers as an index on `device` (pinned and copied without waiting, on a GPU)."""
-    return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
+from adadiff_bench.device import rows_on
 
 
 class ActiveRows:
@@ -28,5 +25,5 @@ class ActiveRows:
         if len(active) == self.batch_size:
             return slice(None)
         if active is not self.active:
-            self.active, self.index = active, device_index(active, device)
+            self.active, self.index = active, rows_on(active, device)
         return self.index

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from adadiff_bench.device import rows_on
 from adadiff_bench.errors import UserError
 from adadiff_bench.methods.registry import Method, register_method
 
-from ._rows import device_index
 
 ESTIMATORS = ("paper", "official")
 HISTORY = 4  # x_{k-3}, ..., x_k: what a third difference needs
@@ -105,7 +105,7 @@ class AdaptiveDiffusion(Method):
         else:  # the samples that run go through the network as a sub-batch, the rest reuse their eps
             eps = torch.empty_like(x) if self.eps is None else self.eps.clone()
             if len(rows):
-                index = device_index(rows, x.device)
+                index = rows_on(rows, x.device)
                 eps[index] = self.model(x[index], t[index], None if y is None else y[index]).to(eps.dtype)
                 self.log.ran_full(rows)
         self.eps = eps

@@ -44,6 +44,7 @@ import torch
 
 from adadiff_bench.checkpoints import cached_checkpoint, load_model, save_checkpoint
 from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
+from adadiff_bench.device import rows_on
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
@@ -52,7 +53,6 @@ from adadiff_bench.models.backbone import BRANCHES, Backbone
 from adadiff_bench.steplog import StepLog
 from adadiff_bench.training import Task
 
-from ._rows import device_index
 
 DEFAULT_CHECKPOINT = "checkpoints/ase_digits.pt"
 NUM_BUCKETS, BUCKET_SIZE = 10, 100  # timesteps 0..999 in buckets of 100
@@ -97,7 +97,7 @@ def ase_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
         eps = None
         for count in counts:
             rows = torch.nonzero(n_drop == count).squeeze(1)
-            index = device_index(rows, x.device)
+            index = rows_on(rows, x.device)
             out = _run_plan(model, x[index], t[index], None if y is None else y[index], drop_plan(int(count), model),
                             rows, log, fusion_macs)
             eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps

@@ -28,12 +28,12 @@ import torch
 
 from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
 from adadiff_bench.checkpoints import cached_checkpoint
+from adadiff_bench.device import rows_on
 from adadiff_bench.diffusion import NUM_TRAIN_TIMESTEPS
 from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
 
-from ._rows import device_index
 
 DEFAULT_SHALLOW = "checkpoints/duodiff_shallow_digits.pt"
 
@@ -85,7 +85,7 @@ class DuoDiff(Method):
         eps = None
         for use_shallow in (True, False):
             rows = torch.nonzero(noisy == use_shallow).squeeze(1)
-            index = device_index(rows, x.device)
+            index = rows_on(rows, x.device)
             out = self.evaluate(use_shallow, x[index], t[index], None if y is None else y[index], rows)
             eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps
             eps[index] = out.to(eps.dtype)

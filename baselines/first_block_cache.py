@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from adadiff_bench.device import rows_on
 from adadiff_bench.errors import UserError
 from adadiff_bench.methods.block_cache import run_blocks
 from adadiff_bench.methods.registry import Method, register_method
-
-from ._rows import device_index
 
 
 @dataclass
@@ -75,7 +74,7 @@ class FirstBlockCache(Method):
             hidden = first_output + self.residual  # reused rows: first block's output + cached residual
             if len(rows):
                 # blocks 2..N for those rows, the first block's output as their input (and, on U-ViT, first long skip)
-                index = device_index(rows, x.device)
+                index = rows_on(rows, x.device)
                 computed = run_blocks(model, first_output[index], state.subset(index), rows, log, first=1)
                 hidden[index] = computed.to(hidden.dtype)
                 self.residual[index] = (computed - first_output[index]).to(self.residual.dtype)

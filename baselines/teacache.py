@@ -34,11 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from adadiff_bench.device import rows_on
 from adadiff_bench.errors import UserError
 from adadiff_bench.methods.block_cache import run_blocks
 from adadiff_bench.methods.registry import Method, register_method
-
-from ._rows import device_index
 
 
 def parse_coefficients(text: str) -> list[float]:
@@ -117,7 +116,7 @@ class TeaCache(Method):
         else:
             hidden = tokens + self.residual  # reused rows: this step's input + the cached residual
             if len(rows):
-                index = device_index(rows, x.device)
+                index = rows_on(rows, x.device)
                 # the whole stack for those rows, long skips inside
                 computed = run_blocks(model, tokens[index], state.subset(index), rows, log)
                 hidden[index] = computed.to(hidden.dtype)

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..device import rows_on
 from ..steplog import StepLog
 from .backbone import Backbone, BlockState
 
@@ -68,11 +69,11 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
         if not leaving.any():
             continue
         gone, kept = np.flatnonzero(leaving), np.flatnonzero(~leaving)
-        eps = _exit(eps, x, block + 1, active[gone], _index(gone, x.device), tokens, state, predictions, heads, log)
+        eps = _exit(eps, x, block + 1, active[gone], rows_on(gone, x.device), tokens, state, predictions, heads, log)
         exit_at[active.numpy()[gone]] = block + 1
         if len(kept) == 0:
             break
-        stay = _index(kept, x.device)
+        stay = rows_on(kept, x.device)
         active, tokens, t, state = active[kept], tokens.index_select(0, stay), t.index_select(0, stay), \
             state.subset(stay)
     else:  # the last block: every sample still running exits through the final head
@@ -94,12 +95,6 @@ def _on_host(mask: torch.Tensor) -> np.ndarray:
     return mask.cpu().numpy() if mask.device.type != "cpu" else mask.numpy()
 
 
-def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host row numbers as an index on `device` (pinned and copied without waiting, on a GPU)."""
-    index = torch.from_numpy(rows)
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
-
-
 def _exit(eps, x, exit_point, rows, index, tokens, state, predictions, heads, log) -> torch.Tensor:
     """Write the eps of the exiting rows (`index` of the active batch; None = all of it) and log their exit."""
     if predictions is None:
@@ -112,5 +107,5 @@ def _exit(eps, x, exit_point, rows, index, tokens, state, predictions, heads, lo
     if eps is None and len(rows) == len(x):  # the whole batch exits together: no scatter needed
         return out
     eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps
-    eps[_index(rows.numpy(), x.device)] = out.to(eps.dtype)
+    eps[rows_on(rows.numpy(), x.device)] = out.to(eps.dtype)
     return eps

@@ -31,6 +31,7 @@ import torch
 
 from ...checkpoints import cached_checkpoint
 from ...config import to_dict
+from ...device import rows_on
 from ...errors import UserError
 from ...models.exit_forward import exit_aware_forward
 from ...training import load_train_config, train
@@ -183,7 +184,7 @@ class AdaDiff(Method):
                 self._record_maps(exit_point, tokens, t_active, active, recorded, ctx)
             passing = self.exits(net.estimator.scalar(exit_point, tokens, t_active))
             if passes is not None and kinds[exit_point - 1] == "in":  # the official rule: the second passing in-block
-                rows = active.to(x.device)
+                rows = rows_on(active, x.device)
                 passes[rows] += passing.long()
                 return passing & (passes[rows] >= 2)
             return passing
