@@ -55,7 +55,9 @@ class Estimator(nn.Module):
         return num_tokens - self.extras
 
     def _patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, self.extras:, :].detach()
+        """The patch tokens, cut off from the backbone's gradient (sampling runs without one: no op needed)."""
+        patches = tokens[:, self.extras:, :]
+        return patches.detach() if torch.is_grad_enabled() else patches
 
     def _to_map(self, patches: torch.Tensor) -> torch.Tensor:
         return unpatchify(patches, self.in_chans)
@@ -76,8 +78,10 @@ class OfficialEstimator(Estimator):
         return 1.0 - self.certainty_map(exit_point, tokens)
 
     def scalar(self, exit_point, tokens, t):
-        # the mean over pixels is the mean over patch entries: no need to unpatchify
-        certainty = torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens)))
+        # the mean over pixels is the mean over patch entries: no need to unpatchify (and, when sampling,
+        # the sigmoid in place: every op counts in a decision made after every block)
+        logits = self.certainty[exit_point - 1](self._patches(tokens))
+        certainty = torch.sigmoid(logits) if torch.is_grad_enabled() else logits.sigmoid_()
         return 1.0 - certainty.flatten(1).mean(1)
 
     def _per_exit_linears(self):
