@@ -144,13 +144,19 @@ def _cached(path: str, version, formats: tuple[str, ...], device: str) -> object
 
 
 def moved_to(obj, device: torch.device):
-    """A copy of a loaded checkpoint's object on `device`: modules and tensors moved, in dicts and lists too."""
+    """A copy of a loaded checkpoint's object on `device`: modules and tensors moved, in dicts, lists, tuples
+    (named too) and dataclasses."""
     if isinstance(obj, torch.nn.Module):
         return copy.deepcopy(obj).to(device)
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
         return {key: moved_to(value, device) for key, value in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: moved_to(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(moved_to(value, device) for value in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(moved_to(value, device) for value in obj)
     return obj

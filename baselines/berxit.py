@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_checkpoint,
-                                       moved_to, register_format, sha256_file)
+                                       register_format, sha256_file)
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
 from adadiff_bench.methods.prefix_exit import EXIT_NETWORK_FORMATS, PrefixExit, check_architecture, exit_network
@@ -120,7 +120,7 @@ def load_berxit(path: str, where: str = "berxit", device: torch.device | str = "
     """(regressor on `device`, backbone path), refusing a backbone that is missing or changed since training."""
     if not Path(path).is_file():
         raise UserError(f"{where}: BERxiT checkpoint {path!r} not found; fix the path or {TRAIN_HINT}")
-    saved = cached_checkpoint(path, FORMAT, where)
+    saved = cached_checkpoint(path, FORMAT, where, device=device)  # (one copy per device, kept)
     if not Path(saved.backbone).is_file():
         raise UserError(f"{where}: BERxiT checkpoint {path!r} was trained on backbone {saved.backbone!r}, which is "
                         f"missing; restore it or retrain the regressor")
@@ -128,8 +128,7 @@ def load_berxit(path: str, where: str = "berxit", device: torch.device | str = "
     if sha != saved.backbone_sha256:
         raise UserError(f"{where}: backbone {saved.backbone!r} changed since BERxiT checkpoint {path!r} was trained on "
                         f"it (sha256 {sha[:12]}... != {saved.backbone_sha256[:12]}...); retrain the regressor")
-    device = torch.device(device)  # (cached_checkpoint moves modules and tensors, not those inside this dataclass)
-    return saved.lte if device.type == "cpu" else moved_to(saved.lte, device), saved.backbone
+    return saved.lte, saved.backbone
 
 
 # ---- the method --------------------------------------------------------------------------------

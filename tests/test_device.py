@@ -109,3 +109,25 @@ def test_autocast_is_a_no_op_in_fp32():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(torch.device("cpu"), "bf16"):
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_a_checkpoint_object_moves_whole_to_the_device():
+    """What a checkpoint format returns (modules, tensors, in dicts, named tuples and dataclasses) lands on the
+    device `cached_checkpoint` is asked for, and the CPU original stays where it was."""
+    import collections
+    import dataclasses
+
+    from adadiff_bench.checkpoints import moved_to
+
+    @dataclasses.dataclass
+    class Payload:
+        weights: torch.Tensor
+        layer: torch.nn.Module
+        name: str = "x"
+
+    Pair = collections.namedtuple("Pair", "a b")
+    original = {"p": Payload(torch.ones(2), torch.nn.Linear(2, 2)), "t": Pair(torch.zeros(1), [torch.ones(1)])}
+    moved = moved_to(original, torch.device("meta"))
+    assert moved["p"].weights.is_meta and moved["p"].layer.weight.is_meta and moved["p"].name == "x"
+    assert isinstance(moved["t"], Pair) and moved["t"].a.is_meta and moved["t"].b[0].is_meta
+    assert not original["p"].layer.weight.is_meta and not original["p"].weights.is_meta
