@@ -20,7 +20,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from adadiff_bench import checkpoints, plugins
 from adadiff_bench.checkpoints import load_checkpoint, load_model
 from adadiff_bench.metrics import extractors, specs
-from adadiff_bench.methods.registry import _REGISTRY
+from adadiff_bench.methods.registry import _REGISTRY, available_methods
 from adadiff_bench.report import registry as figures
 from adadiff_bench.testing import check_method_contracts, tiny_backbone
 from adadiff_bench.training import load_train_config, train
@@ -44,6 +44,7 @@ def plugin(tmp_path_factory):
     (folder / "my_plugin" / "__init__.py").write_text("")
     registries = (_REGISTRY, specs._METRICS, extractors._EXTRACTORS, FEATURE_EXTRACTORS_REGISTRY, figures._FIGURES,
                   checkpoints._FORMATS)
+    available_methods()  # the built-in methods loaded first: what is restored afterwards includes them
     saved = [(registry, dict(registry)) for registry in registries]
     sys.path.insert(0, str(folder))
     modules = [f"my_plugin.{name}" for name in ("step_exit", "tail_cache", "calibrated_exit", "density_coverage",
