@@ -20,26 +20,25 @@ import re
 import numpy as np
 import torch
 
-from .config import check_device_spec, check_precision  # noqa: F401 (re-exported)
+from .config import check_device_spec
 from .errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def resolve_device(spec: str, where: str = "device", local_rank: int | None = None) -> torch.device:
+def resolve_device(spec: str, where: str = "device") -> torch.device:
     """The torch device `spec` names on this machine; a CUDA device that is absent is a UserError.
 
-    Under torchrun (`local_rank` given, or LOCAL_RANK set) "auto" and "cuda" mean cuda:LOCAL_RANK."""
+    Under torchrun (WORLD_SIZE > 1) "auto" and "cuda" mean cuda:LOCAL_RANK."""
     check_device_spec(spec, where)
-    if local_rank is None and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError(f"{where}: device {spec!r} asks for a GPU but CUDA is not available here "
                         f"({cuda_absence()}); set device = \"cpu\" or \"auto\", or run on a machine with a GPU")
-    index = int(spec.split(":")[1]) if ":" in spec else (local_rank or 0)
+    index = int(spec.split(":")[1]) if ":" in spec else local_rank
     count = torch.cuda.device_count()
     if index >= count:
         raise UserError(f"{where}: device cuda:{index} does not exist (this machine has {count} GPU"
@@ -149,8 +148,3 @@ def cuda_driver_version() -> str | None:
             return match.group(1) if match else None
     except OSError:
         return None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

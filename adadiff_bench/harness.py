@@ -217,7 +217,7 @@ def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray, p
     log.set_batch(indices)
     method.start_batch(log)
     return sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed, max(model.num_classes, 0),
-                  on_step=lambda ctx: log.set_step(ctx.step), device=model_device(model), precision=precision)
+                  on_step=lambda ctx: log.set_step(ctx.step), device=module_device(model), precision=precision)
 
 
 def save_batch(path: Path, images: torch.Tensor, indices: np.ndarray, log: StepLog, method) -> None:
@@ -268,13 +268,8 @@ def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig) ->
                 generate(c, prep.model, min(n, batch), batch, method=prep.method(c), precision=prep.precision)
 
     result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup,
-                     model_device(prep.model))
+                     prep.device)
     return dataclasses.asdict(result)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device the model's weights live on (what the timing and memory protocols synchronise)."""
-    return module_device(model)
 
 
 def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path, progress: bool,
@@ -287,7 +282,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     s = config.sampling
     method = prep.method(cell)
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
-    with PeakMemory(model_device(prep.model)) as peak:
+    with PeakMemory(prep.device) as peak:
         images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
                                desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints,
                                precision=prep.precision)
@@ -305,7 +300,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors,
-                                   device=model_device(prep.model)))
+                                   device=prep.device))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
                 "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes,
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,

@@ -26,8 +26,8 @@ import torch
 
 from .checkpoints import build_model
 from .config import UViTConfig
-from .flops import dispatch_flops, unit_costs
 from .diffusion import sample, solver_timesteps
+from .flops import dispatch_flops, unit_costs
 from .harness import Cell, build_method, generate
 from .methods import PrepareContext, get_method, make_params
 from .models.backbone import Backbone

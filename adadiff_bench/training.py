@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load_checkpoint, register_format,
-                          save_checkpoint)
+from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load_checkpoint, moved_to,
+                          register_format, save_checkpoint)
 from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
 from .device import autocast, check_precision_on, device_info, resolve_device, to_device
@@ -34,6 +34,7 @@ from .errors import UserError, did_you_mean
 from .methods.registry import available_methods, get_method, trainable_methods
 
 STATE_FORMAT = "adadiff-bench/train-state"
+CPU = torch.device("cpu")
 STATE_KEYS = {"config", "step", "model", "ema", "optimizer", "generator"}
 GENERIC_TABLES = ("data", "model", "train")
 
@@ -169,20 +170,10 @@ def train(config: TrainFile, progress: bool = True) -> Path:
 
 def _save_state(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, step: int) -> None:
     atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step,
-                       "model": _on_cpu(model.state_dict()), "ema": _on_cpu(ema.state_dict()),
-                       "optimizer": _on_cpu(optimizer.state_dict()), "scaler": scaler.state_dict(),
+                       # every tensor on the CPU: a state saved on a GPU loads anywhere
+                       "model": moved_to(model.state_dict(), CPU), "ema": moved_to(ema.state_dict(), CPU),
+                       "optimizer": moved_to(optimizer.state_dict(), CPU), "scaler": scaler.state_dict(),
                        "generator": generator.get_state()}, path)
-
-
-def _on_cpu(state):
-    """A (nested) state dict with every tensor on the CPU: a state saved on a GPU loads anywhere."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {k: _on_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_on_cpu(v) for v in state)
-    return state
 
 
 def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator) -> int:

@@ -69,8 +69,9 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
         if not leaving.any():
             continue
         gone, kept = np.flatnonzero(leaving), np.flatnonzero(~leaving)
-        eps = _exit(eps, x, block + 1, active[gone], rows_on(gone, x.device), tokens, state, predictions, heads, log)
-        exit_at[active.numpy()[gone]] = block + 1
+        rows = active[gone]
+        eps = _exit(eps, x, block + 1, rows, rows_on(gone, x.device), tokens, state, predictions, heads, log)
+        exit_at[rows.numpy()] = block + 1
         if len(kept) == 0:
             break
         stay = rows_on(kept, x.device)

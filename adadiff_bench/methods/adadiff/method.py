@@ -207,7 +207,7 @@ class AdaDiff(Method):
             n, exits = self.params.map_samples, self.net.num_exits - 1
             self._maps[step] = np.full((n, exits, *x.shape[1:]), np.nan, dtype=np.float32)
             self._inputs[step] = np.full((n, *x.shape[1:]), np.nan, dtype=np.float32)
-        self._inputs[step][sample_ids[rows]] = x[torch.from_numpy(rows).to(x.device)].float().cpu().numpy()
+        self._inputs[step][sample_ids[rows]] = x[rows_on(rows, x.device)].float().cpu().numpy()
         return rows
 
     def _record_maps(self, exit_point, tokens, t_active, active, recorded_rows, ctx) -> None:
@@ -215,7 +215,7 @@ class AdaDiff(Method):
         keep = np.isin(active.numpy(), recorded_rows)
         if not keep.any():
             return
-        index = torch.from_numpy(np.flatnonzero(keep)).to(tokens.device)
+        index = rows_on(np.flatnonzero(keep), tokens.device)
         with torch.no_grad():
             u = self.net.estimator.uncertainty(exit_point, tokens[index], t_active[index])
         if u.dim() == 1:  # a per-sample estimator: broadcast its scalar over the image
