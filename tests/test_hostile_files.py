@@ -1,0 +1,156 @@
+"""Hostile files (docs/errors.md, "Hostile files"): broken data sets, checkpoints with a good format tag and a
+bad body, damaged resume state, bad report inputs, stray temporary files, file-system failures.
+
+Each case must give one line naming the file and the fix (exit code 2 through the CLI), never a traceback,
+never a result computed from garbage, and no file left half written.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adadiff_bench.cli import main
+from adadiff_bench.config import DataConfig
+from adadiff_bench.data import load_dataset
+from adadiff_bench.errors import UserError
+from test_errors import one_line_error, run_args
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written by hand (grayscale H x W x 1 or RGB H x W x 3): the file format, independent of Pillow."""
+    height, width, channels = pixels.shape
+    color_type = {1: 0, 3: 2}[channels]
+    rows = b"".join(b"\0" + pixels[i].astype(">u2").tobytes() for i in range(height))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def folder_data(path: Path) -> DataConfig:
+    return DataConfig(name="folder", path=str(path))
+
+
+def png_folder(tmp_path: Path, count: int = 4) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+# ---- data loaders ------------------------------------------------------------------------------------
+
+def _zero_bytes(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _not_an_image(path: Path) -> None:
+    path.write_text("this is a text file\n")
+
+
+def _truncated(path: Path) -> None:
+    Image.fromarray(np.arange(4096, dtype=np.uint32).reshape(64, 64).astype(np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _a_folder(path: Path) -> None:
+    path.mkdir()
+
+
+def _dangling_link(path: Path) -> None:
+    path.symlink_to(path.parent / "nowhere.png")
+
+
+@pytest.mark.parametrize("make", [_zero_bytes, _not_an_image, _truncated, _a_folder, _dangling_link],
+                         ids=["zero-byte", "not-an-image", "truncated", "a-folder", "dangling-link"])
+def test_a_bad_png_in_an_image_folder_is_named(tmp_path, make):
+    folder = png_folder(tmp_path)
+    bad = folder / "bad.png"
+    make(bad)
+    with pytest.raises(UserError) as error:
+        load_dataset(folder_data(folder))
+    message = str(error.value)
+    assert str(bad) in message and "\n" not in message
+    assert "remove" in message
+
+
+def test_a_bad_png_stops_a_run_with_one_line(tmp_path, tiny_checkpoint, capsys):
+    folder = png_folder(tmp_path)
+    (folder / "bad.png").write_bytes(b"")
+    args = run_args(tmp_path, tiny_checkpoint, data=f'name = "folder"\npath = "{folder}"')
+    line = one_line_error(args, capsys)
+    assert "bad.png" in line and "not a readable image" in line
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_pngs_give_the_eight_bit_images(tmp_path, channels):
+    """A 16-bit copy of an 8-bit folder (v -> 257 v, plus noise below half an 8-bit step) loads within 1/255."""
+    rng = np.random.default_rng(channels)
+    eight = rng.integers(0, 256, (5, 8, 8, channels), dtype=np.uint8)
+    noise = rng.integers(-128, 129, eight.shape)
+    sixteen = np.clip(eight.astype(np.int64) * 257 + noise, 0, 65535)
+    (tmp_path / "8").mkdir(), (tmp_path / "16").mkdir()
+    for i in range(len(eight)):
+        Image.fromarray(eight[i, ..., 0] if channels == 1 else eight[i]).save(tmp_path / "8" / f"{i}.png")
+        png16(tmp_path / "16" / f"{i}.png", sixteen[i])
+    loaded8 = load_dataset(folder_data(tmp_path / "8")).images.numpy().astype(int)
+    loaded16 = load_dataset(folder_data(tmp_path / "16")).images.numpy().astype(int)
+    assert np.array_equal(loaded8, eight.transpose(0, 3, 1, 2))
+    assert np.abs(loaded16 - loaded8).max() <= 1
+    assert loaded16.max() > 200  # not saturated, not crushed
+
+
+def test_sixteen_bit_white_is_white(tmp_path):
+    (tmp_path / "16").mkdir()
+    png16(tmp_path / "16" / "white.png", np.full((8, 8, 1), 65535))
+    png16(tmp_path / "16" / "mid.png", np.full((8, 8, 1), 32768))
+    images = load_dataset(folder_data(tmp_path / "16")).images.numpy()
+    assert images[0].max() == 128 and images[1].min() == 255  # sorted: mid.png, white.png; 32768/65535*255 = 127.5
+
+
+def _npz_config(path: Path) -> DataConfig:
+    return DataConfig(name="npz", path=str(path))
+
+
+def _images(n: int = 4) -> np.ndarray:
+    return np.zeros((n, 8, 8, 1), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("write, expected", [
+    (lambda p: np.save(p.with_suffix(".npy"), _images()) or p.with_suffix(".npy").rename(p), "single .npy array"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), "cannot read as .npz"),
+    (lambda p: p.write_bytes(b""), "cannot read as .npz"),
+    (lambda p: np.savez(p, _images(), labels=np.array(["a", "b", "c", "d"])), "labels have dtype <U1"),
+    (lambda p: np.savez(p, _images(), labels=np.array(["a", 1, None, 2.0], dtype=object)), "no objects"),
+    (lambda p: np.savez(p, _images(), labels=np.array([0.5, 1, 2, 3])), "labels have dtype float64"),
+    (lambda p: np.savez(p, _images(), labels=np.array([0, 1, 2])), "labels have shape (3,) for 4 images"),
+    (lambda p: np.savez(p, _images(), labels=np.array([0, -1, 2, 3])), "negative class"),
+    (lambda p: np.savez(p, np.zeros((4, 0, 8, 1), dtype=np.uint8)), "holds no images"),
+    (lambda p: np.savez(p, np.full((4, 8, 8, 1), np.nan, dtype=np.float32)), "dtype float32, expected uint8"),
+    (lambda p: np.savez(p, np.zeros((2, 4, 8, 8, 1), dtype=np.uint8)), "expected N x H x W x C"),
+], ids=["npy-renamed", "broken-zip", "zero-byte", "string-labels", "object-labels", "float-labels",
+        "too-few-labels", "negative-label", "zero-height", "nan-pixels", "five-dims"])
+def test_a_bad_npz_is_one_line_naming_it(tmp_path, write, expected):
+    path = tmp_path / "data.npz"
+    write(path)
+    with pytest.raises(UserError) as error:
+        load_dataset(_npz_config(path))
+    message = str(error.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_integer_labels_of_any_width_are_kept(tmp_path):
+    path = tmp_path / "data.npz"
+    np.savez(path, _images(), labels=np.array([0, 3, 1, 2], dtype=np.uint8))
+    assert load_dataset(_npz_config(path)).labels.tolist() == [0, 3, 1, 2]
