@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UViTConfig
+from .config import UViTConfig, UViTT2IConfig
 from .errors import UserError
 from .models.uvit import UViT
 
@@ -120,7 +121,23 @@ def load_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None
         hint = next((_FORMATS[w].how_to_make for w in wanted if w in _FORMATS and _FORMATS[w].how_to_make), "")
         raise UserError(f"{where + ': ' if where else ''}{str(path)!r} is {fmt.what} ({fmt.name}), not {needed}"
                         f"{'; ' + hint if hint else ''}")
-    return fmt.load(payload, str(path), **options)
+    return load_body(fmt, payload, str(path), **options)
+
+
+BODY_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError)
+
+
+def load_body(fmt: CheckpointFormat, payload, path: str, **options) -> object:
+    """`fmt.load`, refusing in one line a body that does not fit its format tag (a missing table, a tensor
+    where a dict belongs, a string where a size belongs): the tag alone proves nothing."""
+    try:
+        return fmt.load(payload, path, **options)
+    except UserError:
+        raise
+    except BODY_ERRORS as exc:
+        detail = (str(exc).splitlines() or [""])[0][:160]
+        raise UserError(f"checkpoint {path!r} says it is {fmt.what} ({fmt.name}) but its contents do not fit that "
+                        f"format ({type(exc).__name__}: {detail}); re-download or retrain it") from None
 
 
 def cached_checkpoint(path: str | Path, formats: str | Sequence[str] | None = None, where: str = "",
@@ -191,6 +208,19 @@ def state_for_saving(module: torch.nn.Module, half: bool) -> dict:
 def load_state_dict_strict(model: torch.nn.Module, state: dict, where: str) -> None:
     """`load_state_dict(strict=True)` with a one-line error naming missing and unexpected keys."""
     expected = model.state_dict()
+    check_state_fits(expected, state, where)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def check_state_fits(expected: dict, state, where: str) -> None:
+    """Refuse (one line) a state that is not a dict of tensors with exactly `expected`'s names and shapes."""
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {where!r}: its state dict is a {type(state).__name__}, not a table of tensors; "
+                        "re-download or retrain it")
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"checkpoint {where!r}: state dict entries {', '.join(not_tensors[:5])} are not tensors; "
+                        "re-download or retrain it")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -203,7 +233,6 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict, where: str) -> N
                 parts.append(f"{label}: {shown}")
         raise UserError(f"checkpoint {where!r} does not fit the model ({'; '.join(parts)}); "
                         "check that the model config matches the checkpoint")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
 # ---- U-ViT: this suite's format and the published state dicts ---------------------------------------
@@ -223,18 +252,60 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig
 
 
 def uvit_from_state(config: UViTConfig, state: dict, path: str) -> UViT:
-    """A float32 U-ViT in eval mode with these weights (strict)."""
+    """A float32 U-ViT in eval mode with these weights (strict). Names and shapes are checked on a shapeless
+    (meta) copy first, so a checkpoint claiming a huge model is refused before its memory is allocated."""
+    if isinstance(state, dict) and config.depth > len(state):  # each block holds tensors: bound it before building
+        raise UserError(f"checkpoint {path!r}: its config says depth {config.depth} but its state dict holds only "
+                        f"{len(state)} tensors; re-download or retrain it")
+    with torch.device("meta"):
+        check_state_fits(UViT(**dataclasses.asdict(config)).state_dict(), state, path)
     model = build_model(config)
     load_state_dict_strict(model, state, path)
     return model.float().eval()
 
 
 def _load_uvit(payload: dict, path: str) -> UViT:
-    return uvit_from_state(UViTConfig(**payload["model"]), payload["state_dict"], path)
+    return uvit_from_state(uvit_config_from(payload["model"], path), payload["state_dict"], path)
 
 
-UVIT_KEY_PREFIXES = ("pos_embed", "patch_embed.", "time_embed.", "label_emb.", "in_blocks.", "mid_block.",
-                     "out_blocks.", "norm.", "decoder_pred.", "final_layer.")
+def uvit_config_from(table, path: str, field: str = "model") -> UViTConfig:
+    """The U-ViT config a checkpoint carries, refusing (one line) a table of unknown keys, wrong types or bad sizes."""
+    text_to_image = isinstance(table, dict) and "clip_dim" in table
+    return config_from_table(UViTT2IConfig if text_to_image else UViTConfig, table, path, field)
+
+
+SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def config_from_table(cls, table, path: str, field: str):
+    """A config dataclass from a checkpoint's table: known keys, values of the declared scalar type, then its
+    own `validate` (sizes > 0 and the like)."""
+    fix = "re-download or retrain it"
+    if not isinstance(table, dict):
+        raise UserError(f"checkpoint {path!r}: `{field}` is a {type(table).__name__}, not a table of "
+                        f"{cls.__name__} fields; {fix}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in table if k not in fields)
+    if unknown:
+        raise UserError(f"checkpoint {path!r}: `{field}` has unknown key(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(fields)}; {fix}")
+    for key, value in table.items():
+        kinds = str(fields[key].type).replace(" ", "").split("|")
+        allowed = tuple(t for kind in kinds for t in SCALARS.get(kind, ()))
+        wrong_type = allowed and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)))
+        if wrong_type and not (value is None and "None" in kinds):
+            raise UserError(f"checkpoint {path!r}: `{field}.{key}` is {value!r} ({type(value).__name__}), "
+                            f"expected {' or '.join(kinds)}; {fix}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"checkpoint {path!r}: `{field}.{key}` is {value}, expected a finite number; {fix}")
+    config = cls(**table)
+    if hasattr(config, "validate"):
+        config.validate(f"checkpoint {path!r}: `{field}`")
+    return config
+
+
+UVIT_KEY_PREFIXES = ("pos_embed", "patch_embed.", "time_embed.", "label_emb.", "context_embed.",
+                     "in_blocks.", "mid_block.", "out_blocks.", "norm.", "decoder_pred.", "final_layer.")
 
 
 def looks_like_uvit_state(payload: dict) -> bool:
@@ -260,9 +331,9 @@ def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
     payload = read_checkpoint(path)
     fmt = _identify_any(payload)
     if fmt is not None and fmt.name == FORMAT:
-        return _load_uvit(payload, str(path))
+        return load_body(fmt, payload, str(path))
     if fmt is None and isinstance(payload, dict) and "format" in payload:
         raise _unknown_format(path, payload)
     if fmt is None or fmt.name == UVIT_STATE_DICT:
-        return _load_uvit_state(payload, str(path), config)
+        return load_body(_FORMATS[UVIT_STATE_DICT], payload, str(path), uvit=config)
     raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a U-ViT; {TRAIN_HINT}")

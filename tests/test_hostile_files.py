@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from adadiff_bench.cli import main
 from adadiff_bench.config import DataConfig
 from adadiff_bench.data import load_dataset
 from adadiff_bench.errors import UserError
+from conftest import TINY
 from test_errors import one_line_error, run_args
 
 
@@ -154,3 +156,106 @@ def test_integer_labels_of_any_width_are_kept(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, _images(), labels=np.array([0, 3, 1, 2], dtype=np.uint8))
     assert load_dataset(_npz_config(path)).labels.tolist() == [0, 3, 1, 2]
+
+
+# ---- checkpoints with the right format tag and a bad body ---------------------------------------------
+
+def _set(table: str, key: str, value):
+    def mutate(payload):
+        payload[table][key] = value
+    return mutate
+
+
+def _replace(key: str, value):
+    def mutate(payload):
+        payload[key] = value
+    return mutate
+
+
+def _drop(key: str):
+    return lambda payload: payload.pop(key)
+
+
+def _drop_state_key(payload):
+    payload["state_dict"].pop(sorted(payload["state_dict"])[0])
+
+
+def _extra_state_key(payload):
+    payload["state_dict"]["surprise.weight"] = torch.zeros(2)
+
+
+def _wrong_shape(payload):
+    name = sorted(payload["state_dict"])[0]
+    payload["state_dict"][name] = torch.zeros(3, 1, 7)
+
+
+BAD_BODIES = {  # name: (mutation of a valid payload, what the one line says)
+    "unknown-model-key": (_set("model", "bogus", 1), "unknown key(s) bogus"),
+    "negative-size": (_set("model", "embed_dim", -8), "embed_dim must be > 0"),
+    "string-size": (_set("model", "depth", "4"), "`model.depth` is '4' (str), expected int"),
+    "bool-size": (_set("model", "embed_dim", True), "expected int"),
+    "nan-ratio": (_set("model", "mlp_ratio", float("nan")), "expected a finite number"),
+    "huge-depth": (_set("model", "depth", 10 ** 8), "depth 100000000 but its state dict holds only"),
+    "string-table": (_replace("model", "big"), "`model` is a str, not a table"),
+    "none-for-dict": (_replace("state_dict", None), "state dict is a NoneType"),
+    "no-state-dict": (_drop("state_dict"), "contents do not fit that format (KeyError"),
+    "string-weight": (_set("state_dict", "norm.weight", "x"), "norm.weight are not tensors"),
+    "missing-key": (_drop_state_key, "missing: "),
+    "extra-key": (_extra_state_key, "unexpected: surprise.weight"),
+    "wrong-shape": (_wrong_shape, "shape mismatch: "),
+}
+BAD_BODIES["tensor-for-dict"] = (_replace("state_dict", torch.zeros(3)), "state dict is a Tensor")
+
+def bad_copy(tmp_path: Path, good: Path, mutate) -> Path:
+    payload = torch.load(good, weights_only=True)
+    mutate(payload)
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_a_uvit_checkpoint_with_a_bad_body_stops_run_and_flops(tmp_path, tiny_checkpoint, capsys, case):
+    mutate, expected = BAD_BODIES[case]
+    bad = bad_copy(tmp_path, tiny_checkpoint, mutate)
+    for args in (run_args(tmp_path, bad), ["flops", str(bad)]):
+        line = one_line_error(args, capsys)
+        assert str(bad) in line and expected in line, line
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def tiny_adadiff(tmp_path) -> Path:
+    from adadiff_bench.methods.adadiff.checkpoint import build_adadiff, save_adadiff
+    from adadiff_bench.methods.adadiff.network import AdaDiffConfig
+    torch.manual_seed(0)
+    path = tmp_path / "adadiff.pt"
+    save_adadiff(path, build_adadiff(TINY, AdaDiffConfig()), TINY)
+    return path
+
+
+ADADIFF_BODIES = {
+    "unknown-adadiff-key": (_set("adadiff", "bogus", 1), "`adadiff` has unknown key(s) bogus"),
+    "unknown-estimator": (_set("adadiff", "estimator", "nope"), "unknown estimator 'nope'"),
+    "string-model": (_replace("model", "big"), "`model` is a str, not a table"),
+    "negative-size": (_set("model", "depth", -2), "depth must be an even number"),
+    "tensor-for-dict": (_replace("state_dict", torch.zeros(3)), "state dict is a Tensor"),
+    "extra-key": (_extra_state_key, "unexpected: surprise.weight"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADADIFF_BODIES))
+def test_a_method_checkpoint_with_a_bad_body_is_one_line(tmp_path, tiny_checkpoint, tiny_adadiff, capsys, case):
+    """Through a method's `checkpoint` knob (cached_checkpoint) and through `flops`."""
+    mutate, expected = ADADIFF_BODIES[case]
+    bad = bad_copy(tmp_path, tiny_adadiff, mutate)
+    extra = f'[[methods]]\nname = "adadiff"\ncheckpoint = "{bad}"\n'
+    for args in (run_args(tmp_path, tiny_checkpoint, extra_methods=extra), ["flops", str(bad)]):
+        line = one_line_error(args, capsys)
+        assert str(bad) in line and expected in line, line
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_good_checkpoints_still_load(tiny_checkpoint, tiny_adadiff):
+    from adadiff_bench.checkpoints import load_checkpoint, load_model
+    assert load_model(tiny_checkpoint).num_blocks == load_checkpoint(tiny_adadiff).backbone.num_blocks

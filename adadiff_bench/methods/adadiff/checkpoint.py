@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ...checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load_checkpoint,
-                            load_state_dict_strict, register_format, state_for_saving)
+from ...checkpoints import (CheckpointFormat, atomic_torch_save, build_model, config_from_table, load_checkpoint,
+                            load_state_dict_strict, register_format, state_for_saving, uvit_config_from)
 from ...config import UViTConfig
 from ...errors import UserError
 from .network import AdaDiffConfig, AdaDiffNetwork, looks_official, map_official_state_dict
@@ -34,13 +34,18 @@ def _ready(net: AdaDiffNetwork, state: dict, path: str) -> AdaDiffNetwork:
 
 def _load(payload: dict, path: str, uvit: UViTConfig | None = None) -> AdaDiffNetwork:
     """This suite's format carries its own U-ViT config (a given one is not needed)."""
-    net = build_adadiff(UViTConfig(**payload["model"]), AdaDiffConfig(**payload["adadiff"]))
+    uvit = uvit_config_from(payload["model"], path)
+    net = build_adadiff(uvit, config_from_table(AdaDiffConfig, payload["adadiff"], path, "adadiff"))
     return _ready(net, payload["state_dict"], path)
 
 
 def _load_official(payload: dict, path: str, uvit: UViTConfig | None = None) -> AdaDiffNetwork:
+    if uvit is None:  # a release of a published network: its preset's U-ViT
+        from ...models.presets import preset_for_state
+        preset = preset_for_state(payload)
+        uvit = preset.uvit if preset is not None else None
     if uvit is None:
-        raise UserError(f"{path} is an official AdaDiff state dict; pass its U-ViT config "
+        raise UserError(f"{path} is an official AdaDiff state dict of no known preset; pass its U-ViT config "
                         "(load_adadiff(path, uvit=UViTConfig(...)))")
     net = build_adadiff(uvit, AdaDiffConfig(estimator="official", heads="shared"))
     return _ready(net, map_official_state_dict(payload), path)
