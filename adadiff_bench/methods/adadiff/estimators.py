@@ -78,10 +78,14 @@ class OfficialEstimator(Estimator):
         return 1.0 - self.certainty_map(exit_point, tokens)
 
     def scalar(self, exit_point, tokens, t):
-        # the mean over pixels is the mean over patch entries: no need to unpatchify (and, when sampling,
-        # the sigmoid in place: every op counts in a decision made after every block)
-        logits = self.certainty[exit_point - 1](self._patches(tokens))
-        certainty = torch.sigmoid(logits) if torch.is_grad_enabled() else logits.sigmoid_()
+        # the mean over pixels is the mean over patch entries: no need to unpatchify
+        if torch.is_grad_enabled():
+            certainty = torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens)))
+        else:
+            # sampling decides after every block, so every op counts: the linear runs on the whole
+            # contiguous token tensor (a strided slice would be copied first, which costs more than the
+            # few extra rows) and the sigmoid runs in place; each row's result is the same either way
+            certainty = self.certainty[exit_point - 1](tokens)[:, self.extras:, :].sigmoid_()
         return 1.0 - certainty.flatten(1).mean(1)
 
     def _per_exit_linears(self):
