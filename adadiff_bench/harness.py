@@ -37,7 +37,7 @@ from .flops import unit_costs
 from .methods import PrepareContext, get_method, make_params
 from .metrics.extractors import resolve_extractors
 from .metrics.quality import compute_quality
-from .results import SCHEMA_VERSION, RunStore, make_dir, write_json, write_npz
+from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json, read_npz, warn, write_json, write_npz
 from .memory import PeakMemory
 from .metrics.specs import headline_columns
 from .steplog import NullStepLog, StepLog, UnitCosts
@@ -200,7 +200,7 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
         indices = np.arange(start, min(start + batch_size, num_samples))
         saved = checkpoints / f"batch_{start:08d}.npz" if checkpoints is not None else None
-        if saved is not None and saved.is_file():
+        if saved is not None and saved.is_file() and intact_batch(saved, len(indices)):
             batches[start] = take_back_batch(saved, indices, log, method)
             continue
         batches[start] = sample_batch(cell, model, method, log, indices, precision).cpu()
@@ -225,6 +225,23 @@ def save_batch(path: Path, images: torch.Tensor, indices: np.ndarray, log: StepL
     artifacts = {f"artifact/{name}/{key}": value for name, arrays in method.artifacts().items()
                  for key, value in arrays.items()}
     write_npz(path, images=images.numpy(), **{f"log/{k}": v for k, v in log.rows(indices).items()}, **artifacts)
+
+
+def intact_batch(path: Path, count: int) -> bool:
+    """Whether a saved batch reads in full and holds `count` images; a damaged one is deleted, with a warning,
+    and sampled again."""
+    try:
+        arrays = read_npz(path)
+        if "images" in arrays and len(arrays["images"]) == count and any(k.startswith("log/") for k in arrays):
+            return True
+        reason = f"{str(path)!r} is not a batch of this cell"
+    except DamagedFile as exc:
+        reason = f"{str(path)!r} is damaged ({exc.reason})"
+    except UserError as exc:  # (pickled objects)
+        reason = str(exc)
+    warn(f"{reason}; sampling that batch again")
+    path.unlink(missing_ok=True)
+    return False
 
 
 def take_back_batch(path: Path, indices: np.ndarray, log: StepLog, method) -> torch.Tensor:
@@ -372,6 +389,7 @@ def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, wo
 def open_partial(store: RunStore, config_dict: dict, overwrite: bool, where: str) -> set[str]:
     """Lock the run, refuse a clash, open its partial folder; returns the cells already done."""
     store.acquire_lock()
+    store.remove_leftovers()
     _check_existing(store, config_dict, overwrite, where)
     make_dir(store.partial)
     write_json(store.partial / "config.json", config_dict)
@@ -386,14 +404,24 @@ def _check_existing(store: RunStore, config_dict: dict, overwrite: bool, where: 
         return
     if store.final.exists():
         info = store.final / "run.json"
-        same = info.is_file() and json.loads(info.read_text()).get("config") == json.loads(json.dumps(config_dict))
+        same = info.is_file() and _saved_config(info, "config") == json.loads(json.dumps(config_dict))
         raise UserError(f"{where}: run {name!r} already exists in {store.final}"
                         f"{' (complete, same config)' if same else ' with a different config'}; "
                         "pass --overwrite to replace it or pick another `name`")
     saved = store.partial / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(config_dict)):
+    if saved.is_file() and _saved_config(saved) != json.loads(json.dumps(config_dict)):
         raise UserError(f"{where}: {store.partial} holds an unfinished run named {name!r} made with a different "
                         "config; pick another `name` or pass --overwrite to discard it")
+
+
+def _saved_config(path: Path, key: str | None = None):
+    """The config a run folder was made with; a damaged file stops the run with one line naming it and the fix."""
+    try:
+        saved = read_json(path)
+    except DamagedFile as exc:
+        raise UserError(f"{exc.path} is damaged, so the run it belongs to cannot be checked against this config; "
+                        f"delete {exc.path.parent} (or pass --overwrite) to start the run afresh") from None
+    return saved.get(key) if key else saved
 
 
 def _headline(row: dict) -> str:

@@ -18,7 +18,10 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +88,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, in the CLI's form."""
+    print(f"adadiff-bench: warning: {message}", file=sys.stderr, flush=True)
 
 
 def current_umask() -> int:
@@ -172,10 +180,40 @@ class RunStore:
             self._lock = None
 
     def completed_cells(self) -> set[str]:
+        """The cells of the partial folder that are complete and intact; a damaged cell is deleted with a
+        one-line warning, so that it is computed again."""
         cells = self.layout.cells
         if not cells.is_dir():
             return set()
-        return {p.name for p in cells.iterdir() if self.layout.cell_row(p.name).is_file()}
+        done = set()
+        for cell_id in sorted(p.name for p in cells.iterdir() if self.layout.cell_row(p.name).is_file()):
+            try:
+                self.verify_cell(cell_id)
+                done.add(cell_id)
+            except UserError as exc:
+                damage = f"{str(exc.path)!r} is damaged ({exc.reason})" if isinstance(exc, DamagedFile) else str(exc)
+                warn(f"{damage}; cell {cell_id} will be computed again")
+                shutil.rmtree(self.cell_dir(cell_id), ignore_errors=True)
+        return done
+
+    def verify_cell(self, cell_id: str) -> None:
+        """Parse a finished cell in full: its row names it, and its samples, exits and artifacts all read."""
+        row = read_json(self.layout.cell_row(cell_id))
+        if row.get("cell_id") != cell_id:
+            raise DamagedFile(self.layout.cell_row(cell_id), f"it names cell {row.get('cell_id')!r}")
+        for name in (SAMPLES, EXITS):
+            if not self.layout.cell_archive(cell_id, name).is_file():
+                raise DamagedFile(self.layout.cell_archive(cell_id, name), "missing")
+        for archive in sorted(self.cell_dir(cell_id).glob("*.npz")):
+            arrays = read_npz(archive)
+            if archive.name == f"{SAMPLES}.npz" and (SAMPLES_KEY not in arrays or arrays[SAMPLES_KEY].dtype != np.uint8):
+                raise DamagedFile(archive, f"no uint8 {SAMPLES_KEY}")
+
+    def remove_leftovers(self) -> None:
+        """What a killed run leaves besides its partial folder: temporary files of interrupted writes and
+        the previous run a killed `--overwrite` had set aside (call with the lock held)."""
+        remove_stray_temporaries(self.partial)
+        shutil.rmtree(self.root / f".{self.final.name}.old", ignore_errors=True)
 
     def write_cell(self, cell_id: str, row: dict, samples_nhwc: np.ndarray, summaries: dict[str, np.ndarray],
                    artifacts: dict[str, dict[str, np.ndarray]] | None = None) -> None:
@@ -189,7 +227,7 @@ class RunStore:
         shutil.rmtree(self.progress_dir(cell_id), ignore_errors=True)  # its batches are in samples.npz now
 
     def read_cell_row(self, cell_id: str) -> dict:
-        return json.loads(self.layout.cell_row(cell_id).read_text())
+        return read_json(self.layout.cell_row(cell_id))
 
     def finish(self, rows: list[dict], run_info: dict, cell_ids: list[str]) -> Path:
         """Assemble results.csv and exits.npz from the cells, then move the run into place."""
@@ -202,27 +240,60 @@ class RunStore:
         write_npz(layout.exits_npz, **exits)
         write_json(layout.run_json, run_info)
         shutil.rmtree(layout.progress_root, ignore_errors=True)
-        old = None
-        if self.final.exists():
-            old = self.root / f".{self.final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
+        remove_stray_temporaries(self.partial)
+        old = self.root / f".{self.final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final.exists():  # --overwrite: set the old run aside, put the new one in place, delete the old
             os.replace(self.final, old)
         os.replace(self.partial, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         return self.final
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz archive, never unpickling (an object array is refused with one line)."""
+    """Every array of an .npz archive, read in full (each member's CRC-32 is checked as it is read), never
+    unpickling: an object array or a damaged archive is refused with one line naming the file."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DamagedFile(path, "a single .npy array, not an .npz archive")
+        with archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:
-        if "allow_pickle" not in str(exc):
-            raise
-        raise UserError(f"{str(path)!r} holds pickled objects, which the results store never loads; "
-                        "rewrite it with plain numeric arrays (rerun the benchmark)") from None
+        if "allow_pickle" in str(exc):
+            raise UserError(f"{str(path)!r} holds pickled objects, which the results store never loads; "
+                            "rewrite it with plain numeric arrays (rerun the benchmark)") from None
+        raise DamagedFile(path, exc) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DamagedFile(path, exc) from None
+
+
+class DamagedFile(UserError):
+    """A file of the results store that does not parse (truncated, overwritten, not what its name says)."""
+
+    def __init__(self, path: Path, cause: BaseException | str):
+        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:120]}"
+        super().__init__(f"{str(path)!r} is damaged ({reason}); delete it and rerun the command that wrote it")
+        self.path, self.reason = Path(path), reason
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from the results store, with a one-line error naming the file when it does not parse."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DamagedFile(path, exc) from None
+    if not isinstance(value, dict):
+        raise DamagedFile(path, f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def remove_stray_temporaries(folder: Path) -> list[Path]:
+    """Delete the `.<name>.*.tmp` files a killed atomic write left under `folder` (only while no writer runs)."""
+    strays = [p for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for stray in strays:
+        stray.unlink(missing_ok=True)
+    return strays
 
 
 class RunReader:
@@ -237,7 +308,7 @@ class RunReader:
         if not self.layout.results_csv.is_file() or not self.layout.run_json.is_file():
             raise UserError(f"{str(self.layout.root)!r} is not a finished run (no results.csv/run.json); "
                             "run `adadiff-bench run --config ...` first")
-        self.info: dict = json.loads(self.layout.run_json.read_text())
+        self.info: dict = read_json(self.layout.run_json)
         self._frame: pd.DataFrame | None = None
 
     @property

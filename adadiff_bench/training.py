@@ -183,17 +183,26 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, genera
     parameters there."""
     if not path.is_file():
         return 0
-    state = load_checkpoint(path, STATE_FORMAT)
-    saved, current = _identity(state["config"]), _identity(to_dict(config))
+    fix = f"delete {path} to train again from step 0"
+    try:
+        state = load_checkpoint(path, STATE_FORMAT)
+        saved, current = _identity(state["config"]), _identity(to_dict(config))
+    except UserError as exc:  # (truncated by a kill or a full disk, or another file)
+        raise UserError(f"cannot resume: {exc}; or {fix}") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"cannot resume: {path} holds no readable training config ({type(exc).__name__}); {fix}") from None
     if saved != current:
         raise UserError(f"{path} was written by a different training config (differs in "
                         f"{', '.join(_differences(saved, current))}); use a new train.out_dir or delete the old one")
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):  # (empty for fp32 and bf16, absent in a state from before the precision setting)
-        scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generator"])
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # (empty for fp32 and bf16, absent in a state from before the precision setting)
+            scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(f"cannot resume: {path} does not fit this training run ({type(exc).__name__}); {fix}") from None
     print(f"resuming from {path} at step {state['step']}")
     return int(state["step"])
 

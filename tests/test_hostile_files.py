@@ -6,21 +6,25 @@ never a result computed from garbage, and no file left half written.
 """
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from adadiff_bench import results
+from adadiff_bench.checkpoints import build_model, save_checkpoint
 from adadiff_bench.cli import main
 from adadiff_bench.config import DataConfig
 from adadiff_bench.data import load_dataset
 from adadiff_bench.errors import UserError
 from conftest import TINY
-from test_errors import one_line_error, run_args
+from test_errors import one_line_error, run_args, small_digits
 
 
 def png16(path: Path, pixels: np.ndarray) -> None:
@@ -259,3 +263,180 @@ def test_a_method_checkpoint_with_a_bad_body_is_one_line(tmp_path, tiny_checkpoi
 def test_the_good_checkpoints_still_load(tiny_checkpoint, tiny_adadiff):
     from adadiff_bench.checkpoints import load_checkpoint, load_model
     assert load_model(tiny_checkpoint).num_blocks == load_checkpoint(tiny_adadiff).backbone.num_blocks
+
+
+# ---- resume and cache integrity -------------------------------------------------------------------------
+
+RESUME_SAMPLING = 'solver = "ddim"\nnum_steps = 2\nnum_samples = 8\nbatch_size = 4'  # two batches per cell
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-cell run (its config file, its folder): what every resumed run must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    torch.manual_seed(0)
+    checkpoint = folder / "tiny.pt"
+    save_checkpoint(checkpoint, build_model(TINY).eval(), TINY)
+    args = run_args(folder, checkpoint, sampling=RESUME_SAMPLING, data=small_digits(folder))
+    assert main(args) == 0
+    return args, folder / "results" / "tiny"
+
+
+STABLE_COLUMNS = ["cell_id", "valid", "macs_per_image", "layer_ratio", "fid_digits_cnn", "kid_digits_cnn_mean"]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Same rows (all but what is measured: memory, time), same samples and step-log summaries, no stray file."""
+    frame, expected = pd.read_csv(run / "results.csv"), pd.read_csv(reference / "results.csv")
+    columns = [c for c in STABLE_COLUMNS if c in expected.columns]
+    assert len(columns) >= 5
+    pd.testing.assert_frame_equal(frame[columns], expected[columns])
+    for cell_id in expected["cell_id"]:
+        for name in ("samples", "exits"):
+            got, want = results.read_npz(run / "cells" / cell_id / f"{name}.npz"), \
+                results.read_npz(reference / "cells" / cell_id / f"{name}.npz")
+            assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert not list(run.parent.rglob("*.tmp")) and not list(run.parent.glob(".*.old"))
+    assert not (run.parent / f".{run.name}.partial").exists()
+
+
+def interrupted_copy(reference_run, damage) -> Path:
+    """The reference run moved back to its partial folder (every cell done, as if killed before the final
+    rename), then damaged by `damage(partial, cell_ids)`; returns the partial folder."""
+    _, final = reference_run
+    partial = final.parent / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(final, partial)
+    shutil.rmtree(final)
+    damage(partial, list(pd.read_csv(partial / "results.csv")["cell_id"]))
+    return partial
+
+
+@pytest.fixture
+def reference_copy(reference_run, tmp_path):
+    """Keeps the reference run itself intact: tests damage a copy and resume from it."""
+    args, final = reference_run
+    saved = tmp_path / "saved"
+    shutil.copytree(final, saved)
+    yield reference_run, saved
+    shutil.rmtree(final.parent, ignore_errors=True)
+    final.parent.mkdir()
+    shutil.copytree(saved, final)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the compressed member: its CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+
+
+CELL_DAMAGE = {  # a finished cell's file in .partial, damaged: the cell is computed again, with a warning
+    "row-truncated": ("row.json", _truncate),
+    "row-a-list": ("row.json", lambda p: p.write_text("[1, 2]")),
+    "row-of-another-cell": ("row.json", lambda p: p.write_text('{"cell_id": "someone-else"}')),
+    "exits-garbage": ("exits.npz", lambda p: p.write_bytes(b"garbage")),
+    "samples-truncated": ("samples.npz", _truncate),
+    "samples-byte-flipped": ("samples.npz", _flip_a_byte),
+    "samples-missing": ("samples.npz", lambda p: p.unlink()),
+    "samples-a-npy": ("samples.npz", lambda p: np.save(p.with_suffix(".npy"), np.zeros(3)) or
+                      p.with_suffix(".npy").rename(p)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CELL_DAMAGE))
+def test_a_damaged_cell_in_partial_is_computed_again(reference_copy, capsys, case):
+    (args, final), saved = reference_copy
+    name, damage = CELL_DAMAGE[case]
+    interrupted_copy((args, final), lambda partial, cells: damage(partial / "cells" / cells[1] / name))
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and name in warnings[0] and "will be computed again" in warnings[0], captured.err
+    assert "already done, kept" in captured.out
+    assert_same_run(final, saved)
+
+
+def _damaged_batch(write):
+    def damage(partial: Path, cells: list[str]) -> None:
+        shutil.rmtree(partial / "cells" / cells[1])  # the second cell was being sampled when the run was killed
+        batch = partial / "progress" / cells[1] / "batch_00000004.npz"
+        batch.parent.mkdir(parents=True)
+        write(batch)
+    return damage
+
+
+@pytest.mark.parametrize("write", [lambda p: p.write_bytes(b"PK\x03\x04 half a zip"),
+                                   lambda p: np.savez(p, images=np.zeros((3, 1, 8, 8), np.float32))],
+                         ids=["garbage", "three-images"])
+def test_a_damaged_progress_batch_is_sampled_again(reference_copy, capsys, write):
+    (args, final), saved = reference_copy
+    interrupted_copy((args, final), _damaged_batch(write))
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "batch_00000004.npz" in err and "sampling that batch again" in err
+    assert_same_run(final, saved)
+
+
+def test_stray_files_of_a_killed_run_are_removed_on_resume(reference_copy, capsys):
+    """Temporary files of interrupted writes inside .partial, and the old run a killed --overwrite set aside."""
+    (args, final), saved = reference_copy
+
+    def strays(partial: Path, cells: list[str]) -> None:
+        (partial / "cells" / cells[0] / ".samples.npz.abc123.tmp").write_bytes(b"half")
+        (partial / ".results.csv.xyz.tmp").write_bytes(b"half")
+        shutil.copytree(partial, partial.parent / f".{final.name}.old")
+
+    interrupted_copy((args, final), strays)
+    assert main(args) == 0
+    assert_same_run(final, saved)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b"[]"], ids=["broken", "empty", "binary", "list"])
+def test_a_damaged_config_json_in_partial_stops_with_one_line(reference_copy, capsys, content):
+    (args, final), _ = reference_copy
+    partial = interrupted_copy((args, final), lambda partial, cells: (partial / "config.json").write_bytes(content))
+    line = one_line_error(args, capsys)
+    assert "config.json" in line and "is damaged" in line and f"delete {partial}" in line
+    assert not final.exists()
+
+
+def test_a_damaged_run_json_of_a_finished_run_stops_with_one_line(reference_copy, capsys):
+    (args, final), _ = reference_copy
+    (final / "run.json").write_text("{")
+    line = one_line_error(args, capsys)
+    assert "run.json" in line and "is damaged" in line and "--overwrite" in line
+
+
+def _state_edit(edit):
+    def damage(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+    return damage
+
+
+LAST_PT_DAMAGE = {  # a training state last.pt, damaged: one line naming it and "delete it"
+    "truncated": (_truncate, "is corrupt or not a PyTorch file"),
+    "zero-bytes": (lambda p: p.write_bytes(b""), "is corrupt or not a PyTorch file"),
+    "config-a-string": (_state_edit(lambda s: s.update(config="x")), "holds no readable training config"),
+    "model-missing-a-key": (_state_edit(lambda s: s["model"].pop(sorted(s["model"])[0])), "does not fit this"),
+    "optimizer-a-tensor": (_state_edit(lambda s: s.update(optimizer=torch.zeros(2))), "does not fit this"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAST_PT_DAMAGE))
+def test_a_damaged_training_state_stops_with_one_line(tmp_path, capsys, case):
+    from test_training_device import write_config
+    config = write_config(tmp_path, steps=2, checkpoint_every=2)
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    last = tmp_path / "run" / "last.pt"
+    damage, expected = LAST_PT_DAMAGE[case]
+    damage(last)
+    capsys.readouterr()
+    config.write_text(config.read_text().replace("\nsteps = 2", "\nsteps = 4"))  # (a longer run resumes)
+    line = one_line_error(["train", "--config", str(config), "--no-progress"], capsys)
+    assert str(last) in line and expected in line and f"delete {last}" in line, line
