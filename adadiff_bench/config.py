@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, did_you_mean
+from .schedules import check_schedule_and_solver
 
-SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")
+SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler", "euler-maruyama")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -110,14 +111,23 @@ class TrainFile:
 
 @dataclass
 class SamplingConfig:
+    """Sampling. `schedule`: the noise schedule and time-input convention the network was trained with
+    (`schedules`: linear, scaled-linear, vp). `guidance`: classifier-free guidance weight w in
+    eps_u + w (eps_c - eps_u); 1.0 is none (U-ViT's scale s is w - 1)."""
     solver: str = "dpm-solver++"
     num_steps: int = 25
     num_samples: int = 1000
     batch_size: int = 250
+    schedule: str = "linear"
+    guidance: float = 1.0
 
     def validate(self, where: str) -> None:
         check_solver(self.solver, where)
+        check_schedule_and_solver(self.schedule, self.solver, where)
         _positive(where, num_steps=self.num_steps, num_samples=self.num_samples, batch_size=self.batch_size)
+        if self.guidance < 1:
+            raise UserError(f"{where}: guidance must be >= 1 (got {self.guidance}); 1.0 is no guidance, "
+                            "U-ViT's scale s is guidance - 1")
 
 
 FID_BACKENDS = ("torch-fidelity", "clean-fid")

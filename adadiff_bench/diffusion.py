@@ -1,15 +1,18 @@
-"""Noise schedule, diffusers solvers and the sampling loop.
+"""Noise schedules' solvers and the sampling loop.
 
-The schedule is the discrete DDPM one: 1,000 steps, betas linear in 1e-4..0.02, eps prediction. It
-is the discretisation of the VP-SDE with beta_min = 0.1, beta_max = 20 that U-ViT's pixel models use
-(beta_i = beta(t_i) / N with N = 1000). Solvers are diffusers' schedulers; this module never writes
-a solver step itself.
+The default schedule is the discrete DDPM one: 1,000 steps, betas linear in 1e-4..0.02, eps prediction.
+It is the discretisation of the VP-SDE with beta_min = 0.1, beta_max = 20 that U-ViT's pixel models use
+(beta_i = beta(t_i) / N with N = 1000). Other schedules and the network's time input they go with are
+named options (`schedules`). Discrete schedules run diffusers' schedulers; the continuous VP runs
+U-ViT's Euler-Maruyama (`euler_maruyama`), the one solver written here, since diffusers has none that
+matches it.
 
 Randomness: sample i draws its initial noise, its label and every solver noise from its own
 `torch.Generator`, seeded from (seed, i) alone, so batch size and process count never change it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from .device import autocast, to_device
+from .schedules import DEFAULT_SCHEDULE, ContinuousVP, check_schedule_and_solver, get_schedule
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -57,17 +61,21 @@ class SamplingContext:
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", SamplingContext], torch.Tensor]
 
 
-def make_scheduler(solver: str, num_steps: int):
-    """A fresh diffusers scheduler for `solver`, set to `num_steps` steps."""
+def make_scheduler(solver: str, num_steps: int, schedule: str = DEFAULT_SCHEDULE):
+    """A fresh diffusers scheduler for `solver` on a discrete `schedule`, set to `num_steps` steps."""
     cls, options = SOLVER_SETTINGS[solver]
-    scheduler = cls(**_SCHEDULE, **options)
+    scheduler = cls(**get_schedule(schedule).diffusers_config(), **options)
     scheduler.set_timesteps(num_steps)
     return scheduler
 
 
-def solver_timesteps(solver: str, num_steps: int) -> np.ndarray:
-    """The model timesteps a solver visits, in order (what the step log's timestep axis holds)."""
-    return make_scheduler(solver, num_steps).timesteps.double().numpy()
+def solver_timesteps(solver: str, num_steps: int, schedule: str = DEFAULT_SCHEDULE) -> np.ndarray:
+    """The solver's times at which the network is evaluated, in order (what the step log's timestep axis holds):
+    diffusers timesteps on a discrete schedule, continuous times in (0, 1] on the VP one."""
+    vp = get_schedule(schedule)
+    if isinstance(vp, ContinuousVP):
+        return euler_maruyama_grid(vp, num_steps)[:0:-1].copy()
+    return make_scheduler(solver, num_steps, schedule).timesteps.double().numpy()
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -95,32 +103,88 @@ def sample_labels(generators: Sequence[torch.Generator], num_classes: int) -> to
     return torch.stack([torch.randint(num_classes, (), generator=g, device="cpu") for g in generators])
 
 
+# eps = eps_at(step index, x, solver's time): one network evaluation, as the solvers below call it
+NetworkCall = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[int, ...],
            indices: Sequence[int], seed: int, num_classes: int = 0,
            on_step: Callable[[SamplingContext], None] | None = None,
-           device: torch.device | str = "cpu", precision: str = "fp32") -> torch.Tensor:
+           device: torch.device | str = "cpu", precision: str = "fp32",
+           schedule: str = DEFAULT_SCHEDULE) -> torch.Tensor:
     """Draw the samples `indices` of run `seed`; returns float32 images in model space ([-1, 1] ideally), on `device`.
 
     Each network evaluation gets a `SamplingContext`; `on_step(ctx)` is called before it (the step log hooks in).
-    Noise and labels are drawn by each sample's CPU generator and then moved to `device`, so they never depend
-    on it. The network runs under autocast at `precision`; the solver's arithmetic stays in float32.
+    The denoiser's `t` is the network's time input under `schedule` (see `schedules`); `ctx.timesteps` holds
+    the solver's own times. Noise and labels are drawn by each sample's CPU generator and then moved to
+    `device`, so they never depend on it. The network runs under autocast at `precision`; the solver's
+    arithmetic stays in float32.
     """
+    check_schedule_and_solver(schedule, solver, "sample")
     device = torch.device(device)
     generators = sample_generators(seed, indices)
     x = to_device(initial_noise(generators, image_shape), device)
     y = to_device(sample_labels(generators, num_classes), device)
-    scheduler = make_scheduler(solver, num_steps)
-    timesteps, rows = scheduler.timesteps.double().numpy(), np.asarray(indices)
-    x = x * scheduler.init_noise_sigma
-    for step_index, t in enumerate(scheduler.timesteps):
+    rows = np.asarray(indices)
+    if solver in SOLVER_SETTINGS:
+        scheduler = make_scheduler(solver, num_steps, schedule)
+        eps_at = network_edge(denoiser, schedule, scheduler.timesteps.double().numpy(), rows, generators, y,
+                              on_step, device, precision)
+        return diffusers_sampler(eps_at, scheduler, x, generators)
+    vp = get_schedule(schedule)
+    eps_at = network_edge(denoiser, schedule, solver_timesteps(solver, num_steps, schedule), rows, generators, y,
+                          on_step, device, precision)
+    return euler_maruyama(eps_at, x, vp, num_steps, generators)
+
+
+def network_edge(denoiser: Denoiser, schedule: str, timesteps: np.ndarray, rows: np.ndarray,
+                 generators: Sequence[torch.Generator], y: torch.Tensor | None,
+                 on_step: Callable[[SamplingContext], None] | None, device: torch.device,
+                 precision: str) -> NetworkCall:
+    """What a solver calls for eps: builds the step's context, maps the solver's time to the network's time
+    input (the only place where that happens), and runs the denoiser under autocast."""
+    network_time = get_schedule(schedule).network_time
+
+    def eps_at(step_index: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ctx = SamplingContext(step_index, timesteps, rows, generators)
         if on_step is not None:
             on_step(ctx)
-        model_input = scheduler.scale_model_input(x, t)
         with autocast(device, precision):
-            eps = denoiser(model_input, to_device(t.expand(len(x)), device), y, ctx)
-        x = scheduler.step(eps.float(), t, x, generator=generators).prev_sample
+            eps = denoiser(x, to_device(network_time(t).expand(len(x)), device), y, ctx)
+        return eps.float()
+
+    return eps_at
+
+
+def diffusers_sampler(eps_at: NetworkCall, scheduler, x: torch.Tensor,
+                      generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """A diffusers scheduler's loop; its random steps draw from each sample's generator."""
+    x = x * scheduler.init_noise_sigma
+    for step_index, t in enumerate(scheduler.timesteps):
+        eps = eps_at(step_index, scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(eps, t, x, generator=generators).prev_sample
+    return x
+
+
+def euler_maruyama_grid(vp: ContinuousVP, num_steps: int) -> np.ndarray:
+    """U-ViT's grid: 0 followed by `num_steps` times evenly spaced from eps to 1 (float64, increasing)."""
+    return np.append(0.0, np.linspace(vp.eps, 1.0, num_steps))
+
+
+def euler_maruyama(eps_at: NetworkCall, x: torch.Tensor, vp: ContinuousVP, num_steps: int,
+                   generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Euler-Maruyama on the reverse VP-SDE dx = [-beta x / 2 - beta score] dt + sqrt(beta) dw (Song et al. 2021),
+    as U-ViT's `sde.euler_maruyama`: from t = 1 down the grid, fresh noise at every step except the last,
+    noiseless one from eps to 0. One network evaluation per step; noise comes from each sample's generator."""
+    grid = euler_maruyama_grid(vp, num_steps)
+    for step_index, (t, s) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
+        eps = eps_at(step_index, x, torch.tensor(t, dtype=torch.float32))
+        beta, dt = vp.beta(t), s - t
+        # reverse drift with score = -eps / sigma_t; dt < 0
+        x = x + (-0.5 * beta * x + (beta / vp.sigma(t)) * eps) * dt
+        if s > 0:
+            x = x + math.sqrt(-beta * dt) * to_device(initial_noise(generators, tuple(x.shape[1:])), x.device)
     return x
 
 

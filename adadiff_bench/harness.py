@@ -34,9 +34,11 @@ from .device import (check_precision_on, device_info, device_name, module_device
 from .distributed import World, agree, join_world, leave_world
 from .errors import UserError
 from .flops import unit_costs
+from .guidance import NO_GUIDANCE, check_guidance, guided, label_classes, null_condition
 from .methods import PrepareContext, get_method, make_params
 from .metrics.extractors import resolve_extractors
 from .metrics.quality import compute_quality
+from .schedules import DEFAULT_SCHEDULE, check_schedule_and_solver
 from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json, read_npz, warn, write_json, write_npz
 from .memory import PeakMemory
 from .metrics.specs import headline_columns
@@ -54,6 +56,8 @@ class Cell:
     solver: str
     num_steps: int
     seed: int
+    schedule: str = DEFAULT_SCHEDULE     # run-wide ([sampling]): the network's noise schedule
+    guidance: float = NO_GUIDANCE        # run-wide ([sampling]): classifier-free guidance weight w
 
     @property
     def cell_id(self) -> str:
@@ -84,6 +88,7 @@ def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell
     steps = _as_list(entry.num_steps if entry.num_steps is not None else config.sampling.num_steps)
     for solver in solvers:
         check_solver(solver, where)
+        check_schedule_and_solver(config.sampling.schedule, solver, where)
     if any(s <= 0 for s in steps):
         raise UserError(f"{where}: num_steps must be > 0 (got {steps})")
     knob_names = sorted(entry.params)
@@ -93,7 +98,8 @@ def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell
         setting = dict(zip(knob_names, values))
         make_params(cls, setting, where)  # validate now, before anything runs
         for solver, num_steps, seed in itertools.product(solvers, steps, config.seeds):
-            cells.append(Cell(entry.name, tuple(sorted(setting.items())), solver, num_steps, seed))
+            cells.append(Cell(entry.name, tuple(sorted(setting.items())), solver, num_steps, seed,
+                              config.sampling.schedule, config.sampling.guidance))
     return cells
 
 
@@ -139,6 +145,7 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     check_precision_on(config.precision, device, f"{where}: precision")
     determinism = set_deterministic(device, config.deterministic)
     model = load_model(config.checkpoint).to(device)
+    check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
     params = {}
     for cell, (entry, _) in curves.items():
         cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
@@ -171,7 +178,8 @@ def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, 
 
 def reference_cell(config: RunConfig) -> Cell:
     """The `full` method at the run's default solver and steps: what speed-ups are measured against."""
-    return Cell("full", (), config.sampling.solver, config.sampling.num_steps, config.seeds[0])
+    return Cell("full", (), config.sampling.solver, config.sampling.num_steps, config.seeds[0],
+                config.sampling.schedule, config.sampling.guidance)
 
 
 def build_method(cell: Cell, model, params=None):
@@ -193,8 +201,12 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
     step log (a NullStepLog): only to measure the instrumentation's own cost.
     """
     method = method or build_method(cell, model)
-    log = (StepLog if record else NullStepLog)(num_samples, solver_timesteps(cell.solver, cell.num_steps),
-                                               model.num_blocks)
+    log = (StepLog if record else NullStepLog)(num_samples, solver_timesteps(cell.solver, cell.num_steps,
+                                                                             cell.schedule), model.num_blocks)
+    unconditional = None
+    if cell.guidance != NO_GUIDANCE:  # the unconditional pass: its own method object and log
+        log.add_unconditional_pass()
+        unconditional = build_method(cell, model, method.params)
     starts = world.my_batches(list(range(0, num_samples, batch_size)))
     batches = {}
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
@@ -203,7 +215,7 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
         if saved is not None and saved.is_file() and intact_batch(saved, len(indices)):
             batches[start] = take_back_batch(saved, indices, log, method)
             continue
-        batches[start] = sample_batch(cell, model, method, log, indices, precision).cpu()
+        batches[start] = sample_batch(cell, model, method, log, indices, precision, unconditional).cpu()
         if saved is not None:
             save_batch(saved, batches[start], indices, log, method)
     if world.active:
@@ -211,13 +223,20 @@ def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: boo
     return torch.cat([batches[start] for start in sorted(batches)]), log
 
 
-def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray, precision: str = "fp32") -> torch.Tensor:
-    """One batch of samples (on the model's device), logged into the rows `indices` of `log`."""
+def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray, precision: str = "fp32",
+                 unconditional=None) -> torch.Tensor:
+    """One batch of samples (on the model's device), logged into the rows `indices` of `log`; under guidance
+    `unconditional` (a second method object) runs the unconditional pass into `log.unconditional`."""
     image_shape = (model.in_chans, model.img_size, model.img_size)
     log.set_batch(indices)
     method.start_batch(log)
-    return sample(method, cell.solver, cell.num_steps, image_shape, indices, cell.seed, max(model.num_classes, 0),
-                  on_step=lambda ctx: log.set_step(ctx.step), device=module_device(model), precision=precision)
+    denoiser = method
+    if unconditional is not None:
+        unconditional.start_batch(log.unconditional)
+        denoiser = guided(method, unconditional, cell.guidance, null_condition(model))
+    return sample(denoiser, cell.solver, cell.num_steps, image_shape, indices, cell.seed,
+                  label_classes(model.num_classes, cell.guidance), on_step=lambda ctx: log.set_step(ctx.step),
+                  device=module_device(model), precision=precision, schedule=cell.schedule)
 
 
 def save_batch(path: Path, images: torch.Tensor, indices: np.ndarray, log: StepLog, method) -> None:
@@ -312,6 +331,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "family": method.family, "params": cell.params_json, "solver": cell.solver,
            "num_steps": cell.num_steps, "num_samples": s.num_samples, "seed": cell.seed,
+           "schedule": cell.schedule, "guidance": cell.guidance,
            "batch_dependent": method.batch_dependent, "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}

@@ -8,6 +8,10 @@ from the sampling context (`diffusion.SamplingContext`), never from the log.
 Conventions: blocks are numbered in execution order (in-blocks, mid-block, out-blocks); the exit
 point of a prefix-exiting method is the number of blocks it ran (1..num_blocks, num_blocks = full
 depth); methods that do not exit by prefix (caching, skipping) leave it at -1.
+
+Under classifier-free guidance each sampling step runs the network twice, once per pass, each pass
+with its own method object and its own log: the conditional pass's log holds the unconditional one's
+(`unconditional`), `guidance_pass` says which pass a log records, and costs and layer ratio count both.
 """
 from __future__ import annotations
 
@@ -31,9 +35,14 @@ class UnitCosts:
         return self.embed + float(self.blocks.sum()) + self.head
 
 
+GUIDANCE_PASSES = ("single", "conditional", "unconditional")  # no guidance; CFG's two passes
+
+
 class StepLog:
-    def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int):
+    def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int, guidance_pass: str = "single"):
         num_steps = len(timesteps)
+        self.guidance_pass = guidance_pass
+        self.unconditional: StepLog | None = None  # the unconditional pass's log, under guidance
         self.timesteps = np.asarray(timesteps, dtype=np.float64)
         self.num_blocks = num_blocks
         self.blocks_run = np.zeros((num_samples, num_steps, num_blocks), dtype=bool)
@@ -44,13 +53,27 @@ class StepLog:
         self._rows = np.arange(0)
         self._step = 0
 
+    def add_unconditional_pass(self) -> StepLog:
+        """Make this the conditional pass's log and give it a log for the unconditional pass (returned)."""
+        self.guidance_pass = "conditional"
+        self.unconditional = type(self)(len(self.blocks_run), self.timesteps, self.num_blocks, "unconditional")
+        return self.unconditional
+
+    def passes(self) -> list[StepLog]:
+        """This log and, under guidance, the unconditional pass's."""
+        return [self] if self.unconditional is None else [self, self.unconditional]
+
     # ---- where records go: set by the sampling loop (methods read the sampling context, not this) ----
     def set_batch(self, rows: np.ndarray) -> None:
         """The run-wide sample indices (rows of the log) of the batch being sampled."""
         self._rows = np.asarray(rows)
+        if self.unconditional is not None:
+            self.unconditional.set_batch(rows)
 
     def set_step(self, step_index: int) -> None:
         self._step = step_index
+        if self.unconditional is not None:
+            self.unconditional.set_step(step_index)
 
     # ---- what methods record (`active` selects rows of the current batch; None = all) ------------
     def _select(self, active) -> np.ndarray:
@@ -96,20 +119,31 @@ class StepLog:
     ROW_FIELDS = ("blocks_run", "exit_point", "embed_calls", "head_calls", "extra_macs")
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The log's records of the given samples (for a checkpoint or another process)."""
-        return {name: getattr(self, name)[indices] for name in self.ROW_FIELDS}
+        """The log's records of the given samples (for a checkpoint or another process); the unconditional
+        pass's under `unconditional/<field>`."""
+        records = {name: getattr(self, name)[indices] for name in self.ROW_FIELDS}
+        if self.unconditional is not None:
+            records.update({f"unconditional/{k}": v for k, v in self.unconditional.rows(indices).items()})
+        return records
 
     def set_rows(self, indices: np.ndarray, records: dict[str, np.ndarray]) -> None:
         """Put back records taken with `rows`."""
         for name in self.ROW_FIELDS:
             getattr(self, name)[indices] = records[name]
+        if self.unconditional is not None:
+            self.unconditional.set_rows(indices, {k.removeprefix("unconditional/"): v for k, v in records.items()
+                                                  if k.startswith("unconditional/")})
 
     # ---- summaries ------------------------------------------------------------------------------
     def layer_ratio(self) -> float:
-        """Mean fraction of blocks executed per (sample, step)."""
-        return float(self.blocks_run.mean())
+        """Mean fraction of blocks executed per (sample, step, guidance pass)."""
+        return float(np.mean([log.blocks_run.mean() for log in self.passes()]))
 
     def macs_per_image(self, costs: UnitCosts) -> float:
+        """MACs per image of every network evaluation, both guidance passes included."""
+        return sum(log._own_macs_per_image(costs) for log in self.passes())
+
+    def _own_macs_per_image(self, costs: UnitCosts) -> float:
         total = (self.embed_calls.sum() * costs.embed + self.head_calls.sum() * costs.head
                  + (self.blocks_run.sum(axis=(0, 1)) * costs.blocks).sum() + self.extra_macs.sum())
         return float(total / len(self.blocks_run))
@@ -130,9 +164,14 @@ class StepLog:
         return self.blocks_run.mean(axis=0)
 
     def summaries(self) -> dict[str, np.ndarray]:
-        return {"timesteps": self.timesteps, "exit_histogram": self.exit_histogram(),
-                "timestep_exit_histogram": self.timestep_exit_histogram(),
-                "timestep_block_fraction": self.timestep_block_fraction()}
+        """Per-step histograms of this pass; under guidance the unconditional pass's as `unconditional_<name>`."""
+        summaries = {"timesteps": self.timesteps, "exit_histogram": self.exit_histogram(),
+                     "timestep_exit_histogram": self.timestep_exit_histogram(),
+                     "timestep_block_fraction": self.timestep_block_fraction()}
+        if self.unconditional is not None:
+            summaries.update({f"unconditional_{k}": v for k, v in self.unconditional.summaries().items()
+                              if k != "timesteps"})
+        return summaries
 
 
 class NullStepLog(StepLog):
@@ -141,8 +180,8 @@ class NullStepLog(StepLog):
     Used only to measure what the instrumentation itself costs (benchmarks/instrumentation_overhead.py).
     """
 
-    def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int):
-        super().__init__(0, timesteps, num_blocks)
+    def __init__(self, num_samples: int, timesteps: np.ndarray, num_blocks: int, guidance_pass: str = "single"):
+        super().__init__(0, timesteps, num_blocks, guidance_pass)
 
     def _select(self, active) -> np.ndarray:
         return self._rows[:0]

@@ -243,8 +243,9 @@ def test_inception_metrics_with_local_weights(digits, random_inception_weights, 
     assert DIGITS_KEYS | {"fid_inception", "is_inception_mean", "is_inception_std",
                           "kid_inception_mean", "kid_inception_std", "precision_inception", "recall_inception"} == set(quality)
     assert math.isfinite(quality["fid_inception"]) and quality["fid_inception"] > 0
-    (cached_features,) = tmp_path.glob("*inception-v3-compat-features-2048.pt")
-    reference_features = torch.load(cached_features)
+    (cached_features,) = tmp_path.glob("*inception-v3-compat-features-2048.npz")
+    with np.load(cached_features, allow_pickle=False) as archive:
+        reference_features = torch.from_numpy(archive["features"])
     assert reference_features.shape == (32, 2048)
     assert reference_features.std(dim=0).mean() > 1e-4  # the random network still tells images apart
 

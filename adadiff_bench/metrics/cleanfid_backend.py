@@ -9,10 +9,18 @@ the resize), and feeds the network values in [0, 255], which the wrapper maps to
 This module reproduces that pipeline on in-memory uint8 tensors (no PNG round trip, CPU only), and
 computes the Frechet distance with clean-fid's own `frechet_distance` on statistics formed the way
 clean-fid forms them. Nothing is ever downloaded: the model file must already be on disk.
+
+A TorchScript file is a program, and clean-fid's default folder is `/tmp`, which every user can write
+to: a model file there is used only when it is a regular file owned by the user running the suite and
+writable by nobody else (`check_private_file`); otherwise the run is refused before any work, with the
+fix (a folder of one's own, set as `cleanfid_model`). A configured `cleanfid_model` is trusted as the
+user's choice.
 """
 from __future__ import annotations
 
+import os
 import platform
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +63,24 @@ def resolve_cleanfid_model(configured: str | None) -> Path | None:
     if configured:
         return configured_model_dir(Path(configured).expanduser())
     default = cleanfid_default_model_dir()
-    return default if (default / CLEANFID_MODEL_FILE).is_file() else None
+    if not (default / CLEANFID_MODEL_FILE).is_file():
+        return None
+    check_private_file(default / CLEANFID_MODEL_FILE)
+    return default
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a file in a shared folder that another user could have put there or could change (POSIX)."""
+    if not hasattr(os, "getuid"):  # (on Windows clean-fid's default folder is the current one, not a shared one)
+        return
+    info = path.lstat()
+    problem = ("is a symbolic link" if stat.S_ISLNK(info.st_mode) else
+               "is not a regular file" if not stat.S_ISREG(info.st_mode) else
+               f"belongs to user id {info.st_uid}, not to you" if info.st_uid != os.getuid() else
+               "can be changed by other users" if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None)
+    if problem:
+        raise UserError(f"clean-fid model {str(path)!r} {problem}, and a TorchScript file runs as code; move your own "
+                        f"copy to a folder only you can write and set [metrics] cleanfid_model = PATH")
 
 
 def configured_model_dir(path: Path) -> Path:

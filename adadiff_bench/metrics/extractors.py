@@ -16,29 +16,33 @@ where `Pixels` is a torch-fidelity `FeatureExtractorBase` whose one feature, "pi
 `images.flatten(1).float() / 255` (tests/test_metric_registry.py has it in full).
 
 Nothing is downloaded: a space whose weights are not on disk is left out (or refused, when the
-run requires it).
+run requires it). Nothing is unpickled either: a space's weights file is opened with
+`torch.load(weights_only=True)` first (`ExtractorSpec.verify`), every load while torch-fidelity builds
+a network is forced to `weights_only` (`weights_only_loads`), and clean-fid's TorchScript file is only
+taken from its shared default folder when it is the user's own (`cleanfid_backend`).
 """
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch.hub
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ..config import MetricsConfig
 from ..errors import UserError, unknown_choice
 from ..plugins import load_plugins
-from ..results import atomic_write_bytes
 from .classifier import ASSET_PATH, EXTRACTOR_NAME, DigitsCNNExtractor, weights_sha256
 from .cleanfid_backend import (CLEANFID_MODEL_FILE, cleanfid_default_model_dir, cleanfid_frechet_distance,
                                cleanfid_inception_features, resolve_cleanfid_model)
+from .reference_cache import cache_file, cached_arrays
 from .specs import FEATURE_ROLES, parse_column, quantities
 
 PLUGIN_GROUP = "adadiff_bench.metrics"
@@ -75,7 +79,9 @@ class ExtractorSpec:
     skipped in this space. torch-fidelity's `get_default_feature_layer_for_metric(role)` names the
     layer of each role. `cleanfid(space)` is FID by clean-fid in this space (`fid_backend =
     "clean-fid"`), and `cleanfid_model` says that it needs clean-fid's own Inception file, checked
-    before any work. `cuda`: the network may run on a CUDA device when the run uses one.
+    before any work. `cuda`: the network may run on a CUDA device when the run uses one. `verify(path)`,
+    when given, opens the weights file safely before torch-fidelity loads it and raises a one-line
+    `UserError` when it is not what the space reads (the harness calls it before anything is written).
     """
     name: str
     fidelity_name: str
@@ -88,6 +94,7 @@ class ExtractorSpec:
     cleanfid: Callable[[Any], float] = same_features_fid
     cleanfid_model: bool = False
     cuda: bool = True
+    verify: Callable[[str], None] | None = None
 
     @property
     def column(self) -> str:
@@ -139,8 +146,8 @@ def _malformed(spec: ExtractorSpec) -> str | None:
         return f"channels must be some of 1, 3 (got {spec.channels!r}; rgb needs 3)"
     if spec.size is not None and (len(spec.size) != 2 or min(spec.size) <= 0):
         return f"size must be None or (height, width) (got {spec.size!r})"
-    if not callable(spec.weights) or not callable(spec.cleanfid):
-        return "weights and cleanfid must be functions"
+    if not callable(spec.weights) or not callable(spec.cleanfid) or not (spec.verify is None or callable(spec.verify)):
+        return "weights, cleanfid and verify must be functions"
     if spec.fidelity_class is None and spec.fidelity_name not in FEATURE_EXTRACTORS_REGISTRY:
         return f"torch-fidelity has no feature extractor {spec.fidelity_name!r}; give its fidelity_class"
     return None
@@ -174,6 +181,29 @@ def resolve_extractors(image_shape: tuple[int, int, int], config: MetricsConfig,
         print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
               "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
     return names
+
+
+def verify_weights(weights: dict[str, str | None]) -> None:
+    """Open each space's weights file safely ({space: path}, None: left out) before any library loads it."""
+    for name, path in weights.items():
+        verify = get_extractor(name).verify
+        if path is not None and verify is not None:
+            verify(path)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside: every `torch.load` behaves as `weights_only=True`, even one that asks for False (torch-fidelity's)."""
+    saved = {key: os.environ.pop(key, None) for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def check_fid_backend(config: MetricsConfig, extractors: tuple[str, ...]) -> None:
@@ -224,26 +254,36 @@ def inception_weights(config: MetricsConfig, where: str = "") -> str | None:
     return weights
 
 
+def check_inception_weights(path: str) -> None:
+    """Refuse an Inception weights file that is not plain tensors (`torch.load(weights_only=True)` fails on it)."""
+    stat = os.stat(path)
+    _check_tensor_file(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_tensor_file(path: str, size: int, mtime_ns: int) -> None:
+    """`check_inception_weights`, once per file version (size and modification time)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # (pickled code, a truncated file, anything else that is not a tensor file)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"Inception weights file {path!r} is not a file of plain tensors ({reason[:160]}); "
+                        f"pass torch-fidelity's {INCEPTION_WEIGHTS_FILE} with --inception-weights PATH") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"Inception weights file {path!r} holds {type(state).__name__}, not a state dict of "
+                        f"tensors; pass torch-fidelity's {INCEPTION_WEIGHTS_FILE} with --inception-weights PATH")
+
+
 def inception_cleanfid_fid(space) -> float:
     """FID by clean-fid's own resize and TorchScript Inception; the reference's features are cached on disk."""
     model_dir = resolve_cleanfid_model(space.config.cleanfid_model)
     if model_dir is None:
         raise UserError(cleanfid_missing_message())
     model_hash = weights_sha256(model_dir / CLEANFID_MODEL_FILE)[:16]
-    cached = Path(space.cache_dir) / f"{space.kwargs['input2_cache_name']}-cleanfid-{model_hash}.npy"
-    if cached.is_file():
-        reference_inception = np.load(cached)
-    else:
-        reference_inception = cleanfid_inception_features(space.reference.images, model_dir)
-        atomic_write_bytes(cached, npy_bytes(reference_inception))
+    cached = cache_file(space.cache_dir, space.kwargs["input2_cache_name"], "cleanfid", model_hash)
+    reference_inception = cached_arrays(cached, ("features",), lambda: {
+        "features": cleanfid_inception_features(space.reference.images, model_dir)})["features"]
     return cleanfid_frechet_distance(cleanfid_inception_features(space.samples, model_dir), reference_inception)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """An array as the bytes of a .npy file."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 # ---- the built-in feature spaces, in preference order ---------------------------------------------
@@ -251,4 +291,4 @@ def npy_bytes(array: np.ndarray) -> bytes:
 register_extractor(ExtractorSpec(DIGITS, DIGITS, weights=lambda config, where="": str(ASSET_PATH),
                                  channels=(1,), size=(8, 8), fidelity_class=DigitsCNNExtractor))
 register_extractor(ExtractorSpec(INCEPTION, INCEPTION_FIDELITY_NAME, weights=inception_weights, rgb=True,
-                                 cleanfid=inception_cleanfid_fid, cleanfid_model=True))
+                                 cleanfid=inception_cleanfid_fid, cleanfid_model=True, verify=check_inception_weights))

@@ -7,7 +7,8 @@ space (`fid_digits_cnn`, `is_inception_mean`). The built-in metrics use torch-fi
 functions and settings, so the numbers are those of a direct `torch_fidelity.calculate_metrics` call
 with `fidelity_kwargs` (tests/test_measurement.py checks it). The reference's features and FID
 statistics are cached on disk under `cache_dir`, keyed by data set, image hash, n, resolution,
-extractor and a hash of the extractor's weights (`reference_cache_name`).
+extractor and a hash of the extractor's weights (`reference_cache_name`), as checksummed `.npz` files
+that cannot run code (`reference_cache`); torch-fidelity's own cache, which unpickles, is switched off.
 
 Metrics and feature spaces from plugin packages (entry-point group `adadiff_bench.metrics`) are loaded
 before anything is computed. An optional bootstrap gives a confidence interval for FID
@@ -30,7 +31,9 @@ from ..data import Dataset
 from ..errors import UserError
 from ..plugins import load_plugins
 from .classifier import weights_sha256
-from .extractors import DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend, get_extractor
+from .extractors import (DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend, get_extractor, verify_weights,
+                         weights_only_loads)
+from .reference_cache import cache_file, cached_arrays
 from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, SPREAD, MetricSpec, metric_specs
 
 CPU = torch.device("cpu")
@@ -84,9 +87,12 @@ class FeatureSpace:
     def reference_statistics(self) -> dict:
         """The reference's FID mean and covariance {"mu", "sigma"} (cached on disk beside its features)."""
         if self._reference_statistics is None:
-            self._reference_statistics = fidelity_fid.fid_featuresdict_to_statistics_cached(
-                self.features.reference, self.kwargs["input2_cache_name"], self.features.network,
-                self.features.layers["fid"], **self.kwargs)
+            layer = self.features.layers["fid"]
+            path = cache_file(self.cache_dir, self.kwargs["input2_cache_name"], self.features.network.get_name(),
+                              "stat-fid", layer)
+            self._reference_statistics = cached_arrays(
+                path, ("mu", "sigma"), lambda: fidelity_fid.fid_featuresdict_to_statistics(self.features.reference,
+                                                                                          layer))
         return self._reference_statistics
 
     def cleanfid_fid(self) -> float:
@@ -108,6 +114,7 @@ def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsCo
     check_images(samples, reference.images, extractors)
     weights = {name: get_extractor(name).weights(config, "") for name in extractors}  # fail before any work
     check_fid_backend(config, tuple(name for name, path in weights.items() if path is not None))
+    verify_weights(weights)
     results = {}
     for name, path in weights.items():
         if path is not None:
@@ -149,7 +156,8 @@ def metrics_in_feature_space(extractor: str, weights: str, samples: torch.Tensor
     kwargs = fidelity_kwargs(extractor, weights, samples, reference, config, cache_dir, device)
     columns = {}
     with torch.cuda.device(device) if kwargs["cuda"] else contextlib.nullcontext():
-        space = FeatureSpace(spec, samples, reference, config, Path(cache_dir), kwargs, extract_features(kwargs))
+        space = FeatureSpace(spec, samples, reference, config, Path(cache_dir), kwargs,
+                             extract_features(kwargs, Path(cache_dir)))
         for metric in metrics:
             columns.update(named_columns(metric, metric.compute(space), spec.column))
     return columns
@@ -172,7 +180,11 @@ def named_columns(metric: MetricSpec, values: dict[str, float], space: str) -> d
 
 def fidelity_kwargs(extractor: str, weights: str, samples: torch.Tensor, reference: Dataset, config: MetricsConfig,
                     cache_dir: str | Path, device: torch.device = CPU) -> dict:
-    """The keyword arguments of the equivalent `torch_fidelity.calculate_metrics` call in one feature space."""
+    """The keyword arguments of the equivalent `torch_fidelity.calculate_metrics` call in one feature space.
+
+    torch-fidelity's cache is off (`cache=False`: it would read its files with `torch.load(weights_only=False)`);
+    `input2_cache_name` only names the suite's own reference cache under `cache_dir` (see `extract_features`).
+    """
     spec = get_extractor(extractor)
     roles = {metric.feature for metric in enabled_metrics(spec, config)}
     to_input = with_three_channels if spec.rgb else (lambda images: images)
@@ -184,18 +196,36 @@ def fidelity_kwargs(extractor: str, weights: str, samples: torch.Tensor, referen
         isc_splits=clamped("isc_splits", config.isc_splits, len(samples)),
         kid_subset_size=clamped("kid_subset_size", config.kid_subset_size, len(samples), len(reference.images)),
         prc_neighborhood=config.prc_neighborhood,
-        cache_root=str(cache_dir), input2_cache_name=reference_cache_name(reference, extractor, weights),
+        cache=False, input2_cache_name=reference_cache_name(reference, extractor, weights),
     )
 
 
-def extract_features(kwargs: dict) -> Features:
-    """Both image sets through the feature extractor once; the reference's come from the cache when there."""
+def extract_features(kwargs: dict, cache_dir: Path) -> Features:
+    """Both image sets through the feature extractor once; the reference's come from `cache_dir` when there.
+
+    The network is built with every `torch.load` forced to `weights_only` (its weights file cannot run code)."""
     layers = {role: fidelity_utils.resolve_feature_layer_for_metric(role, **kwargs)
               for role in FEATURE_ROLES if kwargs[role]}
-    network = fidelity_utils.create_feature_extractor(kwargs["feature_extractor"], sorted(set(layers.values())),
-                                                      **kwargs)
-    return Features(network, layers, fidelity_utils.extract_featuresdict_from_input_id_cached(1, network, **kwargs),
-                    fidelity_utils.extract_featuresdict_from_input_id_cached(2, network, **kwargs))
+    names = sorted(set(layers.values()))
+    with weights_only_loads():
+        network = fidelity_utils.create_feature_extractor(kwargs["feature_extractor"], names, **kwargs)
+    samples = fidelity_utils.extract_featuresdict_from_input_id(1, network, **kwargs)
+    return Features(network, layers, samples, reference_features(network, names, kwargs, cache_dir))
+
+
+def reference_features(network, names: list[str], kwargs: dict, cache_dir: Path) -> dict[str, torch.Tensor]:
+    """The reference's features {layer: N x D}, one cache file per layer; the network runs once if any is missing."""
+    paths = {name: cache_file(cache_dir, kwargs["input2_cache_name"], network.get_name(), "features", name)
+             for name in names}
+    computed: dict[str, torch.Tensor] = {}
+
+    def compute(name: str) -> dict:
+        if not computed:
+            computed.update(fidelity_utils.extract_featuresdict_from_input_id(2, network, **kwargs))
+        return {"features": computed[name].numpy()}
+
+    return {name: torch.from_numpy(cached_arrays(paths[name], ("features",), lambda: compute(name))["features"])
+            for name in names}
 
 
 def with_three_channels(images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,179 @@
+"""Noise schedules, the network's time-input conventions, and the solvers against closed forms.
+
+On Gaussian data x_0 ~ N(m, s^2) the marginal at every time is Gaussian, x_t ~ N(alpha_t m, alpha_t^2 s^2 +
+sigma_t^2), so the true noise prediction is known in closed form:
+    eps*(x_t, t) = sigma_t (x_t - alpha_t m) / (alpha_t^2 s^2 + sigma_t^2).
+A solver fed with it must return samples whose mean and variance are the data's.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from adadiff_bench.diffusion import initial_noise, sample, sample_generators, solver_timesteps
+from adadiff_bench.errors import UserError
+from adadiff_bench.schedules import SCHEDULES, check_schedule_and_solver, get_schedule
+
+DATA_MEAN, DATA_STD = 0.3, 0.5
+SHAPE = (1, 16, 16)
+NUM_SAMPLES = 48  # 12,288 pixel values: the mean's standard error is 0.0045, the variance's about 1.3%
+
+
+def gaussian_eps(schedule_name: str):
+    """The exact eps of Gaussian data, read at the solver's own time (ctx.timesteps)."""
+    schedule = get_schedule(schedule_name)
+
+    def denoiser(x, t, y, ctx):
+        alpha, sigma = (v.float().item() for v in schedule.alpha_sigma(torch.tensor([ctx.timesteps[ctx.step]])))
+        return sigma * (x - alpha * DATA_MEAN) / (alpha ** 2 * DATA_STD ** 2 + sigma ** 2)
+
+    return denoiser
+
+
+def assert_matches_data(images: torch.Tensor, mean_tol: float = 0.02, var_rtol: float = 0.06) -> None:
+    assert images.mean().item() == pytest.approx(DATA_MEAN, abs=mean_tol)
+    assert images.var().item() == pytest.approx(DATA_STD ** 2, rel=var_rtol)
+
+
+# ---- the schedules themselves -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["linear", "scaled-linear"])
+def test_discrete_schedules_are_diffusers_own(name):
+    schedule = get_schedule(name)
+    ours = schedule.alphas_cumprod()
+    theirs = DDPMScheduler(**schedule.diffusers_config()).alphas_cumprod.double()
+    assert torch.allclose(ours, theirs, rtol=1e-5)
+    alpha, sigma = schedule.alpha_sigma(torch.arange(1000))
+    assert torch.allclose(alpha ** 2, ours, rtol=1e-9) and torch.allclose(alpha ** 2 + sigma ** 2, torch.ones(1000).double())
+
+
+def test_scaled_linear_is_stable_diffusions():
+    betas = get_schedule("scaled-linear").betas()
+    assert betas[0].item() == pytest.approx(0.00085) and betas[-1].item() == pytest.approx(0.012)
+    assert torch.allclose(betas.sqrt().diff(), betas.sqrt().diff()[0].expand(999))  # linear in sqrt(beta)
+
+
+def test_vp_schedule_closed_form():
+    vp = get_schedule("vp")
+    t = torch.linspace(1e-3, 1, 50, dtype=torch.float64)
+    alpha, sigma = vp.alpha_sigma(t)
+    assert torch.allclose(alpha ** 2, torch.exp(-(0.1 * t + 19.9 * t ** 2 / 2)))
+    assert torch.allclose(alpha ** 2 + sigma ** 2, torch.ones_like(t))
+    # d log alpha / dt = -beta(t) / 2
+    h = 1e-6
+    slope = (vp.log_alpha(t + h) - vp.log_alpha(t - h)) / (2 * h)
+    assert torch.allclose(slope, -vp.beta(t) / 2, atol=1e-6)
+
+
+# ---- the time-input conventions, seen by a network that returns its time input --------------------
+
+def time_inputs(schedule: str, solver: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the network's time inputs, the solver's times) of one sampling run, step by step."""
+    seen, solver_times = [], []
+
+    def time_echo(x, t, y, ctx):
+        seen.append(t.double().numpy().copy())
+        solver_times.append(ctx.timesteps[ctx.step])
+        return torch.zeros_like(x) + t.float().view(-1, 1, 1, 1) * 0
+    sample(time_echo, solver, num_steps, (1, 2, 2), [0, 1], seed=0, schedule=schedule)
+    assert all((row == row[0]).all() for row in seen)  # one time per step for the whole batch
+    return np.array([row[0] for row in seen]), np.array(solver_times)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "dpm-solver++", "euler"])
+def test_linear_network_time_is_the_diffusers_timestep(solver):
+    network, times = time_inputs("linear", solver, 10)
+    assert np.array_equal(network, times)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpm-solver++", "euler"])
+def test_scaled_linear_network_time_is_one_more(solver):
+    network, times = time_inputs("scaled-linear", solver, 10)
+    assert np.allclose(network, times + 1)
+
+
+def test_scaled_linear_full_schedule_reads_1_to_1000():
+    network, _ = time_inputs("scaled-linear", "ddpm", 1000)
+    assert network.max() == 1000 and network.min() == 1 and len(np.unique(network)) == 1000
+
+
+def test_vp_network_time_is_999_t_on_eulers_grid():
+    network, times = time_inputs("vp", "euler-maruyama", 5)
+    assert np.allclose(times, [1.0, 0.75025, 0.5005, 0.25075, 0.001])  # linspace(1e-3, 1, 5), from 1 down
+    assert np.allclose(network, 999 * times, rtol=1e-6)
+    assert np.allclose(solver_timesteps("euler-maruyama", 5, "vp"), times)
+
+
+def test_solvers_refuse_schedules_they_were_not_written_for():
+    with pytest.raises(UserError, match="does not run schedule 'vp'"):
+        check_schedule_and_solver("vp", "ddim", "config")
+    with pytest.raises(UserError, match="solver 'euler-maruyama' does not run schedule 'linear'"):
+        check_schedule_and_solver("linear", "euler-maruyama", "config")
+    with pytest.raises(UserError, match="did you mean 'scaled-linear'"):
+        check_schedule_and_solver("scaled_linear", "ddim", "config")
+    assert set(SCHEDULES) == {"linear", "scaled-linear", "vp"}
+
+
+# ---- solvers on Gaussian data -----------------------------------------------------------------
+
+def test_euler_maruyama_on_vp_samples_the_data_distribution():
+    images = sample(gaussian_eps("vp"), "euler-maruyama", 1000, SHAPE, range(NUM_SAMPLES), seed=1, schedule="vp")
+    assert_matches_data(images)
+
+
+def test_euler_maruyama_with_too_few_steps_is_visibly_off():
+    """The check above can fail: 3 steps of Euler-Maruyama do not reach the data's variance."""
+    images = sample(gaussian_eps("vp"), "euler-maruyama", 3, SHAPE, range(NUM_SAMPLES), seed=1, schedule="vp")
+    assert abs(images.var().item() - DATA_STD ** 2) > 0.1 * DATA_STD ** 2
+
+
+def test_euler_maruyama_draws_noise_at_every_step_but_the_last():
+    """Each sample's generator draws the initial noise and one noise per step except the final, noiseless one."""
+    num_steps, indices = 7, [4, 9]
+    generators = sample_generators(2, indices)
+    sample(gaussian_eps("vp"), "euler-maruyama", num_steps, SHAPE, indices, seed=2, schedule="vp")
+    for _ in range(num_steps):  # initial noise + (num_steps - 1) step noises
+        initial_noise(generators, SHAPE)
+    expected_next = initial_noise(generators, SHAPE)
+    replay = sample_generators(2, indices)
+    for _ in range(num_steps):
+        initial_noise(replay, SHAPE)
+    assert torch.equal(initial_noise(replay, SHAPE), expected_next)
+    # and a run that drew one fewer noise would leave the generators elsewhere
+    short = sample_generators(2, indices)
+    for _ in range(num_steps - 1):
+        initial_noise(short, SHAPE)
+    assert not torch.equal(initial_noise(short, SHAPE), expected_next)
+
+
+def test_euler_maruyama_consumes_exactly_the_generators_noise():
+    """Rebuilding the run by hand from the same generators (noise in the same order) gives the same images."""
+    vp, num_steps, indices = get_schedule("vp"), 6, [0, 3]
+    denoiser = gaussian_eps("vp")
+    images = sample(denoiser, "euler-maruyama", num_steps, SHAPE, indices, seed=5, schedule="vp")
+    generators = sample_generators(5, indices)
+    x = initial_noise(generators, SHAPE).double()
+    grid = [0.0] + list(np.linspace(vp.eps, 1, num_steps))
+    times = list(reversed(grid))  # 1, ..., eps, 0
+    for t, s in zip(times[:-1], times[1:]):
+        alpha, sigma = math.exp(vp.log_alpha(t)), vp.sigma(t)
+        eps = sigma * (x - alpha * DATA_MEAN) / (alpha ** 2 * DATA_STD ** 2 + sigma ** 2)
+        beta = vp.beta(t)
+        x = x + (s - t) * (-0.5 * beta * x + beta * eps / sigma)
+        if s > 0:
+            x = x + math.sqrt(beta * (t - s)) * initial_noise(generators, SHAPE).double()
+    assert torch.allclose(images.double(), x, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled-linear"])
+@pytest.mark.parametrize("solver,num_steps", [("ddpm", 500), ("ddim", 250), ("dpm-solver++", 100), ("euler", 250)])
+def test_discrete_solvers_sample_the_data_distribution(schedule, solver, num_steps):
+    """Enough steps that the discretisation error stays inside the tolerance (at 25 steps these solvers land
+    10-20% below the data's variance on this data; SD's schedule, whose last time still holds alpha = 0.07 of
+    signal, starts from pure noise and so lands about 0.01 below the data's mean)."""
+    images = sample(gaussian_eps(schedule), solver, num_steps, SHAPE, range(NUM_SAMPLES), seed=1, schedule=schedule)
+    assert_matches_data(images)
