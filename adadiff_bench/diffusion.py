@@ -3,9 +3,9 @@
 The default schedule is the discrete DDPM one: 1,000 steps, betas linear in 1e-4..0.02, eps prediction.
 It is the discretisation of the VP-SDE with beta_min = 0.1, beta_max = 20 that U-ViT's pixel models use
 (beta_i = beta(t_i) / N with N = 1000). Other schedules and the network's time input they go with are
-named options (`schedules`). Discrete schedules run diffusers' schedulers; the continuous VP runs
-U-ViT's Euler-Maruyama (`euler_maruyama`), the one solver written here, since diffusers has none that
-matches it.
+named options (`schedules`). Discrete schedules run diffusers' schedulers; the continuous VP runs the
+two samplers of U-ViT's and AdaDiff's official code, written here since diffusers has none that matches
+them: Euler-Maruyama on the reverse SDE (`euler_maruyama`) and DPM-Solver-fast (`dpm_solver_fast`).
 
 Randomness: sample i draws its initial noise, its label and every solver noise from its own
 `torch.Generator`, seeded from (seed, i) alone, so batch size and process count never change it.
@@ -24,6 +24,8 @@ from .device import autocast, to_device
 from .schedules import DEFAULT_SCHEDULE, ContinuousVP, check_schedule_and_solver, get_schedule
 
 NUM_TRAIN_TIMESTEPS = 1000
+EULER_MARUYAMA_END = 1e-3     # smallest time of Euler-Maruyama's grid (U-ViT's sde.euler_maruyama default)
+DPM_SOLVER_FAST_END = 1e-4    # DPM-Solver-fast's end time (U-ViT's eval_ldm.py for its continuous-time models)
 BETA_START, BETA_END = 1e-4, 0.02
 
 _SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
@@ -74,8 +76,19 @@ def solver_timesteps(solver: str, num_steps: int, schedule: str = DEFAULT_SCHEDU
     diffusers timesteps on a discrete schedule, continuous times in (0, 1] on the VP one."""
     vp = get_schedule(schedule)
     if isinstance(vp, ContinuousVP):
-        return euler_maruyama_grid(vp, num_steps)[:0:-1].copy()
+        if solver == "dpm-solver-fast":
+            return np.array([time for s, t, order in dpm_solver_fast_plan(vp, num_steps)
+                             for time in dpm_solver_stage_times(vp, s, t, order)])
+        return euler_maruyama_grid(num_steps)[:0:-1].copy()
     return make_scheduler(solver, num_steps, schedule).timesteps.double().numpy()
+
+
+def solver_options(solver: str) -> dict:
+    """What run.json records of a solver: a diffusers scheduler's options, or a continuous solver's end time."""
+    if solver in SOLVER_SETTINGS:
+        return SOLVER_SETTINGS[solver][1]
+    end = DPM_SOLVER_FAST_END if solver == "dpm-solver-fast" else EULER_MARUYAMA_END
+    return {"end_time": end, "source": "adadiff_bench.diffusion"}
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -135,6 +148,8 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
     vp = get_schedule(schedule)
     eps_at = network_edge(denoiser, schedule, solver_timesteps(solver, num_steps, schedule), rows, generators, y,
                           on_step, device, precision)
+    if solver == "dpm-solver-fast":
+        return dpm_solver_fast(eps_at, x, vp, num_steps)
     return euler_maruyama(eps_at, x, vp, num_steps, generators)
 
 
@@ -167,9 +182,9 @@ def diffusers_sampler(eps_at: NetworkCall, scheduler, x: torch.Tensor,
     return x
 
 
-def euler_maruyama_grid(vp: ContinuousVP, num_steps: int) -> np.ndarray:
-    """U-ViT's grid: 0 followed by `num_steps` times evenly spaced from eps to 1 (float64, increasing)."""
-    return np.append(0.0, np.linspace(vp.eps, 1.0, num_steps))
+def euler_maruyama_grid(num_steps: int) -> np.ndarray:
+    """U-ViT's grid: 0 followed by `num_steps` times evenly spaced from 1e-3 to 1 (float64, increasing)."""
+    return np.append(0.0, np.linspace(EULER_MARUYAMA_END, 1.0, num_steps))
 
 
 def euler_maruyama(eps_at: NetworkCall, x: torch.Tensor, vp: ContinuousVP, num_steps: int,
@@ -177,7 +192,7 @@ def euler_maruyama(eps_at: NetworkCall, x: torch.Tensor, vp: ContinuousVP, num_s
     """Euler-Maruyama on the reverse VP-SDE dx = [-beta x / 2 - beta score] dt + sqrt(beta) dw (Song et al. 2021),
     as U-ViT's `sde.euler_maruyama`: from t = 1 down the grid, fresh noise at every step except the last,
     noiseless one from eps to 0. One network evaluation per step; noise comes from each sample's generator."""
-    grid = euler_maruyama_grid(vp, num_steps)
+    grid = euler_maruyama_grid(num_steps)
     for step_index, (t, s) in enumerate(zip(grid[:0:-1], grid[-2::-1])):
         eps = eps_at(step_index, x, torch.tensor(t, dtype=torch.float32))
         beta, dt = vp.beta(t), s - t
@@ -185,6 +200,63 @@ def euler_maruyama(eps_at: NetworkCall, x: torch.Tensor, vp: ContinuousVP, num_s
         x = x + (-0.5 * beta * x + (beta / vp.sigma(t)) * eps) * dt
         if s > 0:
             x = x + math.sqrt(-beta * dt) * to_device(initial_noise(generators, tuple(x.shape[1:])), x.device)
+    return x
+
+
+def dpm_solver_fast_plan(vp: ContinuousVP, num_steps: int) -> list[tuple[float, float, int]]:
+    """DPM-Solver-fast's steps (Lu et al. 2022, sec. 3.4) as (from s, to t, order): num_steps // 3 + 1 intervals
+    evenly spaced in half-log-SNR from t = 1 to 1e-4, third order but for a last second- and/or first-order
+    one, so that the orders add up to `num_steps` network evaluations."""
+    intervals = num_steps // 3 + 1
+    orders = [3] * (intervals - 2) + [2, 1] if num_steps % 3 == 0 else [3] * (intervals - 1) + [num_steps % 3]
+    lambdas = np.linspace(vp.half_log_snr(1.0), vp.half_log_snr(DPM_SOLVER_FAST_END), intervals + 1)
+    times = [vp.time_of_half_log_snr(lam) for lam in lambdas]
+    return [(times[i], times[i + 1], order) for i, order in enumerate(orders)]
+
+
+DPM_SOLVER_RATIOS = {1: (0.0,), 2: (0.0, 0.5), 3: (0.0, 1 / 3, 2 / 3)}  # where in [lambda_s, lambda_t] a stage evaluates
+
+
+def dpm_solver_stage_times(vp: ContinuousVP, s: float, t: float, order: int) -> list[float]:
+    """The times at which a DPM-Solver step of `order` from s to t evaluates the network."""
+    lam_s, h = vp.half_log_snr(s), vp.half_log_snr(t) - vp.half_log_snr(s)
+    return [s if r == 0 else vp.time_of_half_log_snr(lam_s + r * h) for r in DPM_SOLVER_RATIOS[order]]
+
+
+def dpm_solver_fast(eps_at: NetworkCall, x: torch.Tensor, vp: ContinuousVP, num_steps: int) -> torch.Tensor:
+    """DPM-Solver-fast with noise prediction (Lu et al. 2022, algorithms 1 and 2: DPM-Solver-1, -2 with r1 = 1/2,
+    -3 with r1 = 1/3, r2 = 2/3), as the official solver's `fast_version` that U-ViT's and AdaDiff's ImageNet
+    evaluation runs; no final denoising step. Coefficients in float64, the sample in float32."""
+    step_index = 0
+
+    def eps(x_in: torch.Tensor, time: float) -> torch.Tensor:
+        nonlocal step_index
+        out = eps_at(step_index, x_in, torch.tensor(time, dtype=torch.float32))
+        step_index += 1
+        return out
+
+    def first_order(x_s, s, t, eps_s):  # x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s
+        h = vp.half_log_snr(t) - vp.half_log_snr(s)
+        return math.exp(vp.log_alpha(t) - vp.log_alpha(s)) * x_s - vp.sigma(t) * math.expm1(h) * eps_s
+
+    for s, t, order in dpm_solver_fast_plan(vp, num_steps):
+        times = dpm_solver_stage_times(vp, s, t, order)
+        h = vp.half_log_snr(t) - vp.half_log_snr(s)
+        eps_s = eps(x, s)
+        if order == 1:
+            x = first_order(x, s, t, eps_s)
+        elif order == 2:
+            eps_1 = eps(first_order(x, s, times[1], eps_s), times[1])
+            x = first_order(x, s, t, eps_s) - vp.sigma(t) * math.expm1(h) * (eps_1 - eps_s)  # 0.5 / r1 = 1
+        else:
+            r1, r2 = DPM_SOLVER_RATIOS[3][1:]
+            eps_1 = eps(first_order(x, s, times[1], eps_s), times[1])
+            # u2 = first-order to s2, corrected by the first difference (phi_2 terms of algorithm 2)
+            phi_2_at_s2 = math.expm1(r2 * h) / (r2 * h) - 1
+            u2 = first_order(x, s, times[2], eps_s) - (r2 / r1) * vp.sigma(times[2]) * phi_2_at_s2 * (eps_1 - eps_s)
+            eps_2 = eps(u2, times[2])
+            phi_2 = math.expm1(h) / h - 1
+            x = first_order(x, s, t, eps_s) - (1 / r2) * vp.sigma(t) * phi_2 * (eps_2 - eps_s)
     return x
 
 

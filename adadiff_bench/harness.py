@@ -28,7 +28,7 @@ from . import __version__
 from .checkpoints import load_model, sha256_file
 from .config import MethodEntry, RunConfig, check_solver, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
-from .diffusion import SOLVER_SETTINGS, sample, solver_timesteps
+from .diffusion import sample, solver_options, solver_timesteps
 from .device import (check_precision_on, device_info, device_name, module_device, resolve_device,
                      set_deterministic, wants_cuda)
 from .distributed import World, agree, join_world, leave_world
@@ -483,7 +483,7 @@ def run_info(config: RunConfig, prep: Prepared, started: str, world: World = Wor
         "feature_extractors": list(prep.extractors),
         "unit_macs": {"embed": prep.costs.embed, "blocks": prep.costs.blocks.tolist(), "head": prep.costs.head},
         "flops_convention": "MACs of matmuls, convolutions and attention (fvcore, SDPA handle); FLOPs = 2 x MACs",
-        "solvers": {name: SOLVER_SETTINGS[name][1] for name in sorted({c.solver for c in prep.cells})},
+        "solvers": {name: solver_options(name) for name in sorted({c.solver for c in prep.cells})},
         "cells": [c.cell_id for c in prep.cells],
     }
 

@@ -27,7 +27,7 @@ import torch
 from .errors import UserError, did_you_mean
 
 DIFFUSERS_SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")  # discrete schedules: diffusers' schedulers
-CONTINUOUS_SOLVERS = ("euler-maruyama",)                       # continuous VP: this package's own
+CONTINUOUS_SOLVERS = ("euler-maruyama", "dpm-solver-fast")    # continuous VP: this package's own
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,6 @@ class ContinuousVP:
     beta_min: float = 0.1
     beta_max: float = 20.0
     time_scale: float = 999.0
-    eps: float = 1e-3          # Euler-Maruyama's smallest grid time (U-ViT's sde.euler_maruyama default)
     solvers: tuple[str, ...] = CONTINUOUS_SOLVERS
     kind: str = "continuous"
 
@@ -103,6 +102,16 @@ class ContinuousVP:
 
     def sigma(self, t: float) -> float:
         return math.sqrt(-math.expm1(2 * self.log_alpha(t)))
+
+    def half_log_snr(self, t: float) -> float:
+        """lambda_t = log(alpha_t / sigma_t), decreasing in t."""
+        return self.log_alpha(t) - math.log(self.sigma(t))
+
+    def time_of_half_log_snr(self, lam: float) -> float:
+        """The t with lambda_t = lam: log alpha_t = -log(1 + e^(-2 lam)) / 2 is a quadratic in t, solved stably."""
+        c = 0.5 * math.log1p(math.exp(-2 * lam))           # beta_min t / 2 + (beta_max - beta_min) t^2 / 4 = c
+        a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+        return 2 * c / (b + math.sqrt(b * b + 4 * a * c))
 
 
 Schedule = DiscreteSchedule | ContinuousVP

@@ -165,3 +165,29 @@ def test_guidance_below_one_is_refused(tmp_path, tiny_checkpoint):
                                         "euler-maruyama"):
         load_run_config(path)
     assert get_method("full")  # (the registry is loaded for the harness tests above)
+
+
+def test_a_guided_vp_run_records_its_schedule_and_both_passes(tmp_path):
+    """End to end: a class-conditional tiny model (10 digits + the null label) on the continuous VP schedule with
+    Euler-Maruyama and guidance; each row says which schedule and weight it ran, FLOPs count both passes."""
+    import json
+
+    import pandas as pd
+
+    from adadiff_bench.checkpoints import save_checkpoint
+    from adadiff_bench.cli import main
+    from conftest import write_run_config
+    config = dataclasses.replace(TINY, num_classes=11)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    save_checkpoint(tmp_path / "cond.pt", model, config)
+    sampling = 'solver = "euler-maruyama"\nschedule = "vp"\nguidance = 1.4\nnum_samples = 16\nbatch_size = 16'
+    path = write_run_config(tmp_path, tmp_path / "cond.pt", sampling=sampling, timing="enabled = false")
+    assert main(["run", "--config", str(path), "--no-progress"]) == 0
+    run_dir = tmp_path / "results" / "tiny"
+    frame = pd.read_csv(run_dir / "results.csv")
+    assert (frame["schedule"] == "vp").all() and (frame["guidance"] == 1.4).all()
+    full_macs = unit_costs(model).full
+    assert np.allclose(frame["macs_per_image"], 2 * frame["num_steps"] * full_macs)  # two passes per step
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["solvers"]["euler-maruyama"]["end_time"] == 1e-3
