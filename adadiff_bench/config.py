@@ -17,7 +17,7 @@ from typing import Any
 from .errors import UserError, did_you_mean
 from .schedules import check_schedule_and_solver
 
-SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler", "euler-maruyama", "dpm-solver-fast")
+SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler", "dpm-solver++-fast", "euler-maruyama", "dpm-solver-fast")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

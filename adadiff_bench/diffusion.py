@@ -6,6 +6,8 @@ It is the discretisation of the VP-SDE with beta_min = 0.1, beta_max = 20 that U
 named options (`schedules`). Discrete schedules run diffusers' schedulers; the continuous VP runs the
 two samplers of U-ViT's and AdaDiff's official code, written here since diffusers has none that matches
 them: Euler-Maruyama on the reverse SDE (`euler_maruyama`) and DPM-Solver-fast (`dpm_solver_fast`).
+On discrete schedules `dpm_solver_pp_fast` is U-ViT's DPM-Solver++ for its latent models (diffusers'
+`dpm-solver++` is the multistep variant on integer timesteps).
 
 Randomness: sample i draws its initial noise, its label and every solver noise from its own
 `torch.Generator`, seeded from (seed, i) alone, so batch size and process count never change it.
@@ -21,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from .device import autocast, to_device
-from .schedules import DEFAULT_SCHEDULE, ContinuousVP, check_schedule_and_solver, get_schedule
+from .schedules import DEFAULT_SCHEDULE, ContinuousVP, DiscreteSchedule, check_schedule_and_solver, get_schedule
 
 NUM_TRAIN_TIMESTEPS = 1000
 EULER_MARUYAMA_END = 1e-3     # smallest time of Euler-Maruyama's grid (U-ViT's sde.euler_maruyama default)
@@ -75,6 +77,8 @@ def solver_timesteps(solver: str, num_steps: int, schedule: str = DEFAULT_SCHEDU
     """The solver's times at which the network is evaluated, in order (what the step log's timestep axis holds):
     diffusers timesteps on a discrete schedule, continuous times in (0, 1] on the VP one."""
     vp = get_schedule(schedule)
+    if solver == "dpm-solver++-fast":
+        return pp_fast_timesteps(vp, num_steps)[:-1].copy()
     if isinstance(vp, ContinuousVP):
         if solver == "dpm-solver-fast":
             return np.array([time for s, t, order in dpm_solver_fast_plan(vp, num_steps)
@@ -87,6 +91,8 @@ def solver_options(solver: str) -> dict:
     """What run.json records of a solver: a diffusers scheduler's options, or a continuous solver's end time."""
     if solver in SOLVER_SETTINGS:
         return SOLVER_SETTINGS[solver][1]
+    if solver == "dpm-solver++-fast":
+        return {"end_time": "1/N", "grid": "time-uniform", "orders": "fast, third", "source": "adadiff_bench.diffusion"}
     end = DPM_SOLVER_FAST_END if solver == "dpm-solver-fast" else EULER_MARUYAMA_END
     return {"end_time": end, "source": "adadiff_bench.diffusion"}
 
@@ -148,6 +154,8 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
     vp = get_schedule(schedule)
     eps_at = network_edge(denoiser, schedule, solver_timesteps(solver, num_steps, schedule), rows, generators, y,
                           on_step, device, precision)
+    if solver == "dpm-solver++-fast":
+        return dpm_solver_pp_fast(eps_at, x, vp, num_steps)
     if solver == "dpm-solver-fast":
         return dpm_solver_fast(eps_at, x, vp, num_steps)
     return euler_maruyama(eps_at, x, vp, num_steps, generators)
@@ -207,11 +215,17 @@ def dpm_solver_fast_plan(vp: ContinuousVP, num_steps: int) -> list[tuple[float, 
     """DPM-Solver-fast's steps (Lu et al. 2022, sec. 3.4) as (from s, to t, order): num_steps // 3 + 1 intervals
     evenly spaced in half-log-SNR from t = 1 to 1e-4, third order but for a last second- and/or first-order
     one, so that the orders add up to `num_steps` network evaluations."""
-    intervals = num_steps // 3 + 1
-    orders = [3] * (intervals - 2) + [2, 1] if num_steps % 3 == 0 else [3] * (intervals - 1) + [num_steps % 3]
-    lambdas = np.linspace(vp.half_log_snr(1.0), vp.half_log_snr(DPM_SOLVER_FAST_END), intervals + 1)
+    orders = fast_orders(num_steps)
+    lambdas = np.linspace(vp.half_log_snr(1.0), vp.half_log_snr(DPM_SOLVER_FAST_END), len(orders) + 1)
     times = [vp.time_of_half_log_snr(lam) for lam in lambdas]
     return [(times[i], times[i + 1], order) for i, order in enumerate(orders)]
+
+
+def fast_orders(num_steps: int) -> list[int]:
+    """DPM-Solver-fast's orders: third order but for a last second- and/or first-order step, adding up to
+    `num_steps` network evaluations over num_steps // 3 + 1 steps."""
+    steps = num_steps // 3 + 1
+    return [3] * (steps - 2) + [2, 1] if num_steps % 3 == 0 else [3] * (steps - 1) + [num_steps % 3]
 
 
 DPM_SOLVER_RATIOS = {1: (0.0,), 2: (0.0, 0.5), 3: (0.0, 1 / 3, 2 / 3)}  # where in [lambda_s, lambda_t] a stage evaluates
@@ -257,6 +271,53 @@ def dpm_solver_fast(eps_at: NetworkCall, x: torch.Tensor, vp: ContinuousVP, num_
             eps_2 = eps(u2, times[2])
             phi_2 = math.expm1(h) / h - 1
             x = first_order(x, s, t, eps_s) - (1 / r2) * vp.sigma(t) * phi_2 * (eps_2 - eps_s)
+    return x
+
+
+def pp_fast_timesteps(schedule: DiscreteSchedule, num_steps: int) -> np.ndarray:
+    """U-ViT's grid for DPM-Solver++ on a discrete schedule: continuous time t = (index + 1) / N evenly spaced from
+    1 to 1 / N (`num_steps` + 1 points), as fractional diffusers indices N t - 1 (999 down to 0)."""
+    n = schedule.num_train_timesteps
+    return np.linspace(1.0, 1.0 / n, num_steps + 1) * n - 1
+
+
+def dpm_solver_pp_fast(eps_at: NetworkCall, x: torch.Tensor, schedule: DiscreteSchedule,
+                       num_steps: int) -> torch.Tensor:
+    """DPM-Solver++ with data prediction (Lu et al. 2022b), singlestep, the fast orders on a time-uniform grid whose
+    points are also the intermediate stages: U-ViT's `dpm_solver_pp` as its discrete-time (SD-schedule) models
+    sample, `sample(steps, eps=1/N, T=1)` with its defaults. Between the schedule's steps log alpha is linear in
+    time, as there. No final denoising step; coefficients in float64, the sample in float32."""
+    n = schedule.num_train_timesteps
+    grid = pp_fast_timesteps(schedule, num_steps)
+    log_alpha = np.interp(grid, np.arange(n), 0.5 * np.log(schedule.alphas_cumprod().numpy()))
+    alpha, sigma = np.exp(log_alpha), np.sqrt(-np.expm1(2 * log_alpha))
+    lam = log_alpha - np.log(sigma)
+
+    def data_prediction(i: int, x_i: torch.Tensor) -> torch.Tensor:  # x0 = (x - sigma eps) / alpha at grid point i
+        eps = eps_at(i, x_i, torch.tensor(grid[i], dtype=torch.float32))
+        return (x_i - sigma[i] * eps) / alpha[i]
+
+    def first_order(x_s, s, t, x0_s):  # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x0_s
+        return (sigma[t] / sigma[s]) * x_s - alpha[t] * math.expm1(-(lam[t] - lam[s])) * x0_s
+
+    s = 0
+    for order in fast_orders(num_steps):
+        t, h = s + order, lam[s + order] - lam[s]
+        x0_s = data_prediction(s, x)
+        if order == 1:
+            x = first_order(x, s, t, x0_s)
+        elif order == 2:
+            r1 = (lam[s + 1] - lam[s]) / h
+            x0_1 = data_prediction(s + 1, first_order(x, s, s + 1, x0_s))
+            x = first_order(x, s, t, x0_s) - (0.5 / r1) * alpha[t] * math.expm1(-h) * (x0_1 - x0_s)
+        else:
+            r1, r2 = (lam[s + 1] - lam[s]) / h, (lam[s + 2] - lam[s]) / h
+            x0_1 = data_prediction(s + 1, first_order(x, s, s + 1, x0_s))
+            phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1
+            u2 = first_order(x, s, s + 2, x0_s) + (r2 / r1) * alpha[s + 2] * phi_22 * (x0_1 - x0_s)
+            x0_2 = data_prediction(s + 2, u2)
+            x = first_order(x, s, t, x0_s) + (1 / r2) * alpha[t] * (math.expm1(-h) / h + 1) * (x0_2 - x0_s)
+        s = t
     return x
 
 

@@ -27,6 +27,7 @@ import torch
 from .errors import UserError, did_you_mean
 
 DIFFUSERS_SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")  # discrete schedules: diffusers' schedulers
+DISCRETE_SOLVERS = DIFFUSERS_SOLVERS + ("dpm-solver++-fast",)  # ... and U-ViT's DPM-Solver++ (this package's)
 CONTINUOUS_SOLVERS = ("euler-maruyama", "dpm-solver-fast")    # continuous VP: this package's own
 
 
@@ -39,7 +40,7 @@ class DiscreteSchedule:
     beta_end: float
     time_offset: int = 0      # network's time input = diffusers timestep + time_offset
     num_train_timesteps: int = 1000
-    solvers: tuple[str, ...] = DIFFUSERS_SOLVERS
+    solvers: tuple[str, ...] = DISCRETE_SOLVERS
     kind: str = "discrete"
 
     def diffusers_config(self) -> dict:

@@ -233,3 +233,35 @@ def test_half_log_snr_inverse():
     vp = get_schedule("vp")
     for t in (1e-4, 1e-3, 0.2, 0.7, 1.0):
         assert vp.time_of_half_log_snr(vp.half_log_snr(t)) == pytest.approx(t, rel=1e-9)
+
+
+# ---- U-ViT's DPM-Solver++ on the discrete schedules -------------------------------------------------
+
+def discrete_ode_error(schedule_name: str, num_steps: int) -> float:
+    """Max error against the closed-form ODE solution from index 999 to 0. Step counts that divide 999 keep every
+    grid point on an integer index, where the test's eps and the solver's schedule agree exactly."""
+    schedule, indices = get_schedule(schedule_name), range(8)
+
+    def spread(index):
+        alpha, sigma = schedule.alpha_sigma(torch.tensor([float(index)]))
+        return alpha, torch.sqrt(alpha ** 2 * DATA_STD ** 2 + sigma ** 2)
+    (alpha_1, v_1), (alpha_0, v_0) = spread(999), spread(0)
+    x_1 = initial_noise(sample_generators(1, indices), SHAPE).double()
+    exact = alpha_0 * DATA_MEAN + v_0 * (x_1 - alpha_1 * DATA_MEAN) / v_1
+    images = sample(gaussian_eps(schedule_name), "dpm-solver++-fast", num_steps, SHAPE, indices, seed=1,
+                    schedule=schedule_name)
+    return (images.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled-linear"])
+def test_dpm_solver_pp_fast_converges_to_the_ode_solution(schedule):
+    errors = [discrete_ode_error(schedule, n) for n in (27, 111, 333)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 5e-3
+
+
+def test_dpm_solver_pp_fast_grid_and_time_input():
+    """U-ViT's grid for its SD-schedule models: t from 1 to 1/N evenly, read by the network as N t (1000 down to
+    20 for 50 steps; the last grid point, 1, is where the solver ends, not evaluated)."""
+    network, times = time_inputs("scaled-linear", "dpm-solver++-fast", 50)
+    assert np.allclose(network, np.linspace(1000, 1, 51)[:-1], atol=1e-4)
+    assert np.allclose(times, network - 1, atol=1e-4)
