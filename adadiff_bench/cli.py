@@ -19,6 +19,7 @@ EPILOG = textwrap.dedent("""\
       adadiff-bench report results/demo --open                    # tables, figures, index.html in reports/demo/
       adadiff-bench leaderboard results/demo results/digits_full  # one table from several runs (same data, n)
       adadiff-bench methods                                       # list registered methods
+      adadiff-bench methods adadiff                               # one method's knobs: type, default, range, meaning
       adadiff-bench flops checkpoints/uvit_digits.pt --steps 25   # MACs, params and share per block
 
     On a GPU (device = "auto" picks CUDA when there is one; bf16 autocasts the network):
@@ -40,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a U-ViT (resumes from the last checkpoint of the same config)",
+    train = commands.add_parser("train", help="train a U-ViT or a method's networks (resumes from the last checkpoint "
+                                              "of the same config)",
                                 description="Train a U-ViT on a data set with AdamW, warm-up and EMA. The final EMA "
-                                            "weights are written to train.out_dir/ema.pt (and train.export).")
+                                            "weights are written to train.out_dir/ema.pt (and train.export).",
+                                epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", required=True, help="training TOML, e.g. configs/train_digits.toml")
     train.add_argument("--device", help="override train.device: auto, cpu, cuda or cuda:N")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override train.precision (autocast)")
@@ -91,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="retrain the digits feature extractor shipped with the package")
     classifier.add_argument("--out", help="where to write the weights (default: the packaged asset)")
 
-    commands.add_parser("methods", help="list the registered methods")
+    methods = commands.add_parser("methods", help="list the registered methods, or one method's knobs",
+                                  description="Without NAME, list the registered methods. With NAME, print that "
+                                              "method's family, paper and every knob (the keys of its [[methods]] "
+                                              "table) with type, default, valid values and meaning, and its "
+                                              "training table if it trains. All keys: docs/config.md.")
+    methods.add_argument("name", nargs="?", metavar="NAME", help="a method, e.g. adadiff")
 
     flops = commands.add_parser(
         "flops", help="per-block MACs, params and share of a checkpoint (+ AdaDiff estimator/head overheads)",
@@ -202,9 +210,25 @@ def _train_classifier(args) -> int:
     return 0
 
 
+def _train_epilog() -> str:
+    """`train --help`'s tables: a training config trains a U-ViT, or a method from its own table."""
+    return textwrap.dedent("""\
+        tables of a training config (TOML):
+          [data], [model], [train]   the data set, the U-ViT's architecture, the optimiser and schedule
+          one method's table         trains that method from a base checkpoint instead: [adadiff] (estimators),
+                                     [ase] (fine-tuning for block dropping), [berxit] (exit regressor),
+                                     [l2c] (caching router); plugins may add their own
+        Each table's keys: `adadiff-bench methods NAME` (e.g. `methods adadiff`) and docs/config.md.
+        """)
+
+
 def _methods(args) -> int:
     from .methods import available_methods, get_method
 
+    if args.name:
+        from .docs_config import method_text
+        print(method_text(get_method(args.name)))
+        return 0
     for name in available_methods():
         cls = get_method(name)
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

@@ -36,6 +36,7 @@ import torch
 
 from adadiff_bench.device import rows_on
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.registry import Method, register_method
 
 
@@ -45,9 +46,12 @@ HISTORY = 4  # x_{k-3}, ..., x_k: what a third difference needs
 
 @dataclass
 class AdaptiveDiffusionParams:
-    threshold: float = 0.3    # the paper's delta
-    max_skips: int = 1        # the paper's C_max
-    estimator: str = "paper"  # paper | official
+    threshold: float = knob(0.3, "the paper's delta: run the network iff the third-order estimate >= delta times "
+                                 "the last step's change (0 never skips)", at_least=0)
+    max_skips: int = knob(1, "the paper's C_max: at most this many skipped steps in a row", at_least=1)
+    estimator: str = knob("paper", "\"paper\": norm of the third difference of the latents; \"official\": the "
+                                   "released code's second difference of step lengths (thresholds ~10x smaller)",
+                          choices=ESTIMATORS)
 
     def validate(self, where: str) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):

@@ -37,7 +37,7 @@ where the paper fine-tunes one model per schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
 from adadiff_bench.device import rows_on
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.models.backbone import BRANCHES, Backbone
@@ -127,8 +128,11 @@ def _run_plan(model: Backbone, x, t, y, plan: DropPlan, rows: torch.Tensor | Non
 
 @dataclass
 class AseParams:
-    strength: float = 0.5
-    checkpoint: str = DEFAULT_CHECKPOINT
+    strength: float = knob(0.5, "how many blocks are dropped as t grows: n_drop = min(D, floor(strength * D * b / 9)) "
+                                "in timestep bucket b (0 = none, 0.5 = up to every out-block at the noisiest steps)",
+                           at_least=0)
+    checkpoint: str = knob(DEFAULT_CHECKPOINT, "the U-ViT fine-tuned for ASE's dropping; \"\" = the run's base model "
+                                               "without fine-tuning", valid="\"\" or an existing U-ViT checkpoint")
 
     def validate(self, where: str) -> None:
         if not math.isfinite(self.strength) or self.strength < 0:
@@ -147,8 +151,10 @@ class AseTrainConfig:
     `strengths`: the schedule strengths sampled during fine-tuning, one per batch (one model serves all of
     them); units as above: 0.5 = up to every out-block dropped at the noisiest steps.
     """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25])
+    base_checkpoint: str = knob("checkpoints/uvit_digits.pt", "the U-ViT checkpoint that is fine-tuned",
+                                valid="a U-ViT checkpoint file")
+    strengths: list[float] = knob([0.25, 0.5, 0.75, 1.0, 1.25], "schedule strengths drawn during fine-tuning, one per "
+                                  "batch (one model serves them all)", at_least=0, valid="a non-empty list")
 
     def validate(self, where: str) -> None:
         if not self.strengths or any(not math.isfinite(s) or s < 0 for s in self.strengths):

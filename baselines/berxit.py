@@ -42,6 +42,7 @@ from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cach
                                        register_format, sha256_file)
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.prefix_exit import EXIT_NETWORK_FORMATS, PrefixExit, check_architecture, exit_network
 from adadiff_bench.models.backbone import Backbone
 from adadiff_bench.models.exit_forward import shared_head
@@ -135,8 +136,11 @@ def load_berxit(path: str, where: str = "berxit", device: torch.device | str = "
 
 @dataclass
 class BerxitParams:
-    checkpoint: str = "checkpoints/berxit_digits.pt"
-    tau: float = 0.05  # layer ratio 0.83 on the digits model (dpm-solver++, 25 steps)
+    checkpoint: str = knob("checkpoints/berxit_digits.pt", "the trained learning-to-exit regressor (it names the "
+                                                          "backbone it was trained on)",
+                           valid="an existing BERxiT checkpoint whose backbone file still matches")
+    tau: float = knob(0.05, "exit at the first block whose predicted eps MSE, -log(1 - u), is <= tau "
+                            "(0.05: layer ratio 0.83 on the digits model, dpm-solver++ 25 steps)", at_least=0)
 
     def validate(self, where: str) -> None:
         if not (math.isfinite(self.tau) and self.tau >= 0):
@@ -150,7 +154,9 @@ class BerxitTrainConfig:
 
     `base_checkpoint`: a U-ViT checkpoint, or an AdaDiff checkpoint whose backbone and exit heads are used.
     """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
+    base_checkpoint: str = knob("checkpoints/uvit_digits.pt", "the frozen network: a U-ViT, or an AdaDiff checkpoint "
+                                                              "whose backbone and exit heads are used",
+                                valid="a U-ViT or AdaDiff checkpoint file")
 
 
 @register_method

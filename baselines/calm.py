@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import Bounds, knob
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
 from adadiff_bench.methods.registry import register_method
 
@@ -31,8 +32,10 @@ VARIANTS = ("state", "prediction")
 
 @dataclass
 class CalmParams(PrefixParams):
-    variant: str = "state"
-    tau: float = 0.99
+    variant: str = knob("state", "confidence measure: \"state\" (cosine similarity of consecutive hidden states) "
+                                 "or \"prediction\" (RMS difference of consecutive exits' eps)", choices=VARIANTS)
+    tau: float = knob(0.99, "exit threshold: similarity >= tau (state) or RMS difference <= tau (prediction)",
+                      bounds_by=("variant", {"state": Bounds(-1.0, 1.0), "prediction": Bounds(0.0)}))
 
     def validate(self, where: str) -> None:
         super().validate(where)

@@ -25,14 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.block_cache import BlockCaching, check_interval
 from adadiff_bench.methods.registry import register_method
 
 
 @dataclass
 class DeepCacheParams:
-    interval: int = 3
-    branch: int = 1
+    interval: int = knob(3, "N: a full step (every block, refilling the cache) every N sampling steps; 1 = `full`",
+                         at_least=1)
+    branch: int = knob(1, "m: the skip branch whose deep features are cached; cached steps run the first m in-blocks "
+                          "and the last m out-blocks (1 = shallowest, cheapest)", at_least=1,
+                       valid="at most the number of in-blocks")
 
     def validate(self, where: str) -> None:
         check_interval(self.interval, where)

@@ -28,15 +28,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.block_cache import BlockCaching, check_interval
 from adadiff_bench.methods.registry import register_method
 
 
 @dataclass
 class DeltaDiTParams:
-    boundary: int = 15
-    interval: int = 2
-    num_cached: int = 6
+    boundary: int = knob(15, "b: a sampling-step index; steps before it skip the rear blocks, later steps the front "
+                             "blocks (0 = always front; >= the number of steps = always rear)", at_least=0)
+    interval: int = knob(2, "N: a full step (every block, refilling the cache) every N sampling steps; 1 = `full`",
+                         at_least=1)
+    num_cached: int = knob(6, "N_c: consecutive blocks skipped on a cached step (their offset comes from the cache)",
+                           at_least=1, valid="at most the number of blocks - 1")
 
     def validate(self, where: str) -> None:
         check_interval(self.interval, where)

@@ -31,6 +31,7 @@ from adadiff_bench.checkpoints import cached_checkpoint
 from adadiff_bench.device import rows_on
 from adadiff_bench.diffusion import NUM_TRAIN_TIMESTEPS
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
 
@@ -40,8 +41,11 @@ DEFAULT_SHALLOW = "checkpoints/duodiff_shallow_digits.pt"
 
 @dataclass
 class DuoDiffParams:
-    t_switch: float = 500.0
-    shallow: str = DEFAULT_SHALLOW
+    t_switch: float = knob(500.0, "t_s on the training scale: the shallow model serves t > t_switch, the full one "
+                                  "t <= t_switch (1000 = `full`)", at_least=0,
+                           at_most=NUM_TRAIN_TIMESTEPS)
+    shallow: str = knob(DEFAULT_SHALLOW, "the shallow U-ViT checkpoint",
+                        valid="an existing U-ViT checkpoint of the run's width and patching")
 
     def validate(self, where: str) -> None:
         if not 0 <= self.t_switch <= NUM_TRAIN_TIMESTEPS:

@@ -27,13 +27,15 @@ import torch
 
 from adadiff_bench.device import rows_on
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.block_cache import run_blocks
 from adadiff_bench.methods.registry import Method, register_method
 
 
 @dataclass
 class FirstBlockCacheParams:
-    threshold: float = 0.12
+    threshold: float = knob(0.12, "reuse the other blocks' residual while the first block's residual changed by "
+                                  "less than this relative L1 since the last full step (0 never reuses)", at_least=0)
 
     def validate(self, where: str) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adadiff_bench.flops import unit_costs
+from adadiff_bench.knobs import knob
 from adadiff_bench.models.backbone import BRANCHES
 from adadiff_bench.methods.block_cache import BlockCaching, check_interval
 from adadiff_bench.methods.registry import register_method
@@ -29,7 +30,8 @@ from adadiff_bench.methods.registry import register_method
 
 @dataclass
 class ForaParams:
-    interval: int = 3
+    interval: int = knob(3, "N: a full step (every block, refilling the cache) every N sampling steps; 1 = `full`",
+                         at_least=1)
 
     def validate(self, where: str) -> None:
         check_interval(self.interval, where)

@@ -53,10 +53,11 @@ import torch.nn as nn
 from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
 from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_model,
                                        register_format, sha256_file)
-from adadiff_bench.config import check_solver
+from adadiff_bench.config import SOLVERS, check_solver
 from adadiff_bench.device import to_device
 from adadiff_bench.diffusion import solver_timesteps
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.models.backbone import Backbone
@@ -159,8 +160,10 @@ def check_timesteps(router: RouterCheckpoint, timesteps: np.ndarray, expected: n
 
 @dataclass
 class L2cParams:
-    checkpoint: str = "checkpoints/l2c_digits.pt"
-    threshold: float = 0.5
+    checkpoint: str = knob("checkpoints/l2c_digits.pt", "the trained router (for one solver and step count)",
+                           valid="an existing router checkpoint")
+    threshold: float = knob(0.5, "on cache steps a branch runs iff its router score beta > threshold",
+                            at_least=0, at_most=1)
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -177,10 +180,14 @@ class L2cTrainConfig:
     `l1_weight`: the paper's lambda, the weight of the sparsity term sum(beta) that pushes toward reuse,
     against the eps error summed over pixels (the official 0.1 was for 4x32x32 latents; 0.002 suits 8x8 digits).
     """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    solver: str = "dpm-solver++"
-    num_steps: int = 25
-    l1_weight: float = 0.002
+    base_checkpoint: str = knob("checkpoints/uvit_digits.pt", "the frozen U-ViT the router learns to cache",
+                                valid="a U-ViT checkpoint file")
+    solver: str = knob("dpm-solver++", "the sampling solver the router is trained for (runs must use it)",
+                       choices=SOLVERS)
+    num_steps: int = knob(25, "the step count the router is trained for (a full step, then a cache step)",
+                          at_least=2)
+    l1_weight: float = knob(0.002, "the paper's lambda: weight of the sparsity term sum(beta) that pushes toward "
+                                   "reuse", at_least=0)
 
     def validate(self, where: str) -> None:
         check_solver(self.solver, where)

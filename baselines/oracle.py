@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
 from adadiff_bench.methods.registry import register_method
@@ -24,7 +25,8 @@ from ._rows import ActiveRows
 
 @dataclass
 class OracleParams(PrefixParams):
-    tau: float = 0.1
+    tau: float = knob(0.1, "exit at the first block whose eps is within this RMS error of the full-depth eps",
+                      at_least=0)
 
     def validate(self, where: str) -> None:
         super().validate(where)

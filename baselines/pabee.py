@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, rms_distance
 from adadiff_bench.methods.registry import register_method
 
@@ -25,8 +26,9 @@ from ._rows import ActiveRows
 
 @dataclass
 class PabeeParams(PrefixParams):
-    patience: int = 2
-    delta: float = 0.1
+    patience: int = knob(2, "agreeing consecutive exit pairs in a row before a sample exits", at_least=1)
+    delta: float = knob(0.1, "two consecutive exits agree when their eps differ by at most this RMS distance",
+                        at_least=0)
 
     def validate(self, where: str) -> None:
         super().validate(where)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, backbone_of
 from adadiff_bench.methods.registry import register_method
 from adadiff_bench.results import read_npz
@@ -27,9 +28,11 @@ from adadiff_bench.results import read_npz
 
 @dataclass
 class RandomExitParams(PrefixParams):
-    layer_ratio: float = 0.7
-    profile: str = ""
-    seed: int = 0
+    layer_ratio: float = knob(0.7, "target mean share of blocks run, E[k] / N (used when `profile` is empty)",
+                              above=0, at_most=1)
+    profile: str = knob("", "an earlier cell's exits.npz: draw exit points from its per-step histogram instead",
+                        valid="\"\" or an exits.npz (or the cell folder holding it)")
+    seed: int = knob(0, "seed of the draws (with the sample index and step)")
 
     def validate(self, where: str) -> None:
         super().validate(where)

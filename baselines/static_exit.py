@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.prefix_exit import PrefixExit, PrefixParams, backbone_of
 from adadiff_bench.methods.registry import register_method
 
 
 @dataclass
 class StaticExitParams(PrefixParams):
-    k: int = 9
+    k: int = knob(9, "the exit point: blocks run before every sample exits at every step", at_least=1,
+                  valid="at most the model's number of blocks")
 
     def validate(self, where: str) -> None:
         super().validate(where)

@@ -36,6 +36,7 @@ import torch
 
 from adadiff_bench.device import rows_on
 from adadiff_bench.errors import UserError
+from adadiff_bench.knobs import knob
 from adadiff_bench.methods.block_cache import run_blocks
 from adadiff_bench.methods.registry import Method, register_method
 
@@ -46,8 +47,11 @@ def parse_coefficients(text: str) -> list[float]:
 
 @dataclass
 class TeaCacheParams:
-    threshold: float = 0.1
-    rescale: str = ""  # polynomial coefficients "c_n,...,c_0" applied to each relative L1; "" = none
+    threshold: float = knob(0.1, "reuse the cached residual while the accumulated relative L1 change of the "
+                                 "embedded input stays below this (0 never reuses)", at_least=0)
+    rescale: str = knob("", "polynomial applied to each relative L1 before accumulating, coefficients highest power "
+                            "first (numpy.poly1d order); \"\" = none",
+                        valid="\"\" or comma-separated numbers, e.g. \"2.1,-1.3,0.8,0.01\"")
 
     def validate(self, where: str) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):

@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..knobs import knob
 from .prefix_exit import EXIT_NETWORK_FORMATS, backbone_of, check_architecture
 from .registry import Method, register_method
 
 
 @dataclass
 class FullParams:
-    checkpoint: str = ""
+    checkpoint: str = knob("", "a model whose full depth runs instead of the run's base model (an AdaDiff "
+                                "checkpoint: its backbone); \"\" = the run's base model",
+                           valid="\"\" or an existing checkpoint file")
 
     def validate(self, where: str) -> None:
         if self.checkpoint and not Path(self.checkpoint).is_file():

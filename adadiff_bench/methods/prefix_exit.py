@@ -18,6 +18,7 @@ import torch
 from ..checkpoints import FORMAT as UVIT_FORMAT
 from ..checkpoints import UVIT_STATE_DICT, cached_checkpoint
 from ..errors import UserError
+from ..knobs import knob
 from ..models.backbone import Backbone, BlockState
 from ..models.exit_forward import ExitHeads, exit_aware_forward, shared_head
 from .registry import Method
@@ -28,7 +29,10 @@ EXIT_NETWORK_FORMATS = (UVIT_FORMAT, UVIT_STATE_DICT, "adadiff-bench/adadiff", "
 
 @dataclass
 class PrefixParams:
-    checkpoint: str = ""
+    checkpoint: str = knob("", "the network whose exits are taken: \"\" = the run's base model with its final "
+                                "head at every exit; an AdaDiff checkpoint = its backbone and exit heads; a U-ViT "
+                                "checkpoint = that model with its final head",
+                           valid="\"\" or an existing checkpoint file")
 
     def validate(self, where: str) -> None:
         if self.checkpoint and not Path(self.checkpoint).is_file():

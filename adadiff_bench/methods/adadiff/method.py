@@ -33,11 +33,13 @@ from ...checkpoints import cached_checkpoint
 from ...config import to_dict
 from ...device import rows_on
 from ...errors import UserError
+from ...knobs import knob
 from ...models.exit_forward import exit_aware_forward
 from ...training import load_train_config, train
 from ..prefix_exit import check_architecture
 from ..registry import Method, PrepareContext, register_method
 from .checkpoint import FORMAT, OFFICIAL_FORMAT
+from .estimators import ESTIMATORS
 from .training import AdaDiffTrainConfig, adadiff_task
 
 OVERRIDES = ("estimator", "loss", "backbone", "heads", "timestep_weights")
@@ -45,21 +47,39 @@ OVERRIDES = ("estimator", "loss", "backbone", "heads", "timestep_weights")
 
 @dataclass
 class AdaDiffParams:
-    checkpoint: str = "checkpoints/adadiff_digits_frozen.pt"
-    threshold: float = 0.1
-    threshold_kind: str = "uncertainty"   # uncertainty | official-certainty
-    rule: str = "per-sample"              # per-sample | per-batch
-    patience: bool = False
+    checkpoint: str = knob("checkpoints/adadiff_digits_frozen.pt",
+                           "the AdaDiff network (backbone, exit heads, estimators) to sample with",
+                           valid="an existing AdaDiff checkpoint (ignored with `train`)")
+    threshold: float = knob(0.1, "exit at the first block whose uncertainty is <= threshold (with threshold_kind "
+                                 "\"official-certainty\": whose mean certainty 1 - u is > threshold)",
+                            at_least=0, at_most=1)
+    threshold_kind: str = knob("uncertainty", "what `threshold` is compared with: \"uncertainty\" (u <= threshold) "
+                                              "or \"official-certainty\" (1 - u > threshold, strictly, as the "
+                                              "official code)", choices=("uncertainty", "official-certainty"))
+    rule: str = knob("per-sample", "\"per-sample\": each sample decides; \"per-batch\": one decision from the "
+                                   "batch's mean uncertainty (the official rule; results depend on batch size)",
+                     choices=("per-sample", "per-batch"))
+    patience: bool = knob(False, "the official in-block rule: exit only at the second in-block that passes "
+                                 "(not necessarily consecutive)")
     # on-demand training (ablations): a training config, and overrides of its [adadiff] table
-    train: str = ""
-    estimator: str = ""                   # official | timestep | probe | attention
-    loss: str = ""                        # official | paper
-    backbone: str = ""                    # frozen | fine-tuned
-    heads: str = ""                       # shared | per-exit
-    timestep_weights: str = ""            # shared | bucketed
+    train: str = knob("", "an AdaDiff training config: train the checkpoint on demand before sampling (cached "
+                          "in <results_dir>/.adadiff_cache), with the overrides below",
+                      valid="\"\" or an existing training config with an [adadiff] table")
+    estimator: str = knob("", "override of [adadiff] estimator (the uncertainty estimator); \"\" = the config's",
+                          choices=lambda: ("", *ESTIMATORS), needs=("train",))
+    loss: str = knob("", "override of [adadiff] loss; \"\" = the config's", choices=("", "official", "paper"),
+                     needs=("train",))
+    backbone: str = knob("", "override of [adadiff] freeze_backbone: \"frozen\" or \"fine-tuned\"; \"\" = the "
+                             "config's", choices=("", "frozen", "fine-tuned"), needs=("train",))
+    heads: str = knob("", "override of [adadiff] heads; \"\" = the config's", choices=("", "shared", "per-exit"),
+                      needs=("train",))
+    timestep_weights: str = knob("", "override of [adadiff] timestep_weights; \"\" = the config's",
+                                 choices=("", "shared", "bucketed"), needs=("train",))
     # per-pixel uncertainty maps saved with the cell: sampling-step indices ("0,12,24") and how many samples
-    map_steps: str = ""
-    map_samples: int = 8
+    map_steps: str = knob("", "sampling-step indices whose per-pixel uncertainty maps are saved with the cell "
+                              "(for the report's map figure); \"\" = none",
+                          valid="comma-separated step indices >= 0, e.g. \"0,12,24\"")
+    map_samples: int = knob(8, "how many samples (the first ones) get uncertainty maps", at_least=1)
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.threshold <= 1.0:

@@ -19,8 +19,10 @@ from ...checkpoints import load_model
 from ...config import TrainFile
 from ...diffusion import add_noise
 from ...errors import UserError
+from ...knobs import knob
 from ...training import Task
 from .checkpoint import save_adadiff
+from .estimators import ESTIMATORS
 from .network import AdaDiffConfig, AdaDiffNetwork
 
 
@@ -31,15 +33,23 @@ class AdaDiffTrainConfig:
     `loss`: "official" (L_u averaged over layers; L_UAL with batch-mean certainty weights normalised
     over layers) or "paper" (L_u summed over layers; L_UAL = sum_i (1 - u_i) ||g_i - eps||^2).
     """
-    base_checkpoint: str = "checkpoints/uvit_digits.pt"
-    estimator: str = "official"
-    heads: str = "shared"
-    timestep_weights: str = "shared"
-    loss: str = "official"
-    detach_weights: bool = False
-    freeze_backbone: bool = True
-    lambda_u: float = 1.0
-    beta_ual: float = 1.0
+    base_checkpoint: str = knob("checkpoints/uvit_digits.pt", "the U-ViT checkpoint AdaDiff is built on",
+                                valid="a U-ViT checkpoint file")
+    estimator: str = knob("official", "the uncertainty estimator after each block (official: the released code's; "
+                                      "timestep, probe, attention: ablations; plugins may add more)",
+                          choices=lambda: tuple(ESTIMATORS))
+    heads: str = knob("shared", "exit heads: the backbone's final head shared by every exit (official) or one "
+                                "trained head per exit", choices=("shared", "per-exit"))
+    timestep_weights: str = knob("shared", "the timestep estimator's weights w_t: one set for all t, or one per "
+                                           "timestep bucket", choices=("shared", "bucketed"))
+    loss: str = knob("official", "\"official\": L_u averaged over layers, L_UAL weighted by batch-mean certainty "
+                                 "normalised over layers; \"paper\": L_u summed, L_UAL = sum_i (1 - u_i) "
+                                 "||g_i - eps||^2", choices=("official", "paper"))
+    detach_weights: bool = knob(False, "official loss: no gradient through the certainty weights of L_UAL")
+    freeze_backbone: bool = knob(True, "keep the base model (final head included) fixed: only the estimators "
+                                       "(and per-exit heads) train")
+    lambda_u: float = knob(1.0, "weight lambda of the uncertainty-regression term L_u", at_least=0)
+    beta_ual: float = knob(1.0, "weight beta of the uncertainty-aware layer loss L_UAL", at_least=0)
 
     def validate(self, where: str) -> None:
         if self.loss not in ("official", "paper"):
