@@ -46,9 +46,14 @@ def guided(conditional, unconditional, guidance: float, null: NullCondition):
     return denoiser
 
 
-def label_classes(num_classes: int, guidance: float) -> int:
-    """How many labels the sampler draws from: under guidance the embedding's last row is the null label,
-    which is never drawn."""
+def label_classes(model, guidance: float) -> int:
+    """How many labels the sampler draws from (0 for an unconditional model). A model that names its
+    `null_label` (set where it is built, e.g. 1000 for ImageNet's 1001 rows) draws from the labels below
+    it; otherwise, under guidance, the embedding's last row is the null label and is never drawn."""
+    null = getattr(model, "null_label", None)
+    if null is not None:
+        return null
+    num_classes = model.num_classes
     return num_classes - 1 if guidance != NO_GUIDANCE and num_classes > 0 else max(num_classes, 0)
 
 
@@ -64,6 +69,9 @@ def check_guidance(guidance: float, model, where: str) -> None:
 
 def null_condition(model) -> NullCondition:
     """The unconditional pass's condition for `model`: the empty prompt's tokens of a text-conditioned network
-    (its `null_context`, set where it is built), else the last label of its embedding."""
+    (its `null_context`, set where it is built), else its `null_label` or the last label of its embedding."""
     tokens = getattr(model, "null_context", None)
-    return null_context(tokens) if tokens is not None else null_label(model.num_classes - 1)
+    if tokens is not None:
+        return null_context(tokens)
+    null = getattr(model, "null_label", None)
+    return null_label(model.num_classes - 1 if null is None else null)

@@ -235,7 +235,7 @@ def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray, p
         unconditional.start_batch(log.unconditional)
         denoiser = guided(method, unconditional, cell.guidance, null_condition(model))
     return sample(denoiser, cell.solver, cell.num_steps, image_shape, indices, cell.seed,
-                  label_classes(model.num_classes, cell.guidance), on_step=lambda ctx: log.set_step(ctx.step),
+                  label_classes(model, cell.guidance), on_step=lambda ctx: log.set_step(ctx.step),
                   device=module_device(model), precision=precision, schedule=cell.schedule)
 
 

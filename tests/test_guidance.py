@@ -54,11 +54,14 @@ def test_the_null_label_is_1000_and_never_drawn(imagenet_like):
         seen.append(y.clone())
         return imagenet_like(x, t, y)
     sample(guided(recording, recording, W, null_condition(imagenet_like)), "ddim", 3, (1, 8, 8), range(64), seed=0,
-           num_classes=label_classes(NUM_CLASSES, W))
+           num_classes=label_classes(imagenet_like, W))
     conditional, unconditional = torch.stack(seen[0::2]), torch.stack(seen[1::2])
     assert (unconditional == 1000).all()
     assert conditional.max() < 1000 and len(conditional[0].unique()) > 10
-    assert label_classes(NUM_CLASSES, 1.0) == NUM_CLASSES  # without guidance: today's draw, unchanged
+    assert label_classes(imagenet_like, 1.0) == NUM_CLASSES  # without guidance: today's draw, unchanged
+    imagenet_like.null_label = 1000  # a model that names its null label never draws it, guided or not
+    assert label_classes(imagenet_like, 1.0) == label_classes(imagenet_like, W) == 1000
+    assert (null_condition(imagenet_like)(torch.tensor([3, 5])) == 1000).all()
 
 
 def test_harness_guidance_matches_uvits_sampler(imagenet_like):
