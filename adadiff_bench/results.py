@@ -309,7 +309,12 @@ class RunReader:
             raise UserError(f"{str(self.layout.root)!r} is not a finished run (no results.csv/run.json); "
                             "run `adadiff-bench run --config ...` first")
         self.info: dict = read_json(self.layout.run_json)
+        check_run_info(self.info, self.layout.run_json)
         self._frame: pd.DataFrame | None = None
+
+    def require(self, *tables: str) -> None:
+        """Refuse (one line) a run.json without these tables and the fields reports read from them."""
+        check_run_info(self.info, self.layout.run_json, tables)
 
     @property
     def path(self) -> Path:
@@ -323,7 +328,7 @@ class RunReader:
     def frame(self) -> pd.DataFrame:
         """results.csv: one row per cell (a fresh copy on each call)."""
         if self._frame is None:
-            self._frame = pd.read_csv(self.layout.results_csv)
+            self._frame = read_results_csv(self.layout.results_csv)
         return self._frame.copy()
 
     @property
@@ -352,3 +357,47 @@ class RunReader:
         folder = self.layout.cell(cell_id)
         names = (p.name.removesuffix(".npz") for p in folder.glob("*.npz")) if folder.is_dir() else ()
         return sorted(n for n in names if n not in (SAMPLES, EXITS))
+
+
+# ---- what readers rely on: checked once, on opening, with one line naming the file --------------------
+
+RUN_JSON_TABLES = {"config": (), "data": ("name", "num_images", "sha256"), "machine": ("torch_threads",),
+                   "reference": ("solver", "num_steps")}
+TEXT_COLUMNS = ("cell_id", "method", "params", "solver")
+NUMBER_COLUMNS = ("num_steps", "num_samples", "seed", "layer_ratio")
+
+
+def check_run_info(info: dict, path: Path, needed: tuple[str, ...] = ()) -> None:
+    """run.json of this schema version (one that states none is read as this one) whose tables are tables, and
+    the `needed` tables with the fields that reports read from them."""
+    version = info.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{str(path)!r} has results schema version {version!r}, but this adadiff-bench reads "
+                        f"version {SCHEMA_VERSION}; rerun the benchmark with this version, or report the run with "
+                        "the version that wrote it")
+    for table, fields in RUN_JSON_TABLES.items():
+        value = info.get(table)
+        if value is None and table not in needed:
+            continue
+        if not isinstance(value, dict):
+            raise DamagedFile(path, f"its {table!r} is {'missing' if value is None else 'not a table'}")
+        missing = [f for f in fields if f not in value] if table in needed else []
+        if missing:
+            raise DamagedFile(path, f"it lacks {', '.join(f'{table}.{f}' for f in missing)}")
+
+
+def read_results_csv(path: Path) -> pd.DataFrame:
+    """results.csv with at least one row and the columns every report reads, of the right kinds."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:  # (empty, binary, ragged rows)
+        raise DamagedFile(path, exc) from None
+    missing = [c for c in (*TEXT_COLUMNS, *NUMBER_COLUMNS, "valid") if c not in frame.columns]
+    if missing:
+        raise DamagedFile(path, f"no column {', '.join(missing)}")
+    if frame.empty:
+        raise DamagedFile(path, "no rows")
+    not_numbers = [c for c in NUMBER_COLUMNS if not pd.api.types.is_numeric_dtype(frame[c]) or frame[c].isna().any()]
+    if not_numbers or not frame["valid"].isin([True, False]).all():
+        raise DamagedFile(path, f"column {', '.join(not_numbers or ['valid'])} holds values of the wrong kind")
+    return frame

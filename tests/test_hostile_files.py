@@ -6,6 +6,7 @@ never a result computed from garbage, and no file left half written.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import zlib
@@ -440,3 +441,107 @@ def test_a_damaged_training_state_stops_with_one_line(tmp_path, capsys, case):
     config.write_text(config.read_text().replace("\nsteps = 2", "\nsteps = 4"))  # (a longer run resumes)
     line = one_line_error(["train", "--config", str(config), "--no-progress"], capsys)
     assert str(last) in line and expected in line and f"delete {last}" in line, line
+
+
+# ---- report inputs ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def run_copy(reference_run, tmp_path) -> Path:
+    """A copy of the finished reference run, free to damage."""
+    copy = tmp_path / "runs" / "tiny"
+    shutil.copytree(reference_run[1], copy)
+    return copy
+
+
+def _edit_json(path: Path, edit) -> None:
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+REPORT_INPUTS = {  # (file, damage, what the one line says)
+    "csv-empty": ("results.csv", lambda p: p.write_bytes(b""), "results.csv' is damaged (EmptyDataError"),
+    "csv-header-only": ("results.csv", lambda p: p.write_text(p.read_text().splitlines()[0] + "\n"), "(no rows)"),
+    "csv-column-less": ("results.csv", lambda p: p.write_text("a,b\n1,2\n"), "(no column cell_id, method"),
+    "csv-binary": ("results.csv", lambda p: p.write_bytes(bytes(range(256)) * 4), "results.csv' is damaged"),
+    "csv-text-in-numbers": ("results.csv", lambda p: p.write_text(p.read_text().replace(",8,0,", ",eight,0,")),
+                            "column num_samples holds values of the wrong kind"),
+    "json-empty": ("run.json", lambda p: p.write_bytes(b""), "run.json' is damaged (JSONDecodeError"),
+    "json-invalid": ("run.json", lambda p: p.write_text("{'single': 'quotes'}"), "run.json' is damaged"),
+    "json-a-list": ("run.json", lambda p: p.write_text("[]"), "a JSON list, not an object"),
+    "json-no-tables": ("run.json", lambda p: p.write_text("{}"), "its 'config' is missing"),
+    "json-data-a-string": ("run.json", lambda p: _edit_json(p, lambda v: v.update(data="digits")),
+                           "its 'data' is not a table"),
+    "json-no-threads": ("run.json", lambda p: _edit_json(p, lambda v: v["machine"].pop("torch_threads")),
+                        "it lacks machine.torch_threads"),
+    "json-other-schema": ("run.json", lambda p: _edit_json(p, lambda v: v.update(schema_version=2)),
+                          "has results schema version 2, but this adadiff-bench reads version 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_INPUTS))
+@pytest.mark.parametrize("command", ["report", "leaderboard"])
+def test_a_damaged_run_stops_report_and_leaderboard_with_one_line(run_copy, tmp_path, capsys, case, command):
+    name, damage, expected = REPORT_INPUTS[case]
+    damage(run_copy / name)
+    out = tmp_path / "report"
+    line = one_line_error([command, str(run_copy), "--out", str(out)], capsys)
+    assert expected in line and str(run_copy / name) in line, line
+    assert not out.exists()  # refused before the report folder is made
+
+
+def test_merging_a_run_of_another_schema_is_one_line(run_copy, tmp_path, capsys):
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run_copy, other)
+    _edit_json(other / "run.json", lambda v: v.update(schema_version=0))
+    line = one_line_error(["report", str(run_copy), str(other), "--out", str(tmp_path / "report")], capsys)
+    assert "schema version 0" in line and str(other / "run.json") in line
+
+
+def test_a_merged_run_without_data_is_one_line(run_copy, tmp_path, capsys):
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run_copy, other)
+    _edit_json(other / "run.json", lambda v: v.pop("data"))
+    line = one_line_error(["report", str(run_copy), str(other), "--out", str(tmp_path / "report")], capsys)
+    assert "its 'data' is missing" in line
+
+
+HOSTILE_NAME = "tiny $\\bad{$ <b>bold</b> & | pipe"  # unbalanced mathtext, raw HTML, a Markdown column break
+
+
+def test_names_with_dollars_and_html_are_shown_as_typed(run_copy, tmp_path, capsys):
+    """A run name and a checkpoint file name with '$' (mathtext), HTML and '|': the report completes, and each
+    output shows them as text (figures: literal; Markdown: entities; HTML: escaped)."""
+    _edit_json(run_copy / "run.json", lambda v: v["config"].update(name=HOSTILE_NAME))
+    frame = pd.read_csv(run_copy / "results.csv")
+    frame.loc[1, "params"] = json.dumps({"checkpoint": "ck$_{1$.pt"})
+    frame.to_csv(run_copy / "results.csv", index=False)
+    out = tmp_path / "report"
+    assert main(["report", str(run_copy), "--out", str(out)]) == 0, capsys.readouterr().err
+    page = (out / "index.html").read_text()
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+    board = (out / "leaderboard.md").read_text()
+    assert "<b>" not in board and "&lt;b&gt;bold&lt;/b&gt; &amp; \\| pipe" in board
+    assert "checkpoint=ck$_{1$" in board  # (a checkpoint is shown by its file stem)
+    assert list(out.glob("fid_vs_gflops*.png")) and not list(out.rglob("*.tmp"))
+
+
+def test_a_figure_title_with_a_dollar_renders_as_typed(tmp_path):
+    """The report style draws text as typed: the same title crashes matplotlib's mathtext without it."""
+    import matplotlib.pyplot as plt
+    from adadiff_bench.report.style import RC, new_figure, save, styled
+
+    @styled
+    def draw(title: str) -> list[Path]:
+        fig, ax = new_figure()
+        ax.set_title(title)
+        return save(fig, tmp_path, "title")
+
+    assert all(p.stat().st_size > 0 for p in draw(HOSTILE_NAME))
+    with plt.rc_context({**RC, "text.parse_math": True}), pytest.raises(ValueError):
+        fig, ax = plt.subplots()
+        ax.set_title(HOSTILE_NAME)
+        try:
+            fig.savefig(tmp_path / "crash.png")
+        finally:
+            plt.close(fig)

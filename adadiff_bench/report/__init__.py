@@ -62,14 +62,14 @@ def write_leaderboard(run_dirs: str | Path | list, out: str | Path,
 
     Runs are read (and refused when they cannot be merged) before `out` is created.
     """
-    view = load_runs(_as_list(run_dirs))
+    view = _load_for_tables(run_dirs)
     make_dir(Path(out))
     return leaderboard_files(view, Path(out), sort_by)
 
 
 def write_report(run_dirs: str | Path | list, out: str | Path, sort_by: str | None = None) -> list[Path]:
     """Tables, every registered figure and index.html for one or several finished runs; returns every path written."""
-    view = load_runs(_as_list(run_dirs))
+    view = _load_for_tables(run_dirs)
     out = Path(out)
     make_dir(out)
     board, written = leaderboard_files(view, out, sort_by)
@@ -98,6 +98,14 @@ def write_index(out: Path, view: ReportView, board: pd.DataFrame, matched: pd.Da
     return write_html_report(out, f"adadiff-bench report: {', '.join(view.infos)}",
                              [s for s in sections if s.tables or s.figures],
                              subtitle=f"{len(board)} method settings, n = {n} samples per cell")
+
+
+def _load_for_tables(run_dirs: str | Path | list) -> ReportView:
+    """The runs, refused (one line) before anything is written when a run.json lacks what the table notes read."""
+    view = load_runs(_as_list(run_dirs))
+    for reader in view.readers.values():
+        reader.require("config", "data", "machine", "reference")
+    return view
 
 
 def _as_list(run_dirs: str | Path | list) -> list[Path]:

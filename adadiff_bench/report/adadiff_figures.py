@@ -16,7 +16,8 @@ import pandas as pd
 
 from ..metrics.specs import primary_column
 from .exit_figures import TARGET_LAYER_RATIO, is_reference_full, setting_labels, short_id
-from .style import DOUBLE, hatch_background, masked_cmap, new_figure, no_data_patch, save, style, styled, wrap
+from .style import (DOUBLE, escape_math, hatch_background, masked_cmap, new_figure, no_data_patch, save, style,
+                    styled, wrap)
 from .tables import axis_label, knobs_of
 from .view import ReportView
 
@@ -85,8 +86,8 @@ def _uncertainty_figure(row: pd.Series, maps: dict, images: np.ndarray | None, o
     threshold = knobs_of(row).get("threshold")
     rule = f"; a sample exits once its mean u ≤ {threshold}" if threshold is not None else ""
     label = setting_labels(pd.DataFrame([row]))[0]
-    fig.suptitle(wrap(f"AdaDiff per-pixel uncertainty, {label}, layer ratio {row['layer_ratio']:.2f}{rule}; "
-                       "$x_t$ shown with per-panel contrast", 130), fontsize=7)
+    fig.suptitle(wrap(f"AdaDiff per-pixel uncertainty, {escape_math(label)}, layer ratio {row['layer_ratio']:.2f}"
+                      f"{rule}; $x_t$ shown with per-panel contrast", 130), fontsize=7, parse_math=True)
     return save(fig, out, f"uncertainty_maps_{short_id(row)}")
 
 
@@ -113,9 +114,9 @@ def _draw_sample(axes, u, x_t, exit_points, final, title_sample):
             axes[-1].set_visible(False)
         else:
             axes[-1].imshow(final, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            axes[-1].set_title("final $x_0$", fontsize=6)
+            axes[-1].set_title("final $x_0$", fontsize=6, parse_math=True)
     if title_sample is not None:
-        axes[0].set_title(f"sample {title_sample}\ninput $x_t$", fontsize=6)
+        axes[0].set_title(f"sample {title_sample}\ninput $x_t$", fontsize=6, parse_math=True)
     return image
 
 

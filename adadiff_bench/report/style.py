@@ -26,6 +26,7 @@ RC = {
     "legend.fontsize": 6, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5, "lines.linewidth": 1.1,
     "lines.markersize": 3.5, "axes.spines.top": False, "axes.spines.right": False, "pdf.fonttype": 42,
     "savefig.dpi": DPI, "figure.dpi": DPI,
+    "text.parse_math": False,  # names, paths and knob values are shown as typed: a '$' in them is no math
 }
 NO_DATA_HATCH = dict(facecolor="#e8e8e8", edgecolor="#9a9a9a", hatch="////", linewidth=0)  # where nothing was measured
 
@@ -57,6 +58,11 @@ def save(fig, out: Path, stem: str) -> list[Path]:
         fig.savefig(path)
     plt.close(fig)
     return paths
+
+
+def escape_math(text: str) -> str:
+    """A user string inside a text drawn with `parse_math=True` (the few titles with intended math): '$' kept literal."""
+    return str(text).replace("$", r"\$")
 
 
 def wrap(text: str, width: int = 40) -> str:

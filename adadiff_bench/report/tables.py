@@ -182,8 +182,16 @@ def to_markdown(board: pd.DataFrame) -> str:
     """The leaderboard as Markdown: one column per metric, headers with units, n and arrows."""
     table = display_table(board)
     lines = ["| " + " | ".join(table.columns) + " |", "|---|" + "---:|" * (len(table.columns) - 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in table.astype(str).itertuples(index=False)]
+    lines += ["| " + " | ".join(map(markdown_text, row)) + " |" for row in table.astype(str).itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+MARKDOWN_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|"}
+
+
+def markdown_text(text: str) -> str:
+    """A name or setting shown as typed where Markdown renders it: raw HTML inert, '|' not a column break."""
+    return "".join(MARKDOWN_SPECIAL.get(ch, ch) for ch in str(text))
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -295,7 +303,7 @@ def frame_to_markdown(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
         return "" if isinstance(value, float) and np.isnan(value) else (f"{value:.2f}" if isinstance(value, float) else str(value))
     lines = ["| " + " | ".join(frame.columns) + " |", "|---|" + "---:|" * (len(frame.columns) - 1)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(markdown_text(cell(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -342,7 +350,8 @@ def leaderboard_files(view: ReportView, out: Path, sort_by: str | None = None) -
     board = leaderboard(view.frame, sort_by)
     title = f"Leaderboard: {', '.join(view.infos)}"
     notes = leaderboard_notes(board, view.infos)
-    paths = [write_text(out / "leaderboard.md", f"# {title}\n\n" + to_markdown(board) + notes),
+    paths = [write_text(out / "leaderboard.md", f"# {markdown_text(title)}\n\n" + to_markdown(board)
+                        + markdown_text(notes)),
              write_text(out / "leaderboard.csv", board.to_csv(index=False)),
              write_text(out / "leaderboard.tex", to_latex(board, caption=title + ". " + " ".join(notes.split())))]
     return board, paths

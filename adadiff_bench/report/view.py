@@ -73,6 +73,8 @@ def load_runs(run_dirs: list[str | Path]) -> ReportView:
     frames, infos, readers = [], {}, {}
     for run_dir in run_dirs:
         reader = RunReader(run_dir)
+        if len(run_dirs) > 1:  # merging compares the runs' data
+            reader.require("data")
         frame, info = reader.frame(), reader.info
         name = unique_name(reader.name, infos)
         infos[name], readers[name] = info, reader
