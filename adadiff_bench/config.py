@@ -51,6 +51,29 @@ class UViTConfig:
 
 
 @dataclass
+class UViTT2IConfig(UViTConfig):
+    """The text-to-image U-ViT (reference `libs/uvit_t2i.py`): CLIP context tokens instead of a label."""
+    clip_dim: int = 768
+    num_clip_token: int = 77
+
+
+@dataclass
+class ModelConfig:
+    """`[model]`: a published network by preset name (`models.presets`) and its files; empty: the run's
+    `checkpoint` carries its own config (this suite's format)."""
+    preset: str = ""
+    checkpoint: str = ""      # the release's weights (U-ViT's or AdaDiff's nnet_ema.pth); replaces the run's
+    autoencoder: str = ""     # a latent preset's SD autoencoder (U-ViT's autoencoder_kl.pth)
+
+    def validate(self, where: str) -> None:
+        if not self.preset and (self.checkpoint or self.autoencoder):
+            raise UserError(f"{where}: checkpoint and autoencoder here need a `preset` (the network's "
+                            "architecture); a checkpoint of this suite goes in the run's `checkpoint`")
+        if self.preset and not self.checkpoint:
+            raise UserError(f"{where}: preset {self.preset!r} needs `checkpoint` (the release's nnet_ema.pth)")
+
+
+@dataclass
 class DataConfig:
     """A data set: the built-in `digits`, a `folder` of PNG/JPEG images, or an `npz` (uint8 NHWC, arr_0)."""
     name: str = "digits"
@@ -142,6 +165,7 @@ class MetricsConfig:
     needs clean-fid's inception-2015-12-05.pt, found at `cleanfid_model` or where clean-fid looks).
     `prc`: precision and recall (k-NN manifolds with `prc_neighborhood` neighbours).
     `fid_bootstrap`: resamples for a bootstrap confidence interval of FID at level `fid_ci` (0 = none).
+    `reference_stats`: published FID statistics (`metrics.reference_stats`); FID then needs no reference images.
     """
     inception: str = "auto"
     inception_weights: str | None = None
@@ -153,6 +177,7 @@ class MetricsConfig:
     prc_neighborhood: int = 3
     fid_bootstrap: int = 0
     fid_ci: float = 0.95
+    reference_stats: str = ""   # published FID statistics (.npz with mu, sigma in Inception pool3 space)
 
     def validate(self, where: str) -> None:
         if self.inception not in ("auto", "require", "off"):
@@ -206,6 +231,7 @@ class RunConfig:
     precision: str = "fp32"       # fp32 | bf16 | fp16: autocast of the network; solver and metrics in fp32
     deterministic: bool = False   # deterministic kernels (CUDA: cuBLAS workspace, no cuDNN autotuning, no TF32)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)

@@ -18,6 +18,7 @@ from .knobs import KnobInfo, KnobRow, describe, knob_rows
 from .schedules import SCHEDULES
 
 REGENERATE = "python -m adadiff_bench.docs_config > docs/config.md"
+YEAR = re.compile(r"\b(19|20)\d\d\b")
 
 _DATA = {
     "name": describe("the data set: the built-in 8x8 digits, a folder of PNG/JPEG images, or an .npz (uint8 NHWC "
@@ -143,7 +144,8 @@ RUN_TABLES = [("top level", cfg.RunConfig, _RUN), ("[data]", cfg.DataConfig, _DA
               ("[[methods]]", cfg.MethodEntry, _METHOD_ENTRY)]
 TRAIN_TABLES = [("[data]", cfg.DataConfig, _DATA), ("[model]", cfg.UViTConfig, _UVIT),
                 ("[train]", cfg.TrainConfig, _TRAIN)]
-NOT_KEYS = {cfg.TrainFile: ("task", "task_config"), cfg.MethodEntry: ("params",)}  # fields TOML never names
+# fields that are not keys of their table: set by the loader, or a table of their own ([[methods]])
+NOT_KEYS = {cfg.TrainFile: ("task", "task_config"), cfg.MethodEntry: ("params",), cfg.RunConfig: ("methods",)}
 
 
 # ---- one method, as `adadiff-bench methods NAME` prints it --------------------------------------
@@ -167,9 +169,10 @@ def summary(cls) -> list[str]:
     """The docstring's first paragraph, and the paragraph citing the paper if that is another one."""
     paragraphs = [" ".join(p.split()) for p in textwrap.dedent(docstring(cls)).strip().split("\n\n")]
     lines = paragraphs[:1]
-    citing = next((p for p in paragraphs[:3] if re.search(r"\b(19|20)\d\d\b", p)), None)
+    citing = next((p for p in paragraphs[:3] if YEAR.search(p)), None)
     if citing is not None and citing not in lines:
-        lines.append(citing)
+        end = citing.find(". ", YEAR.search(citing).end())  # up to the end of the sentence naming the year
+        lines.append(citing if end < 0 else citing[:end + 1])
     return lines
 
 

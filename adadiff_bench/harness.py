@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoints import load_model, sha256_file
+from .checkpoints import sha256_file
 from .config import MethodEntry, RunConfig, check_solver, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
 from .diffusion import sample, solver_options, solver_timesteps
@@ -42,6 +42,7 @@ from .schedules import DEFAULT_SCHEDULE, check_schedule_and_solver
 from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json, read_npz, warn, write_json, write_npz
 from .memory import PeakMemory
 from .metrics.specs import headline_columns
+from .models.official import check_run_files, load_run_model, run_checkpoint, run_image_shape
 from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
 
@@ -140,11 +141,12 @@ class Prepared:
 def prepare(config: RunConfig, where: str, world: World = World(), progress: bool = True) -> Prepared:
     """Load and check everything the run needs, then let methods train what they need; raises UserError
     before anything is written."""
+    check_run_files(config, where)
     curves = plan_curves(config, where)
     device = resolve_device(config.device, f"{where}: device")
     check_precision_on(config.precision, device, f"{where}: precision")
     determinism = set_deterministic(device, config.deterministic)
-    model = load_model(config.checkpoint).to(device)
+    model = load_run_model(config, where).to(device)
     check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
     params = {}
     for cell, (entry, _) in curves.items():
@@ -153,14 +155,15 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
         cls.check(params[cell], model, place)
         cls.check_schedule(params[cell], cell.solver, cell.num_steps, place)
     data = load_dataset(config.data)
-    check_matches_model(data, model.img_size, model.in_chans)
+    channels, size, _ = run_image_shape(config, model)
+    check_matches_model(data, size, channels)
     if model.num_classes > 0 and data.labels is None:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
     extractors = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, where)
     context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
     params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
     return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
-                    sha256_file(config.checkpoint), params, device, config.precision, determinism)
+                    sha256_file(run_checkpoint(config)), params, device, config.precision, determinism)
 
 
 def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, where: str) -> dict:
@@ -474,7 +477,7 @@ def run_info(config: RunConfig, prep: Prepared, started: str, world: World = Wor
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processes": world.size,
                     "python": platform.python_version(), **device_info(prep.device),
                     "determinism": prep.determinism, "precision": prep.precision},
-        "checkpoint": {"path": config.checkpoint, "sha256": prep.checkpoint_sha256},
+        "checkpoint": {"path": run_checkpoint(config), "sha256": prep.checkpoint_sha256},
         "method_checkpoints": {path: sha256_file(path) for path in sorted(  # as prepared: trained on demand too
             {str(p.checkpoint) for p in prep.params.values() if getattr(p, "checkpoint", "")})},
         "data": {"name": prep.data.name, "path": config.data.path, "num_images": len(prep.data.images),

@@ -36,13 +36,19 @@ class Bounds:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.low is not None and self.high is not None:
-            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'<' if self.high_open else '<='} {high}"
         return "any number"
+
+
+def _number(value: float | None) -> str:
+    """An integer bound exactly (a seed's 2^63 - 1 too), any other as Python writes it."""
+    return str(int(value)) if isinstance(value, int) or value is not None and float(value).is_integer() else str(value)
 
 
 def bounds(*, at_least: float | None = None, above: float | None = None,
