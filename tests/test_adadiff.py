@@ -137,13 +137,12 @@ def test_patience_exits_at_the_second_passing_in_block(tmp_path):
         assert log.exit_point[i, 0] == expected
 
 
-def official_forward(state, x, t, thres):
+def official_forward(state, x, t, thres, uvit=TINY, certainties=None, model=None):
     """The official AdaDiff inference rule at batch size 1, written from its description (ADADIFF.md):
-    plain module calls with an explicit skip list, not the backbone interface."""
-    from adadiff_bench.checkpoints import build_model, load_state_dict_strict
+    plain module calls with an explicit skip list, not the backbone interface. Each block's mean
+    certainty is appended to `certainties` when given; `model`: the U-ViT already built from `state`."""
     from adadiff_bench.models.backbone import unpatchify
-    model = build_model(TINY).eval()
-    load_state_dict_strict(model, {k: v for k, v in state.items() if not k.startswith("lte_")}, "official")
+    model = model or official_uvit(state, uvit)
     num_in, blocks = len(model.in_blocks), model.block_list()
     with torch.no_grad():
         tokens = model.embed(x, t)
@@ -154,6 +153,8 @@ def official_forward(state, x, t, thres):
                 skips.append(tokens)
             weight, bias = state[f"lte_classifer.{block}.lte.weight"], state[f"lte_classifer.{block}.lte.bias"]
             certainty = unpatchify(torch.sigmoid(tokens[:, model.extras:] @ weight.T + bias), model.in_chans)
+            if certainties is not None:
+                certainties.append(float(certainty.mean()))
             if certainty.mean() > thres:
                 if block < num_in:
                     if patient:
@@ -162,6 +163,14 @@ def official_forward(state, x, t, thres):
                 else:
                     return model.head(tokens), block + 1
         return model.head(tokens), len(blocks)
+
+
+def official_uvit(state, uvit):
+    """A U-ViT with the backbone weights of an official AdaDiff state dict (plain strict load)."""
+    from adadiff_bench.checkpoints import build_model, load_state_dict_strict
+    model = build_model(uvit).eval()
+    load_state_dict_strict(model, {k: v for k, v in state.items() if not k.startswith("lte_")}, "official")
+    return model
 
 
 def test_official_state_dict_loads_strictly_and_matches_the_official_rule(tmp_path):
@@ -189,6 +198,42 @@ def test_official_state_dict_loads_strictly_and_matches_the_official_rule(tmp_pa
         assert log.exit_point[0, 0] == expected_exit
         assert torch.allclose(eps, expected_eps, atol=1e-6)
         exits_seen.add(expected_exit)
+    assert len(exits_seen) > 1
+
+
+def test_official_release_on_the_cifar10_preset_matches_the_official_rule(tmp_path):
+    """A full-size U-ViT-S/2 AdaDiff release (random weights, estimators perturbed): loaded with no config
+    (its preset found by shapes), it exits where the independent re-implementation does."""
+    from adadiff_bench.checkpoints import build_model, cached_checkpoint
+    from adadiff_bench.models.presets import PRESETS
+    uvit = PRESETS["cifar10_uvit_s2"].uvit
+    torch.manual_seed(5)
+    reference = build_model(uvit).eval()
+    state = dict(reference.state_dict())
+    patch_dim, width = uvit.patch_size ** 2 * uvit.in_chans, uvit.embed_dim
+    for i in range(uvit.depth + 1):  # the official names and shapes; logits of order one
+        state[f"lte_classifer.{i}.lte.weight"] = torch.randn(patch_dim, width) / width ** 0.5
+        state[f"lte_classifer.{i}.lte.bias"] = torch.randn(patch_dim) * 0.5
+    release = tmp_path / "nnet_ema.pth"
+    torch.save(state, release)
+    cls = get_method("adadiff")
+    net = cached_checkpoint(release, cls.reads)  # what the method loads, with no U-ViT config given
+    assert (net.backbone.embed_dim, net.backbone.num_blocks, net.backbone.patch_size) == (512, 13, 2)
+    exits_seen = set()
+    for seed in range(2):
+        x, t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)), torch.tensor([250 * seed + 1])
+        certainties = []
+        official_forward(state, x, t, 1.0, uvit, certainties, reference)  # never exits: every block's certainty
+        ordered = sorted(certainties)
+        for k in (2, 8):  # thresholds halfway between two blocks' certainties
+            thres = (ordered[k] + ordered[k + 1]) / 2
+            knobs = {"checkpoint": str(release), "threshold": thres, "threshold_kind": "official-certainty",
+                     "rule": "per-batch", "patience": True}
+            eps, log = run_step(cls(net.backbone, make_params(cls, knobs, "test")), x, t, net.num_exits)
+            expected_eps, expected_exit = official_forward(state, x, t, thres, uvit, model=reference)
+            assert log.exit_point[0, 0] == expected_exit
+            assert torch.allclose(eps, expected_eps, atol=1e-5)
+            exits_seen.add(expected_exit)
     assert len(exits_seen) > 1
 
 

@@ -8,6 +8,10 @@ checkpoints load with `load_state_dict(strict=True)`. Attention goes through
 Beyond the reference, U-ViT implements the backbone interface (`models.backbone`): `begin`,
 `run_block` and `head` run it piece by piece, the long-skip stack is the blocks' shared state, and
 `skip_partner` names the out-block that reads each in-block's skip.
+
+With `clip_dim` set it is the reference's text-to-image variant (`libs/uvit_t2i.py`): `y` holds each
+sample's context tokens (`num_clip_token` x `clip_dim`, CLIP text features), projected by
+`context_embed` and placed between the time token and the patches; there is no label embedding.
 """
 from __future__ import annotations
 
@@ -105,7 +109,8 @@ class FinalConv2d(nn.Conv2d):
 class UViT(nn.Module, Backbone):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm,
-                 mlp_time_embed=False, num_classes=-1, use_checkpoint=False, conv=True, skip=True):
+                 mlp_time_embed=False, num_classes=-1, use_checkpoint=False, conv=True, skip=True,
+                 clip_dim=None, num_clip_token=0):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -118,9 +123,12 @@ class UViT(nn.Module, Backbone):
         self.time_embed = nn.Sequential(
             nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
         ) if mlp_time_embed else nn.Identity()
+        self.clip_dim, self.num_clip_token = clip_dim, num_clip_token
+        if clip_dim:  # text-to-image: context tokens projected to the width
+            self.context_embed = nn.Linear(clip_dim, embed_dim)
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
-        self.extras = 2 if num_classes > 0 else 1  # time token (+ label token)
+        self.extras = 1 + num_clip_token if clip_dim else 2 if num_classes > 0 else 1  # time (+ context or label)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
 
         def block(with_skip=False):
@@ -157,9 +165,13 @@ class UViT(nn.Module, Backbone):
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
     def embed(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Image -> token sequence [label?, time, patches] with positions added."""
+        """Image -> token sequence [label?, time, context?, patches] with positions added."""
         tokens = self.patch_embed(x)
         time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)
+        if self.clip_dim:
+            if y is None:
+                raise ValueError("a text-to-image U-ViT needs its context tokens (y: B x tokens x clip_dim)")
+            return torch.cat((time_token, self.context_embed(y), tokens), dim=1) + self.pos_embed
         tokens = torch.cat((time_token, tokens), dim=1)
         if y is not None:
             tokens = torch.cat((self.label_emb(y).unsqueeze(1), tokens), dim=1)
@@ -219,9 +231,17 @@ class UViT(nn.Module, Backbone):
                          for name, block in zip(names, self.block_list()))
         conv = self.final_layer  # runs as elementwise products (batch-invariant), which tracers do not see
         untraced = conv.weight.numel() * self.img_size * self.img_size if isinstance(conv, nn.Conv2d) else 0
-        return CostParts(embed=("patch_embed", "time_embed", "label_emb", "pos_embed"), blocks=tuple(names),
+        return CostParts(embed=("patch_embed", "time_embed", "label_emb", "context_embed", "pos_embed"),
+                         blocks=tuple(names),
                          branches=branches, head=("norm", "decoder_pred", "final_layer"),
                          untraced_head_macs=float(untraced))
+
+    def dummy_inputs(self) -> tuple[torch.Tensor, ...]:
+        """One sample's (x, t[, y]) on the CPU; a text-to-image model's y is one prompt's context tokens."""
+        if not self.clip_dim:
+            return super().dummy_inputs()
+        x = torch.zeros(1, self.in_chans, self.img_size, self.img_size)
+        return x, torch.zeros(1), torch.zeros(1, self.num_clip_token, self.clip_dim)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         tokens, state = self.begin(x, timesteps, y)

@@ -1,0 +1,87 @@
+"""Published releases into a run: a preset's network from U-ViT's or AdaDiff's `nnet_ema.pth`, and the
+checks that every file a run names is on disk before anything is loaded or written.
+
+Release files are plain state dicts with this suite's U-ViT parameter names (the reference's), so
+no key map is needed for the network: an AdaDiff release's estimators (`lte_classifer.*`) are left
+to the `adadiff` method, which maps them onto its official estimator (`methods.adadiff.network`).
+Files are opened with `torch.load(weights_only=True)` (`checkpoints.read_checkpoint`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoints import load_model, read_checkpoint, uvit_from_state
+from ..config import ModelConfig
+from ..errors import UserError
+from .presets import UVIT_ASSETS, backbone_state, get_preset, published_at
+
+
+def require_file(path: str, what: str, published: str) -> None:
+    """One line naming a missing file and where it is published."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path!r} not found; it is published as {published}: download it and point "
+                        "the config at it")
+
+
+def check_model_table(model: ModelConfig, where: str) -> None:
+    """`[model]`: a known preset, and an autoencoder exactly when the preset is a latent model."""
+    try:
+        latent = get_preset(model.preset).latent is not None
+    except UserError as exc:
+        raise UserError(f"{where}: [model] {exc}") from None
+    if latent and not model.autoencoder:
+        raise UserError(f"{where}: [model] preset {model.preset!r} is a latent model and needs `autoencoder` "
+                        "(the SD autoencoder that decodes its latents)")
+    if model.autoencoder and not latent:
+        raise UserError(f"{where}: [model] preset {model.preset!r} is a pixel model; remove `autoencoder`")
+
+
+def check_model_files(model: ModelConfig, where: str) -> None:
+    """Every file `[model]` names exists (before anything is loaded or written)."""
+    check_model_table(model, where)
+    preset = get_preset(model.preset)
+    require_file(model.checkpoint, f"{where}: [model] checkpoint", published_at(preset))
+    if preset.latent is not None:
+        require_file(model.autoencoder, f"{where}: [model] autoencoder",
+                     f"stable-diffusion/{preset.latent.autoencoder} in {UVIT_ASSETS}")
+
+
+def load_preset_model(model: ModelConfig, where: str = "config"):
+    """The run's U-ViT from a release file (U-ViT's or AdaDiff's), strictly, with the preset's architecture."""
+    check_model_files(model, where)
+    preset = get_preset(model.preset)
+    state = read_checkpoint(model.checkpoint)
+    if not isinstance(state, dict):
+        raise UserError(f"{where}: {model.checkpoint!r} is not a state dict; expected {published_at(preset)}")
+    return uvit_from_state(preset.uvit, backbone_state(state), model.checkpoint)
+
+
+# ---- the run's network (the harness calls these) ------------------------------------------------------
+
+def run_checkpoint(config) -> str:
+    """The file the run's network comes from: `[model] checkpoint` with a preset, else the run's `checkpoint`."""
+    return config.model.checkpoint if config.model.preset else config.checkpoint
+
+
+def check_run_files(config, where: str) -> None:
+    """The published files a run names exist: one line naming the first missing one and where it is published."""
+    if config.model.preset:
+        check_model_files(config.model, where)
+    stats = config.metrics.reference_stats
+    if stats:
+        published = (f"fid_stats/{get_preset(config.model.preset).fid_stats} in {UVIT_ASSETS}" if config.model.preset
+                     else "a .npz with `mu` and `sigma` (Inception pool3 features, e.g. U-ViT's fid_stats or ADM's "
+                          "reference batches)")
+        require_file(stats, f"{where}: [metrics] reference_stats", published)
+
+
+def load_run_model(config, where: str = "config"):
+    """The run's U-ViT: a preset's release, or a checkpoint of this suite (or a published state dict it recognises)."""
+    return load_preset_model(config.model, where) if config.model.preset else load_model(config.checkpoint)
+
+
+def run_image_shape(config, model) -> tuple[int, int, int]:
+    """The images a run makes (C, H, W): the network's own, or its decoder's for a latent preset."""
+    if config.model.preset:
+        return get_preset(config.model.preset).image_shape
+    return (model.in_chans, model.img_size, model.img_size)
