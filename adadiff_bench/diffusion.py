@@ -76,14 +76,14 @@ def make_scheduler(solver: str, num_steps: int, schedule: str = DEFAULT_SCHEDULE
 def solver_timesteps(solver: str, num_steps: int, schedule: str = DEFAULT_SCHEDULE) -> np.ndarray:
     """The solver's times at which the network is evaluated, in order (what the step log's timestep axis holds):
     diffusers timesteps on a discrete schedule, continuous times in (0, 1] on the VP one."""
-    vp = get_schedule(schedule)
-    if solver == "dpm-solver++-fast":
-        return pp_fast_timesteps(vp, num_steps)[:-1].copy()
-    if isinstance(vp, ContinuousVP):
-        if solver == "dpm-solver-fast":
-            return np.array([time for s, t, order in dpm_solver_fast_plan(vp, num_steps)
-                             for time in dpm_solver_stage_times(vp, s, t, order)])
+    noise_schedule = get_schedule(schedule)
+    if solver == "euler-maruyama":
         return euler_maruyama_grid(num_steps)[:0:-1].copy()
+    if solver == "dpm-solver-fast":
+        return np.array([time for s, t, order in dpm_solver_fast_plan(noise_schedule, num_steps)
+                         for time in dpm_solver_stage_times(noise_schedule, s, t, order)])
+    if solver == "dpm-solver++-fast":
+        return pp_fast_timesteps(noise_schedule, num_steps)[:-1].copy()
     return make_scheduler(solver, num_steps, schedule).timesteps.double().numpy()
 
 
@@ -92,7 +92,7 @@ def solver_options(solver: str) -> dict:
     if solver in SOLVER_SETTINGS:
         return SOLVER_SETTINGS[solver][1]
     if solver == "dpm-solver++-fast":
-        return {"end_time": "1/N", "grid": "time-uniform", "orders": "fast, third", "source": "adadiff_bench.diffusion"}
+        return {"grid": "time-uniform, t = 1 to 1/N", "orders": "fast (third)", "source": "adadiff_bench.diffusion"}
     end = DPM_SOLVER_FAST_END if solver == "dpm-solver-fast" else EULER_MARUYAMA_END
     return {"end_time": end, "source": "adadiff_bench.diffusion"}
 
@@ -151,14 +151,14 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
         eps_at = network_edge(denoiser, schedule, scheduler.timesteps.double().numpy(), rows, generators, y,
                               on_step, device, precision)
         return diffusers_sampler(eps_at, scheduler, x, generators)
-    vp = get_schedule(schedule)
+    noise_schedule = get_schedule(schedule)
     eps_at = network_edge(denoiser, schedule, solver_timesteps(solver, num_steps, schedule), rows, generators, y,
                           on_step, device, precision)
     if solver == "dpm-solver++-fast":
-        return dpm_solver_pp_fast(eps_at, x, vp, num_steps)
+        return dpm_solver_pp_fast(eps_at, x, noise_schedule, num_steps)
     if solver == "dpm-solver-fast":
-        return dpm_solver_fast(eps_at, x, vp, num_steps)
-    return euler_maruyama(eps_at, x, vp, num_steps, generators)
+        return dpm_solver_fast(eps_at, x, noise_schedule, num_steps)
+    return euler_maruyama(eps_at, x, noise_schedule, num_steps, generators)
 
 
 def network_edge(denoiser: Denoiser, schedule: str, timesteps: np.ndarray, rows: np.ndarray,
