@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -187,13 +186,17 @@ def checkpoint_format(path: str | Path) -> CheckpointFormat:
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    from .results import temporary_beside
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # (a full disk, a folder made read-only)
+        raise UserError(f"cannot write {str(path)!r} ({exc.strerror or exc}); free space or fix permissions, "
+                        "then rerun the same command") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -278,9 +278,14 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found; pass an existing TOML file (see configs/)")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))  # (TOML is UTF-8 whatever the locale)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        "save the config as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {str(path)!r} ({exc.strerror or exc}); fix its permissions") from None
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:

@@ -14,6 +14,7 @@ Both sides find files through one `RunLayout`. Reading never unpickles: archives
 from __future__ import annotations
 
 import fcntl
+import glob
 import io
 import json
 import os
@@ -75,7 +76,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temporary_beside(path)
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would honour the umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -93,6 +94,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def warn(message: str) -> None:
     """One line on stderr, in the CLI's form."""
     print(f"adadiff-bench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file `.<name>.<pid>.<random>.tmp` beside `path`, after deleting the ones
+    that writers of `path` which no longer run (killed) left there."""
+    remove_stale_temporaries(path)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete `.<name>.<pid>.*.tmp` beside `path` whose process is gone (a temporary of a running writer stays)."""
+    prefix = f".{path.name}."
+    for stray in Path(path).parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = stray.name[len(prefix):].split(".")[0]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            stray.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
 
 
 def current_umask() -> int:
@@ -164,7 +191,11 @@ class RunStore:
     def acquire_lock(self) -> None:
         """Hold the run's lock file while it is written; a second writer of the same run is refused."""
         make_dir(self.root)
-        handle = open(self.lock_path, "a+")
+        try:
+            handle = open(self.lock_path, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot write in results folder {str(self.root)!r} ({exc.strerror or exc}); "
+                            "fix its permissions or choose another results_dir") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -243,9 +274,13 @@ class RunStore:
         remove_stray_temporaries(self.partial)
         old = self.root / f".{self.final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
-        if self.final.exists():  # --overwrite: set the old run aside, put the new one in place, delete the old
-            os.replace(self.final, old)
-        os.replace(self.partial, self.final)
+        try:
+            if self.final.exists():  # --overwrite: set the old run aside, put the new one in place, delete the old
+                os.replace(self.final, old)
+            os.replace(self.partial, self.final)
+        except OSError as exc:
+            raise UserError(f"cannot move the finished run into {str(self.final)!r} ({exc.strerror or exc}); "
+                            "fix the results folder's permissions, then rerun the same command to finish") from None
         shutil.rmtree(old, ignore_errors=True)
         return self.final
 

@@ -6,7 +6,9 @@ never a result computed from garbage, and no file left half written.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -545,3 +547,100 @@ def test_a_figure_title_with_a_dollar_renders_as_typed(tmp_path):
             fig.savefig(tmp_path / "crash.png")
         finally:
             plt.close(fig)
+
+
+# ---- stray temporary files ------------------------------------------------------------------------------
+
+DEAD_PID = 99_999_999  # above any pid_max: no such process
+
+
+def test_an_atomic_write_removes_what_killed_writers_of_its_file_left(tmp_path):
+    """`.<name>.<pid>.*.tmp` of a process that is gone (or of the old naming, without a pid) is deleted by the
+    next write of that file; a running writer's temporary and other files' temporaries are left alone."""
+    target = tmp_path / "row.json"
+    dead, unnamed = tmp_path / f".row.json.{DEAD_PID}.abc.tmp", tmp_path / ".row.json.k3j2h1.tmp"
+    running, other = tmp_path / f".row.json.{os.getpid()}.xyz.tmp", tmp_path / f".exits.npz.{DEAD_PID}.q.tmp"
+    for path in (dead, unnamed, running, other):
+        path.write_bytes(b"half")
+    results.write_json(target, {"cell_id": "a"})
+    assert json.loads(target.read_text()) == {"cell_id": "a"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, running.name, other.name])
+
+
+def test_a_checkpoint_save_removes_what_a_killed_save_left(tmp_path, tiny_model):
+    stray = tmp_path / f".last.pt.{DEAD_PID}.abc.tmp"
+    stray.write_bytes(b"half")
+    save_checkpoint(tmp_path / "last.pt", tiny_model, TINY)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_rerun_of_report_leaves_no_temporary_file(run_copy, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(run_copy), "--out", str(out)]) == 0
+    for name in ("index.html", "leaderboard.md", "fid_vs_gflops.png"):  # a report killed while writing these
+        (out / f".{name}.{DEAD_PID}.abc.tmp").write_bytes(b"half")
+    assert main(["report", str(run_copy), "--out", str(out)]) == 0
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_the_old_run_a_killed_overwrite_set_aside_is_removed(reference_copy, capsys):
+    """Killed after both renames of --overwrite, before deleting the old run: the next command removes it."""
+    (args, final), _ = reference_copy
+    shutil.copytree(final, final.parent / f".{final.name}.old")
+    one_line_error(args, capsys)  # the run exists (complete, same config): refused, and the leftover is gone
+    assert not (final.parent / f".{final.name}.old").exists() and final.is_dir()
+
+
+# ---- the file system ---------------------------------------------------------------------------------------
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, tiny_checkpoint, capsys):
+    args = run_args(tmp_path, tiny_checkpoint)
+    config = Path(args[2])
+    config.write_bytes(config.read_bytes().replace(b'name = "tiny"', b'name = "caf\xe9"'))
+    line = one_line_error(args, capsys)
+    assert str(config) in line and "not UTF-8 text (byte 0xe9" in line and "save the config as UTF-8" in line
+    assert not (tmp_path / "results").exists()
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_training_saves_is_one_line(tmp_path, capsys, monkeypatch):
+    from test_training_device import write_config
+    config = write_config(tmp_path, steps=2, checkpoint_every=2)
+    monkeypatch.setattr(torch, "save", _disk_full)
+    line = one_line_error(["train", "--config", str(config), "--no-progress"], capsys)
+    assert "last.pt" in line and "No space left on device" in line and "free space" in line
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_full_disk_while_writing_a_report_is_one_line(run_copy, tmp_path, capsys, monkeypatch):
+    from test_errors import OsWithFullDisk
+    out = tmp_path / "report"
+    monkeypatch.setattr(results, "os", OsWithFullDisk("index.html"))
+    line = one_line_error(["report", str(run_copy), "--out", str(out)], capsys)
+    assert "index.html" in line and "No space left on device" in line
+    assert not (out / "index.html").exists() and not list(out.rglob("*.tmp"))
+
+
+def _refused(*args, **kwargs):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def test_a_read_only_report_folder_is_one_line(run_copy, tmp_path, capsys, monkeypatch):
+    """(Simulated: the tests may run as root, whom permissions do not stop.)"""
+    out = tmp_path / "report"
+    out.mkdir()
+    monkeypatch.setattr(results.tempfile, "mkstemp", _refused)
+    line = one_line_error(["report", str(run_copy), "--out", str(out)], capsys)
+    assert "Permission denied" in line and str(out) in line and "fix permissions" in line
+    assert list(out.iterdir()) == []
+
+
+def test_a_read_only_results_folder_is_one_line(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(results, "open", _refused, raising=False)  # the run's lock file is its first file
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint), capsys)
+    assert "cannot write in results folder" in line and "Permission denied" in line
+    assert list((tmp_path / "results").iterdir()) == []

@@ -10,6 +10,7 @@ it could show); the report draws them through the figure registry (`adadiff_benc
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.ticker
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.specs import primary_column
-from ..results import make_dir
+from ..results import atomic_write_bytes, make_dir
 from .style import DOUBLE, SINGLE, new_figure, save, style, styled
 from .tables import axis_label, curves, is_ceiling, pareto_mask, short_setting
 from .view import ReportView
@@ -222,7 +223,9 @@ def sample_grid(samples_nhwc: np.ndarray, path: Path, count: int = 64, scale: in
         r, q = divmod(i, cols)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = image
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    buffer = io.BytesIO()
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
     return path
 
 

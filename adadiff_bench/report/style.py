@@ -8,6 +8,7 @@ apart in greyscale.
 from __future__ import annotations
 
 import functools
+import io
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..results import atomic_write_bytes  # noqa: E402
 
 SINGLE, DOUBLE = 3.5, 7.1  # inches
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -55,7 +58,9 @@ def save(fig, out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     for path in paths:
-        fig.savefig(path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:])
+        atomic_write_bytes(path, buffer.getvalue())  # (a killed report leaves no half-written figure)
     plt.close(fig)
     return paths
 
