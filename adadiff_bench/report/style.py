@@ -55,8 +55,7 @@ def new_figure(width: float = SINGLE, height: float | None = None, nrows: int = 
 
 def save(fig, out: Path, stem: str) -> list[Path]:
     """Write `stem`.png (for looking) and `stem`.pdf (for papers) under `out`, close the figure, return the paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]  # (the writes make `out`, or say in one line why not)
     for path in paths:
         buffer = io.BytesIO()
         fig.savefig(buffer, format=path.suffix[1:])
