@@ -42,7 +42,8 @@ from .schedules import DEFAULT_SCHEDULE, check_schedule_and_solver
 from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json, read_npz, warn, write_json, write_npz
 from .memory import PeakMemory
 from .metrics.specs import headline_columns
-from .models.official import check_run_files, load_run_model, run_checkpoint, run_image_shape
+from .models.autoencoder import LatentDecoder, decode_stage
+from .models.official import check_run_files, load_run_decoder, load_run_model, run_checkpoint, run_image_shape
 from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
 
@@ -132,6 +133,8 @@ class Prepared:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     determinism: dict = dataclasses.field(default_factory=dict)
+    decoder: LatentDecoder | None = None  # a latent model's decoding stage (its own cost, time and memory)
+    decode_macs: float = 0.0
 
     def method(self, cell: Cell):
         """A fresh method object for `cell`, with its prepared knobs (the timing reference may not be a cell)."""
@@ -162,8 +165,11 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     extractors = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, where)
     context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
     params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
+    decoder = load_run_decoder(config, device)
+    decode_macs = decoder.macs_per_image((model.in_chans, model.img_size, model.img_size)) if decoder else 0.0
     return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
-                    sha256_file(run_checkpoint(config)), params, device, config.precision, determinism)
+                    sha256_file(run_checkpoint(config)), params, device, config.precision, determinism,
+                    decoder, decode_macs)
 
 
 def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, where: str) -> dict:
@@ -329,6 +335,9 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     timings, peaks = world.gather(timing), world.gather(peak.mb)
     if not world.is_main:
         return None
+    decoding = {}
+    if prep.decoder is not None:  # latents -> images: a stage of its own, not in the network's MACs or time
+        images, decoding = decode_stage(prep.decoder, images, s.batch_size, prep.device)
     finite = bool(torch.isfinite(images).all())
     samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
@@ -346,6 +355,9 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,
                 "device": str(prep.device), "device_name": device_name(prep.device), "precision": prep.precision,
                 "threads": torch.get_num_threads()})
+    if prep.decoder is not None:
+        row.update({"decode_macs_per_image": prep.decode_macs, "total_macs_per_image": macs + prep.decode_macs,
+                    **decoding})
     if timing is not None:
         row.update(combine_timings(timings))
     row["cell_id"] = cell.cell_id

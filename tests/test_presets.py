@@ -18,6 +18,7 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.models import presets
 from adadiff_bench.models.official import check_model_table, load_run_model
 from adadiff_bench.models.presets import PRESETS, preset_for_state
+from test_autoencoder import to_original_layout
 from test_metrics import random_inception_weights  # noqa: F401 (a fixture)
 
 # The official configs (baofff/U-ViT and Tangshengku/AdaDiff, configs/*.py): every release has mlp_ratio 4,
@@ -177,7 +178,7 @@ def write_pixel_run(tmp_path, name: str, checkpoint, inception: str | None, meth
         f'name = "e2e"\nresults_dir = "{tmp_path / "results"}"\n'
         f'[model]\npreset = "{name}"\ncheckpoint = "{checkpoint}"\n'
         f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
-        '[sampling]\nsolver = "ddim"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
+        '[sampling]\nschedule = "vp"\nsolver = "euler-maruyama"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
         + (f'[metrics]\ninception = "require"\ninception_weights = "{inception}"\nkid_subset_size = 2\n'
            'isc_splits = 1\nprc = false\n' if inception else '[metrics]\ninception = "off"\n')
         + '[timing]\nenabled = false\n' + methods)
@@ -212,3 +213,46 @@ def test_presets_match_the_official_architectures():
             assert getattr(config, key) == value, (name, key)
         assert config.mlp_ratio == 4 and not config.qkv_bias and not config.mlp_time_embed
         assert presets.get_preset(name).name == name
+
+
+# SD's autoencoder shape (4 levels: 8x upsampling, 4 latent channels) at a small width
+NARROW_SD = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2, 2],
+                 num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def narrow_autoencoder_release(path) -> None:
+    """A random narrow SD autoencoder saved in the original key layout (what U-ViT publishes)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[32, 64, 64, 64], latent_channels=4, layers_per_block=1)
+    torch.save(to_original_layout(vae.state_dict(), num_levels=4), path)
+
+
+def test_latent_preset_end_to_end_decodes_as_its_own_stage(shallow_presets, tmp_path, monkeypatch):
+    name = "imagenet256_uvit_l2"
+    preset = PRESETS[name]
+    monkeypatch.setitem(PRESETS, name, dataclasses.replace(
+        preset, latent=dataclasses.replace(preset.latent, ddconfig=NARROW_SD)))
+    release, autoencoder = tmp_path / "nnet_ema.pth", tmp_path / "autoencoder_kl.pth"
+    torch.save(random_release(cut_depth(name)), release)
+    narrow_autoencoder_release(autoencoder)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8),
+             labels=rng.integers(0, 1000, 4))
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'name = "latent"\nresults_dir = "{tmp_path / "results"}"\n'
+        f'[model]\npreset = "{name}"\ncheckpoint = "{release}"\nautoencoder = "{autoencoder}"\n'
+        f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
+        '[sampling]\nschedule = "vp"\nsolver = "dpm-solver-fast"\nnum_steps = 3\nnum_samples = 2\nbatch_size = 2\n'
+        'guidance = 1.4\n[metrics]\ninception = "off"\n[timing]\nenabled = false\n[[methods]]\nname = "full"\n')
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    row = pd.read_csv(tmp_path / "results" / "latent" / "results.csv").iloc[0]
+    from adadiff_bench.models.autoencoder import LatentDecoder, load_autoencoder
+    decoder = LatentDecoder(load_autoencoder(str(autoencoder), 0.18215, NARROW_SD), 0.18215)
+    assert row["decode_macs_per_image"] == pytest.approx(decoder.macs_per_image((4, 32, 32)))
+    assert row["total_macs_per_image"] == pytest.approx(row["macs_per_image"] + row["decode_macs_per_image"])
+    assert row["decode_time_per_image_s"] > 0 and row["decode_peak_mem_mb"] > 0
+    with np.load(tmp_path / "results" / "latent" / "cells" / row["cell_id"] / "samples.npz") as archive:
+        assert archive["arr_0"].shape == (2, 256, 256, 3)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..checkpoints import load_model, read_checkpoint, uvit_from_state
 from ..config import ModelConfig
 from ..errors import UserError
+from .autoencoder import LatentDecoder, load_autoencoder
 from .presets import UVIT_ASSETS, backbone_state, get_preset, published_at
 
 
@@ -53,7 +54,10 @@ def load_preset_model(model: ModelConfig, where: str = "config"):
     state = read_checkpoint(model.checkpoint)
     if not isinstance(state, dict):
         raise UserError(f"{where}: {model.checkpoint!r} is not a state dict; expected {published_at(preset)}")
-    return uvit_from_state(preset.uvit, backbone_state(state), model.checkpoint)
+    network = uvit_from_state(preset.uvit, backbone_state(state), model.checkpoint)
+    if preset.null_label is not None:  # guidance's unconditional row: labels are drawn below it
+        network.null_label = preset.null_label
+    return network
 
 
 # ---- the run's network (the harness calls these) ------------------------------------------------------
@@ -67,12 +71,21 @@ def check_run_files(config, where: str) -> None:
     """The published files a run names exist: one line naming the first missing one and where it is published."""
     if config.model.preset:
         check_model_files(config.model, where)
+        check_schedule(config, where)
     stats = config.metrics.reference_stats
     if stats:
         published = (f"fid_stats/{get_preset(config.model.preset).fid_stats} in {UVIT_ASSETS}" if config.model.preset
                      else "a .npz with `mu` and `sigma` (Inception pool3 features, e.g. U-ViT's fid_stats or ADM's "
                           "reference batches)")
         require_file(stats, f"{where}: [metrics] reference_stats", published)
+
+
+def check_schedule(config, where: str) -> None:
+    """The run samples with the schedule (and time input) the preset's network was trained with."""
+    preset = get_preset(config.model.preset)
+    if config.sampling.schedule != preset.schedule:
+        raise UserError(f"{where}: [sampling] schedule is {config.sampling.schedule!r} but {preset.name} was trained "
+                        f"with {preset.schedule!r}; set schedule = \"{preset.schedule}\"")
 
 
 def load_run_model(config, where: str = "config"):
@@ -85,3 +98,12 @@ def run_image_shape(config, model) -> tuple[int, int, int]:
     if config.model.preset:
         return get_preset(config.model.preset).image_shape
     return (model.in_chans, model.img_size, model.img_size)
+
+
+def load_run_decoder(config, device) -> LatentDecoder | None:
+    """A latent preset's decoding stage (its autoencoder on `device`); None for a pixel model."""
+    latent = get_preset(config.model.preset).latent if config.model.preset else None
+    if latent is None:
+        return None
+    vae = load_autoencoder(config.model.autoencoder, latent.scale_factor, latent.ddconfig)
+    return LatentDecoder(vae, latent.scale_factor).to(device)

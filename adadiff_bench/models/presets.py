@@ -15,7 +15,7 @@ same file into its official estimator (its U-ViT found by `preset_for_state`).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,9 @@ ADADIFF_RELEASES = ("AdaDiff's fine-tuned weights (https://github.com/Tangshengk
 UVIT_ASSETS = ("U-ViT's assets folder (https://drive.google.com/drive/folders/1yo-XhqbPue3rp5P57j6QbA5QZx6KybvP, "
                "linked from the U-ViT README)")
 OFFICIAL_ESTIMATOR_PREFIX = "lte_classifer."
+# SD's first-stage ddconfig, as U-ViT's `libs/autoencoder.get_model` gives it (embed_dim = z_channels = 4)
+SD_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                   ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,11 @@ class Latent:
     """A latent model's decoder: SD's KL autoencoder (8x upsampling to RGB) and the latents' scale factor."""
     scale_factor: float
     autoencoder: str                   # the file's name in U-ViT's `stable-diffusion/` folder
-    downsampling: int = 8
+    ddconfig: dict = field(default_factory=lambda: dict(SD_DDCONFIG))
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,10 @@ class Preset:
     uvit: UViTConfig
     release: str                       # the U-ViT release's file name
     fid_stats: str                     # U-ViT's reference statistics for this data set (in `fid_stats/`)
+    schedule: str                      # the noise schedule and time input it was trained with (`schedules`)
     latent: Latent | None = None
     adadiff_release: bool = True       # AdaDiff published fine-tuned weights for it
+    null_label: int | None = None      # the label row of guidance's unconditional pass (never drawn)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -65,23 +74,23 @@ def _small(img_size: int, patch_size: int, **changes) -> UViTConfig:
 
 PRESETS: dict[str, Preset] = {
     "cifar10_uvit_s2": Preset("cifar10_uvit_s2", _small(32, 2), "cifar10_uvit_small.pth",
-                              "fid_stats_cifar10_train_pytorch.npz"),
+                              "fid_stats_cifar10_train_pytorch.npz", "vp"),
     "celeba64_uvit_s4": Preset("celeba64_uvit_s4", _small(64, 4), "celeba64_uvit_small.pth",
-                               "fid_stats_celeba64_train_50000_ddim.npz"),
+                               "fid_stats_celeba64_train_50000_ddim.npz", "vp"),
     # ImageNet 256 latents are 4 x 32 x 32; 1001 labels, the last one the null label of guidance
     "imagenet256_uvit_l2": Preset("imagenet256_uvit_l2", UViTConfig(
         img_size=32, patch_size=2, in_chans=4, embed_dim=1024, depth=20, num_heads=16, mlp_ratio=4.0,
         qkv_bias=False, mlp_time_embed=False, num_classes=1001), "imagenet256_uvit_large.pth",
-        "fid_stats_imagenet256_guided_diffusion.npz", Latent(0.18215, "autoencoder_kl.pth")),
+        "fid_stats_imagenet256_guided_diffusion.npz", "vp", Latent(0.18215, "autoencoder_kl.pth"), null_label=1000),
     "imagenet256_uvit_h2": Preset("imagenet256_uvit_h2", UViTConfig(
         img_size=32, patch_size=2, in_chans=4, embed_dim=1152, depth=28, num_heads=16, mlp_ratio=4.0,
         qkv_bias=False, mlp_time_embed=False, num_classes=1001, conv=False), "imagenet256_uvit_huge.pth",
-        "fid_stats_imagenet256_guided_diffusion.npz", Latent(0.18215, "autoencoder_kl_ema.pth"),
-        adadiff_release=False),
+        "fid_stats_imagenet256_guided_diffusion.npz", "scaled-linear", Latent(0.18215, "autoencoder_kl_ema.pth"),
+        adadiff_release=False, null_label=1000),
     "mscoco256_uvit_s2_t2i": Preset("mscoco256_uvit_s2_t2i", UViTT2IConfig(
         img_size=32, patch_size=2, in_chans=4, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4.0,
         qkv_bias=False, mlp_time_embed=False, clip_dim=768, num_clip_token=77), "mscoco_uvit_small.pth",
-        "fid_stats_mscoco256_val.npz", Latent(0.23010, "autoencoder_kl.pth")),
+        "fid_stats_mscoco256_val.npz", "scaled-linear", Latent(0.23010, "autoencoder_kl.pth")),
 }
 
 
