@@ -6,6 +6,7 @@ out of range raises `UserError` naming the file, the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -20,6 +21,9 @@ from .schedules import check_schedule_and_solver
 SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler", "dpm-solver++-fast", "euler-maruyama", "dpm-solver-fast")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+MAX_THREADS = 1024   # far above any machine's cores; OpenMP crashes on absurd counts (100,000)
+MAX_SEED = 2**63 - 1  # seeds are 64-bit (torch.manual_seed)
+MAX_NAME_BYTES = 200  # a run name is a folder name (most file systems allow 255 bytes, with room for suffixes)
 
 
 @dataclass
@@ -48,6 +52,8 @@ class UViTConfig:
             raise UserError(f"{where}: img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise UserError(f"{where}: embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}")
+        if self.qk_scale is not None:
+            _positive(where, qk_scale=self.qk_scale)
 
 
 @dataclass
@@ -115,6 +121,14 @@ class TrainConfig:
             raise UserError(f"{where}: ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.warmup_steps < 0:
             raise UserError(f"{where}: warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.weight_decay < 0:
+            raise UserError(f"{where}: weight_decay must be >= 0 (got {self.weight_decay}); 0 turns it off")
+        for key, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0 <= beta < 1:
+                raise UserError(f"{where}: {key} must be in [0, 1) (got {beta}); AdamW's defaults are 0.9 and 0.999")
+        check_seed(self.seed, f"{where}: seed")
+        if self.threads is not None:
+            check_threads(self.threads, where)
 
 
 @dataclass
@@ -205,6 +219,9 @@ class TimingConfig:
 
     def validate(self, where: str) -> None:
         _positive(where, num_samples=self.num_samples, threads=self.threads)
+        check_threads(self.threads, where)
+        if self.warmup_batches < 0:
+            raise UserError(f"{where}: warmup_batches must be >= 0 (got {self.warmup_batches}); 0 skips the warm-up")
         if self.repeats < 3:
             raise UserError(f"{where}: repeats must be >= 3 so that a median means something (got {self.repeats})")
 
@@ -240,8 +257,13 @@ class RunConfig:
     def validate(self, where: str) -> None:
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
             raise UserError(f"{where}: run name {self.name!r} must be a plain folder name (no slashes)")
+        if "\0" in self.name or len(self.name.encode()) > MAX_NAME_BYTES:
+            raise UserError(f"{where}: run name must be at most {MAX_NAME_BYTES} bytes without NUL characters "
+                            f"(got {len(self.name.encode())} bytes); pick a shorter name")
         if not self.seeds:
             raise UserError(f"{where}: seeds must list at least one seed")
+        for seed in self.seeds:
+            check_seed(seed, f"{where}: seeds")
         if not self.methods:
             raise UserError(f"{where}: add at least one [[methods]] table (for example name = \"full\")")
         check_device_spec(self.device, where)
@@ -265,9 +287,20 @@ def check_solver(solver: str, where: str) -> None:
         raise UserError(f"{where}: unknown solver {solver!r}{did_you_mean(solver, SOLVERS)}; valid: {', '.join(SOLVERS)}")
 
 
+def check_seed(seed: int, where: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{where}: a seed must be in [0, 2^63 - 1] (got {seed}); use a non-negative integer")
+
+
+def check_threads(threads: int, where: str) -> None:
+    if not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"{where}: threads must be in [1, {MAX_THREADS}] (got {threads}); use at most the machine's "
+                        "cores")
+
+
 def _positive(where: str, **values: float) -> None:
     for key, value in values.items():
-        if value <= 0:
+        if not value > 0:  # (NaN fails this test, as it should)
             raise UserError(f"{where}: {key} must be > 0 (got {value})")
 
 
@@ -302,6 +335,9 @@ def method_entry_from_dict(raw: dict, where: str) -> MethodEntry:
     if "name" not in raw:
         raise UserError(f"{where}: a [[methods]] table needs `name` (for example name = \"full\")")
     raw = dict(raw)
+    for key, value in raw.items():
+        if value == []:
+            raise UserError(f"{where}: {key} is an empty list; give at least one value (a list sweeps its values)")
     entry = MethodEntry(name=_check_type(raw.pop("name"), str, f"{where}.name"))
     for key in ("solver", "num_steps"):
         if key in raw:
@@ -353,8 +389,17 @@ def _dataclass_in(hint: Any):
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Return `value` if it matches `hint` (ints are accepted for floats), else raise UserError."""
     if _matches(value, hint):
+        _check_finite(value, where)
         return float(value) if hint is float and isinstance(value, int) else value
     raise UserError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinity anywhere in a value: every range check (`x < 0`) lets NaN through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: expected a finite number, got {value!r}; write a number (NaN and inf are not values)")
+    for item in value if isinstance(value, list) else value.values() if isinstance(value, dict) else ():
+        _check_finite(item, where)
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -144,6 +144,9 @@ def train(config: TrainFile, progress: bool = True) -> Path:
         y = to_device(labels[batch], device) if conditional else None
         with autocast(device, cfg.precision):
             loss = task.loss(x0, y, generator)
+        if not torch.isfinite(loss):  # (one read per step) a NaN or inf loss never recovers: stop before saving it
+            raise UserError(f"training loss is {loss.item()} at step {step + 1}; lower [train] lr (now {cfg.lr}) or "
+                            f"check the data and model config (the last good state is {out_dir / 'last.pt'}, if any)")
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
         optimizer.zero_grad(set_to_none=True)

@@ -422,3 +422,149 @@ def test_an_unknown_precision(tmp_path, tiny_checkpoint, capsys):
     line = one_line_error(top_level(run_args(tmp_path, tiny_checkpoint), 'precision = "fp8"'), capsys)
     assert "precision must be one of fp32, bf16, fp16 (got 'fp8')" in line
     assert_nothing_written(tmp_path)
+
+
+# ---- numbers: NaN, infinity, ranges and bounds (checked before anything is written) -------------------
+
+@pytest.mark.parametrize("knob, value", [("adadiff", "threshold = nan"), ("adadiff", "threshold = [0.1, nan]"),
+                                         ("oracle", "tau = inf"), ("pabee", "delta = -inf")])
+def test_a_knob_that_is_nan_or_infinite(tmp_path, tiny_checkpoint, capsys, knob, value):
+    extra = f'[[methods]]\nname = "{knob}"\n{value}\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert f"methods[1] ({knob}): {value.split(' ')[0]}: expected a finite number" in line
+    assert "NaN and inf are not values" in line
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("section, setting, expected", [
+    ("metrics", "fid_ci = nan", "[metrics]: fid_ci: expected a finite number, got nan"),
+    ("timing", "threads = 100000", "[timing]: threads must be in [1, 1024] (got 100000)"),
+    ("timing", "warmup_batches = -5", "[timing]: warmup_batches must be >= 0 (got -5)"),
+    ("top", "seeds = [0, -1]", "seeds: a seed must be in [0, 2^63 - 1] (got -1)"),
+    ("top", f'name = "{"r" * 300}"', "run name must be at most 200 bytes without NUL characters (got 300 bytes)"),
+])
+def test_a_setting_out_of_range(tmp_path, tiny_checkpoint, capsys, section, setting, expected):
+    tables = {"sampling": SAMPLING, "metrics": METRICS, "timing": "enabled = false"}
+    if section in tables:
+        tables[section] += "\n" + setting
+    args = run_args(tmp_path, tiny_checkpoint, **tables)
+    if section == "top":  # a later key of the same name would clash: replace the line
+        config = args[args.index("--config") + 1]
+        key = setting.split(" ")[0]
+        text = "\n".join(setting if line.startswith(key + " =") else line for line in open(config).read().splitlines())
+        open(config, "w").write(text)
+    line = one_line_error(args, capsys)
+    assert expected in line, line
+    assert_nothing_written(tmp_path)
+
+
+def test_more_steps_than_the_schedule_has(tmp_path, tiny_checkpoint, capsys):
+    extra = '[[methods]]\nname = "full"\nnum_steps = [2, 1001]\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert "methods[1]: num_steps must be at most 1000, the linear schedule's timesteps (got 1001)" in line
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["threshold = []", "num_steps = []", "solver = []"])
+def test_an_empty_list_for_a_swept_knob(tmp_path, tiny_checkpoint, capsys, value):
+    extra = f'[[methods]]\nname = "adadiff"\n{value}\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert f"methods[1]: {value.split(' ')[0]} is an empty list; give at least one value" in line
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("sampling, metrics, data, expected", [
+    ("num_samples = 1", METRICS, None, "[sampling] num_samples = 1, but quality metrics need at least 2 samples"),
+    ("num_samples = 8", METRICS, "one image", "holds 1 image(s), but quality metrics need at least 2"),
+    ("num_samples = 8", METRICS + "\nprc_neighborhood = 8", None,
+     "[metrics] prc_neighborhood = 8 needs more than that many samples and reference images (got 8 and"),
+    ("num_samples = 1000000000", METRICS, None, "1000000000 samples at 3 steps need about"),
+])
+def test_what_the_metrics_or_memory_cannot_take_is_refused_before_sampling(tmp_path, tiny_checkpoint, capsys,
+                                                                          sampling, metrics, data, expected):
+    tables = {"sampling": SAMPLING.replace("num_samples = 8", sampling), "metrics": metrics}
+    if data == "one image":
+        np.savez(tmp_path / "one.npz", np.zeros((1, 8, 8, 1), np.uint8))
+        tables["data"] = f'name = "npz"\npath = "{tmp_path / "one.npz"}"'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, **tables), capsys)
+    assert expected in line, line
+    assert_nothing_written(tmp_path)
+
+
+def train_args(tmp_path, train: str, model: str = "embed_dim = 32\ndepth = 2\nnum_heads = 2") -> list[str]:
+    """`adadiff-bench train` of a tiny U-ViT on the digits, with `train` added to its [train] table."""
+    config = tmp_path / "train.toml"
+    config.write_text(f'[model]\n{model}\n\n[train]\nsteps = 4\nbatch_size = 8\nwarmup_steps = 0\nthreads = 1\n'
+                      f'out_dir = "{tmp_path / "train"}"\n{train}\n')
+    return ["train", "--config", str(config), "--no-progress"]
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("lr = inf", "[train]: lr: expected a finite number, got inf"),
+    ("lr = nan", "[train]: lr: expected a finite number, got nan"),
+    ("beta1 = 1.5", "[train]: beta1 must be in [0, 1) (got 1.5)"),
+    ("weight_decay = -0.1", "[train]: weight_decay must be >= 0 (got -0.1)"),
+    ("seed = -3", "[train]: seed: a seed must be in [0, 2^63 - 1] (got -3)"),
+])
+def test_a_training_setting_out_of_range(tmp_path, capsys, setting, expected):
+    line = one_line_error(train_args(tmp_path, setting), capsys)
+    assert expected in line, line
+    assert not (tmp_path / "train").exists()
+
+
+def test_training_whose_loss_is_not_finite_stops_with_one_line(tmp_path, capsys):
+    line = one_line_error(train_args(tmp_path, "lr = 1e30"), capsys)  # finite, but the weights overflow at once
+    assert "training loss is nan at step 2; lower [train] lr (now 1e+30)" in line
+    assert not list((tmp_path / "train").iterdir())  # no state, no exported weights
+
+
+# ---- files a library would load: opened safely first (docs/security.md) ------------------------------
+
+class RunsCode:
+    """Pickles to a call that creates the file `marker` when unpickled."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_inception_weights_that_hold_code(tmp_path, tiny_checkpoint, capsys):
+    torch.save(RunsCode(tmp_path / "ran"), tmp_path / "inception.pth")
+    args = run_args(tmp_path, tiny_checkpoint, data=small_digits(tmp_path),
+                    metrics='inception = "require"\nkid_subset_size = 8\nisc_splits = 2')
+    line = one_line_error(args + ["--inception-weights", str(tmp_path / "inception.pth")], capsys)
+    assert "inception.pth' is not a file of plain tensors" in line and "--inception-weights PATH" in line
+    assert not (tmp_path / "ran").exists()
+    assert_nothing_written(tmp_path)
+
+
+def test_a_clean_fid_model_in_the_shared_folder_that_is_not_yours(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from adadiff_bench.metrics import cleanfid_backend
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "inception-2015-12-05.pt").write_bytes(b"anyone could have written this")
+    os.chmod(shared / "inception-2015-12-05.pt", 0o666)
+    monkeypatch.setattr(cleanfid_backend, "cleanfid_default_model_dir", lambda: shared)
+    torch.save(build_model(TINY).state_dict(), tmp_path / "inception.pth")  # any plain tensors: never loaded here
+    args = run_args(tmp_path, tiny_checkpoint, data=small_digits(tmp_path),
+                    metrics='inception = "require"\nfid_backend = "clean-fid"\nkid_subset_size = 8\nisc_splits = 2')
+    line = one_line_error(args + ["--inception-weights", str(tmp_path / "inception.pth")], capsys)
+    assert "inception-2015-12-05.pt' can be changed by other users" in line
+    assert "set [metrics] cleanfid_model = PATH" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_a_damaged_reference_cache_file_is_recomputed_with_a_warning(tmp_path, tiny_checkpoint, capsys):
+    args = run_args(tmp_path, tiny_checkpoint, data=small_digits(tmp_path))
+    assert main(args) == 0
+    first = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    (statistics,) = (tmp_path / "results" / ".cache").glob("*stat-fid*.npz")
+    statistics.write_bytes(statistics.read_bytes()[:100])
+    with pytest.warns(UserWarning) as warned:  # (the CLI prints each as `adadiff-bench: warning: <message>`)
+        assert main(args + ["--overwrite"]) == 0
+    assert len(warned) == 1 and f"reference cache file '{statistics}' is damaged" in str(warned[0].message)
+    assert "recomputing it" in str(warned[0].message)
+    again = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    assert (again["fid_digits_cnn"] == first["fid_digits_cnn"]).all()

@@ -34,6 +34,7 @@ from .classifier import weights_sha256
 from .extractors import (DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend, get_extractor, verify_weights,
                          weights_only_loads)
 from .reference_cache import cache_file, cached_arrays
+from .reference_stats import APPLIES_TO as PUBLISHED_SPACE, published_as_reference
 from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, SPREAD, MetricSpec, metric_specs
 
 CPU = torch.device("cpu")
@@ -85,7 +86,10 @@ class FeatureSpace:
     _reference_statistics: dict | None = field(default=None, init=False, repr=False)
 
     def reference_statistics(self) -> dict:
-        """The reference's FID mean and covariance {"mu", "sigma"} (cached on disk beside its features)."""
+        """The reference's FID mean and covariance {"mu", "sigma"} (cached on disk beside its features), or the
+        published statistics of `reference_stats` in the Inception space (`metrics.reference_stats`)."""
+        if self._reference_statistics is None and self.config.reference_stats and self.extractor.name == PUBLISHED_SPACE:
+            self._reference_statistics = published_as_reference(self.config.reference_stats)
         if self._reference_statistics is None:
             layer = self.features.layers["fid"]
             path = cache_file(self.cache_dir, self.kwargs["input2_cache_name"], self.features.network.get_name(),
@@ -113,13 +117,34 @@ def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsCo
         return {}
     check_images(samples, reference.images, extractors)
     weights = {name: get_extractor(name).weights(config, "") for name in extractors}  # fail before any work
-    check_fid_backend(config, tuple(name for name, path in weights.items() if path is not None))
-    verify_weights(weights)
+    used = tuple(name for name, path in weights.items() if path is not None)
+    check_fid_backend(config, used)
+    check_quality_inputs(len(samples), reference, config, used)
     results = {}
     for name, path in weights.items():
         if path is not None:
             results.update(metrics_in_feature_space(name, path, samples, reference, config, cache_dir, device))
     return results
+
+
+def check_quality_inputs(num_samples: int, reference: Dataset, config: MetricsConfig, extractors: tuple[str, ...],
+                         where: str = "") -> None:
+    """What the metrics need, checked before anything is sampled: two samples and two reference images, a k-NN
+    neighbourhood smaller than both sets, and weights files that open safely (`ExtractorSpec.verify`)."""
+    if not extractors:
+        return
+    count, where = len(reference.images), f"{where}: " if where else ""
+    if num_samples < 2:
+        raise UserError(f"{where}[sampling] num_samples = {num_samples}, but quality metrics need at least 2 "
+                        "samples; raise num_samples")
+    if count < 2:
+        raise UserError(f"{where}the reference data set {reference.name!r} holds {count} image(s), but quality "
+                        "metrics need at least 2; use a larger data set")
+    if config.prc and config.prc_neighborhood >= min(num_samples, count):
+        raise UserError(f"{where}[metrics] prc_neighborhood = {config.prc_neighborhood} needs more than that many "
+                        f"samples and reference images (got {num_samples} and {count}); lower prc_neighborhood, "
+                        "raise num_samples, or set prc = false")
+    verify_weights({name: get_extractor(name).weights(config, "") for name in extractors})
 
 
 def check_images(samples: torch.Tensor, reference_images: torch.Tensor, extractors: tuple[str, ...]) -> None:
