@@ -205,6 +205,9 @@ class MetricsConfig:
             raise UserError(f"{where}: fid_bootstrap must be >= 0 resamples (got {self.fid_bootstrap}); 0 turns it off")
         if not 0 < self.fid_ci < 1:
             raise UserError(f"{where}: fid_ci must be in (0, 1), e.g. 0.95 (got {self.fid_ci})")
+        if self.reference_stats and (self.inception == "off" or self.fid_backend == "clean-fid"):
+            raise UserError(f"{where}: reference_stats are Inception statistics for torch-fidelity's FID; set "
+                            "inception = \"require\" and fid_backend = \"torch-fidelity\", or remove reference_stats")
 
 
 @dataclass

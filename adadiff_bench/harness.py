@@ -383,6 +383,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,
                 "device": str(prep.device), "device_name": device_name(prep.device), "precision": prep.precision,
                 "threads": torch.get_num_threads()})
+    if config.metrics.reference_stats:  # which reference FID compared against (KID, PR: the reference images)
+        row["fid_reference_stats"] = config.metrics.reference_stats
     if prep.decoder is not None:
         row.update({"decode_macs_per_image": prep.decode_macs, "total_macs_per_image": macs + prep.decode_macs,
                     **decoding})

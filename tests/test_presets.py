@@ -169,7 +169,9 @@ def test_bad_model_table_is_one_line(tmp_path, table, message):
 
 
 def write_pixel_run(tmp_path, name: str, checkpoint, inception: str | None, methods: str) -> str:
-    """A run of 2 samples, 2 steps; Inception metrics with `inception` weights (None: metrics off)."""
+    """A run of 2 samples, 2 steps; Inception metrics with `inception` weights, FID against published-style
+    statistics (None: metrics off)."""
+    np.savez(tmp_path / "fid_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     channels, size, _ = PRESETS[name].image_shape
     images = np.random.default_rng(0).integers(0, 256, (6, size, size, channels), dtype=np.uint8)
     np.savez(tmp_path / "data.npz", images)
@@ -180,7 +182,7 @@ def write_pixel_run(tmp_path, name: str, checkpoint, inception: str | None, meth
         f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
         '[sampling]\nschedule = "vp"\nsolver = "euler-maruyama"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
         + (f'[metrics]\ninception = "require"\ninception_weights = "{inception}"\nkid_subset_size = 2\n'
-           'isc_splits = 1\nprc = false\n' if inception else '[metrics]\ninception = "off"\n')
+           f'isc_splits = 1\nprc = false\nreference_stats = "{tmp_path / "fid_stats.npz"}"\n' if inception else '[metrics]\ninception = "off"\n')
         + '[timing]\nenabled = false\n' + methods)
     return str(config)
 
@@ -201,6 +203,7 @@ def test_pixel_presets_end_to_end_with_the_adadiff_release(name, shallow_presets
     assert list(frame["method"]) == ["full", "adadiff"] and frame["valid"].all()
     if inception:
         assert np.isfinite(frame["fid_inception"]).all() and np.isfinite(frame["is_inception_mean"]).all()
+        assert (frame["fid_reference_stats"] == str(tmp_path / "fid_stats.npz")).all()
     assert frame["macs_per_image"].iloc[1] <= frame["macs_per_image"].iloc[0]
     with np.load(tmp_path / "results" / "e2e" / "cells" / frame["cell_id"].iloc[0] / "samples.npz") as archive:
         assert archive["arr_0"].shape == (2, *PRESETS[name].image_shape[1:], 3)
