@@ -6,6 +6,7 @@ Bad input ends with one line on stderr naming the problem and the fix, and exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 import textwrap
@@ -29,6 +30,7 @@ EPILOG = textwrap.dedent("""\
       torchrun --nproc_per_node=2 -m adadiff_bench run --config configs/demo.toml
 
     A killed run resumes when the same command is rerun. Bad inputs and their messages: docs/errors.md.
+    Every config key and method knob: docs/config.md (or `adadiff-bench methods NAME`).
     Results load in pandas: pd.read_csv("results/demo/results.csv").
     """)
 
@@ -91,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--sort-by", metavar="COLUMN", help="column to sort by, best first (default: the primary FID)")
 
     classifier = commands.add_parser("train-classifier",
-                                     help="retrain the digits feature extractor shipped with the package")
-    classifier.add_argument("--out", help="where to write the weights (default: the packaged asset)")
+                                     help="retrain the digits feature extractor shipped with the package",
+                                     description="Train the digits-cnn feature extractor and print its held-out "
+                                                 "accuracy. It writes only where told: --out PATH, or "
+                                                 "--replace-packaged-asset to overwrite the installed package's copy "
+                                                 "(which every digits-cnn metric reads).")
+    target = classifier.add_mutually_exclusive_group()
+    target.add_argument("--out", help="where to write the weights")
+    target.add_argument("--replace-packaged-asset", action="store_true",
+                        help="overwrite the packaged asset adadiff_bench/assets/digits_cnn.pt")
 
     methods = commands.add_parser("methods", help="list the registered methods, or one method's knobs",
                                   description="Without NAME, list the registered methods. With NAME, print that "
@@ -198,15 +207,31 @@ def _train(args) -> int:
     if args.precision:
         config.train.precision = args.precision
     config.train.validate(args.config)
-    path = train(config, progress=not args.no_progress)
-    print(f"EMA weights written to {path}")
+    ema_path = train(config, progress=not args.no_progress)
+    print(f"EMA weights written to {ema_path}")
+    if config.train.export:
+        print(f"exported to {config.train.export}{' (half precision)' if config.train.export_half else ''}")
+    print(run_config_line(config.task, config.train.export or str(ema_path)))
     return 0
 
 
-def _train_classifier(args) -> int:
-    from .metrics.classifier import main_train_classifier
+def run_config_line(task: str | None, checkpoint: str) -> str:
+    """The last line of a training: the run-config setting that uses the checkpoint it exported."""
+    if task is None:
+        return f'a run config uses it as: checkpoint = "{checkpoint}"'
+    from .methods import get_method
+    if "checkpoint" in {field.name for field in dataclasses.fields(get_method(task).Params)}:
+        return f'a run config uses it as: [[methods]] name = "{task}", checkpoint = "{checkpoint}"'
+    return f"a run config uses {checkpoint} through a knob of [[methods]] name = \"{task}\" (adadiff-bench methods {task})"
 
-    main_train_classifier(args.out)
+
+def _train_classifier(args) -> int:
+    from .metrics.classifier import ASSET_PATH, main_train_classifier
+
+    if not args.out and not args.replace_packaged_asset:
+        raise UserError(f"train-classifier needs --out PATH (where to write the weights); to overwrite the packaged "
+                        f"asset {ASSET_PATH} that every digits-cnn metric reads, pass --replace-packaged-asset")
+    main_train_classifier(args.out or ASSET_PATH)
     return 0
 
 

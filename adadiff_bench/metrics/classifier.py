@@ -158,9 +158,10 @@ def weights_sha256(path: str | Path) -> str:
     return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def main_train_classifier(out_path: str | Path | None = None) -> float:
-    """Train the classifier, save it to `out_path` (default: the packaged asset) and print its held-out accuracy."""
-    out_path = Path(out_path) if out_path else ASSET_PATH
+def main_train_classifier(out_path: str | Path) -> float:
+    """Train the classifier, save it to `out_path` (the packaged asset only when passed `ASSET_PATH`) and print its
+    held-out accuracy."""
+    out_path = Path(out_path)
     torch.set_num_threads(1)
     model, heldout_accuracy = train_digits_classifier()
     save_classifier(model, heldout_accuracy, out_path)
