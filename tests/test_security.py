@@ -21,7 +21,7 @@ from adadiff_bench.config import DataConfig, MetricsConfig
 from adadiff_bench.data import Dataset, load_dataset
 from adadiff_bench.errors import UserError
 from adadiff_bench.metrics import cleanfid_backend, extractors, quality
-from adadiff_bench.metrics.classifier import ASSET_PATH, EXTRACTOR_NAME
+from adadiff_bench.metrics.classifier import ASSET_PATH, EXTRACTOR_NAME, load_classifier
 from adadiff_bench.metrics.cleanfid_backend import CLEANFID_MODEL_FILE, cleanfid_inception_features
 from adadiff_bench.metrics.extractors import INCEPTION, INCEPTION_WEIGHTS_FILE, weights_only_loads
 from adadiff_bench.metrics.reference_cache import CHECKSUM, payload_sha256
@@ -273,6 +273,14 @@ def test_a_checkpoint_holding_a_pickle_never_runs(tmp_path):
     plant(tmp_path / "model.pt", marker, "torch.save")
     with pytest.raises(UserError, match="corrupt or not a PyTorch file"):
         load_model(tmp_path / "model.pt")
+    assert not marker.exists()
+
+
+def test_the_digits_classifier_loads_weights_only(tmp_path):
+    marker = tmp_path / "ran"
+    plant(tmp_path / "digits_cnn.pt", marker, "torch.save")
+    with pytest.raises(pickle.UnpicklingError):
+        load_classifier(tmp_path / "digits_cnn.pt")
     assert not marker.exists()
 
 
