@@ -94,7 +94,6 @@ def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell
     if any(s <= 0 for s in steps):
         raise UserError(f"{where}: num_steps must be > 0 (got {steps})")
     check_step_count(config.sampling.schedule, steps, where)
-    check_step_count(config.sampling.schedule, steps, where)
     knob_names = sorted(entry.params)
     knob_values = [_as_list(entry.params[k]) for k in knob_names]
     cells = []
@@ -105,28 +104,6 @@ def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell
             cells.append(Cell(entry.name, tuple(sorted(setting.items())), solver, num_steps, seed,
                               config.sampling.schedule, config.sampling.guidance))
     return cells
-
-
-def check_step_count(schedule: str, steps: list[int], where: str) -> None:
-    """A discrete schedule cannot be sampled in more steps than it has training timesteps."""
-    limit = getattr(SCHEDULES.get(schedule), "num_train_timesteps", None)
-    if limit is not None and max(steps) > limit:
-        raise UserError(f"{where}: num_steps must be at most {limit}, the {schedule} schedule's timesteps "
-                        f"(got {max(steps)}); use fewer steps")
-
-
-def check_memory(num_samples: int, num_steps: int, num_blocks: int, pixels: int, where: str) -> None:
-    """Refuse a cell whose images and step log cannot fit in this machine's memory (before the first write)."""
-    if not hasattr(os, "sysconf"):
-        return
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    # at least, per sample: the step log (a flag per block, three int16 and a float64 per step) and the
-    # network's output (float32 batches, their concatenation and a NaN-free copy, then uint8)
-    needed = num_samples * (num_steps * (num_blocks + 14) + 13 * pixels)
-    if needed > total:
-        raise UserError(f"{where}: {num_samples} samples at {num_steps} steps need about {needed / 2**30:.0f} GiB for "
-                        f"their images and step log, more than this machine's {total / 2**30:.0f} GiB; lower "
-                        "[sampling] num_samples")
 
 
 def check_step_count(schedule: str, steps: list[int], where: str) -> None:
@@ -201,9 +178,6 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     timed = config.timing.num_samples if config.timing.enabled else 0
     check_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves), model.num_blocks,
                  model.in_chans * model.img_size ** 2, where)
-    timed = config.timing.num_samples if config.timing.enabled else 0
-    check_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves), model.num_blocks,
-                 model.in_chans * model.img_size ** 2, where)
     params = {}
     for cell, (entry, _) in curves.items():
         cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
@@ -216,7 +190,6 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     if model.num_classes > 0 and data.labels is None:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
     extractors = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, where)
-    check_quality_inputs(config.sampling.num_samples, data, config.metrics, extractors, where)
     check_quality_inputs(config.sampling.num_samples, data, config.metrics, extractors, where)
     context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
     params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
