@@ -47,8 +47,10 @@ class Bounds:
 
 
 def _number(value: float | None) -> str:
-    """An integer bound exactly (a seed's 2^63 - 1 too), any other as Python writes it."""
-    return str(int(value)) if isinstance(value, int) or value is not None and float(value).is_integer() else str(value)
+    """A whole-number bound without a decimal point (a seed's 2^63 - 1 exactly), any other as Python writes it."""
+    if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def bounds(*, at_least: float | None = None, above: float | None = None,
