@@ -18,6 +18,7 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.models import presets
 from adadiff_bench.models.official import check_model_table, load_run_model
 from adadiff_bench.models.presets import PRESETS, preset_for_state
+from conftest import REPO
 from test_autoencoder import to_original_layout
 from test_metrics import random_inception_weights  # noqa: F401 (a fixture)
 
@@ -259,3 +260,34 @@ def test_latent_preset_end_to_end_decodes_as_its_own_stage(shallow_presets, tmp_
     assert row["decode_time_per_image_s"] > 0 and row["decode_peak_mem_mb"] > 0
     with np.load(tmp_path / "results" / "latent" / "cells" / row["cell_id"] / "samples.npz") as archive:
         assert archive["arr_0"].shape == (2, 256, 256, 3)
+
+
+PAPER_CONFIGS = ["cifar10_uvit_s2", "celeba64_uvit_s4", "imagenet256_uvit_l2", "imagenet256_uvit_h2",
+                 "mscoco256_uvit_s2_t2i"]
+OFFICIAL_THRESHOLDS = {"cifar10_uvit_s2": 0.92, "celeba64_uvit_s4": 0.95, "imagenet256_uvit_l2": 0.92,
+                       "mscoco256_uvit_s2_t2i": 0.87}  # AdaDiff's eval_*.sh exit_threshold
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_stops_at_its_first_missing_file_and_plans_once_files_exist(name, tmp_path, monkeypatch, capsys):
+    from adadiff_bench.harness import plan_curves
+    path = REPO / "configs" / "paper" / f"{name}.toml"
+    config = load_run_config(path)
+    assert config.model.preset == name and config.sampling.num_samples == 50000
+    assert config.sampling.schedule == PRESETS[name].schedule
+    monkeypatch.chdir(tmp_path)  # its relative paths name nothing here
+    assert main(["run", "--config", str(path), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and config.model.checkpoint in error and "published" in error
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    for named in {config.model.checkpoint, config.model.autoencoder, config.metrics.reference_stats} - {""}:
+        (tmp_path / named).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / named).touch()  # present (empty): every knob and solver of every entry validates
+    cells = plan_curves(config, str(path))
+    assert {cell.method for cell in cells} >= {"full", "static-exit"}
+    adadiff = [entry for entry in config.methods if entry.name == "adadiff"]
+    assert len(adadiff) == int(PRESETS[name].adadiff_release)
+    for entry in adadiff:
+        assert entry.params["threshold_kind"] == "official-certainty" and entry.params["patience"] is True
+        assert entry.params["checkpoint"] == config.model.checkpoint
+        assert entry.params["threshold"] == OFFICIAL_THRESHOLDS[name]
