@@ -280,7 +280,8 @@ def reference_run(tmp_path_factory):
     torch.manual_seed(0)
     checkpoint = folder / "tiny.pt"
     save_checkpoint(checkpoint, build_model(TINY).eval(), TINY)
-    args = run_args(folder, checkpoint, sampling=RESUME_SAMPLING, data=small_digits(folder))
+    args = run_args(folder, checkpoint, sampling=RESUME_SAMPLING, data=small_digits(folder),
+                    timing="enabled = false\nthreads = 1")  # (tiny tensors: fastest on one thread)
     assert main(args) == 0
     return args, folder / "results" / "tiny"
 
