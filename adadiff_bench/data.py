@@ -110,7 +110,7 @@ def _read_image(file: Path) -> np.ndarray:
 
 
 def _sixteen_bit_to_uint8(values: np.ndarray, file: Path) -> np.ndarray:
-    """16-bit grayscale 0..65535 -> uint8 0..255, rounding to nearest (an 8-bit value v stored as 257 v comes back as v)."""
+    """16-bit grayscale 0..65535 -> uint8 0..255, rounding to nearest (8-bit v stored as 257 v comes back as v)."""
     if values.min() < 0 or values.max() > 65535:
         raise UserError(f"{str(file)!r} holds values outside 0..65535 ({values.min()}..{values.max()}); "
                         "save it as an 8- or 16-bit PNG")

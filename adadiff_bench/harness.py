@@ -288,7 +288,8 @@ def intact_batch(path: Path, count: int) -> bool:
     and sampled again."""
     try:
         arrays = read_npz(path)
-        if "images" in arrays and len(arrays["images"]) == count and any(k.startswith("log/") for k in arrays):
+        logs = [value for key, value in arrays.items() if key.startswith("log/")]
+        if "images" in arrays and logs and all(len(a) == count for a in [arrays["images"], *logs]):
             return True
         reason = f"{str(path)!r} is not a batch of this cell"
     except DamagedFile as exc:

@@ -232,12 +232,16 @@ class RunStore:
         row = read_json(self.layout.cell_row(cell_id))
         if row.get("cell_id") != cell_id:
             raise DamagedFile(self.layout.cell_row(cell_id), f"it names cell {row.get('cell_id')!r}")
+        wrong = row_fields_of_the_wrong_kind(row)
+        if wrong:
+            raise DamagedFile(self.layout.cell_row(cell_id), f"no valid {', '.join(wrong)}")
         for name in (SAMPLES, EXITS):
             if not self.layout.cell_archive(cell_id, name).is_file():
                 raise DamagedFile(self.layout.cell_archive(cell_id, name), "missing")
         for archive in sorted(self.cell_dir(cell_id).glob("*.npz")):
             arrays = read_npz(archive)
-            if archive.name == f"{SAMPLES}.npz" and (SAMPLES_KEY not in arrays or arrays[SAMPLES_KEY].dtype != np.uint8):
+            samples = arrays.get(SAMPLES_KEY) if archive.name == f"{SAMPLES}.npz" else None
+            if archive.name == f"{SAMPLES}.npz" and (samples is None or samples.dtype != np.uint8):
                 raise DamagedFile(archive, f"no uint8 {SAMPLES_KEY}")
 
     def remove_leftovers(self) -> None:
@@ -307,7 +311,9 @@ class DamagedFile(UserError):
     """A file of the results store that does not parse (truncated, overwritten, not what its name says)."""
 
     def __init__(self, path: Path, cause: BaseException | str):
-        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:120]}"
+        if not isinstance(cause, str):
+            cause = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:120]}"
+        reason = cause
         super().__init__(f"{str(path)!r} is damaged ({reason}); delete it and rerun the command that wrote it")
         self.path, self.reason = Path(path), reason
 
@@ -419,6 +425,15 @@ def check_run_info(info: dict, path: Path, needed: tuple[str, ...] = ()) -> None
         missing = [f for f in fields if f not in value] if table in needed else []
         if missing:
             raise DamagedFile(path, f"it lacks {', '.join(f'{table}.{f}' for f in missing)}")
+
+
+def row_fields_of_the_wrong_kind(row: dict) -> list[str]:
+    """The fields every report reads that a cell's row lacks or holds as the wrong kind of value."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    wrong = [c for c in TEXT_COLUMNS if not isinstance(row.get(c), str)]
+    wrong += [c for c in NUMBER_COLUMNS if not number(row.get(c))]
+    return wrong + ([] if isinstance(row.get("valid"), bool) else ["valid"])
 
 
 def read_results_csv(path: Path) -> pd.DataFrame:

@@ -568,3 +568,8 @@ def test_a_damaged_reference_cache_file_is_recomputed_with_a_warning(tmp_path, t
     assert "recomputing it" in str(warned[0].message)
     again = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
     assert (again["fid_digits_cnn"] == first["fid_digits_cnn"]).all()
+
+
+# --- hostile files ---
+# Broken data sets, checkpoint bodies, damaged resume state, report inputs, stray files and the file system
+# (docs/errors.md, "Hostile files") are tested in tests/test_hostile_files.py, kills at every write in test_kill.py.

@@ -328,6 +328,12 @@ def reference_copy(reference_run, tmp_path):
     shutil.copytree(saved, final)
 
 
+def _edit_json(path: Path, edit) -> None:
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -342,6 +348,8 @@ CELL_DAMAGE = {  # a finished cell's file in .partial, damaged: the cell is comp
     "row-truncated": ("row.json", _truncate),
     "row-a-list": ("row.json", lambda p: p.write_text("[1, 2]")),
     "row-of-another-cell": ("row.json", lambda p: p.write_text('{"cell_id": "someone-else"}')),
+    "row-without-valid": ("row.json", lambda p: _edit_json(p, lambda row: row.pop("valid"))),
+    "row-text-for-a-number": ("row.json", lambda p: _edit_json(p, lambda row: row.update(num_samples="8"))),
     "exits-garbage": ("exits.npz", lambda p: p.write_bytes(b"garbage")),
     "samples-truncated": ("samples.npz", _truncate),
     "samples-byte-flipped": ("samples.npz", _flip_a_byte),
@@ -374,8 +382,10 @@ def _damaged_batch(write):
 
 
 @pytest.mark.parametrize("write", [lambda p: p.write_bytes(b"PK\x03\x04 half a zip"),
-                                   lambda p: np.savez(p, images=np.zeros((3, 1, 8, 8), np.float32))],
-                         ids=["garbage", "three-images"])
+                                   lambda p: np.savez(p, images=np.zeros((3, 1, 8, 8), np.float32)),
+                                   lambda p: np.savez(p, images=np.zeros((4, 1, 8, 8), np.float32),
+                                                      **{"log/blocks_run": np.zeros((3, 2, 5))})],
+                         ids=["garbage", "three-images", "three-log-rows"])
 def test_a_damaged_progress_batch_is_sampled_again(reference_copy, capsys, write):
     (args, final), saved = reference_copy
     interrupted_copy((args, final), _damaged_batch(write))
@@ -454,12 +464,6 @@ def run_copy(reference_run, tmp_path) -> Path:
     copy = tmp_path / "runs" / "tiny"
     shutil.copytree(reference_run[1], copy)
     return copy
-
-
-def _edit_json(path: Path, edit) -> None:
-    value = json.loads(path.read_text())
-    edit(value)
-    path.write_text(json.dumps(value))
 
 
 REPORT_INPUTS = {  # (file, damage, what the one line says)
@@ -645,3 +649,16 @@ def test_a_read_only_results_folder_is_one_line(tmp_path, tiny_checkpoint, capsy
     line = one_line_error(run_args(tmp_path, tiny_checkpoint), capsys)
     assert "cannot write in results folder" in line and "Permission denied" in line
     assert list((tmp_path / "results").iterdir()) == []
+
+
+# ---- the catalogue ---------------------------------------------------------------------------------------
+
+def test_every_hostile_files_entry_names_a_test_that_exists():
+    """docs/errors.md, section "Hostile files": every test it names is defined here or in tests/test_kill.py."""
+    import re
+    from conftest import REPO
+    section = (REPO / "docs" / "errors.md").read_text().split("\n## Hostile files\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[^\]]*\])?`", section))
+    defined = set(re.findall(r"^def (test_[a-z0-9_]+)", "".join(
+        (REPO / "tests" / name).read_text() for name in ("test_hostile_files.py", "test_kill.py")), re.M))
+    assert len(named) >= 30 and named <= defined, sorted(named - defined)

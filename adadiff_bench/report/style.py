@@ -65,7 +65,7 @@ def save(fig, out: Path, stem: str) -> list[Path]:
 
 
 def escape_math(text: str) -> str:
-    """A user string inside a text drawn with `parse_math=True` (the few titles with intended math): '$' kept literal."""
+    """A user string inside a text drawn with `parse_math=True` (titles with intended math): its '$' kept literal."""
     return str(text).replace("$", r"\$")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -43,6 +44,10 @@ class Estimator(nn.Module):
     def scalar(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         u = self.uncertainty(exit_point, tokens, t)
         return u.flatten(1).mean(1) if u.dim() > 1 else u
+
+    def scalar_on_host(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+        """`scalar` as a float32 array on the host (sampling: the one read of a GPU a decision needs)."""
+        return self.scalar(exit_point, tokens, t).float().cpu().numpy()
 
     def macs_per_sample(self, num_tokens: int) -> int:
         """MACs of one call on one sample (its linear layers; counted into the step log)."""
@@ -79,14 +84,26 @@ class OfficialEstimator(Estimator):
 
     def scalar(self, exit_point, tokens, t):
         # the mean over pixels is the mean over patch entries: no need to unpatchify
-        if torch.is_grad_enabled():
-            certainty = torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens)))
-        else:
-            # sampling decides after every block, so every op counts: the linear runs on the whole
-            # contiguous token tensor (a strided slice would be copied first, which costs more than the
-            # few extra rows) and the sigmoid runs in place; each row's result is the same either way
-            certainty = self.certainty[exit_point - 1](tokens)[:, self.extras:, :].sigmoid_()
-        return 1.0 - certainty.flatten(1).mean(1)
+        return 1.0 - torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens))).flatten(1).mean(1)
+
+    def scalar_on_host(self, exit_point, tokens, t):
+        """The same numbers as `scalar`, in fewer ops: sampling decides after every block, so every op counts.
+
+        The linear runs on the whole token tensor as one matrix (a strided slice of the patch tokens would
+        be copied first) and the extras' rows are dropped after it; the sigmoid runs in place and `1 - mean`
+        on the host, in float32 like torch's, so each sample's value is bit for bit `scalar`'s."""
+        linear = self._linears[exit_point - 1]
+        batch, length, width = tokens.shape
+        logits = torch.addmm(linear.bias, tokens.reshape(batch * length, width), linear.weight.t())
+        certainty = logits.view(batch, -1)[:, self.extras * logits.shape[1]:].sigmoid_().mean(1)
+        return np.float32(1.0) - certainty.float().cpu().numpy()
+
+    @property
+    def _linears(self) -> list[nn.Linear]:
+        """The exits' linear layers as a plain list (indexing a ModuleList costs more than the sigmoid)."""
+        if self.__dict__.get("_linear_list") is None:
+            self.__dict__["_linear_list"] = list(self.certainty)
+        return self.__dict__["_linear_list"]
 
     def _per_exit_linears(self):
         return [self.certainty[0]]
