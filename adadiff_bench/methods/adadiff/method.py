@@ -184,30 +184,34 @@ class AdaDiff(Method):
         self._inputs: dict[int, np.ndarray] = {}
         self._map_timesteps: dict[int, float] = {}
 
-    def exits(self, uncertainty: torch.Tensor) -> torch.Tensor:
-        """Per active sample: does its uncertainty pass the threshold at this exit point?"""
+    def exits(self, uncertainty: np.ndarray) -> np.ndarray:
+        """Per active sample (host float32 uncertainties): does it pass the threshold at this exit point?
+
+        On the host, in float32 as torch compares a float32 tensor with a Python number, so the decisions
+        are those of the same comparisons on the device, without another op there."""
         p = self.params
-        if p.rule == "per-batch":
-            uncertainty = uncertainty.mean().expand_as(uncertainty)
+        if p.rule == "per-batch":  # the batch mean as torch computes it, so batch-dependent runs reproduce
+            uncertainty = np.full_like(uncertainty, torch.from_numpy(uncertainty).mean().item())
+        threshold = np.float32(p.threshold)
         if p.threshold_kind == "official-certainty":
-            return (1.0 - uncertainty) > p.threshold
-        return uncertainty <= p.threshold
+            return (np.float32(1.0) - uncertainty) > threshold
+        return uncertainty <= threshold
 
     def __call__(self, x, t, y, ctx):
         net = self.net
         kinds = net.backbone.block_kinds
-        passes = torch.zeros(len(x), dtype=torch.long, device=x.device) if self.params.patience else None
+        passes = np.zeros(len(x), dtype=np.int64) if self.params.patience else None  # host: in-blocks passed
         recorded = self._recorded_rows(x, ctx)
 
         def policy(exit_point, tokens, state, t_active, active):
             if recorded is not None:
                 self._record_maps(exit_point, tokens, t_active, active, recorded, ctx)
-            passing = self.exits(net.estimator.scalar(exit_point, tokens, t_active))
+            passing = self.exits(net.estimator.scalar_on_host(exit_point, tokens, t_active))
             if passes is not None and kinds[exit_point - 1] == "in":  # the official rule: the second passing in-block
-                rows = rows_on(active, x.device)
-                passes[rows] += passing.long()
-                return passing & (passes[rows] >= 2)
-            return passing
+                rows = active.numpy()
+                passes[rows] += passing
+                return torch.from_numpy(passing & (passes[rows] >= 2))
+            return torch.from_numpy(passing)
 
         return exit_aware_forward(net.backbone, x, t, y, policy, self.log, heads=net.exit_head,
                                   policy_macs=self.estimator_macs)
