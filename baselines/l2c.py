@@ -103,8 +103,12 @@ def save_router(path, router: RouterCheckpoint, meta: dict | None = None) -> Non
 
 
 def _load(payload: dict, path: str) -> RouterCheckpoint:
-    return RouterCheckpoint(payload["beta"], payload["base_checkpoint"], payload["base_sha256"],
-                            payload["solver"], int(payload["num_steps"]), path)
+    beta, texts = payload["beta"], [payload[key] for key in ("base_checkpoint", "base_sha256", "solver")]
+    if not (isinstance(beta, torch.Tensor) and beta.dim() == 3 and beta.is_floating_point()) \
+            or not all(isinstance(text, str) for text in texts):
+        raise UserError(f"checkpoint {path!r}: `beta` must be a (steps, blocks, 2) float tensor and base_checkpoint, "
+                        f"base_sha256 and solver text; {TRAIN_HINT}")
+    return RouterCheckpoint(beta, *texts, int(payload["num_steps"]), path)
 
 
 register_format(CheckpointFormat(FORMAT, "a Learning-to-Cache router (beta per step, block and branch)", _load,

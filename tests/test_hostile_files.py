@@ -662,3 +662,25 @@ def test_every_hostile_files_entry_names_a_test_that_exists():
     defined = set(re.findall(r"^def (test_[a-z0-9_]+)", "".join(
         (REPO / "tests" / name).read_text() for name in ("test_hostile_files.py", "test_kill.py")), re.M))
     assert len(named) >= 30 and named <= defined, sorted(named - defined)
+
+
+BASELINE_BODIES = {  # a shipped baseline checkpoint, damaged: (file, mutation, what the one line says)
+    "l2c-beta-a-string": ("l2c_digits.pt", _replace("beta", "x"), "`beta` must be a (steps, blocks, 2) float tensor"),
+    "l2c-beta-2d": ("l2c_digits.pt", lambda p: p.update(beta=p["beta"][0]), "`beta` must be a (steps, blocks, 2)"),
+    "l2c-solver-a-number": ("l2c_digits.pt", _replace("solver", 3), "solver text"),
+    "berxit-width-a-string": ("berxit_digits.pt", _replace("embed_dim", "x"), "contents do not fit that format"),
+    "berxit-state-a-tensor": ("berxit_digits.pt", _replace("state_dict", torch.zeros(2)),
+                              "contents do not fit that format"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASELINE_BODIES))
+def test_a_baseline_checkpoint_with_a_bad_body_is_one_line(tmp_path, capsys, monkeypatch, case):
+    from conftest import REPO
+    name, mutate, expected = BASELINE_BODIES[case]
+    monkeypatch.chdir(REPO)  # (the shipped routers name their base checkpoint relative to the repository)
+    bad = bad_copy(tmp_path, REPO / "checkpoints" / name, mutate)
+    extra = f'[[methods]]\nname = "{name.split("_")[0]}"\ncheckpoint = "{bad}"\n'
+    line = one_line_error(run_args(tmp_path, REPO / "checkpoints" / "uvit_digits.pt", extra_methods=extra), capsys)
+    assert str(bad) in line and expected in line, line
+    assert not (tmp_path / "results").exists()
