@@ -43,7 +43,8 @@ from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json,
 from .memory import PeakMemory
 from .metrics.specs import headline_columns
 from .models.autoencoder import LatentDecoder, decode_stage
-from .models.official import check_run_files, load_run_decoder, load_run_model, run_checkpoint, run_image_shape
+from .models.official import (check_run_files, load_run_decoder, load_run_model, published_files, run_checkpoint,
+                              run_image_shape)
 from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
 
@@ -521,6 +522,7 @@ def run_info(config: RunConfig, prep: Prepared, started: str, world: World = Wor
                     "python": platform.python_version(), **device_info(prep.device),
                     "determinism": prep.determinism, "precision": prep.precision},
         "checkpoint": {"path": run_checkpoint(config), "sha256": prep.checkpoint_sha256},
+        **published_files(config),
         "method_checkpoints": {path: sha256_file(path) for path in sorted(  # as prepared: trained on demand too
             {str(p.checkpoint) for p in prep.params.values() if getattr(p, "checkpoint", "")})},
         "data": {"name": prep.data.name, "path": config.data.path, "num_images": len(prep.data.images),

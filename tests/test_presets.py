@@ -4,6 +4,7 @@ config at real widths with the depth cut to 2, and run end to end; a missing fil
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
-from adadiff_bench.checkpoints import build_model
+from adadiff_bench.checkpoints import build_model, sha256_file
 from adadiff_bench.cli import main
 from adadiff_bench.config import ModelConfig, load_run_config
 from adadiff_bench.errors import UserError
@@ -260,6 +261,9 @@ def test_latent_preset_end_to_end_decodes_as_its_own_stage(shallow_presets, tmp_
     assert row["decode_time_per_image_s"] > 0 and row["decode_peak_mem_mb"] > 0
     with np.load(tmp_path / "results" / "latent" / "cells" / row["cell_id"] / "samples.npz") as archive:
         assert archive["arr_0"].shape == (2, 256, 256, 3)
+    info = json.loads((tmp_path / "results" / "latent" / "run.json").read_text())
+    assert info["autoencoder"] == {"path": str(autoencoder), "sha256": sha256_file(autoencoder)}
+    assert info["checkpoint"] == {"path": str(release), "sha256": sha256_file(release)}
 
 
 PAPER_CONFIGS = ["cifar10_uvit_s2", "celeba64_uvit_s4", "imagenet256_uvit_l2", "imagenet256_uvit_h2",

@@ -107,3 +107,10 @@ def load_run_decoder(config, device) -> LatentDecoder | None:
         return None
     vae = load_autoencoder(config.model.autoencoder, latent.scale_factor, latent.ddconfig)
     return LatentDecoder(vae, latent.scale_factor).to(device)
+
+
+def published_files(config) -> dict[str, dict[str, str]]:
+    """run.json's record of the other files a run read: the autoencoder and the FID statistics (path, SHA-256)."""
+    from ..checkpoints import sha256_file
+    named = {"autoencoder": config.model.autoencoder, "reference_stats": config.metrics.reference_stats}
+    return {key: {"path": path, "sha256": sha256_file(path)} for key, path in named.items() if path}
