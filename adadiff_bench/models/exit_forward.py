@@ -23,10 +23,11 @@ class ExitPolicy(Protocol):
     """Decides, after exit point `exit_point` (= blocks run so far), which active samples exit."""
 
     def __call__(self, exit_point: int, tokens: torch.Tensor, state: BlockState, t: torch.Tensor,
-                 active: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 active: torch.Tensor) -> torch.Tensor | np.ndarray | tuple[torch.Tensor, torch.Tensor]:
         """Boolean mask over the active samples (True = exit now). `active` are their rows in the batch,
         `tokens`, `state` and `t` theirs only; `active` is a host tensor, the others on the model's device.
-        A mask on the host costs no synchronisation (a policy that decides without reading the GPU).
+        A mask on the host (a numpy array or a CPU tensor) costs no synchronisation (a policy that decides
+        without reading the GPU, or one that read what it needed itself).
 
         A policy that decides from the exit's own eps prediction (and logged that head call) returns
         (mask, predictions of all active samples): the exiting ones are taken from it, not recomputed.
@@ -91,8 +92,10 @@ def _decision(decision) -> tuple[torch.Tensor, torch.Tensor | None]:
     return decision if isinstance(decision, tuple) else (decision, None)
 
 
-def _on_host(mask: torch.Tensor) -> np.ndarray:
+def _on_host(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     """The policy's mask as a host array: the block's one synchronisation when the mask is on a GPU."""
+    if isinstance(mask, np.ndarray):
+        return mask
     return mask.cpu().numpy() if mask.device.type != "cpu" else mask.numpy()
 
 

@@ -210,8 +210,8 @@ class AdaDiff(Method):
             if passes is not None and kinds[exit_point - 1] == "in":  # the official rule: the second passing in-block
                 rows = active.numpy()
                 passes[rows] += passing
-                return torch.from_numpy(passing & (passes[rows] >= 2))
-            return torch.from_numpy(passing)
+                return passing & (passes[rows] >= 2)
+            return passing
 
         return exit_aware_forward(net.backbone, x, t, y, policy, self.log, heads=net.exit_head,
                                   policy_macs=self.estimator_macs)
