@@ -207,8 +207,9 @@ def fidelity_kwargs(extractor: str, weights: str, samples: torch.Tensor, referen
                     cache_dir: str | Path, device: torch.device = CPU) -> dict:
     """The keyword arguments of the equivalent `torch_fidelity.calculate_metrics` call in one feature space.
 
-    torch-fidelity's cache is off (`cache=False`: it would read its files with `torch.load(weights_only=False)`);
-    `input2_cache_name` only names the suite's own reference cache under `cache_dir` (see `extract_features`).
+    torch-fidelity's cache is off (`cache=False`: it would read its files with `torch.load(weights_only=False)`),
+    so `cache_dir` goes into no keyword (the suite caches the reference itself: `extract_features`); it stays a
+    parameter for the callers. `input2_cache_name` is the key of that cache, which torch-fidelity never reads.
     """
     spec = get_extractor(extractor)
     roles = {metric.feature for metric in enabled_metrics(spec, config)}
