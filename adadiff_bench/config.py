@@ -376,6 +376,8 @@ def from_dict(cls, raw: Any, where: str):
             sub.validate(f"{where}: [{key}]")
     if hasattr(obj, "validate"):
         obj.validate(where)
+    for key, value in values.items():  # after `validate`, so that a key's own range message comes first
+        _check_finite(value, f"{where}: {key}")
     return obj
 
 
@@ -392,7 +394,6 @@ def _dataclass_in(hint: Any):
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Return `value` if it matches `hint` (ints are accepted for floats), else raise UserError."""
     if _matches(value, hint):
-        _check_finite(value, where)
         return float(value) if hint is float and isinstance(value, int) else value
     raise UserError(f"{where}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
 

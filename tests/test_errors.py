@@ -426,18 +426,21 @@ def test_an_unknown_precision(tmp_path, tiny_checkpoint, capsys):
 
 # ---- numbers: NaN, infinity, ranges and bounds (checked before anything is written) -------------------
 
-@pytest.mark.parametrize("knob, value", [("adadiff", "threshold = nan"), ("adadiff", "threshold = [0.1, nan]"),
-                                         ("oracle", "tau = inf"), ("pabee", "delta = -inf")])
-def test_a_knob_that_is_nan_or_infinite(tmp_path, tiny_checkpoint, capsys, knob, value):
+@pytest.mark.parametrize("knob, value, expected", [
+    ("oracle", "tau = nan", "tau: expected a finite number, got nan; write a number (NaN and inf are not values)"),
+    ("oracle", "tau = inf", "tau: expected a finite number, got inf"),
+    ("adadiff", "threshold = [0.1, nan]", "threshold must be in [0, 1] (got nan)"),  # the knob's own range first
+    ("pabee", "delta = -inf", "delta is an RMS distance and must be >= 0 (got -inf)"),
+])
+def test_a_knob_that_is_nan_or_infinite(tmp_path, tiny_checkpoint, capsys, knob, value, expected):
     extra = f'[[methods]]\nname = "{knob}"\n{value}\n'
     line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
-    assert f"methods[1] ({knob}): {value.split(' ')[0]}: expected a finite number" in line
-    assert "NaN and inf are not values" in line
+    assert f"methods[1] ({knob}): {expected}" in line, line
     assert_nothing_written(tmp_path)
 
 
 @pytest.mark.parametrize("section, setting, expected", [
-    ("metrics", "fid_ci = nan", "[metrics]: fid_ci: expected a finite number, got nan"),
+    ("metrics", "fid_ci = nan", "[metrics]: fid_ci must be in (0, 1), e.g. 0.95 (got nan)"),
     ("timing", "threads = 100000", "[timing]: threads must be in [1, 1024] (got 100000)"),
     ("timing", "warmup_batches = -5", "[timing]: warmup_batches must be >= 0 (got -5)"),
     ("top", "seeds = [0, -1]", "seeds: a seed must be in [0, 2^63 - 1] (got -1)"),
@@ -501,7 +504,7 @@ def train_args(tmp_path, train: str, model: str = "embed_dim = 32\ndepth = 2\nnu
 
 @pytest.mark.parametrize("setting, expected", [
     ("lr = inf", "[train]: lr: expected a finite number, got inf"),
-    ("lr = nan", "[train]: lr: expected a finite number, got nan"),
+    ("lr = nan", "[train]: lr must be > 0 (got nan)"),
     ("beta1 = 1.5", "[train]: beta1 must be in [0, 1) (got 1.5)"),
     ("weight_decay = -0.1", "[train]: weight_decay must be >= 0 (got -0.1)"),
     ("seed = -3", "[train]: seed: a seed must be in [0, 2^63 - 1] (got -3)"),
