@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from ..checkpoints import atomic_torch_save
 from ..config import DataConfig
 from ..data import load_dataset
 
@@ -129,8 +130,7 @@ def save_classifier(model: DigitsCNN, heldout_accuracy: float, out_path: str | P
     """Write the state dict and a small meta dict (accuracy, split seed, feature dim)."""
     meta = {"heldout_accuracy": heldout_accuracy, "split_seed": SPLIT_SEED,
             "heldout_fraction": HELDOUT_FRACTION, "feature_dim": FEATURE_DIM}
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, out_path)
+    atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, out_path)  # (a kill leaves the old file)
 
 
 def load_classifier(path: str | Path = ASSET_PATH) -> tuple[DigitsCNN, dict]:
