@@ -497,6 +497,19 @@ def test_a_damaged_run_stops_report_and_leaderboard_with_one_line(run_copy, tmp_
     assert not out.exists()  # refused before the report folder is made
 
 
+@pytest.mark.parametrize("archive, damage", [("samples", _truncate), ("samples", _flip_a_byte), ("exits", _truncate)],
+                         ids=["samples-truncated", "samples-byte-flipped", "exits-truncated"])
+def test_a_damaged_cell_archive_stops_report_before_it_writes(run_copy, tmp_path, capsys, archive, damage):
+    # (a third of the way into samples.npz is inside its image array; exits.npz holds many small members,
+    # where a flipped byte may fall in a header field no reader checks, so it is truncated instead)
+    cell = sorted((run_copy / "cells").iterdir())[-1]
+    damage(cell / f"{archive}.npz")
+    out = tmp_path / "report"
+    line = one_line_error(["report", str(run_copy), "--out", str(out)], capsys)
+    assert str(cell / f"{archive}.npz") in line and "damaged" in line, line
+    assert not out.exists()  # no figure drawn from the good cells first
+
+
 def test_merging_a_run_of_another_schema_is_one_line(run_copy, tmp_path, capsys):
     other = tmp_path / "runs" / "other"
     shutil.copytree(run_copy, other)

@@ -70,6 +70,8 @@ def write_leaderboard(run_dirs: str | Path | list, out: str | Path,
 def write_report(run_dirs: str | Path | list, out: str | Path, sort_by: str | None = None) -> list[Path]:
     """Tables, every registered figure and index.html for one or several finished runs; returns every path written."""
     view = _load_for_tables(run_dirs)
+    for reader in view.readers.values():  # figures read the cells' archives: a damaged one stops us before writing
+        reader.verify_archives()
     out = Path(out)
     make_dir(out)
     board, written = leaderboard_files(view, out, sort_by)
