@@ -210,18 +210,31 @@ class MetricsConfig:
                             "inception = \"require\" and fid_backend = \"torch-fidelity\", or remove reference_stats")
 
 
+DEFAULT_TIMED_SAMPLES = 256
+
+
+def timed_samples(timing: "TimingConfig", sampled: int) -> int:
+    """Images in each timed call: the config's number, or min(DEFAULT_TIMED_SAMPLES, sampled) when unset."""
+    return timing.num_samples if timing.num_samples is not None else min(DEFAULT_TIMED_SAMPLES, sampled)
+
+
 @dataclass
 class TimingConfig:
     """Wall-clock protocol: a separate timed pass of `num_samples` images, `warmup_batches` short warm-up
-    runs (2 solver steps) of the cell and the reference, fixed threads, `repeats` interleaved repeats."""
+    runs (2 solver steps) of the cell and the reference, fixed threads, `repeats` interleaved repeats.
+
+    `num_samples` unset times min(DEFAULT_TIMED_SAMPLES, [sampling] num_samples): a small run is not held
+    up by timing more images than it samples; a number given is honoured as is."""
     enabled: bool = True
-    num_samples: int = 256
+    num_samples: int | None = None
     repeats: int = 3
     warmup_batches: int = 1
     threads: int = 2
 
     def validate(self, where: str) -> None:
-        _positive(where, num_samples=self.num_samples, threads=self.threads)
+        _positive(where, threads=self.threads)
+        if self.num_samples is not None:
+            _positive(where, num_samples=self.num_samples)
         check_threads(self.threads, where)
         if self.warmup_batches < 0:
             raise UserError(f"{where}: warmup_batches must be >= 0 (got {self.warmup_batches}); 0 skips the warm-up")

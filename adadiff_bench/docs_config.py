@@ -81,7 +81,8 @@ _METRICS = {
 
 _TIMING = {
     "enabled": describe("measure wall-clock time in a separate timed pass"),
-    "num_samples": describe("images in the timed pass", above=0),
+    "num_samples": describe("images in each timed call; none = min(256, [sampling] num_samples), so a small run "
+                            "times no more images than it samples; a number given is honoured", above=0),
     "repeats": describe("interleaved repeats of cell and reference (the median is reported)", at_least=3),
     "warmup_batches": describe("short warm-up runs (2 solver steps) of the cell and the reference", at_least=0),
     "threads": describe("torch threads while timing (fixed, so times compare)", at_least=1, at_most=cfg.MAX_THREADS),

@@ -17,6 +17,8 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoints import sha256_file
-from .config import MethodEntry, RunConfig, check_solver, to_dict
+from .config import MethodEntry, RunConfig, check_solver, timed_samples, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
 from .diffusion import sample, solver_options, solver_timesteps
 from .device import (check_precision_on, device_info, device_name, module_device, resolve_device,
@@ -176,7 +178,7 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     determinism = set_deterministic(device, config.deterministic)
     model = load_run_model(config, where).to(device)
     check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
-    timed = config.timing.num_samples if config.timing.enabled else 0
+    timed = timed_samples(config.timing, config.sampling.num_samples) if config.timing.enabled else 0
     check_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves), model.num_blocks,
                  model.in_chans * model.img_size ** 2, where)
     params = {}
@@ -329,10 +331,10 @@ def batch_rows(start: int, images) -> np.ndarray:
     return np.arange(start, start + len(images))
 
 
-def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig) -> dict:
+def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig, progress: bool = False) -> dict:
     """The timing protocol (see `timing`): warm-up, then repeats interleaved with the reference."""
     timing = config.timing
-    n, batch = timing.num_samples, config.sampling.batch_size
+    n, batch = timed_samples(timing, config.sampling.num_samples), config.sampling.batch_size
 
     def run(c: Cell):
         return lambda: generate(c, prep.model, n, batch, method=prep.method(c), precision=prep.precision)
@@ -343,7 +345,7 @@ def time_cell(cell: Cell, reference: Cell, prep: Prepared, config: RunConfig) ->
                 generate(c, prep.model, min(n, batch), batch, method=prep.method(c), precision=prep.precision)
 
     result = measure(run(cell), None if cell == reference else run(reference), n, timing.repeats, warmup,
-                     prep.device)
+                     prep.device, progress, desc=f"time {n} images")
     return dataclasses.asdict(result)
 
 
@@ -361,7 +363,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
         images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
                                desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints,
                                precision=prep.precision)
-    timing = time_cell(cell, reference_cell(config), prep, config) if config.timing.enabled else None
+    timing = time_cell(cell, reference_cell(config), prep, config, progress and world.is_main) \
+        if config.timing.enabled else None
     timings, peaks = world.gather(timing), world.gather(peak.mb)
     if not world.is_main:
         return None
@@ -404,6 +407,7 @@ def combine_timings(timings: list[dict]) -> dict:
                 ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s")}
     combined["speedup"] = combined["reference_time_per_image_s"] / combined["time_per_image_s"]
     combined["timing_repeats"] = timings[0]["timing_repeats"]
+    combined["timing_num_samples"] = timings[0]["timing_num_samples"]
     combined["time_per_image_s_ranks"] = json.dumps([t["time_per_image_s"] for t in timings])
     return combined
 
@@ -432,6 +436,7 @@ def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, wo
         cache_dir = Path(config.results_dir) / ".cache"
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         rows = []
+        eta = CellClock(sum(c.cell_id not in done for c in prep.cells))
         for index, cell in enumerate(prep.cells, 1):
             label = f"[{index}/{len(prep.cells)}] {cell.cell_id}"
             if cell.cell_id in done:
@@ -444,6 +449,8 @@ def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, wo
                 store.write_cell(cell.cell_id, *result)
                 rows.append(result[0])
                 say(f"{label}: {_headline(result[0])}", flush=True)
+                if progress:
+                    print(f"{label}: {eta.tick()}", file=sys.stderr, flush=True)
             world.barrier()
         path = store.finish(rows, run_info(config, prep, started, world), [c.cell_id for c in prep.cells]) \
             if world.is_main else None
@@ -451,6 +458,25 @@ def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, wo
         return Path(world.broadcast(str(path)))
     finally:
         store.release_lock()
+
+
+class CellClock:
+    """Elapsed time over the cells this run computes, and the rest estimated at the mean time per cell."""
+
+    def __init__(self, to_compute: int):
+        self.to_compute, self.finished, self.started = to_compute, 0, time.monotonic()
+
+    def tick(self) -> str:
+        self.finished += 1
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.finished * max(self.to_compute - self.finished, 0)
+        return (f"{self.finished}/{self.to_compute} cells computed, elapsed {_duration(elapsed)}, "
+                f"about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def open_partial(store: RunStore, config_dict: dict, overwrite: bool, where: str) -> set[str]:

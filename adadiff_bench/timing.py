@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Timing:
     reference_time_per_image_s: float
     speedup: float
     timing_repeats: int
+    timing_num_samples: int  # images in each timed call
 
 
 def time_once(fn: Callable[[], None], num_images: int, device: torch.device = torch.device("cpu")) -> float:
@@ -46,15 +48,23 @@ def iqr(values: list[float]) -> float:
 
 
 def measure(cell: Callable[[], None], reference: Callable[[], None] | None, num_images: int, repeats: int,
-            warmup: Callable[[], None] | None = None, device: torch.device = torch.device("cpu")) -> Timing:
-    """Interleaved timing of `cell` against `reference` (None when the cell is the reference)."""
+            warmup: Callable[[], None] | None = None, device: torch.device = torch.device("cpu"),
+            progress: bool = False, desc: str = "time") -> Timing:
+    """Interleaved timing of `cell` against `reference` (None when the cell is the reference).
+
+    With `progress`, a bar on stderr counts the timed calls (each of `num_images` images)."""
     if warmup is not None:
         warmup()
     cell_times, reference_times = [], []
-    for _ in range(repeats):
-        if reference is not None:
-            reference_times.append(time_once(reference, num_images, device))
-        cell_times.append(time_once(cell, num_images, device))
+    calls = repeats * (1 if reference is None else 2)
+    with tqdm(total=calls, desc=desc, disable=not progress, leave=False, unit="call") as bar:
+        for _ in range(repeats):
+            if reference is not None:
+                reference_times.append(time_once(reference, num_images, device))
+                bar.update()
+            cell_times.append(time_once(cell, num_images, device))
+            bar.update()
     cell_median = float(np.median(cell_times))
     reference_median = float(np.median(reference_times)) if reference is not None else cell_median
-    return Timing(cell_median, iqr(cell_times), reference_median, reference_median / cell_median, repeats)
+    return Timing(cell_median, iqr(cell_times), reference_median, reference_median / cell_median, repeats,
+                  num_images)
