@@ -60,7 +60,8 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
     metric_columns = [c for c in frame.columns if is_value_column(c)]
     numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
-        c for c in ("time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb") if c in frame.columns]
+        c for c in ("time_per_image_s", "reference_time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb")
+        if c in frame.columns]
     bounds = [c for c in frame.columns if c.endswith((CI_LOW, CI_HIGH))]
     grouped = frame.groupby("setting", sort=False)
     board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds},
@@ -118,7 +119,8 @@ def axis_label(column: str, num_samples: int | None = None) -> str:
 
 
 COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
-                  "time_per_image_s": "time/image (ms) ↓", "speedup": "speed-up vs full ↑",
+                  "time_per_image_s": "time/image (ms) ↓", "reference_time_per_image_s": "reference time/image (ms)",
+                  "speedup": "speed-up vs full ↑",
                   "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto"}
 
 
@@ -134,7 +136,7 @@ def _header(column: str, num_samples: int) -> str:
 
 def _number(column: str, value: float) -> str:
     """A table cell: ms for times, KB for caches, MB without decimals, a metric's own decimals, 3 otherwise."""
-    if column == "time_per_image_s":
+    if column in ("time_per_image_s", "reference_time_per_image_s"):
         value = value * 1e3
     if column == "cache_bytes":
         value = value / 1e3
@@ -317,6 +319,11 @@ def seeds_note(board: pd.DataFrame, seeds: int) -> str:
     return f"Quality values are {how} over {seeds} seeds ± their standard deviation across seeds."
 
 
+SPEEDUP_NOTE = ("Each row is timed against its own interleaved run of `full`, so time/image of two rows may "
+                "disagree with their speed-ups when the machine's speed drifts between cells: speed-up = reference "
+                "time/image / time/image, both from the same timed pass (per seed; means over seeds).")
+
+
 def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     """What the leaderboard's numbers are: data, n, seeds, intervals, timing and FLOPs conventions."""
     info = next(iter(infos.values()))
@@ -337,6 +344,8 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
                  f"{info['reference']['num_steps']} steps, timed interleaved on {info['machine']['torch_threads']} "
                  f"threads ({info['machine'].get('device', 'cpu')}); FLOPs = 2 x MACs (fvcore); peak memory: "
                  "the process's peak resident set on the CPU, peak allocated on CUDA.")
+    if "reference_time_per_image_s" in board.columns:
+        lines.append(SPEEDUP_NOTE)
     return "\n" + "\n\n".join(lines) + "\n"
 
 
