@@ -6,12 +6,14 @@ Bad input ends with one line on stderr naming the problem and the fix, and exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import warnings
 import textwrap
 
 from .errors import UserError
+from .offline import no_network
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark diffusion samplers that spend less compute per image: FID, IS, KID, FLOPs, "
                     "wall-clock time and per-timestep exit histograms, in one harness.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    parser.add_argument("--offline", action="store_true",
+                        help="open no network connection (refuses [metrics] inception = \"download\")")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a U-ViT or a method's networks (resumes from the last checkpoint "
@@ -156,6 +160,9 @@ def _run(args) -> int:
                             "torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
         config.metrics.inception_weights = args.inception_weights
         config.metrics.inception = "require"
+    if args.offline and config.metrics.inception == "download":
+        raise UserError(f'{args.config}: [metrics] inception = "download" under --offline; drop --offline, or put '
+                        "the Inception weights on disk and set inception = \"auto\" (or pass --inception-weights PATH)")
     run(config, where=args.config, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
@@ -293,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = one_line_warning
     try:
-        return COMMANDS[args.command](args)
+        with no_network() if args.offline else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
             raise

@@ -174,7 +174,8 @@ FID_BACKENDS = ("torch-fidelity", "clean-fid")
 class MetricsConfig:
     """Quality metrics.
 
-    `inception`: "auto" (when weights are on disk), "require" (error if absent), "off".
+    `inception`: "auto" (when weights are on disk), "require" (error if absent), "download" (fetch them
+    when absent; refused under --offline), "off".
     `fid_backend`: "torch-fidelity" (the engine) or "clean-fid" (the cross-check; in the Inception space it
     needs clean-fid's inception-2015-12-05.pt, found at `cleanfid_model` or where clean-fid looks).
     `prc`: precision and recall (k-NN manifolds with `prc_neighborhood` neighbours).
@@ -194,8 +195,9 @@ class MetricsConfig:
     reference_stats: str = ""   # published FID statistics (.npz with mu, sigma in Inception pool3 space)
 
     def validate(self, where: str) -> None:
-        if self.inception not in ("auto", "require", "off"):
-            raise UserError(f"{where}: inception must be one of auto, require, off (got {self.inception!r})")
+        if self.inception not in ("auto", "require", "off", "download"):
+            raise UserError(f"{where}: inception must be one of auto, require, off, download "
+                            f"(got {self.inception!r})")
         if self.fid_backend not in FID_BACKENDS:
             raise UserError(f"{where}: unknown fid_backend {self.fid_backend!r}"
                             f"{did_you_mean(self.fid_backend, FID_BACKENDS)}; valid: {', '.join(FID_BACKENDS)}")

@@ -63,7 +63,9 @@ _SAMPLING = {
 
 _METRICS = {
     "inception": describe("Inception metrics: \"auto\" when the weights are on disk, \"require\" (error if absent), "
-                          "\"off\"", choices=("auto", "require", "off")),
+                          "\"off\", \"download\" (fetch torch-fidelity's file into torch hub's cache when absent, "
+                          "30 s socket timeout, checked with weights_only=True; refused under --offline)",
+                          choices=("auto", "require", "off", "download")),
     "inception_weights": describe("torch-fidelity's Inception weights file (weights-inception-2015-12-05-6726825d.pth)",
                                   valid="a file path, or none: torch-fidelity's cache"),
     "fid_backend": describe("the FID engine: torch-fidelity, or clean-fid as the cross-check", choices=cfg.FID_BACKENDS),

@@ -15,8 +15,9 @@ features for images of any size, with no logits, so no Inception Score in that s
 where `Pixels` is a torch-fidelity `FeatureExtractorBase` whose one feature, "pixels", is
 `images.flatten(1).float() / 255` (tests/test_metric_registry.py has it in full).
 
-Nothing is downloaded: a space whose weights are not on disk is left out (or refused, when the
-run requires it). Nothing is unpickled either: a space's weights file is opened with
+Nothing is downloaded unless asked: a space whose weights are not on disk is left out (or refused,
+when the run requires it); `inception = "download"` fetches torch-fidelity's Inception file into torch
+hub's cache, with a connect timeout, and checks it like any other weights file before use. Nothing is unpickled either: a space's weights file is opened with
 `torch.load(weights_only=True)` first (`ExtractorSpec.verify`), every load while torch-fidelity builds
 a network is forced to `weights_only` (`weights_only_loads`), and clean-fid's TorchScript file is only
 taken from its shared default folder when it is the user's own (`cleanfid_backend`).
@@ -27,6 +28,7 @@ import contextlib
 import functools
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.hub
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ..config import MetricsConfig
@@ -50,6 +53,7 @@ DIGITS = EXTRACTOR_NAME
 INCEPTION = "inception"
 INCEPTION_FIDELITY_NAME = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+DOWNLOAD_TIMEOUT_S = 30.0  # seconds a socket of the download may wait (connect, then each read)
 
 
 def same_features_fid(space) -> float:
@@ -171,7 +175,7 @@ def resolve_extractors(image_shape: tuple[int, int, int], config: MetricsConfig,
     """The feature spaces a run on C x H x W images uses, in preference order; raises UserError before any work.
 
     A space is used when it reads images of this shape and its weights are available (`ExtractorSpec.
-    weights`: Inception under `inception = "auto" | "require" | "off"`). The clean-fid backend's model
+    weights`: Inception under `inception = "auto" | "require" | "off" | "download"`). The clean-fid backend's model
     file is checked here too.
     """
     names = tuple(spec.name for spec in extractor_specs()
@@ -240,10 +244,13 @@ def resolve_inception_weights(config: MetricsConfig) -> str | None:
 
 def inception_weights(config: MetricsConfig, where: str = "") -> str | None:
     """Inception's weights under `inception`: "off" leaves the space out, "require" refuses a run without them,
-    "auto" uses them when on disk and otherwise leaves the space out with a note."""
+    "auto" uses them when on disk and otherwise leaves the space out with a note, "download" fetches them
+    when they are not on disk."""
     if config.inception == "off":
         return None
     weights = resolve_inception_weights(config)  # raises when a configured file is absent
+    if weights is None and config.inception == "download":
+        weights = download_inception_weights()
     if weights is None and config.inception == "require":
         raise UserError(f'{where + ": " if where else ""}[metrics] inception = "require" but no Inception weights '
                         f"were found at {default_inception_weights_path()}; pass --inception-weights PATH or set "
@@ -252,6 +259,30 @@ def inception_weights(config: MetricsConfig, where: str = "") -> str | None:
         print(f"note: Inception metrics skipped: no weights on disk (pass --inception-weights PATH or put "
               f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} in $TORCH_HOME/hub/checkpoints)", file=sys.stderr)
     return weights
+
+
+def download_inception_weights() -> str:
+    """torch-fidelity's Inception file, fetched into torch hub's cache (a socket timeout of DOWNLOAD_TIMEOUT_S
+    while it runs) and opened with weights_only=True before anything uses it; a file that fails is removed."""
+    target = default_inception_weights_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"note: downloading the Inception weights from {URL_INCEPTION_V3} to {target}", file=sys.stderr)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:  # torch hub writes a temporary file beside the target and renames it into place when complete
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(target), progress=False)
+    except OSError as exc:  # (URLError, a timeout, a refused connection, a full disk)
+        raise UserError(f"could not download the Inception weights from {URL_INCEPTION_V3} ({exc}); check the "
+                        f"connection, or put {INCEPTION_WEIGHTS_FILE} on disk and pass --inception-weights PATH") \
+            from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    try:
+        check_inception_weights(str(target))
+    except UserError:
+        target.unlink(missing_ok=True)  # never leave a file that fails the check where "auto" would find it
+        raise
+    return str(target)
 
 
 def check_inception_weights(path: str) -> None:
