@@ -2,13 +2,17 @@
 metrics a run skipped, why, and how to get them."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from adadiff_bench.report import write_leaderboard
-from adadiff_bench.report.tables import SPEEDUP_NOTE
+from adadiff_bench.metrics.extractors import INCEPTION, extractor_specs
+from adadiff_bench.report import write_leaderboard, write_report
+from adadiff_bench.report.tables import INCEPTION_SPACE, SPEEDUP_NOTE, leaderboard, skipped_metrics
+from adadiff_bench.report.view import load_runs
+from test_report_tables import fake_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +38,53 @@ def test_each_speedup_is_its_reference_time_over_its_time(tmp_path):
         bound = 5e-4 * (1 / t + r / t ** 2) * 1.01 + 5e-4  # how far rounding of t and r can move r/t, plus s's own
         assert s == pytest.approx(r / t, abs=bound)
     assert SPEEDUP_NOTE in text
+
+
+def rewrite_info(folder: Path, metrics: dict, extractors: list[str]) -> Path:
+    """Set what a fake run's run.json says about its metrics config and the feature spaces it used."""
+    info = json.loads((folder / "run.json").read_text())
+    info["config"]["metrics"], info["feature_extractors"] = metrics, extractors
+    (folder / "run.json").write_text(json.dumps(info))
+    return folder
+
+
+def top_of(board_text: str) -> str:
+    """What leaderboard.md says between its title and its table."""
+    return board_text.split("\n| ", 1)[0]
+
+
+def test_the_report_names_inception_as_the_extractors_do():
+    assert INCEPTION_SPACE == INCEPTION
+
+
+def test_demo_report_says_at_the_top_that_inception_was_skipped_and_how_to_get_it(tmp_path):
+    info = json.loads((REPO / "results" / "demo" / "run.json").read_text())
+    assert INCEPTION not in info["feature_extractors"]  # the premise: the demo ran without Inception weights
+    write_report([REPO / "results" / "demo"], tmp_path)
+    top = top_of((tmp_path / "leaderboard.md").read_text())
+    assert "Inception metrics skipped: no Inception weights" in top and "--inception-weights PATH" in top
+    page = (tmp_path / "index.html").read_text()
+    notice = page.index('<div class="notice"')
+    assert notice < page.index("<main>") and "--inception-weights PATH" in page[notice:page.index("</div>", notice)]
+
+
+def test_a_run_without_any_quality_metric_says_what_is_missing_and_why(tmp_path):
+    rows = [{"method": "full", "gflops_per_image": 2.0, "time_per_image_s": 0.02, "speedup": 1.0}]
+    run = rewrite_info(fake_run(tmp_path / "r", "r", rows), {"inception": "off", "prc": False}, [])
+    write_leaderboard([run], tmp_path / "out")
+    text = (tmp_path / "out" / "leaderboard.md").read_text()
+    top = top_of(text)
+    assert "No FID was computed" in top and "no Pareto marks" in top
+    assert 'inception = "off"' in top and "prc = false" in top
+    assert "No feature space read these images" in top
+    assert "FID by" not in text  # the notes no longer claim a FID backend
+
+
+def test_a_run_with_every_space_and_metric_has_no_notice(tmp_path):
+    rows = [{"method": "full", "gflops_per_image": 2.0, "fid_digits_cnn": 9.0, "time_per_image_s": 0.02, "speedup": 1.0}]
+    spaces = [spec.name for spec in extractor_specs()]
+    run = rewrite_info(fake_run(tmp_path / "r", "r", rows), {"inception": "auto", "prc": True}, spaces)
+    view = load_runs([run])
+    assert skipped_metrics(leaderboard(view.frame), view.infos) == []
+    write_leaderboard([run], tmp_path / "out")
+    assert top_of((tmp_path / "out" / "leaderboard.md").read_text()).strip() == "# Leaderboard: r"

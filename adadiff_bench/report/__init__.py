@@ -29,7 +29,7 @@ from . import adadiff_figures, exit_figures, figures
 from .html import HtmlFigure, HtmlSection, HtmlTable, open_in_browser, write_html_report
 from .registry import (COMPUTE_SAVED, LEADERBOARD, MATCHED, QUALITY_VS_COST, SAMPLES, SECTIONS, SPEEDUP, UNCERTAINTY,
                        DrawnFigure, Figure, draw_figures, register_figure, registered_figures, section_titles)
-from .tables import display_table, leaderboard_files, leaderboard_notes, matched_files
+from .tables import display_table, leaderboard_files, leaderboard_notes, matched_files, skipped_metrics
 from .view import ReportView, load_runs
 
 __all__ = ["write_report", "write_leaderboard", "load_runs", "ReportView", "register_figure", "registered_figures",
@@ -99,7 +99,8 @@ def write_index(out: Path, view: ReportView, board: pd.DataFrame, matched: pd.Da
     n = int(view.frame["num_samples"].iloc[0])
     return write_html_report(out, f"adadiff-bench report: {', '.join(view.infos)}",
                              [s for s in sections if s.tables or s.figures],
-                             subtitle=f"{len(board)} method settings, n = {n} samples per cell")
+                             subtitle=f"{len(board)} method settings, n = {n} samples per cell",
+                             notices=skipped_metrics(board, view.infos))
 
 
 def _load_for_tables(run_dirs: str | Path | list) -> ReportView:

@@ -47,10 +47,11 @@ class HtmlSection:
     figures: list[HtmlFigure] = field(default_factory=list)
 
 
-def write_html_report(out: Path, title: str, sections: list[HtmlSection], subtitle: str = "") -> Path:
-    """Write `out/index.html` atomically and return its path."""
+def write_html_report(out: Path, title: str, sections: list[HtmlSection], subtitle: str = "",
+                      notices: list[str] = ()) -> Path:
+    """Write `out/index.html` atomically and return its path; `notices` are shown in a box under the title."""
     path = Path(out) / "index.html"
-    atomic_write_bytes(path, render_page(title, sections, subtitle).encode("utf-8"))
+    atomic_write_bytes(path, render_page(title, sections, subtitle, notices).encode("utf-8"))
     return path
 
 
@@ -62,7 +63,7 @@ def open_in_browser(path: Path) -> bool:
         return False
 
 
-def render_page(title: str, sections: list[HtmlSection], subtitle: str = "") -> str:
+def render_page(title: str, sections: list[HtmlSection], subtitle: str = "", notices: list[str] = ()) -> str:
     table_ids = [table.table_id for section in sections for table in section.tables if table.table_id]
     if len(set(table_ids)) < len(table_ids):
         raise UserError(f"report table ids must be unique, got {table_ids}; give each table its own table_id")
@@ -70,6 +71,9 @@ def render_page(title: str, sections: list[HtmlSection], subtitle: str = "") -> 
     toc = "".join(f'<li><a href="#{a}">{_esc(s.title)}</a></li>' for a, s in zip(anchors, sections))
     body = "\n".join(_section(section, anchor) for section, anchor in zip(sections, anchors))
     subtitle_html = f'<p class="subtitle">{_esc(subtitle)}</p>' if subtitle else ""
+    if notices:  # what the report lacks and why: before anything a reader might take as complete
+        subtitle_html += ('<div class="notice" role="note">' + "".join(
+            f"<p>{_code_spans(_esc(notice))}</p>" for notice in notices) + "</div>")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -222,6 +226,8 @@ h1 { font-size: 1.6rem; margin: 0 0 .25rem; }
 h2 { font-size: 1.25rem; margin: 2rem 0 .5rem; padding-bottom: .2rem; border-bottom: 1px solid var(--rule); }
 .subtitle, .notes, caption, figcaption { color: var(--muted); }
 .subtitle { margin: 0; }
+.notice { margin: .8rem 0 0; padding: .4rem .8rem; border-left: 4px solid #b35c00; background: #fff6ec; max-width: 60rem; }
+.notice p { margin: .3rem 0; }
 .notes { font-size: .9rem; max-width: 60rem; }
 code { font: .9em "DejaVu Sans Mono", Menlo, Consolas, monospace; background: #f1f3f5; padding: 0 .2em; }
 a { color: var(--accent); }

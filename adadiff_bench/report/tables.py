@@ -324,14 +324,59 @@ SPEEDUP_NOTE = ("Each row is timed against its own interleaved run of `full`, so
                 "time/image / time/image, both from the same timed pass (per seed; means over seeds).")
 
 
+INCEPTION_SPACE = "inception"  # metrics.extractors.INCEPTION, not imported here: that module loads torch
+INCEPTION_FIX = ("pass --inception-weights PATH to `adadiff-bench run`, put torch-fidelity's Inception file in "
+                 "$TORCH_HOME/hub/checkpoints, or set [metrics] inception = \"download\"; then rerun with --overwrite")
+
+
+def inception_skipped(metrics: dict) -> str:
+    """Why a run has no Inception metrics, and what brings them in."""
+    if metrics.get("inception") == "off":
+        return ('Inception metrics skipped: [metrics] inception = "off". Fix: set inception = "auto" (with the '
+                'weights on disk) or "download", and rerun with --overwrite.')
+    return f"Inception metrics skipped: no Inception weights were on disk when the run ran. Fix: {INCEPTION_FIX}."
+
+
+NO_SPACE = ("No feature space read these images: the built-in digits-cnn reads only 1x8x8 grey images, and Inception "
+            "was skipped (above). Fix: Inception, or a feature space for your data registered by a plugin "
+            "(ExtractorSpec in adadiff_bench/metrics/extractors.py).")
+
+
+def skipped_metrics(board: pd.DataFrame, infos: dict[str, dict]) -> list[str]:
+    """One line per quality metric or feature space a run left out (reason and fix), headed by what a report
+    without any quality metric lacks; empty when nothing was skipped."""
+    lines = []
+    if primary_column(board.columns) is None:
+        lines.append("No FID was computed, so this report has no FID column, no Pareto marks and no FID-vs-cost "
+                     "figures.")
+    for info in infos.values():
+        metrics = info["config"].get("metrics", {})
+        used = set(info.get("feature_extractors", []))
+        if INCEPTION_SPACE not in used:
+            lines.append(inception_skipped(metrics))
+        if not used:
+            lines.append(NO_SPACE)
+        if metrics.get("prc") is False:
+            lines.append("Precision/recall skipped: [metrics] prc = false. Fix: set prc = true and rerun with "
+                         "--overwrite.")
+    return list(dict.fromkeys(lines))  # merged runs skip alike: each line once
+
+
+def skipped_note(board: pd.DataFrame, infos: dict[str, dict]) -> str:
+    """The skipped-metrics lines as a Markdown block for the top of leaderboard.md ("" when none)."""
+    lines = skipped_metrics(board, infos)
+    return "\n>\n".join(f"> **{markdown_text(line)}**" for line in lines) + "\n" if lines else ""
+
+
 def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     """What the leaderboard's numbers are: data, n, seeds, intervals, timing and FLOPs conventions."""
     info = next(iter(infos.values()))
     metrics = info["config"].get("metrics", {})
     seeds = int(board["seeds"].max()) if len(board) else 0
-    lines = [f"Data: {info['data']['name']} ({info['data']['num_images']} reference images); FID's n = samples "
-             f"per cell; FID by {metrics.get('fid_backend', 'torch-fidelity')}. ★ = Pareto-optimal in FID and "
-             "GFLOPs/image among the competitors (ceilings excluded)."]
+    fid = (f"FID's n = samples per cell; FID by {metrics.get('fid_backend', 'torch-fidelity')}. ★ = Pareto-optimal "
+           "in FID and GFLOPs/image among the competitors (ceilings excluded)." if primary_column(board.columns)
+           else "No FID (see the top of the report).")
+    lines = [f"Data: {info['data']['name']} ({info['data']['num_images']} reference images); {fid}"]
     if len(infos) > 1:
         lines.append(f"Merged runs: {', '.join(infos)} (same data and n); speed-ups are each against its own run's "
                      "`full` reference.")
@@ -359,8 +404,9 @@ def leaderboard_files(view: ReportView, out: Path, sort_by: str | None = None) -
     board = leaderboard(view.frame, sort_by)
     title = f"Leaderboard: {', '.join(view.infos)}"
     notes = leaderboard_notes(board, view.infos)
-    paths = [write_text(out / "leaderboard.md", f"# {markdown_text(title)}\n\n" + to_markdown(board)
-                        + markdown_text(notes)),
+    skipped = skipped_note(board, view.infos)
+    paths = [write_text(out / "leaderboard.md", f"# {markdown_text(title)}\n\n" + (skipped and skipped + "\n")
+                        + to_markdown(board) + markdown_text(notes)),
              write_text(out / "leaderboard.csv", board.to_csv(index=False)),
              write_text(out / "leaderboard.tex", to_latex(board, caption=title + ". " + " ".join(notes.split())))]
     return board, paths
