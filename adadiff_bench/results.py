@@ -289,6 +289,9 @@ class RunStore:
         return self.final
 
 
+ARCHIVE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what a damaged .npz raises on reading
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz archive, read in full (each member's CRC-32 is checked as it is read), never
     unpickling: an object array or a damaged archive is refused with one line naming the file."""
@@ -303,7 +306,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             raise UserError(f"{str(path)!r} holds pickled objects, which the results store never loads; "
                             "rewrite it with plain numeric arrays (rerun the benchmark)") from None
         raise DamagedFile(path, exc) from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except ARCHIVE_ERRORS as exc:
         raise DamagedFile(path, exc) from None
 
 
@@ -402,7 +405,7 @@ class RunReader:
                 try:
                     with zipfile.ZipFile(path) as archive:
                         bad = archive.testzip()
-                except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                except ARCHIVE_ERRORS as exc:
                     raise DamagedFile(path, exc) from None
                 if bad is not None:
                     raise DamagedFile(path, f"member {bad!r} fails its CRC check")

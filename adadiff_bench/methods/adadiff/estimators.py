@@ -92,18 +92,11 @@ class OfficialEstimator(Estimator):
         The linear runs on the whole token tensor as one matrix (a strided slice of the patch tokens would
         be copied first) and the extras' rows are dropped after it; the sigmoid runs in place and `1 - mean`
         on the host, in float32 like torch's, so each sample's value is bit for bit `scalar`'s."""
-        linear = self._linears[exit_point - 1]
+        linear = self.certainty[exit_point - 1]
         batch, length, width = tokens.shape
         logits = torch.addmm(linear.bias, tokens.reshape(batch * length, width), linear.weight.t())
         certainty = logits.view(batch, -1)[:, self.extras * logits.shape[1]:].sigmoid_().mean(1)
         return np.float32(1.0) - certainty.float().cpu().numpy()
-
-    @property
-    def _linears(self) -> list[nn.Linear]:
-        """The exits' linear layers as a plain list (indexing a ModuleList costs more than the sigmoid)."""
-        if self.__dict__.get("_linear_list") is None:
-            self.__dict__["_linear_list"] = list(self.certainty)
-        return self.__dict__["_linear_list"]
 
     def _per_exit_linears(self):
         return [self.certainty[0]]
