@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="override train.device: auto, cpu, cuda or cuda:N")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override train.precision (autocast)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--restart", action="store_true",
+                       help="start from step 0, ignoring train.out_dir/last.pt (needed after the base checkpoint changed)")
 
     run = commands.add_parser("run", help="run a benchmark config: methods x knobs x seeds -> results/<name>/",
                               description="Expand the config's [[methods]] into cells (every list-valued knob is "
@@ -214,7 +216,7 @@ def _train(args) -> int:
     if args.precision:
         config.train.precision = args.precision
     config.train.validate(args.config)
-    ema_path = train(config, progress=not args.no_progress)
+    ema_path = train(config, progress=not args.no_progress, restart=args.restart)
     print(f"EMA weights written to {ema_path}")
     if config.train.export:
         print(f"exported to {config.train.export}{' (half precision)' if config.train.export_half else ''}")

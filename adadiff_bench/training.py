@@ -8,8 +8,9 @@ A training config (`load_train_config`) trains a U-ViT from scratch, or, with a 
 noise are drawn by the CPU generator and then moved, so the data and noise never depend on the device.
 
 `out_dir/last.pt` holds the whole training state (model, EMA, optimiser, gradient scaler, generator,
-step) and is rewritten atomically every `checkpoint_every` steps; a rerun with the same config resumes
-from it, on any device. At the end the EMA weights are written as a checkpoint (`out_dir/ema.pt`, and
+step, and the SHA-256 of the base checkpoint a method's task builds on) and is rewritten atomically every
+`checkpoint_every` steps; a rerun with the same config resumes from it, on any device, if the base file still
+has that hash (`restart=True` ignores the state and starts from step 0). At the end the EMA weights are written as a checkpoint (`out_dir/ema.pt`, and
 `export` in half precision when asked), which `adadiff_bench.load_model` reads. Everything saved holds
 CPU tensors, so a model trained on a GPU loads on a machine without one.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load_checkpoint, moved_to,
-                          register_format, save_checkpoint)
+                          register_format, save_checkpoint, sha256_file)
 from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
 from .device import autocast, check_precision_on, device_info, resolve_device, to_device
@@ -63,6 +65,7 @@ class Task:
     export: Callable[[Path, torch.nn.Module, dict, bool], None]
     model_config: UViTConfig
     frozen: tuple[torch.nn.Module, ...] = ()
+    base_checkpoint: str | None = None  # the file the task builds on: resuming needs its content unchanged
 
 
 def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
@@ -104,8 +107,8 @@ def load_train_config(path: str | Path) -> TrainFile:
     return config
 
 
-def train(config: TrainFile, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the path of the EMA checkpoint."""
+def train(config: TrainFile, progress: bool = True, restart: bool = False) -> Path:
+    """Run (or resume, unless `restart`) training; returns the path of the EMA checkpoint."""
     cfg = config.train
     device = resolve_device(cfg.device, "[train]")  # (an absent GPU is refused before anything is written)
     check_precision_on(cfg.precision, device, "[train]")
@@ -131,7 +134,12 @@ def train(config: TrainFile, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # (a no-op for fp32 and bf16)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator)
+    base = BaseFile(task.base_checkpoint, sha256_file(task.base_checkpoint)) if task.base_checkpoint else None
+    start_step = 0
+    if restart:
+        print(f"--restart: training from step 0 (any earlier state in {out_dir} is replaced)")
+    else:
+        start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, base)
 
     model.train()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
@@ -157,12 +165,14 @@ def train(config: TrainFile, progress: bool = True) -> Path:
         if progress:  # (reading the loss waits for the GPU)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1)
+            _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1, base)
     bar.close()
 
     meta = {"steps": cfg.steps, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
             "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1),
             "device": device_info(device), "precision": cfg.precision}
+    if base is not None:
+        meta.update(base_checkpoint=base.path, base_sha256=base.sha256)
     ema = ema.cpu()  # (what a task exports loads on any machine)
     ema_path = out_dir / "ema.pt"
     task.export(ema_path, ema, meta, False)
@@ -171,16 +181,25 @@ def train(config: TrainFile, progress: bool = True) -> Path:
     return ema_path
 
 
-def _save_state(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, step: int) -> None:
+@dataclass(frozen=True)
+class BaseFile:
+    """The checkpoint a method's training builds on, and the SHA-256 of its content."""
+    path: str
+    sha256: str
+
+
+def _save_state(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, step: int,
+                base: BaseFile | None) -> None:
     atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step,
+                       "base_sha256": base.sha256 if base else None,
                        # every tensor on the CPU: a state saved on a GPU loads anywhere
                        "model": moved_to(model.state_dict(), CPU), "ema": moved_to(ema.state_dict(), CPU),
                        "optimizer": moved_to(optimizer.state_dict(), CPU), "scaler": scaler.state_dict(),
                        "generator": generator.get_state()}, path)
 
 
-def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator) -> int:
-    """Load `last.pt` if present and made by the same config; returns the step to start from.
+def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, base: BaseFile | None) -> int:
+    """Load `last.pt` if present, made by the same config on the same base file; returns the step to start from.
 
     The model is already on its device: the weights are copied onto it, and the optimiser's state follows its
     parameters there."""
@@ -197,6 +216,7 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, genera
     if saved != current:
         raise UserError(f"{path} was written by a different training config (differs in "
                         f"{', '.join(_differences(saved, current))}); use a new train.out_dir or delete the old one")
+    _check_same_base(path, state.get("base_sha256"), base)
     try:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -208,6 +228,19 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, genera
         raise UserError(f"cannot resume: {path} does not fit this training run ({type(exc).__name__}); {fix}") from None
     print(f"resuming from {path} at step {state['step']}")
     return int(state["step"])
+
+
+def _check_same_base(path: Path, saved_sha256, base: BaseFile | None) -> None:
+    """Refuse to resume on a base checkpoint whose content changed since the state was saved (same path, new
+    weights: a retrained base). A state from before the hash was recorded resumes with a warning."""
+    if base is None:
+        return
+    if saved_sha256 is None:
+        warnings.warn(f"{path} records no base hash (saved before the check existed); resuming without checking "
+                      f"that {base.path} is the base it was trained on")
+    elif saved_sha256 != base.sha256:
+        raise UserError(f"{path} was trained on a base with hash {str(saved_sha256)[:12]}, the base at {base.path} has "
+                        f"hash {base.sha256[:12]}; pass --restart to start over")
 
 
 def _identity(config: dict) -> dict:

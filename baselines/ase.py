@@ -220,4 +220,4 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
         meta = {**meta, "base_checkpoint": cfg.base_checkpoint, "ase_strengths": list(cfg.strengths)}
         save_checkpoint(path, ema, model.config, meta, half=half)
 
-    return Task(model, loss, export, model.config)
+    return Task(model, loss, export, model.config, base_checkpoint=cfg.base_checkpoint)

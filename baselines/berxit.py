@@ -213,4 +213,4 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
     def export(path, ema, meta, half):  # a few KB: always float32
         save_berxit(path, ema, cfg.base_checkpoint, backbone_sha256, meta)
 
-    return Task(lte, loss, export, backbone.config, frozen=(net,))
+    return Task(lte, loss, export, backbone.config, frozen=(net,), base_checkpoint=cfg.base_checkpoint)

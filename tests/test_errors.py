@@ -521,6 +521,16 @@ def test_training_whose_loss_is_not_finite_stops_with_one_line(tmp_path, capsys)
     assert not list((tmp_path / "train").iterdir())  # no state, no exported weights
 
 
+def test_resuming_on_a_retrained_base_is_refused(tmp_path, tiny_checkpoint, capsys):
+    from test_training_trust import method_config, retrain_base, snapshot
+    assert main(method_config(tmp_path, tiny_checkpoint, "adadiff", steps=2)) == 0
+    retrain_base(tiny_checkpoint)
+    before = snapshot(tmp_path / "run")
+    line = one_line_error(method_config(tmp_path, tiny_checkpoint, "adadiff", steps=4), capsys)
+    assert "last.pt was trained on a base with hash " in line and "; pass --restart to start over" in line
+    assert snapshot(tmp_path / "run") == before
+
+
 # ---- files a library would load: opened safely first (docs/security.md) ------------------------------
 
 class RunsCode:
