@@ -131,20 +131,21 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
            indices: Sequence[int], seed: int, num_classes: int = 0,
            on_step: Callable[[SamplingContext], None] | None = None,
            device: torch.device | str = "cpu", precision: str = "fp32",
-           schedule: str = DEFAULT_SCHEDULE) -> torch.Tensor:
+           schedule: str = DEFAULT_SCHEDULE, condition: torch.Tensor | None = None) -> torch.Tensor:
     """Draw the samples `indices` of run `seed`; returns float32 images in model space ([-1, 1] ideally), on `device`.
 
     Each network evaluation gets a `SamplingContext`; `on_step(ctx)` is called before it (the step log hooks in).
     The denoiser's `t` is the network's time input under `schedule` (see `schedules`); `ctx.timesteps` holds
     the solver's own times. Noise and labels are drawn by each sample's CPU generator and then moved to
     `device`, so they never depend on it. The network runs under autocast at `precision`; the solver's
-    arithmetic stays in float32.
+    arithmetic stays in float32. `condition` (one row per sample, e.g. each one's prompt tokens) replaces the
+    drawn labels.
     """
     check_schedule_and_solver(schedule, solver, "sample")
     device = torch.device(device)
     generators = sample_generators(seed, indices)
     x = to_device(initial_noise(generators, image_shape), device)
-    y = to_device(sample_labels(generators, num_classes), device)
+    y = to_device(sample_labels(generators, num_classes) if condition is None else condition, device)
     rows = np.asarray(indices)
     if solver in SOLVER_SETTINGS:
         scheduler = make_scheduler(solver, num_steps, schedule)

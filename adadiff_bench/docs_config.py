@@ -59,6 +59,9 @@ _SAMPLING = {
                          valid="; ".join(f"{name} runs with {', '.join(s.solvers)}" for name, s in SCHEDULES.items())),
     "guidance": describe("classifier-free guidance weight w in eps_u + w (eps_c - eps_u); 1 = none (U-ViT's scale "
                          "s is w - 1)", at_least=1),
+    "prompts": describe("a text-to-image network's prompts: CLIP token features (`contexts` N x 77 x 768, "
+                        "`empty_context` 77 x 768 for guidance's unconditional pass); sample i takes prompt i mod N",
+                        valid="\"\" or an .npz path (`python -m adadiff_bench.prompts` packs U-ViT's feature folder)"),
 }
 
 _METRICS = {

@@ -284,7 +284,8 @@ def test_paper_config_stops_at_its_first_missing_file_and_plans_once_files_exist
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and config.model.checkpoint in error and "published" in error
     assert list(tmp_path.iterdir()) == []  # nothing written
-    for named in {config.model.checkpoint, config.model.autoencoder, config.metrics.reference_stats} - {""}:
+    for named in {config.model.checkpoint, config.model.autoencoder, config.metrics.reference_stats,
+                  config.sampling.prompts} - {""}:
         (tmp_path / named).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / named).touch()  # present (empty): every knob and solver of every entry validates
     cells = plan_curves(config, str(path))

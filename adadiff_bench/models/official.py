@@ -13,6 +13,7 @@ from pathlib import Path
 from ..checkpoints import load_model, read_checkpoint, uvit_from_state
 from ..config import ModelConfig
 from ..errors import UserError
+from ..prompts import require_prompt_file
 from .autoencoder import LatentDecoder, load_autoencoder
 from .presets import UVIT_ASSETS, backbone_state, get_preset, published_at
 
@@ -78,6 +79,8 @@ def check_run_files(config, where: str) -> None:
                      else "a .npz with `mu` and `sigma` (Inception pool3 features, e.g. U-ViT's fid_stats or ADM's "
                           "reference batches)")
         require_file(stats, f"{where}: [metrics] reference_stats", published)
+    if config.sampling.prompts:
+        require_prompt_file(config.sampling.prompts, where)
 
 
 def check_schedule(config, where: str) -> None:
@@ -110,7 +113,9 @@ def load_run_decoder(config, device) -> LatentDecoder | None:
 
 
 def published_files(config) -> dict[str, dict[str, str]]:
-    """run.json's record of the other files a run read: the autoencoder and the FID statistics (path, SHA-256)."""
+    """run.json's record of the other files a run read: the autoencoder, the FID statistics and the prompts
+    (path, SHA-256)."""
     from ..checkpoints import sha256_file
-    named = {"autoencoder": config.model.autoencoder, "reference_stats": config.metrics.reference_stats}
+    named = {"autoencoder": config.model.autoencoder, "reference_stats": config.metrics.reference_stats,
+             "prompts": config.sampling.prompts}
     return {key: {"path": path, "sha256": sha256_file(path)} for key, path in named.items() if path}
