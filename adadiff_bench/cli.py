@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a U-ViT or a method's networks (resumes from the last checkpoint "
                                               "of the same config)",
                                 description="Train a U-ViT on a data set with AdamW, warm-up and EMA. The final EMA "
-                                            "weights are written to train.out_dir/ema.pt (and train.export).",
+                                            "weights are written to train.out_dir/ema.pt (and train.export); beside the "
+                                            "exported file, a sample grid and the eps loss per timestep (CSV, PNG).",
                                 epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", required=True, help="training TOML, e.g. configs/train_digits.toml")
     train.add_argument("--device", help="override train.device: auto, cpu, cuda or cuda:N")
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--restart", action="store_true",
                        help="start from step 0, ignoring train.out_dir/last.pt (needed after the base checkpoint changed)")
+    train.add_argument("--no-end-report", action="store_true",
+                       help="skip the sample grid and loss-by-timestep table written beside the checkpoint at the end")
 
     run = commands.add_parser("run", help="run a benchmark config: methods x knobs x seeds -> results/<name>/",
                               description="Expand the config's [[methods]] into cells (every list-valued knob is "
@@ -216,10 +219,14 @@ def _train(args) -> int:
     if args.precision:
         config.train.precision = args.precision
     config.train.validate(args.config)
-    ema_path = train(config, progress=not args.no_progress, restart=args.restart)
+    ema_path = train(config, progress=not args.no_progress, restart=args.restart, end_report=not args.no_end_report)
     print(f"EMA weights written to {ema_path}")
     if config.train.export:
         print(f"exported to {config.train.export}{' (half precision)' if config.train.export_half else ''}")
+    if not args.no_end_report:
+        from .training_report import report_paths
+        grid, table, plot = report_paths(config.train.export or ema_path)
+        print(f"samples: {grid}; eps loss by timestep: {table} (plot {plot})")
     print(run_config_line(config.task, config.train.export or str(ema_path)))
     return 0
 

@@ -34,6 +34,7 @@ from .device import autocast, check_precision_on, device_info, resolve_device, t
 from .diffusion import alphas_cumprod, training_loss
 from .errors import UserError, did_you_mean
 from .methods.registry import available_methods, get_method, trainable_methods
+from .training_report import Predictions, write_training_report
 
 STATE_FORMAT = "adadiff-bench/train-state"
 CPU = torch.device("cpu")
@@ -66,6 +67,7 @@ class Task:
     model_config: UViTConfig
     frozen: tuple[torch.nn.Module, ...] = ()
     base_checkpoint: str | None = None  # the file the task builds on: resuming needs its content unchanged
+    predictions: Predictions | None = None  # eps per exit of the EMA module, for the end report (None: module(x, t, y))
 
 
 def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
@@ -107,8 +109,9 @@ def load_train_config(path: str | Path) -> TrainFile:
     return config
 
 
-def train(config: TrainFile, progress: bool = True, restart: bool = False) -> Path:
-    """Run (or resume, unless `restart`) training; returns the path of the EMA checkpoint."""
+def train(config: TrainFile, progress: bool = True, restart: bool = False, end_report: bool = False) -> Path:
+    """Run (or resume, unless `restart`) training; returns the path of the EMA checkpoint. With `end_report`, a
+    sample grid and the loss per timestep are written beside the exported checkpoint (`training_report`)."""
     cfg = config.train
     device = resolve_device(cfg.device, "[train]")  # (an absent GPU is refused before anything is written)
     check_precision_on(cfg.precision, device, "[train]")
@@ -178,6 +181,11 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False) -> Pa
     task.export(ema_path, ema, meta, False)
     if cfg.export:
         task.export(Path(cfg.export), ema, meta, cfg.export_half)
+    if end_report:
+        for module in task.frozen:  # (what a task's predictions use beside the EMA module, back on the CPU)
+            module.cpu()
+        write_training_report(Path(cfg.export or ema_path), ema, task.predictions, images,
+                              labels if conditional else None, alpha_bar, cfg.seed)
     return ema_path
 
 

@@ -213,4 +213,13 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
     def export(path, ema, meta, half):  # a few KB: always float32
         save_berxit(path, ema, cfg.base_checkpoint, backbone_sha256, meta)
 
-    return Task(lte, loss, export, backbone.config, frozen=(net,), base_checkpoint=cfg.base_checkpoint)
+    def exit_predictions(ema, x, t, y):  # (the end report: eps of every exit of the frozen network)
+        tokens, state = backbone.begin(x, t, y)
+        outputs = []
+        for block in range(backbone.num_blocks):
+            tokens = backbone.run_block(block, tokens, state)
+            outputs.append(heads(block + 1, tokens, state))
+        return outputs
+
+    return Task(lte, loss, export, backbone.config, frozen=(net,), base_checkpoint=cfg.base_checkpoint,
+                predictions=exit_predictions)

@@ -109,4 +109,5 @@ def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         save_adadiff(path, ema, backbone.config, {**meta, "base_checkpoint": cfg.base_checkpoint,
                                                   "freeze_backbone": cfg.freeze_backbone, "loss": cfg.loss}, half)
 
-    return Task(net, loss, export, backbone.config, base_checkpoint=cfg.base_checkpoint)
+    return Task(net, loss, export, backbone.config, base_checkpoint=cfg.base_checkpoint,
+                predictions=lambda ema, x, t, y: ema.all_exits(x, t, y)[0])
