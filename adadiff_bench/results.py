@@ -1,6 +1,7 @@
 """The results store: one folder per run, written atomically (`RunStore`) and read back (`RunReader`).
 
-    results/<run>/results.csv        one row per cell, units in column names
+    results/<run>/results.csv        one row per cell, units in column names (with `backbone_hash`, the hash of
+                                     the backbone's weights a cell ran, since it was recorded)
     results/<run>/run.json           schema version, config, versions, git commit, machine, SHA-256s
     results/<run>/exits.npz          step-log summaries of every cell, keys '<cell_id>/<summary>'
     results/<run>/cells/<cell_id>/   row.json, samples.npz (uint8 NHWC, key arr_0), exits.npz,
@@ -422,6 +423,7 @@ class RunReader:
 RUN_JSON_TABLES = {"config": (), "data": ("name", "num_images", "sha256"), "machine": ("torch_threads",),
                    "reference": ("solver", "num_steps")}
 TEXT_COLUMNS = ("cell_id", "method", "params", "solver")
+BACKBONE_HASH = "backbone_hash"  # optional: SHA-256 of the weights of the backbone a cell ran (`backbone_id`)
 NUMBER_COLUMNS = ("num_steps", "num_samples", "seed", "layer_ratio")
 
 
@@ -456,7 +458,7 @@ def row_fields_of_the_wrong_kind(row: dict) -> list[str]:
 def read_results_csv(path: Path) -> pd.DataFrame:
     """results.csv with at least one row and the columns every report reads, of the right kinds."""
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={BACKBONE_HASH: str})  # (runs before the column: absent, one unknown group)
     except (OSError, ValueError) as exc:  # (empty, binary, ragged rows)
         raise DamagedFile(path, exc) from None
     missing = [c for c in (*TEXT_COLUMNS, *NUMBER_COLUMNS, "valid") if c not in frame.columns]

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError, did_you_mean
+from ..metrics.bootstrap import mean_bootstrap_interval
 from ..metrics.specs import CI_HIGH, CI_LOW, SEED_STD, is_value_column, parse_column, primary_column
 from ..results import atomic_write_bytes
+from .groups import BACKBONE_HASH, group_keys, group_label, is_unknown, overlaps, reference_of_groups, unresolved_pareto
 from .view import ReportView, reference_cost
 
 
@@ -53,28 +55,66 @@ def seed_aggregation(column: str) -> str:
     return parsed.metric.seeds if parsed is not None else "mean"
 
 
-def leaderboard(frame: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
-    """One row per method setting: aggregated over seeds, each quality metric's std across seeds, Pareto marks."""
+def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 0.95) -> pd.DataFrame:
+    """One row per method setting: aggregated over seeds, each quality metric's std across seeds, rows grouped by
+    backbone (each group's dFID against its own `full`, Pareto marks within it), and FID's seed interval."""
     several = frame["run"].nunique() > 1 if "run" in frame.columns else False
-    frame = frame.assign(several_runs=several)
+    frame = frame.assign(several_runs=several, group=group_keys(frame))
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
     metric_columns = [c for c in frame.columns if is_value_column(c)]
     numeric = metric_columns + ["gflops_per_image", "layer_ratio"] + [
         c for c in ("time_per_image_s", "reference_time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb")
         if c in frame.columns]
     bounds = [c for c in frame.columns if c.endswith((CI_LOW, CI_HIGH))]
-    grouped = frame.groupby("setting", sort=False)
-    board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds},
+    kept = [c for c in ("method", "params", "at_reference", BACKBONE_HASH) if c in frame.columns]
+    grouped = frame.groupby(["setting", "group"], sort=False)  # (one setting on two backbones: two rows)
+    board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds + kept},
                          "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
     spread = grouped[metric_columns].std(ddof=1).add_suffix(SEED_STD)  # NaN with one seed
     board = board.join(spread)
     board.loc[board["seeds"] > 1, bounds] = np.nan  # a bootstrap interval belongs to one seed's samples
     board = board.reset_index()
+    labels = {key: group_label(key, rows, several) for key, rows in frame.groupby("group", sort=False)}
+    board.insert(1, "backbone", board["group"].map(labels))
     fid = primary_column(board.columns)
-    competitors = ~grouped["ceiling"].first().fillna(False).astype(bool).values if "ceiling" in frame.columns \
-        else np.ones(len(board), dtype=bool)
-    board.insert(1, "pareto", pareto_mask(board, fid, competitors) if fid else False)
-    return sort_board(board, sort_by or fid)
+    board["competitor"] = ~grouped["ceiling"].first().fillna(False).astype(bool).values \
+        if "ceiling" in frame.columns else True
+    board.insert(1, "pareto", group_pareto(board, fid) if fid else False)
+    if fid:
+        board = with_comparisons(board, grouped[fid], fid, level)
+    order = list(dict.fromkeys(board["group"]))  # groups in the order the runs list them
+    return sort_board(board, sort_by) if sort_by else by_group(sort_board(board, fid), order)
+
+
+def group_pareto(board: pd.DataFrame, fid: str) -> np.ndarray:
+    """Pareto marks computed among the competitors of each backbone group separately."""
+    mask = np.zeros(len(board), dtype=bool)
+    for _, rows in board.groupby("group", sort=False):
+        at = board.index.get_indexer(rows.index)
+        mask[at] = pareto_mask(rows, fid, rows["competitor"].to_numpy(bool))
+    return mask
+
+
+def with_comparisons(board: pd.DataFrame, seed_values, fid: str, level: float) -> pd.DataFrame:
+    """dFID against the group's `full`, FID's bootstrap interval over seeds where a setting has >= 2, and marks
+    where the intervals do not separate a row from its `full` (`vs_full_unresolved`) or its Pareto place from a
+    cheaper row (`pareto_unresolved`)."""
+    low, high = fid + CI_LOW, fid + CI_HIGH
+    board = board.assign(**{c: board.get(c, np.nan) for c in (low, high)})
+    intervals = seed_values.apply(lambda v: mean_bootstrap_interval(v.dropna(), level)).to_numpy()  # board order
+    several = board["seeds"].to_numpy() > 1
+    board.loc[several, low] = [interval[0] for interval in intervals[several]]
+    board.loc[several, high] = [interval[1] for interval in intervals[several]]
+    reference = reference_of_groups(board)
+    has_full = (reference >= 0).to_numpy()
+    ref = reference.clip(lower=0).to_numpy()
+    dfid = np.where(has_full, board[fid].to_numpy(float) - board[fid].to_numpy(float)[ref], np.nan)
+    board.insert(board.columns.get_loc(fid) + 1, "dfid", dfid)
+    same = has_full & (ref != np.arange(len(board)))
+    board["vs_full_unresolved"] = same & overlaps(board[low], board[high], board[low].to_numpy()[ref],
+                                                  board[high].to_numpy()[ref])
+    board["pareto_unresolved"] = unresolved_pareto(board, fid, low, high)
+    return board
 
 
 def sort_board(board: pd.DataFrame, column: str | None) -> pd.DataFrame:
@@ -82,10 +122,16 @@ def sort_board(board: pd.DataFrame, column: str | None) -> pd.DataFrame:
     if column is None:
         return board
     if column not in board.columns:
-        valid = [c for c in board.columns if c not in ("setting", "num_samples", "seeds") and not c.endswith(SEED_STD)]
+        valid = [c for c in board.columns if c not in HIDDEN and not c.endswith(SEED_STD)]
         raise UserError(f"cannot sort by {column!r}{did_you_mean(column, valid)}: not a leaderboard column; "
                         f"valid: {', '.join(valid)}")
     return board.sort_values(column, ascending=not higher_is_better(column), kind="stable").reset_index(drop=True)
+
+
+def by_group(board: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Rows of one backbone group together, groups in `order`, the order inside each group kept."""
+    rank = board["group"].map({key: i for i, key in enumerate(order)})
+    return board.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
 
 
 def pareto_mask(board: pd.DataFrame, fid: str, competitors: np.ndarray, cost: str = "gflops_per_image") -> np.ndarray:
@@ -121,7 +167,11 @@ def axis_label(column: str, num_samples: int | None = None) -> str:
 COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer ratio ↓",
                   "time_per_image_s": "time/image (ms) ↓", "reference_time_per_image_s": "reference time/image (ms)",
                   "speedup": "speed-up vs full ↑",
-                  "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto"}
+                  "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto",
+                  "backbone": "backbone", "dfid": "dFID vs group's full ↓"}
+UNRESOLVED = "≈"  # the intervals do not separate this comparison
+HIDDEN = ("setting", "num_samples", "seeds", "method", "params", "at_reference", "group", BACKBONE_HASH, "competitor", "vs_full_unresolved",
+          "pareto_unresolved")
 
 
 def _header(column: str, num_samples: int) -> str:
@@ -148,7 +198,12 @@ def _number(column: str, value: float) -> str:
 def _cell(row: pd.Series, column: str) -> str:
     """A value, with ± its std across seeds when there are several, or its bootstrap interval."""
     if column == "pareto":
-        return "★" if row[column] else ""
+        return ("★" + (UNRESOLVED if row.get("pareto_unresolved", False) else "")) if row[column] else ""
+    if column == "backbone":
+        return str(row[column])
+    if column == "dfid":
+        mark = f" {UNRESOLVED}" if row.get("vs_full_unresolved", False) else ""
+        return "n/a" if pd.isna(row[column]) else f"{row[column]:+.3f}{mark}"
     if column.endswith("_ci"):
         low, high = row[column + "_low"], row[column + "_high"]
         return "" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
@@ -161,12 +216,11 @@ def _cell(row: pd.Series, column: str) -> str:
 
 def shown_columns(board: pd.DataFrame) -> list[str]:
     """The leaderboard's displayed columns after the setting (a bootstrap interval as one `<fid>_ci` column)."""
-    hidden = ("setting", "num_samples", "seeds")
     columns = []
     for c in board.columns:
         if c.endswith(CI_LOW) and board[c].notna().any():
             columns.append(c.removesuffix("_low"))
-        elif c not in hidden and not c.endswith((SEED_STD, CI_LOW, CI_HIGH)):
+        elif c not in HIDDEN and not c.endswith((SEED_STD, CI_LOW, CI_HIGH)):
             columns.append(c)
     return columns
 
@@ -374,8 +428,8 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     metrics = info["config"].get("metrics", {})
     seeds = int(board["seeds"].max()) if len(board) else 0
     fid = (f"FID's n = samples per cell; FID by {metrics.get('fid_backend', 'torch-fidelity')}. ★ = Pareto-optimal "
-           "in FID and GFLOPs/image among the competitors (ceilings excluded)." if primary_column(board.columns)
-           else "No FID (see the top of the report).")
+           "in FID and GFLOPs/image among the competitors of its backbone group (ceilings excluded)."
+           if primary_column(board.columns) else "No FID (see the top of the report).")
     lines = [f"Data: {info['data']['name']} ({info['data']['num_images']} reference images); {fid}"]
     if len(infos) > 1:
         lines.append(f"Merged runs: {', '.join(infos)} (same data and n); speed-ups are each against its own run's "
@@ -383,8 +437,9 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     if seeds > 1:
         lines.append(seeds_note(board, seeds))
     if metrics.get("fid_bootstrap"):
-        lines.append(f"FID bootstrap CI: basic bootstrap interval at level {metrics['fid_ci']} over "
-                     f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed); one-seed rows only.")
+        lines.append(f"FID bootstrap CI of one-seed rows: basic bootstrap interval at level {metrics['fid_ci']} over "
+                     f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed).")
+    lines += group_notes(board)
     lines.append(f"Speed-up is the ratio of median times against `full` at {info['reference']['solver']} "
                  f"{info['reference']['num_steps']} steps, timed interleaved on {info['machine']['torch_threads']} "
                  f"threads ({info['machine'].get('device', 'cpu')}); FLOPs = 2 x MACs (fvcore); peak memory: "
@@ -392,6 +447,29 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     if "reference_time_per_image_s" in board.columns:
         lines.append(SPEEDUP_NOTE)
     return "\n" + "\n\n".join(lines) + "\n"
+
+
+def group_notes(board: pd.DataFrame) -> list[str]:
+    """What the backbone groups, dFID and the ≈ marks mean, and each group without a `full` row."""
+    if "group" not in board.columns:
+        return []
+    lines = ["Rows are grouped by backbone (`backbone`: checkpoint name and the first 8 hex digits of a hash of the "
+             "backbone's weights alone; estimators, exit heads, routers, regressors and second models are not part "
+             "of it). Comparisons stay inside a group: dFID = FID minus the group's `full` FID."]
+    if (board["seeds"] > 1).any() and "dfid" in board.columns:
+        lines.append("FID bootstrap CI of rows with >= 2 seeds: percentile bootstrap of the mean over seeds at level "
+                     "0.95 (with 3 seeds it spans the lowest to the highest seed's FID). ≈ after a dFID: the row's "
+                     "interval and its group `full`'s overlap, so the difference is not resolved; ★≈: the row's "
+                     "interval overlaps that of a cheaper row of its group, so its place on the front is not resolved.")
+    unknown = [key for key in dict.fromkeys(board["group"]) if is_unknown(key)]
+    if unknown:
+        lines.append("Rows of a run that recorded no backbone hash (made before it was recorded) form one group per "
+                     "run, which may hold several backbones: compare their rows with care.")
+    for key, rows in board.groupby("group", sort=False):
+        if not (rows["method"] == "full").any():
+            lines.append(f"Backbone group {rows['backbone'].iloc[0]} has no `full` row: its dFID is blank (n/a); "
+                         "compare its rows only with each other, not with another group's `full`.")
+    return lines
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -2,8 +2,8 @@
 
 `load_runs` opens each run through `RunReader` (the only way into the results store), checks that the
 runs measured quality the same way, and adds the columns every report needs: `run` (the run's name),
-`family` (the method family as recorded; "other" for rows without one), and the run's reference cost
-on every row (`reference_gflops`, `reference_time_s`).
+`family` (the method family as recorded; "other" for rows without one), the run's reference cost
+on every row (`reference_gflops`, `reference_time_s`) and its base model's path (`run_checkpoint`).
 """
 from __future__ import annotations
 
@@ -79,9 +79,17 @@ def load_runs(run_dirs: list[str | Path]) -> ReportView:
         name = unique_name(reader.name, infos)
         infos[name], readers[name] = info, reader
         frames.append(frame.assign(run=name, reference_gflops=reference_cost(frame, info), family=families(frame),
-                                   reference_time_s=reference_cost(frame, info, "time_per_image_s")))
+                                   reference_time_s=reference_cost(frame, info, "time_per_image_s"),
+                                   run_checkpoint=run_checkpoint(info), at_reference=at_reference(frame, info)))
     check_comparable(frames, infos)
     return ReportView(pd.concat(frames, ignore_index=True), infos, readers)
+
+
+def run_checkpoint(info: dict) -> str:
+    """The path of the run's base model as run.json records it ("" when it does not): names backbone groups."""
+    checkpoint = info.get("checkpoint")
+    path = checkpoint.get("path") if isinstance(checkpoint, dict) else None
+    return path if isinstance(path, str) else ""
 
 
 def unique_name(name: str, taken: dict) -> str:
@@ -115,6 +123,14 @@ def check_comparable(frames: list[pd.DataFrame], infos: dict[str, dict]) -> None
             raise UserError(f"runs {names[0]!r} and {name!r} use a different number of samples per cell "
                             f"(n = {sorted(first_n)} vs {sorted(set(frame['num_samples']))}); FID depends on n, "
                             "so merge only runs with the same num_samples")
+
+
+def at_reference(frame: pd.DataFrame, info: dict) -> pd.Series:
+    """Rows sampled at the run's reference solver and steps (all rows when run.json names none)."""
+    ref = info.get("reference")
+    if not isinstance(ref, dict):
+        return pd.Series(True, index=frame.index)
+    return (frame["solver"] == ref.get("solver")) & (frame["num_steps"] == ref.get("num_steps"))
 
 
 def reference_cost(frame: pd.DataFrame, info: dict, column: str = "gflops_per_image") -> pd.Series:

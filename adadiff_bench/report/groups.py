@@ -1,0 +1,82 @@
+"""One backbone per comparison: which backbone group a row belongs to, its label, and its `full` reference.
+
+Rows record `backbone_hash` (a hash of the backbone's weights alone, `adadiff_bench.backbone_id`); rows of
+runs made before it was recorded form one unknown group per run. Within a group, dFID is FID minus the
+group's `full` FID, Pareto marks are computed among the group's rows only, and seed intervals say whether
+a difference is resolved.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+BACKBONE_HASH = "backbone_hash"
+UNKNOWN = "unknown"
+
+
+def group_keys(frame: pd.DataFrame) -> pd.Series:
+    """Each row's backbone group: its backbone hash, or `unknown:<run>` where the run recorded none."""
+    known = frame[BACKBONE_HASH] if BACKBONE_HASH in frame.columns else pd.Series(np.nan, index=frame.index)
+    known = known.where(known.notna() & (known.astype(str) != ""))
+    run = frame["run"].astype(str) if "run" in frame.columns else pd.Series("", index=frame.index)
+    return known.fillna(UNKNOWN + ":" + run).astype(str)
+
+
+def is_unknown(key: str) -> bool:
+    return key.startswith(UNKNOWN + ":")
+
+
+def checkpoint_stem(row: pd.Series) -> str:
+    """The file stem of the checkpoint a row names, else of its run's checkpoint ("" when neither is known)."""
+    params = row.get("params", "")
+    knobs = json.loads(params) if isinstance(params, str) and params else {}
+    path = knobs.get("checkpoint") or row.get("run_checkpoint", "")
+    return Path(path).stem if isinstance(path, str) and path else ""
+
+
+def group_label(key: str, rows: pd.DataFrame, several_runs: bool) -> str:
+    """A short name for a group: its checkpoint's file stem (from its `full` rows when it has some, else the
+    stem most of its rows name) and the first 8 hex digits of its hash."""
+    if is_unknown(key):
+        return "unknown backbone" + (f" ({key.split(':', 1)[1]})" if several_runs else "")
+    full = rows[rows["method"] == "full"]
+    stems = [s for s in (full if len(full) else rows).apply(checkpoint_stem, axis=1) if s]
+    stem = pd.Series(stems).mode().iloc[0] if stems else ""
+    return f"{stem} {key[:8]}".strip()
+
+
+def reference_of_groups(board: pd.DataFrame) -> pd.Series:
+    """Per board row, the board index of its group's `full` reference; -1 for a group without a `full` row.
+
+    Of a group's `full` settings, the one at its run's reference solver and steps comes first (`at_reference`,
+    when the view recorded it), then the run's own base model (no knobs), then the first listed."""
+    full = board[board["method"] == "full"]
+    at_reference = full["at_reference"].fillna(False).astype(bool) if "at_reference" in full.columns else True
+    no_knobs = full["params"].fillna("{}").isin(["{}", ""]) if "params" in full.columns else True
+    preference = pd.Series(0, index=full.index) - 2 * at_reference - no_knobs
+    chosen = full.assign(preference=preference).sort_values("preference", kind="stable").groupby("group").head(1)
+    first = pd.Series(chosen.index, index=chosen["group"])
+    return board["group"].map(first).fillna(-1).astype(int)
+
+
+def overlaps(low_a, high_a, low_b, high_b) -> np.ndarray:
+    """Whether two intervals share a point (NaN bounds: unknown, False)."""
+    low_a, high_a, low_b, high_b = (np.asarray(v, dtype=float) for v in (low_a, high_a, low_b, high_b))
+    known = np.isfinite(low_a) & np.isfinite(high_a) & np.isfinite(low_b) & np.isfinite(high_b)
+    return known & (low_a <= high_b) & (low_b <= high_a)
+
+
+def unresolved_pareto(board: pd.DataFrame, fid: str, low: str, high: str) -> np.ndarray:
+    """★ rows whose FID interval overlaps that of a cheaper competitor of their group: the intervals do not
+    show that the extra cost buys better FID, so the row's place on the front may be noise."""
+    marks = np.zeros(len(board), dtype=bool)
+    cost = board["gflops_per_image"].to_numpy(float)
+    for i in np.flatnonzero(board["pareto"].to_numpy(bool)):
+        cheaper = (board["group"] == board["group"].iloc[i]).to_numpy() & (cost < cost[i]) \
+            & board["competitor"].to_numpy(bool)
+        marks[i] = overlaps(board[low].iloc[i], board[high].iloc[i], board.loc[cheaper, low],
+                            board.loc[cheaper, high]).any()
+    return marks

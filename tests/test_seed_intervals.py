@@ -1,0 +1,94 @@
+"""Seeds and intervals: the leaderboard's mean ± std over seeds, the bootstrap interval of the mean, and the
+≈ marks where intervals do not separate a row from its group's `full` or its Pareto place from a cheaper row."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from adadiff_bench.metrics.bootstrap import mean_bootstrap_interval
+from adadiff_bench.report.tables import display_table, leaderboard
+from test_report_tables import fake_run
+
+FID = "fid_digits_cnn"
+
+
+def seeded_rows(settings: dict[str, tuple[float, list[float]]]) -> list[dict]:
+    """One row per (setting, seed): {name: (GFLOPs, FID per seed)}; `full` is the method of the setting 'full'."""
+    rows = []
+    for name, (gflops, fids) in settings.items():
+        for seed, fid in enumerate(fids):
+            method, params = ("full", "{}") if name == "full" else ("m", json.dumps({"k": name}))
+            rows.append({"method": method, "params": params, "seed": seed, "gflops_per_image": gflops, FID: fid,
+                         "layer_ratio": gflops / 10, "backbone_hash": "a" * 64})
+    return rows
+
+
+def board_of(tmp_path, settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = pd.read_csv(fake_run(tmp_path / "run", "r", seeded_rows(settings)) / "results.csv").assign(run="r")
+    return frame, leaderboard(frame)
+
+
+def test_mean_and_std_over_seeds_equal_numpy(tmp_path):
+    rng = np.random.default_rng(7)
+    settings = {name: (float(g), list(rng.uniform(5, 30, 4))) for name, g in zip(["full", "x", "y"], [10, 6, 3])}
+    _, board = board_of(tmp_path, settings)
+    for name, (_, fids) in settings.items():
+        row = board[board["setting"].str.contains("full" if name == "full" else f"k={name}")].iloc[0]
+        assert row["seeds"] == 4
+        assert row[FID] == pytest.approx(np.mean(fids))
+        assert row[FID + "_seed_std"] == pytest.approx(np.std(fids, ddof=1))
+        assert (row[FID + "_ci_low"], row[FID + "_ci_high"]) == pytest.approx(mean_bootstrap_interval(fids))
+    assert display_table(board).iloc[0, 3].count("±") == 1  # the FID cell: mean ± std
+
+
+def test_overlapping_intervals_are_marked_and_separated_ones_are_not(tmp_path):
+    settings = {"full": (10.0, [10.0, 10.5, 11.0]),
+                "close": (5.0, [10.8, 11.2, 11.6]),   # overlaps full: ≈, and makes full's ★ unresolved
+                "far": (2.0, [20.0, 21.0, 22.0])}     # separated from both
+    _, board = board_of(tmp_path, settings)
+    by_name = {name: board[board["setting"].str.contains(key)].iloc[0]
+               for name, key in (("full", "full"), ("close", "k=close"), ("far", "k=far"))}
+    assert by_name["close"]["vs_full_unresolved"] and not by_name["far"]["vs_full_unresolved"]
+    assert not by_name["full"]["vs_full_unresolved"]  # (itself)
+    assert board["pareto"].all()
+    assert by_name["full"]["pareto_unresolved"]
+    assert not by_name["close"]["pareto_unresolved"] and not by_name["far"]["pareto_unresolved"]
+    cells = display_table(board).set_index("method setting")
+    dfid = cells.filter(like="dFID").iloc[:, 0]
+    assert dfid[by_name["close"]["setting"]].endswith("≈") and not dfid[by_name["far"]["setting"]].endswith("≈")
+    assert cells.loc[by_name["full"]["setting"], "Pareto"] == "★≈"
+
+
+def test_three_seeds_at_95_percent_span_the_lowest_to_the_highest():
+    """Each all-equal resample has probability 1/27 > 2.5%, so the quantiles are the extreme values."""
+    assert mean_bootstrap_interval([4.0, 9.0, 5.0]) == (4.0, 9.0)
+    assert all(math.isnan(v) for v in mean_bootstrap_interval([4.0]))
+
+
+def exact_quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The bootstrap distribution of the mean by its multinomial counts (a different route than resampling)."""
+    k = len(values)
+    atoms, weights = [], []
+    for counts in itertools.product(range(k + 1), repeat=k - 1):
+        if sum(counts) <= k:
+            counts = (*counts, k - sum(counts))
+            weights.append(math.factorial(k) / math.prod(math.factorial(c) for c in counts) / k ** k)
+            atoms.append(float(np.dot(counts, values)) / k)
+    order = np.argsort(atoms)
+    cdf = np.cumsum(np.asarray(weights)[order])
+    atoms = np.asarray(atoms)[order]
+    return tuple(float(atoms[np.searchsorted(cdf, q - 1e-12)]) for q in ((1 - level) / 2, (1 + level) / 2))
+
+
+@pytest.mark.parametrize("k", [5, 7])  # 5: every resample enumerated; 7 (7**7 resamples): Monte Carlo
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution(k):
+    values = np.random.default_rng(k).uniform(0, 10, k)
+    low, high = mean_bootstrap_interval(values, level=0.9)
+    exact_low, exact_high = exact_quantiles(values, 0.9)
+    tolerance = 1e-9 if k ** k <= 50_000 else 0.03 * np.ptp(values)
+    assert low == pytest.approx(exact_low, abs=tolerance) and high == pytest.approx(exact_high, abs=tolerance)
