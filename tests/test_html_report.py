@@ -258,3 +258,31 @@ def test_screenshot_is_a_non_blank_png(loaded, tmp_path):
         assert image.format == "PNG" and image.width > 0 and image.height > 0
         grey = np.asarray(image.convert("L"))
     assert grey.min() < 128 < grey.max() and grey.std() > 5  # text and figures, not one flat colour
+
+
+def wide_report(tmp: Path) -> Path:
+    """A leaderboard wider than any screen: long setting names and many metric columns."""
+    columns = {f"metric number {i} with a long header ↓": np.linspace(1, 2, 3) + i for i in range(14)}
+    board = pd.DataFrame({"method setting": [f"a-plugin-sampler-with-a-long-name (knob={v}, dpm-solver++ 25)"
+                                             for v in ("first", "second", "third")], **columns})
+    sections = [HtmlSection("Leaderboard", tables=[HtmlTable("Leaderboard", board, table_id="leaderboard")])]
+    return write_html_report(tmp / "report", "Report: wide", sections)
+
+
+def test_a_wide_leaderboard_scrolls_inside_its_own_box_at_1280_px(browser, tmp_path):
+    browser.set_window_size(1280, 900)
+    try:
+        browser.get(wide_report(tmp_path).resolve().as_uri())
+        page, box = browser.execute_script("""
+            const wrap = document.getElementById("leaderboard").closest(".table-wrap");
+            const page = document.documentElement;
+            return [[page.scrollWidth, page.clientWidth],
+                    [wrap.scrollWidth, wrap.clientWidth, getComputedStyle(wrap).overflowX,
+                     wrap.getBoundingClientRect().right]];""")
+    finally:
+        browser.set_window_size(1200, 900)
+    assert page[0] <= page[1], f"the page itself scrolls sideways: {page}"
+    scroll_width, width, overflow, right = box
+    assert right <= page[1], "the table's box reaches past the window"
+    assert scroll_width <= width or overflow in ("auto", "scroll"), f"the table is cut off: {box}"
+    assert scroll_width > width, "the check is vacuous: this table should be wider than its box"

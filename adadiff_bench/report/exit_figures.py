@@ -224,7 +224,7 @@ def exit_distributions(view: ReportView, out: str | Path, steps: list[int] | Non
         ax.set_ylim(-0.02, 1.02)
     axes[0, 0].set_ylabel("fraction of the step's samples")
     handles = [axes[0, 0].plot([], [], **style(i))[0] for i in range(len(picked))]
-    fig.legend(handles, [f"{label}, layer ratio {lr:.2f}" for label, lr in
+    fig.legend(handles, [wrap(f"{label}, layer ratio {lr:.2f}", 72) for label, lr in
                          zip(setting_labels(picked), picked["layer_ratio"])],
                loc="outside lower center", ncol=2 if len(picked) > 3 else 1, frameon=False)
     fig.suptitle("Exit-point distribution at chosen sampling steps (one setting per method entry)", fontsize=7.5)

@@ -11,6 +11,7 @@ it could show); the report draws them through the figure registry (`adadiff_benc
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib.ticker
@@ -19,7 +20,7 @@ import pandas as pd
 
 from ..metrics.specs import primary_column
 from ..results import atomic_write_bytes, make_dir
-from .style import DOUBLE, SINGLE, new_figure, save, style, styled
+from .style import DOUBLE, SINGLE, new_figure, save, style, styled, wrap
 from .tables import axis_label, curves, is_ceiling, pareto_mask, short_setting
 from .view import ReportView
 
@@ -72,14 +73,17 @@ def _axis_labels(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
     label, _, _ = COSTS[cost]
     if cost == "interleaved_time_s" and "threads" in frame.columns and frame["threads"].notna().any():
         label += f", {int(frame['threads'].dropna().iloc[0])} threads, {frame.get('device', pd.Series(['cpu'])).iloc[0]}"
-    ax.set_xlabel(label)
+    ax.set_xlabel(wrap(label, 56))  # (the time axis's label is long: two lines in a single column)
     ax.set_ylabel(axis_label(fid, n))
 
 
 def fit(legend: str, width: int = 60) -> str:
-    """A legend entry cut to `width` characters (the full setting is in the leaderboard)."""
-    legend = legend.replace("checkpoint=", "")
-    return legend if len(legend) <= width else legend[: width - 1] + "…"
+    """A legend entry in at most two lines of `width` characters, cut after that (the full setting is in the
+    leaderboard)."""
+    lines = textwrap.wrap(legend.replace("checkpoint=", ""), width, break_on_hyphens=False)
+    if len(lines) > 2:
+        lines = [lines[0], lines[1][: width - 1] + "…"]
+    return "\n".join(lines)
 
 
 def _draw_curve(ax, points: pd.DataFrame, fid: str, cost: str, legend: str, index: int, labelled: bool) -> None:
@@ -130,8 +134,8 @@ def fid_vs_cost(view: ReportView, out: Path, cost: str = "gflops_per_image") -> 
     _draw_front(ax, frame, fid, cost)
     _axis_labels(ax, frame, fid, cost)
     log_scales(ax, frame, fid, cost)
-    ax.set_title("Quality vs " + ("compute" if cost == "gflops_per_image" else "measured time")
-                 + "; points labelled by the swept knob")
+    ax.set_title(wrap("Quality vs " + ("compute" if cost == "gflops_per_image" else "measured time")
+                      + "; points labelled by the swept knob", 56))
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, [fit(label, 48) for label in labels], loc="outside lower center", ncol=2 if wide else 1,
                frameon=False, fontsize=5)
