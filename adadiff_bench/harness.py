@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .backbone_id import backbone_hash, method_backbone
 from .checkpoints import sha256_file
 from .config import MethodEntry, RunConfig, check_solver, timed_samples, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
@@ -382,7 +383,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
            "schedule": cell.schedule, "guidance": cell.guidance,
            "batch_dependent": method.batch_dependent, "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
-           "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1])}
+           "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1]),
+           "backbone_hash": backbone_hash(method_backbone(method))}  # reports compare within one backbone
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors,
                                    device=prep.device))
@@ -391,6 +393,10 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,
                 "device": str(prep.device), "device_name": device_name(prep.device), "precision": prep.precision,
                 "threads": torch.get_num_threads()})
+    row["exit_warning"] = exit_warning(cell, method, log)
+    if row["exit_warning"]:
+        warn(f"{cell.cell_id}: {row['exit_warning']}: the knob is outside the range where the method adapts; "
+             "move it until samples exit at different points")
     if config.metrics.reference_stats:  # which reference FID compared against (KID, PR: the reference images)
         row["fid_reference_stats"] = config.metrics.reference_stats
     if prep.decoder is not None:
@@ -400,6 +406,22 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
         row.update(combine_timings(timings))
     row["cell_id"] = cell.cell_id
     return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), method.artifacts()
+
+
+FIXED_EXIT_METHODS = ("static-exit", "random-exit")  # early exits whose knob sets the exit point: no rule decides
+
+
+def exit_warning(cell: Cell, method, log: StepLog) -> str:
+    """Why an adaptive early-exit setting is degenerate ("" when it is not): it never exits, or it exits at one
+    and the same point for every sample and step."""
+    if method.family != "early-exit" or cell.method in FIXED_EXIT_METHODS:
+        return ""
+    points = log.exit_points_seen()
+    if len(points) != 1 or points[0] < 1:
+        return ""
+    if points[0] == log.num_blocks:
+        return "never exits (layer ratio 1.000 over the whole cell)"
+    return f"always exits at block {points[0]} of {log.num_blocks} (every sample, every step)"
 
 
 def combine_timings(timings: list[dict]) -> dict:

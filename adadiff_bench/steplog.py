@@ -153,6 +153,10 @@ class StepLog:
         points = np.clip(self.exit_point, 0, None).ravel()
         return np.bincount(points, minlength=self.num_blocks + 1)
 
+    def exit_points_seen(self) -> np.ndarray:
+        """The distinct exit points over every (sample, step) of every guidance pass, sorted (-1: no prefix exit)."""
+        return np.unique(np.concatenate([log.exit_point.ravel() for log in self.passes()]))
+
     def timestep_exit_histogram(self) -> np.ndarray:
         """(num_steps, num_blocks + 1): per timestep, counts of samples by exit point."""
         points = np.clip(self.exit_point, 0, None)

@@ -68,12 +68,15 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
     bounds = [c for c in frame.columns if c.endswith((CI_LOW, CI_HIGH))]
     kept = [c for c in ("method", "params", "at_reference", BACKBONE_HASH) if c in frame.columns]
     grouped = frame.groupby(["setting", "group"], sort=False)  # (one setting on two backbones: two rows)
+    warnings = {EXIT_WARNING: first_text} if EXIT_WARNING in frame.columns else {}
     board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds + kept},
-                         "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
+                         **warnings, "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
     spread = grouped[metric_columns].std(ddof=1).add_suffix(SEED_STD)  # NaN with one seed
     board = board.join(spread)
     board.loc[board["seeds"] > 1, bounds] = np.nan  # a bootstrap interval belongs to one seed's samples
     board = board.reset_index()
+    if warnings:  # a degenerate exit setting says so beside its name
+        board["setting"] += board[EXIT_WARNING].map(lambda text: f" [{text.split(' (')[0]}]" if text else "")
     labels = {key: group_label(key, rows, several) for key, rows in frame.groupby("group", sort=False)}
     board.insert(1, "backbone", board["group"].map(labels))
     fid = primary_column(board.columns)
@@ -84,6 +87,14 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
         board = with_comparisons(board, grouped[fid], fid, level)
     order = list(dict.fromkeys(board["group"]))  # groups in the order the runs list them
     return sort_board(board, sort_by) if sort_by else by_group(sort_board(board, fid), order)
+
+
+EXIT_WARNING = "exit_warning"  # why an adaptive exit setting did not adapt (`harness.exit_warning`), "" when it did
+
+
+def first_text(values: pd.Series) -> str:
+    """The first non-empty text among a setting's seeds ("" when none)."""
+    return next((v for v in values if isinstance(v, str) and v), "")
 
 
 def group_pareto(board: pd.DataFrame, fid: str) -> np.ndarray:
@@ -170,8 +181,8 @@ COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer 
                   "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto",
                   "backbone": "backbone", "dfid": "dFID vs group's full ↓"}
 UNRESOLVED = "≈"  # the intervals do not separate this comparison
-HIDDEN = ("setting", "num_samples", "seeds", "method", "params", "at_reference", "group", BACKBONE_HASH, "competitor", "vs_full_unresolved",
-          "pareto_unresolved")
+HIDDEN = ("setting", "num_samples", "seeds", "method", "params", "at_reference", "group", "exit_warning", BACKBONE_HASH,
+          "competitor", "vs_full_unresolved", "pareto_unresolved")  # in the CSV, not in the shown table
 
 
 def _header(column: str, num_samples: int) -> str:
@@ -440,6 +451,11 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
         lines.append(f"FID bootstrap CI of one-seed rows: basic bootstrap interval at level {metrics['fid_ci']} over "
                      f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed).")
     lines += group_notes(board)
+    if EXIT_WARNING in board.columns and (board[EXIT_WARNING] != "").any():
+        lines.append("[never exits] / [always exits at block ...]: an adaptive exit setting that in at least one "
+                     "seed's cell never left before full depth, or left at one and the same block for every sample "
+                     "and step (`run` warned about it): its knob lies outside the range where the method adapts, so "
+                     "the row says nothing about how well the method decides where to exit.")
     lines.append(f"Speed-up is the ratio of median times against `full` at {info['reference']['solver']} "
                  f"{info['reference']['num_steps']} steps, timed interleaved on {info['machine']['torch_threads']} "
                  f"threads ({info['machine'].get('device', 'cpu')}); FLOPs = 2 x MACs (fvcore); peak memory: "
