@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, did_you_mean
-from .schedules import check_schedule_and_solver
+from .schedules import check_schedule_and_solver, check_schedule_name
 
 SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler", "dpm-solver++-fast", "euler-maruyama", "dpm-solver-fast")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -111,12 +111,14 @@ class TrainConfig:
     export_half: bool = True
     device: str = "auto"      # where training runs (as a run's `device`); noise is still drawn on the CPU
     precision: str = "fp32"   # autocast of the forward and loss; weights, optimiser and EMA stay fp32
+    schedule: str = "linear"  # the noise schedule and time input trained (`schedules`); the checkpoint records it
 
     def validate(self, where: str) -> None:
         _positive(where, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                   checkpoint_every=self.checkpoint_every)
         check_device_spec(self.device, where)
         check_precision(self.precision, where)
+        check_schedule_name(self.schedule, where)
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"{where}: ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.warmup_steps < 0:

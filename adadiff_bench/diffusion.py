@@ -14,6 +14,7 @@ Randomness: sample i draws its initial noise, its label and every solver noise f
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -338,4 +339,33 @@ def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor | No
                   alpha_bar: torch.Tensor) -> torch.Tensor:
     """L_simple: ||eps - eps_theta(x_t, t)||^2."""
     t, eps, xt = add_noise(x0, generator, alpha_bar)
+    return (model(xt, t, y) - eps).pow(2).mean()
+
+
+@functools.lru_cache(maxsize=None)
+def schedule_alphas_cumprod(schedule: str) -> torch.Tensor:
+    """alpha_bar of a discrete schedule as diffusers' schedulers hold it (float32 betas): what they sample with."""
+    return DDPMScheduler(**get_schedule(schedule).diffusers_config()).alphas_cumprod.double()
+
+
+def add_schedule_noise(x0: torch.Tensor, generator: torch.Generator,
+                       schedule: str = DEFAULT_SCHEDULE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(network's time input, eps, x_t) at a random time of `schedule`, drawn on the CPU by `generator`.
+
+    Discrete schedules draw as `add_noise` (the linear one is exactly it); the network reads t + offset.
+    The continuous VP draws t uniform in [0, 1) and x_t = alpha_t x0 + sigma_t eps; the network reads 999 t."""
+    noise_schedule = get_schedule(schedule)
+    if noise_schedule.kind == "discrete":
+        t, eps, xt = add_noise(x0, generator, schedule_alphas_cumprod(schedule))
+        return noise_schedule.network_time(t), eps, xt
+    t = noise_schedule.training_times(len(x0), generator)
+    eps = to_device(torch.randn(x0.shape, generator=generator, device="cpu"), x0.device)
+    alpha, sigma = (v.float().view(-1, 1, 1, 1).to(x0.device) for v in noise_schedule.alpha_sigma(t))
+    return to_device(noise_schedule.network_time(t).float(), x0.device), eps, alpha * x0 + sigma * eps
+
+
+def schedule_training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor | None,
+                           generator: torch.Generator, schedule: str = DEFAULT_SCHEDULE) -> torch.Tensor:
+    """L_simple on `schedule`, the network reading its time input as sampling will feed it."""
+    t, eps, xt = add_schedule_noise(x0, generator, schedule)
     return (model(xt, t, y) - eps).pow(2).mean()

@@ -141,6 +141,9 @@ _TRAIN = {
                        valid="auto | cpu | cuda | cuda:N"),
     "precision": describe("autocast of the forward and loss; weights, optimiser and EMA stay fp32",
                           choices=cfg.PRECISIONS),
+    "schedule": describe("the noise schedule and time input trained (a U-ViT from scratch; methods' tasks train on "
+                         "linear); the checkpoint records it and a run sampling it with another is refused",
+                         choices=lambda: tuple(SCHEDULES)),
 }
 
 # (TOML table, dataclass, its keys' documentation) of a run config and of a training config

@@ -15,7 +15,11 @@ calls it once per evaluation, before any method sees `t`, so every network a met
 checkpoints included) reads the convention it was trained with, and no method knows about it.
 
 The schedule belongs to the trained network (a checkpoint trained on one schedule is meaningless on
-another), so the run records it per row; a model preset that knows its schedule should set it.
+another), so the run records it per row; a model preset that knows its schedule should set it, and a
+checkpoint trained by `adadiff-bench train` records it (`[train] schedule`; sampling it with another is
+refused). Training draws its examples from the same objects: `training_times` draws the solver's time
+(uniform over the discrete timesteps; uniform in [0, 1) on the VP SDE, as U-ViT's `sde.sample`),
+`alpha_sigma` gives the noise level there and `network_time` the network's input.
 """
 from __future__ import annotations
 
@@ -59,6 +63,10 @@ class DiscreteSchedule:
     def alphas_cumprod(self) -> torch.Tensor:
         return torch.cumprod(1 - self.betas(), 0)
 
+    def training_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Timesteps uniform in 0..N-1 (int64, drawn on the CPU by `generator`): DDPM's training draw."""
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device="cpu")
+
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         """Solver's timestep -> the network's time input (the same tensor when the offset is 0)."""
         return t if self.time_offset == 0 else t + self.time_offset
@@ -93,6 +101,10 @@ class ContinuousVP:
     def log_alpha(self, t: float | torch.Tensor):
         """log alpha_t = -1/2 of the integral of beta from 0 to t."""
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2)
+
+    def training_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Times uniform in [0, 1) (float64, on the CPU), as U-ViT's `sde.sample` draws them for L_simple."""
+        return torch.rand(batch, generator=generator, dtype=torch.float64, device="cpu")
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_scale * t
@@ -131,12 +143,23 @@ def get_schedule(name: str) -> Schedule:
     return SCHEDULES[name]
 
 
-def check_schedule_and_solver(schedule: str, solver: str, where: str) -> None:
-    """A solver runs only the schedules it was written for (diffusers': discrete; Euler-Maruyama: continuous VP)."""
+def check_schedule_name(schedule: str, where: str) -> None:
     if schedule not in SCHEDULES:
         raise UserError(f"{where}: unknown schedule {schedule!r}{did_you_mean(schedule, SCHEDULES)}; "
                         f"valid: {', '.join(SCHEDULES)}")
+
+
+def check_schedule_and_solver(schedule: str, solver: str, where: str) -> None:
+    """A solver runs only the schedules it was written for (diffusers': discrete; Euler-Maruyama: continuous VP)."""
+    check_schedule_name(schedule, where)
     valid = SCHEDULES[schedule].solvers
     if solver not in valid:
         raise UserError(f"{where}: solver {solver!r} does not run schedule {schedule!r}; "
                         f"with this schedule use one of {', '.join(valid)}")
+
+
+def check_trained_schedule(trained: str | None, sampled: str, what: str, where: str) -> None:
+    """A network is sampled with the schedule it was trained with (`trained` None: not recorded, not checked)."""
+    if trained is not None and trained != sampled:
+        raise UserError(f"{where}: [sampling] schedule is {sampled!r} but {what} was trained with {trained!r}; "
+                        f"set schedule = \"{trained}\" (or retrain it with [train] schedule = \"{sampled}\")")

@@ -31,8 +31,9 @@ from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load
 from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
 from .device import autocast, check_precision_on, device_info, resolve_device, to_device
-from .diffusion import alphas_cumprod, training_loss
+from .diffusion import alphas_cumprod, schedule_training_loss
 from .errors import UserError, did_you_mean
+from .schedules import DEFAULT_SCHEDULE
 from .methods.registry import available_methods, get_method, trainable_methods
 from .training_report import Predictions, write_training_report
 
@@ -71,16 +72,20 @@ class Task:
 
 
 def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
-    """A U-ViT from scratch with L_simple."""
-    model = build_model(config.model)
-    return Task(model, lambda x0, y, g: training_loss(model, x0, y, g, alpha_bar),
-                lambda path, ema, meta, half: save_checkpoint(path, ema, config.model, meta, half=half), config.model)
+    """A U-ViT from scratch with L_simple on `[train] schedule` (the checkpoint records it: sampling checks it)."""
+    model, schedule = build_model(config.model), config.train.schedule
+    return Task(model, lambda x0, y, g: schedule_training_loss(model, x0, y, g, schedule),
+                lambda path, ema, meta, half: save_checkpoint(path, ema, config.model, {**meta, "schedule": schedule},
+                                                              half=half), config.model)
 
 
 def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
     """The task a training config names: its method's (through the registry), or a U-ViT from scratch."""
     if config.task is None:
         return base_task(config, alpha_bar)
+    if config.train.schedule != DEFAULT_SCHEDULE:  # (methods' tasks draw DDPM timesteps from `alpha_bar`)
+        raise UserError(f"[train] schedule = {config.train.schedule!r} trains a U-ViT from scratch; [{config.task}] "
+                        f"trains on the {DEFAULT_SCHEDULE!r} schedule only: remove schedule")
     if hasattr(config.task_config, "validate"):  # (a config built in Python has not been through from_dict)
         config.task_config.validate(f"[{config.task}]")
     return get_method(config.task).training_task(config, alpha_bar)
@@ -256,6 +261,7 @@ def _identity(config: dict) -> dict:
     (a run may move between the CPU and a GPU). The precision must match: it changes the recipe."""
     train = {k: v for k, v in config["train"].items() if k not in ("steps", "threads", "device")}
     train.setdefault("precision", "fp32")  # (a state from before the setting trained in fp32)
+    train.setdefault("schedule", DEFAULT_SCHEDULE)  # (... and on the linear schedule)
     return {**config, "train": train}
 
 

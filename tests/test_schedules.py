@@ -8,6 +8,7 @@ A solver fed with it must return samples whose mean and variance are the data's.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,111 @@ def test_dpm_solver_pp_fast_grid_and_time_input():
     network, times = time_inputs("scaled-linear", "dpm-solver++-fast", 50)
     assert np.allclose(network, np.linspace(1000, 1, 51)[:-1], atol=1e-4)
     assert np.allclose(times, network - 1, atol=1e-4)
+
+
+# ---- training on each schedule: the draws, the checkpoint's record, the check at sampling -------------------
+
+def replayed_training_draw(name: str, x0: torch.Tensor, seed: int):
+    """What one training draw must be, from the definitions: the time (DDPM: uniform integer timestep; VP: uniform
+    in [0, 1)) and the noise from one CPU generator, alpha_t^2 = prod(1 - beta) (betas in float64) or exp(-(0.1 t
+    + 19.9 t^2 / 2)), and the network input t, t + 1 or 999 t."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == "vp":
+        t = torch.rand(len(x0), generator=generator, dtype=torch.float64)
+        alpha_sq = torch.exp(-(0.1 * t + 19.9 * t ** 2 / 2))
+        network_t = 999 * t
+    else:
+        t = torch.randint(0, 1000, (len(x0),), generator=generator)
+        start, end = (1e-4, 0.02) if name == "linear" else (0.00085, 0.012)
+        betas = torch.linspace(start, end, 1000, dtype=torch.float64) if name == "linear" else \
+            torch.linspace(start ** 0.5, end ** 0.5, 1000, dtype=torch.float64) ** 2
+        alpha_sq = torch.cumprod(1 - betas, 0)[t]
+        network_t = t + (1 if name == "scaled-linear" else 0)
+    eps = torch.randn(x0.shape, generator=generator)
+    alpha_sq = alpha_sq.view(-1, 1, 1, 1)
+    return network_t.double(), eps, alpha_sq.sqrt() * x0 + (1 - alpha_sq).sqrt() * eps
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_training_draws_follow_each_schedule(name):
+    from adadiff_bench.diffusion import add_schedule_noise
+    x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    t, eps, xt = add_schedule_noise(x0, torch.Generator().manual_seed(7), name)
+    expected_t, expected_eps, expected_xt = replayed_training_draw(name, x0, 7)
+    assert torch.allclose(t.double(), expected_t, rtol=1e-6)
+    assert torch.equal(eps, expected_eps)
+    assert torch.allclose(xt.double(), expected_xt, atol=2e-6)  # (diffusers' float32 betas, float32 images)
+
+
+def test_training_on_the_linear_schedule_is_todays_loss_bit_for_bit(tiny_model):
+    from adadiff_bench.diffusion import alphas_cumprod, schedule_training_loss, training_loss
+    x0 = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    today = training_loss(tiny_model, x0, None, torch.Generator().manual_seed(3), alphas_cumprod())
+    assert torch.equal(schedule_training_loss(tiny_model, x0, None, torch.Generator().manual_seed(3)), today)
+
+
+def write_train_config(tmp_path, schedule: str) -> Path:
+    from conftest import TINY
+    model = "".join(f"{key} = {getattr(TINY, key)}\n"
+                    for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"))
+    path = tmp_path / f"train_{schedule}.toml"
+    path.write_text(f'[model]\n{model}\n[train]\nsteps = 3\nbatch_size = 8\nwarmup_steps = 0\nthreads = 1\n'
+                    f'checkpoint_every = 3\nschedule = "{schedule}"\nout_dir = "{tmp_path / schedule}"\n')
+    return path
+
+
+def sampling_run(tmp_path, checkpoint, schedule: str, solver: str) -> Path:
+    from conftest import write_run_config
+    return write_run_config(tmp_path, checkpoint, sampling=f'schedule = "{schedule}"\nsolver = "{solver}"\n'
+                            'num_steps = 2\nnum_samples = 2\nbatch_size = 2', timing="enabled = false",
+                            metrics='inception = "off"\nprc = false\nisc_splits = 2\nkid_subset_size = 2')
+
+
+@pytest.mark.parametrize("schedule, solver, other, other_solver", [
+    ("scaled-linear", "dpm-solver++-fast", "linear", "ddim"), ("vp", "euler-maruyama", "scaled-linear", "ddim")])
+def test_train_on_a_schedule_records_it_and_sampling_checks_it(tmp_path, capsys, schedule, solver, other,
+                                                               other_solver):
+    from adadiff_bench.checkpoints import read_checkpoint
+    from adadiff_bench.cli import main
+    assert main(["train", "--config", str(write_train_config(tmp_path, schedule)), "--no-progress"]) == 0
+    checkpoint = tmp_path / schedule / "ema.pt"
+    meta = read_checkpoint(checkpoint)["meta"]
+    assert meta["schedule"] == schedule and meta["train_config"]["train"]["schedule"] == schedule
+    # sampled with the schedule it was trained on: a run; with another: one line, exit 2, nothing written
+    assert main(["run", "--config", str(sampling_run(tmp_path, checkpoint, other, other_solver)),
+                 "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and not (tmp_path / "results").exists()
+    assert f"[sampling] schedule is '{other}' but checkpoint '{checkpoint}' was trained with '{schedule}'" in error
+    assert main(["run", "--config", str(sampling_run(tmp_path, checkpoint, schedule, solver)), "--no-progress"]) == 0
+
+
+def test_training_steps_on_the_vp_schedule_lower_its_loss(tiny_model, one_thread):
+    """A few optimiser steps on the VP draws reduce L_simple on held-out draws (the loss is the schedule's)."""
+    from adadiff_bench.diffusion import schedule_training_loss
+    x0 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return float(schedule_training_loss(tiny_model, x0, None, torch.Generator().manual_seed(99), "vp"))
+
+    before = held_out()
+    optimizer = torch.optim.Adam(tiny_model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        optimizer.zero_grad()
+        schedule_training_loss(tiny_model, x0, None, generator, "vp").backward()
+        optimizer.step()
+    assert held_out() < 0.9 * before
+
+
+def test_an_unknown_training_schedule_and_a_method_task_off_linear_are_one_line(tmp_path):
+    from adadiff_bench.training import load_train_config, training_task
+    path = write_train_config(tmp_path, "cosine")
+    with pytest.raises(UserError, match=r"\[train\]: unknown schedule 'cosine'.*valid: linear, scaled-linear, vp"):
+        load_train_config(path)
+    config = load_train_config(write_train_config(tmp_path, "vp"))
+    config.task = "adadiff"
+    with pytest.raises(UserError, match=r"schedule = 'vp' trains a U-ViT from scratch; \[adadiff\] trains on the "
+                                        r"'linear' schedule only"):
+        training_task(config, None)

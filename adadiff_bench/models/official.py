@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..prompts import require_prompt_file
 from .autoencoder import LatentDecoder, load_autoencoder
+from ..schedules import check_trained_schedule
 from .presets import UVIT_ASSETS, backbone_state, get_preset, published_at
 
 
@@ -93,7 +94,20 @@ def check_schedule(config, where: str) -> None:
 
 def load_run_model(config, where: str = "config"):
     """The run's U-ViT: a preset's release, or a checkpoint of this suite (or a published state dict it recognises)."""
-    return load_preset_model(config.model, where) if config.model.preset else load_model(config.checkpoint)
+    if config.model.preset:
+        return load_preset_model(config.model, where)
+    model = load_model(config.checkpoint)
+    check_trained_schedule(recorded_schedule(config.checkpoint), config.sampling.schedule,
+                           f"checkpoint {config.checkpoint!r}", where)
+    return model
+
+
+def recorded_schedule(path: str) -> str | None:
+    """The schedule a checkpoint of this suite records (`adadiff-bench train` writes it; None: not recorded)."""
+    payload = read_checkpoint(path)  # (this suite's checkpoints are small: read again for their meta)
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    schedule = meta.get("schedule") if isinstance(meta, dict) else None
+    return schedule if isinstance(schedule, str) else None
 
 
 def run_image_shape(config, model) -> tuple[int, int, int]:
