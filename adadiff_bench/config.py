@@ -378,6 +378,10 @@ def from_dict(cls, raw: Any, where: str):
     for key in raw:
         if key not in names:
             raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, names)}; valid keys: {', '.join(names)}")
+    for group in getattr(cls, "exclusive_keys", ()):  # keys of which a table may set one at most
+        given = [key for key in group if key in raw]
+        if len(given) > 1:
+            raise UserError(f"{where}: {' and '.join(given)} exclude each other; set only one of them")
     values = {}
     for key, value in raw.items():
         hint = hints[key]

@@ -199,6 +199,7 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     check_quality_inputs(config.sampling.num_samples, data, config.metrics, extractors, where)
     context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
     params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
+    params = agree(world, lambda: calibrate_methods(params, curves, model, config, where))
     decoder = load_run_decoder(config, device)
     decode_macs = decoder.macs_per_image((model.in_chans, model.img_size, model.img_size)) if decoder else 0.0
     return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
@@ -229,6 +230,26 @@ def build_method(cell: Cell, model, params=None):
     """The method object of `cell`: its knobs as prepared (`params`) or, without them, as written."""
     cls = get_method(cell.method)
     return cls(model, params if params is not None else make_params(cls, dict(cell.params), cell.method))
+
+
+def calibrate_methods(params: dict, curves: dict, model, config: RunConfig, where: str) -> dict:
+    """Settings that ask for a compute target (AdaDiff's `target_layer_ratio`) find their knobs on calibration
+    samples of their own cell's solver and steps (a method's `calibrate` hook), once per distinct setting."""
+    calibrated: dict = {}
+    for cell, prepared in params.items():
+        calibrate = getattr(get_method(cell.method), "calibrate", None)
+        key = (cell.method, cell.params, cell.solver, cell.num_steps)
+        if calibrate is None or key in calibrated:
+            continue
+
+        def layer_ratio_of(knobs, num_samples: int, seed: int, cell=cell) -> float:
+            _, log = generate(dataclasses.replace(cell, seed=seed), model, num_samples, config.sampling.batch_size,
+                              method=build_method(cell, model, knobs), precision=config.precision)
+            return log.layer_ratio()
+
+        calibrated[key] = calibrate(prepared, layer_ratio_of, config.seeds, f"{where}: methods[{curves[cell][0]}]")
+    return {cell: calibrated.get((cell.method, cell.params, cell.solver, cell.num_steps), prepared)
+            for cell, prepared in params.items()}
 
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,
@@ -404,6 +425,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
                     **decoding})
     if timing is not None:
         row.update(combine_timings(timings))
+    row.update(getattr(method, "row_fields", dict)())  # a method's own columns (AdaDiff: a target's calibration)
     row["cell_id"] = cell.cell_id
     return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), method.artifacts()
 

@@ -123,6 +123,25 @@ def test_threshold_outside_unit_interval(tmp_path, tiny_checkpoint, capsys, thre
     assert_nothing_written(tmp_path)
 
 
+def test_threshold_and_target_layer_ratio_together(tmp_path, tiny_checkpoint, capsys):
+    extra = '[[methods]]\nname = "adadiff"\nthreshold = 0.2\ntarget_layer_ratio = [0.8, 0.6]\n'
+    line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
+    assert "threshold and target_layer_ratio exclude each other; set only one of them" in line
+    assert_nothing_written(tmp_path)
+
+
+def test_calibration_seed_among_the_run_seeds(tmp_path, capsys):
+    from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff, save_adadiff
+    net = build_adadiff(TINY, AdaDiffConfig()).eval()
+    save_adadiff(tmp_path / "adadiff.pt", net, TINY)
+    save_checkpoint(tmp_path / "tiny.pt", net.backbone, TINY)
+    extra = (f'[[methods]]\nname = "adadiff"\ncheckpoint = "{tmp_path / "adadiff.pt"}"\n'
+             'target_layer_ratio = 0.7\ncalibration_seed = 0\n')
+    line = one_line_error(run_args(tmp_path, tmp_path / "tiny.pt", extra_methods=extra), capsys)
+    assert "calibration_seed 0 is also an evaluation seed; pick a calibration_seed outside the run's `seeds`" in line
+    assert_nothing_written(tmp_path)
+
+
 def test_negative_num_steps(tmp_path, tiny_checkpoint, capsys):
     line = one_line_error(run_args(tmp_path, tiny_checkpoint, sampling=SAMPLING.replace("= 2", "= -2")), capsys)
     assert "[sampling]: num_steps must be > 0 (got -2)" in line

@@ -10,6 +10,13 @@ exit iff the mean certainty is strictly greater than it, as the official code do
 the whole batch, which makes the method batch-dependent), `patience` (the official in-block rule:
 exit only at the second in-block that passes, not necessarily consecutive).
 
+Matched compute: `target_layer_ratio` (instead of `threshold`) finds, before sampling, the threshold
+whose layer ratio on a calibration set (`calibration_samples` images drawn with `calibration_seed`, the
+cell's solver and steps) is the target, by bisection on real sampling runs (see `calibration`); the
+cell then samples at that threshold and its row records the target, the threshold found and the ratio
+reached, with `target_reached = false` and the nearest achievable ratios where the estimator cannot
+reach the target.
+
 Ablations: with `train` (an AdaDiff training config) and overrides such as `estimator`, `loss` or
 `backbone`, the checkpoint is trained on demand in the harness's prepare step, before any sampling,
 the first time, and cached in the results folder's training cache (`<results_dir>/.adadiff_cache/`),
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 
 from ...checkpoints import cached_checkpoint
-from ...config import to_dict
+from ...config import MAX_SEED, to_dict
 from ...device import rows_on
 from ...errors import UserError
 from ...knobs import knob
@@ -38,6 +45,7 @@ from ...models.exit_forward import exit_aware_forward
 from ...training import load_train_config, train
 from ..prefix_exit import check_architecture
 from ..registry import Method, PrepareContext, register_method
+from .calibration import DEFAULT_CALIBRATION_SEED, ThresholdSearch, find_threshold
 from .checkpoint import FORMAT, OFFICIAL_FORMAT
 from .estimators import ESTIMATORS
 from .training import AdaDiffTrainConfig, adadiff_task
@@ -61,6 +69,16 @@ class AdaDiffParams:
                      choices=("per-sample", "per-batch"))
     patience: bool = knob(False, "the official in-block rule: exit only at the second in-block that passes "
                                  "(not necessarily consecutive)")
+    # matched compute: a target layer ratio instead of a threshold (found on calibration samples)
+    target_layer_ratio: float | None = knob(None, "find the threshold whose layer ratio on calibration samples "
+                                                  "is this target (instead of `threshold`; not both)",
+                                            above=0, at_most=1)
+    target_tolerance: float = knob(0.02, "a target counts as reached when the calibration ratio is within this "
+                                         "of it (else the row says target_reached = false)", above=0, at_most=0.5)
+    calibration_samples: int = knob(64, "how many calibration images each threshold tried samples", at_least=1)
+    calibration_seed: int = knob(DEFAULT_CALIBRATION_SEED, "the run seed calibration images are drawn with "
+                                                           "(a run whose `seeds` list it is refused)",
+                                 at_least=0, at_most=MAX_SEED)
     # on-demand training (ablations): a training config, and overrides of its [adadiff] table
     train: str = knob("", "an AdaDiff training config: train the checkpoint on demand before sampling (cached "
                           "in <results_dir>/.adadiff_cache), with the overrides below",
@@ -81,7 +99,15 @@ class AdaDiffParams:
                           valid="comma-separated step indices >= 0, e.g. \"0,12,24\"")
     map_samples: int = knob(8, "how many samples (the first ones) get uncertainty maps", at_least=1)
 
+    exclusive_keys = (("threshold", "target_layer_ratio"),)  # a target finds its own threshold
+
     def validate(self, where: str) -> None:
+        if self.target_layer_ratio is not None and not 0.0 < self.target_layer_ratio <= 1.0:
+            raise UserError(f"{where}: target_layer_ratio must be in (0, 1] (got {self.target_layer_ratio})")
+        if not 0.0 < self.target_tolerance <= 0.5 or self.calibration_samples < 1:
+            raise UserError(f"{where}: target_tolerance must be in (0, 0.5] and calibration_samples >= 1")
+        if not 0 <= self.calibration_seed <= MAX_SEED:
+            raise UserError(f"{where}: calibration_seed must be in [0, 2^63 - 1] (got {self.calibration_seed})")
         if not 0.0 <= self.threshold <= 1.0:
             raise UserError(f"{where}: threshold must be in [0, 1] (got {self.threshold})")
         if self.threshold_kind not in ("uncertainty", "official-certainty"):
@@ -105,6 +131,12 @@ class AdaDiffParams:
         elif not Path(self.checkpoint).is_file():
             raise UserError(f"{where}: AdaDiff checkpoint {self.checkpoint!r} not found; train it with "
                             "`adadiff-bench train --config configs/adadiff_digits_frozen.toml` or fix the path")
+
+
+@dataclass
+class CalibratedParams(AdaDiffParams):
+    """Knobs as calibrated for a `target_layer_ratio`: `threshold` is the one found, `search` how."""
+    search: ThresholdSearch | None = None
 
 
 def parse_steps(text: str) -> list[int]:
@@ -166,6 +198,32 @@ class AdaDiff(Method):
             return params
         path = trained_on_demand(params, context.training_cache, context.progress)
         return dataclasses.replace(params, checkpoint=path, train="", **{knob: "" for knob in OVERRIDES})
+
+    @classmethod
+    def calibrate(cls, params, layer_ratio_of, evaluation_seeds, where: str = "adadiff"):
+        """A `target_layer_ratio` setting: the threshold that reaches it on calibration samples.
+
+        `layer_ratio_of(knobs, num_samples, seed)` samples that many images with `knobs` (the cell's solver,
+        steps, schedule, guidance) and returns their layer ratio. Other settings come back unchanged."""
+        if params.target_layer_ratio is None:
+            return params
+        if params.calibration_seed in evaluation_seeds:
+            raise UserError(f"{where}: calibration_seed {params.calibration_seed} is also an evaluation seed; "
+                            "pick a calibration_seed outside the run's `seeds`")
+
+        def layer_ratio_at(threshold: float) -> float:
+            knobs = dataclasses.replace(params, threshold=threshold, target_layer_ratio=None)
+            return layer_ratio_of(knobs, params.calibration_samples, params.calibration_seed)
+
+        search = find_threshold(layer_ratio_at, params.target_layer_ratio, params.target_tolerance,
+                                exits_grow_with_threshold=params.threshold_kind == "uncertainty")
+        fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(AdaDiffParams)}
+        return CalibratedParams(**{**fields, "threshold": search.threshold}, search=search)
+
+    def row_fields(self) -> dict:
+        """Extra columns of this cell's results row: the calibration of a `target_layer_ratio`."""
+        search = getattr(self.params, "search", None)
+        return search.row_fields() if search is not None else {}
 
     @classmethod
     def training_task(cls, config, alpha_bar):
