@@ -66,7 +66,7 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
         c for c in ("time_per_image_s", "reference_time_per_image_s", "speedup", "cache_bytes", "peak_mem_mb")
         if c in frame.columns]
     bounds = [c for c in frame.columns if c.endswith((CI_LOW, CI_HIGH))]
-    kept = [c for c in ("method", "params", "at_reference", BACKBONE_HASH) if c in frame.columns]
+    kept = [c for c in ("method", "params", "at_reference", BACKBONE_HASH, "training_budget") if c in frame.columns]
     grouped = frame.groupby(["setting", "group"], sort=False)  # (one setting on two backbones: two rows)
     warnings = {EXIT_WARNING: first_text} if EXIT_WARNING in frame.columns else {}
     board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds + kept},
@@ -179,7 +179,8 @@ COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer 
                   "time_per_image_s": "time/image (ms) ↓", "reference_time_per_image_s": "reference time/image (ms)",
                   "speedup": "speed-up vs full ↑",
                   "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto",
-                  "backbone": "backbone", "dfid": "dFID vs group's full ↓"}
+                  "backbone": "backbone", "dfid": "dFID vs group's full ↓",
+                  "training_budget": "training budget (steps x batch, wall-clock, device)"}
 UNRESOLVED = "≈"  # the intervals do not separate this comparison
 HIDDEN = ("setting", "num_samples", "seeds", "method", "params", "at_reference", "group", "exit_warning", BACKBONE_HASH,
           "competitor", "vs_full_unresolved", "pareto_unresolved")  # in the CSV, not in the shown table
@@ -210,8 +211,8 @@ def _cell(row: pd.Series, column: str) -> str:
     """A value, with ± its std across seeds when there are several, or its bootstrap interval."""
     if column == "pareto":
         return ("★" + (UNRESOLVED if row.get("pareto_unresolved", False) else "")) if row[column] else ""
-    if column == "backbone":
-        return str(row[column])
+    if column in ("backbone", "training_budget"):
+        return "" if pd.isna(row[column]) else str(row[column])
     if column == "dfid":
         mark = f" {UNRESOLVED}" if row.get("vs_full_unresolved", False) else ""
         return "n/a" if pd.isna(row[column]) else f"{row[column]:+.3f}{mark}"

@@ -1,0 +1,72 @@
+"""What each row's networks were given to train: steps, images seen, wall-clock and device, from the meta that
+`adadiff-bench train` writes into every checkpoint it exports.
+
+A row's budget is the chain of its checkpoints: the run's model, then the method's own checkpoint (an
+AdaDiff, ASE, BERxiT, L2C or DuoDiff network) when it names one. A file with no such meta (an official
+release, a checkpoint from elsewhere) reads "not recorded": a reader then knows the budget is unknown, not zero.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from .checkpoints import read_checkpoint
+from .errors import UserError
+
+NOT_RECORDED = "not recorded"
+
+
+@functools.lru_cache(maxsize=64)
+def _meta(path: str, mtime_ns: int) -> dict:
+    """The `meta` table of a checkpoint (empty when it has none); read once per file version."""
+    try:
+        payload = read_checkpoint(path)
+    except UserError:
+        return {}
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def checkpoint_budget(path: str | Path) -> dict:
+    """{steps, batch_size, samples_seen, seconds, device} of the training that exported `path` (only the keys
+    its meta records; {} when none)."""
+    path = Path(path)
+    meta = _meta(str(path), path.stat().st_mtime_ns) if path.is_file() else {}
+    if not isinstance(meta.get("steps"), int):
+        return {}
+    train = (meta.get("train_config") or {}).get("train") or {}
+    batch = train.get("batch_size") if isinstance(train, dict) else None
+    budget = {"steps": meta["steps"]}
+    if isinstance(batch, int):
+        budget.update(batch_size=batch, samples_seen=meta.get("samples_seen", meta["steps"] * batch))
+    seconds = meta.get("train_seconds", meta.get("train_seconds_this_session"))
+    if isinstance(seconds, (int, float)):
+        budget["seconds"] = float(seconds)
+    device = meta.get("device")
+    budget["device"] = device.get("name") or device.get("type") if isinstance(device, dict) else device or "cpu"
+    return budget
+
+
+def describe_budget(path: str | Path) -> str:
+    """One checkpoint's budget in words: "uvit_digits: 5,000 steps x 128 = 640k images, 41.5 min on cpu"."""
+    budget = checkpoint_budget(path)
+    name = Path(path).stem
+    if not budget:
+        return f"{name}: {NOT_RECORDED}"
+    text = f"{name}: {budget['steps']:,} steps"
+    if "samples_seen" in budget:
+        seen = budget["samples_seen"]
+        text += f" x {budget['batch_size']} = " + (f"{seen / 1e3:,.0f}k" if seen >= 10_000 else f"{seen:,}") + " images"
+    if "seconds" in budget:
+        text += f", {budget['seconds'] / 60:.1f} min"
+    return text + f" on {budget['device']}"
+
+
+def row_budget(paths: list[str | Path]) -> dict:
+    """The row's columns: `training_budget` (each checkpoint of the chain in words, '; '-joined) and
+    `train_images_seen` (their sum; NaN when any of them is not recorded)."""
+    paths = list(dict.fromkeys(str(p) for p in paths if p))
+    budgets = [checkpoint_budget(p) for p in paths]
+    seen = [b.get("samples_seen") for b in budgets]
+    return {"training_budget": "; ".join(describe_budget(p) for p in paths),
+            "train_images_seen": float(sum(seen)) if seen and None not in seen else float("nan")}

@@ -1,0 +1,167 @@
+"""The recipe settings that let a training converge and say so (adadiff_bench/recipe.py): the EMA warm-up and the
+share of the starting weights it leaves, the held-out split, and the stopping rule on the held-out loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adadiff_bench.checkpoints import read_checkpoint
+from adadiff_bench.config import TrainConfig
+from adadiff_bench.errors import UserError
+from adadiff_bench.recipe import TrainingRecord, ema_decay_at, ema_start_share, split_holdout
+from adadiff_bench.training import load_train_config, train, update_ema
+
+TINY = """
+[data]
+name = "digits"
+
+[model]
+img_size = 8
+patch_size = 2
+in_chans = 1
+embed_dim = 16
+depth = 2
+num_heads = 2
+
+[train]
+steps = {steps}
+batch_size = 16
+lr = {lr}
+warmup_steps = 1
+checkpoint_every = 1000
+threads = 1
+out_dir = "{out_dir}"
+{extra}
+"""
+
+
+def tiny_config(tmp_path, steps=6, lr=3e-4, **extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "train.toml"
+    settings = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items())
+    path.write_text(TINY.format(steps=steps, lr=lr, out_dir=tmp_path / "run", extra=settings))
+    return load_train_config(path)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_start_share_is_what_an_ema_of_a_step_function_keeps(warmup):
+    # brute force: a weight that is 1 at the start and 0 after every optimiser step; the EMA keeps the share
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        ema.weight.fill_(1.0)
+        model.weight.fill_(0.0)
+    for step in range(300):
+        update_ema(ema, model, ema_decay_at(step, 0.999, warmup))
+    assert ema.weight.item() == pytest.approx(ema_start_share(300, 0.999, warmup), rel=1e-5)
+
+
+def test_the_warm_up_washes_out_the_start_and_the_plain_decay_does_not():
+    assert ema_start_share(1500, 0.999, False) == pytest.approx(0.999 ** 1500)  # the issue's 22%
+    assert ema_start_share(1500, 0.999, False) > 0.2
+    assert ema_start_share(1500, 0.999, True) < 1e-6
+    assert [ema_decay_at(t, 0.999, True) for t in (0, 1, 10_000)] == [pytest.approx(0.1), pytest.approx(2 / 11), 0.999]
+
+
+def test_holdout_split_is_disjoint_seeded_and_covers_every_image():
+    train_a, held_a = split_holdout(100, 0.1, seed=3)
+    train_b, held_b = split_holdout(100, 0.1, seed=3)
+    assert torch.equal(train_a, train_b) and torch.equal(held_a, held_b)
+    assert len(held_a) == 10 and sorted(train_a.tolist() + held_a.tolist()) == list(range(100))
+    assert not torch.equal(split_holdout(100, 0.1, seed=4)[1], held_a)
+    everything, nothing = split_holdout(5, 0.0, seed=0)
+    assert everything.tolist() == list(range(5)) and nothing.numel() == 0
+    assert len(split_holdout(3, 0.99, seed=0)[0]) == 1  # at least one image left to train on
+
+
+def test_monitor_stops_after_patience_evaluations_without_improvement():
+    monitor = TrainingRecord(patience=2)
+    for step, loss in [(1, 1.0), (2, 0.8), (3, 0.7999), (4, 0.81)]:  # 0.7999: within the tolerance, no better
+        assert not monitor.should_stop() or step > 4
+        monitor.record(step, loss)
+    assert monitor.best == (2, 0.8) and monitor.should_stop()
+    monitor = TrainingRecord(patience=2)
+    for step, loss in [(1, 1.0), (2, 0.9), (3, 0.95), (4, 0.5)]:
+        monitor.record(step, loss)
+    assert monitor.best == (4, 0.5) and not monitor.should_stop()
+    assert not TrainingRecord(patience=0, history=[(1, 1.0), (2, 2.0), (3, 3.0)]).should_stop()
+
+
+def test_training_with_default_recipe_is_unchanged_by_the_split(tmp_path):
+    # holdout = 0 keeps every image in the training order: the same weights as training without the settings
+    a = train(tiny_config(tmp_path / "a"), progress=False)
+    b = train(tiny_config(tmp_path / "b", holdout=0.0, eval_every=2, ema_warmup=False), progress=False)
+    state_a, state_b = read_checkpoint(a)["state_dict"], read_checkpoint(b)["state_dict"]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    held = read_checkpoint(train(tiny_config(tmp_path / "c", holdout=0.2), progress=False))["state_dict"]
+    assert not all(torch.equal(state_a[k], held[k]) for k in state_a)  # (a split changes the batches)
+
+
+def test_a_training_that_cannot_improve_stops_and_records_why(tmp_path, capsys):
+    # lr 1e-12: the held-out loss stays put, so after `patience` evaluations past the first the run stops
+    path = train(tiny_config(tmp_path, steps=50, lr=1e-12, holdout=0.2, eval_every=2, patience=2,
+                             ema_warmup=True), progress=False)
+    meta = read_checkpoint(path)["meta"]
+    assert meta["steps"] == 6 and meta["samples_seen"] == 6 * 16
+    assert [step for step, _ in meta["held_out_loss"]] == [2, 4, 6]
+    assert meta["ema_start_share"] == pytest.approx(math.prod(ema_decay_at(t, 0.999, True) for t in range(6)))
+    assert "stopping at step 6 of 50" in capsys.readouterr().out
+
+
+def test_held_out_history_survives_a_resume(tmp_path):
+    config = tiny_config(tmp_path, steps=4, holdout=0.2, eval_every=2)
+    train(config, progress=False)
+    config.train.steps = 8  # (extending a run resumes it)
+    meta = read_checkpoint(train(config, progress=False))["meta"]
+    assert [step for step, _ in meta["held_out_loss"]] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(holdout=1.0), "holdout must be in [0, 1)"),
+    (dict(patience=3), "needs holdout > 0"),
+    (dict(holdout=0.1, eval_every=0), "eval_every"),
+])
+def test_bad_recipe_settings_are_one_line(settings, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        TrainConfig(**settings).validate("[train]")
+
+
+# ---- the training budget a row shows -------------------------------------------------------------------------
+
+def test_a_rows_budget_names_each_checkpoint_of_its_chain(tmp_path):
+    from adadiff_bench.training_budget import NOT_RECORDED, row_budget
+    from adadiff_bench.checkpoints import build_model, save_checkpoint
+    from adadiff_bench.testing import TINY_UVIT
+
+    exported = train(tiny_config(tmp_path, steps=3), progress=False)
+    foreign = tmp_path / "release.pt"  # a checkpoint with no training meta, as an official release
+    save_checkpoint(foreign, build_model(TINY_UVIT), TINY_UVIT)
+    row = row_budget([exported, exported, foreign])  # (a repeated file counts once)
+    assert row["training_budget"].startswith("ema: 3 steps x 16 = 48 images")
+    assert row["training_budget"].endswith(f"release: {NOT_RECORDED}")
+    assert row["train_images_seen"] != row["train_images_seen"]  # NaN: one budget is unknown
+    assert row_budget([exported])["train_images_seen"] == 3 * 16
+
+
+def test_the_shipped_checkpoints_report_their_budgets():
+    from adadiff_bench.training_budget import checkpoint_budget
+    from conftest import REPO
+
+    base = checkpoint_budget(REPO / "checkpoints" / "uvit_digits.pt")
+    assert base["steps"] == 5000 and base["samples_seen"] == 5000 * 128 and base["seconds"] > 0
+
+
+def test_the_leaderboard_shows_each_settings_training_budget():
+    import pandas as pd
+
+    from adadiff_bench.report.tables import display_table, leaderboard
+    from test_figures_fit import cell_row
+
+    budgets = {"full": "uvit_digits: 5,000 steps x 128 = 640k images, 41.5 min on cpu",
+               "static-exit": "uvit_digits: 5,000 steps x 128 = 640k images, 41.5 min on cpu; exits: not recorded"}
+    rows = [cell_row("full", "reference", {}, 0, 2.0, 10.0), cell_row("static-exit", "early-exit", {"k": 2}, 1, 1.0, 20.0)]
+    frame = pd.DataFrame([{**row, "training_budget": budgets[row["method"]]} for row in rows])
+    shown = display_table(leaderboard(frame))
+    column = next(c for c in shown.columns if c.startswith("training budget"))
+    assert dict(zip(shown["method setting"].str.split(" ").str[0], shown[column])) == budgets
