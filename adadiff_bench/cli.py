@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--replace-packaged-asset", action="store_true",
                         help="overwrite the packaged asset adadiff_bench/assets/digits_cnn.pt")
 
+    init = commands.add_parser(
+        "init", help="write a starter run config (and its base model's training config) for your images",
+        description="Inspect a folder of PNG/JPEG images or an .npz (uint8 NHWC) and write a run config with every "
+                    "method that needs only the base model, each with a small sweep checked against it, and a "
+                    "comment naming the feature space its quality metrics will use. Without --checkpoint, a U-ViT "
+                    "training config sized to the data is written beside it (<out stem>_train.toml). Existing "
+                    "files are kept unless --force.")
+    init.add_argument("--data", required=True, metavar="PATH", help="a folder of images or an .npz file")
+    init.add_argument("--out", metavar="FILE", help="the run config to write (default: configs/<data name>.toml)")
+    init.add_argument("--checkpoint", metavar="PATH", help="an existing base model (no training config is written)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+
     methods = commands.add_parser("methods", help="list the registered methods, or one method's knobs",
                                   description="Without NAME, list the registered methods. With NAME, print that "
                                               "method's family, paper and every knob (the keys of its [[methods]] "
@@ -270,6 +282,14 @@ def _train_epilog() -> str:
         """)
 
 
+def _init(args) -> int:
+    from .init_config import init
+
+    for path in init(args.data, args.out, args.checkpoint, args.force):
+        print(f"wrote {path}")
+    return 0
+
+
 def _methods(args) -> int:
     from .methods import available_methods, get_method
 
@@ -304,7 +324,7 @@ def _flops(args) -> int:
 
 
 COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier": _train_classifier,
-            "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
+            "init": _init, "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

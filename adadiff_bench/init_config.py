@@ -1,0 +1,181 @@
+"""`adadiff-bench init --data PATH`: a starter run config for your own images, and the training config of
+its base model.
+
+The data (a folder of PNG/JPEG images or an .npz, read by `data.load_dataset`) fixes the image shape. The run
+config holds every built-in method that samples from the base model alone, each with a small sweep, checked
+against that model (a setting the model cannot take is left out, with the reason, as a comment); methods that
+need a network trained for them are listed in comments with the command that makes one. A comment names the
+feature space the quality metrics will use. Without `--checkpoint`, a U-ViT training config sized to the data is
+written beside the run config and the run config points at the checkpoint it exports.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import itertools
+from pathlib import Path
+
+from .checkpoints import build_model, load_model
+from .config import DataConfig, MetricsConfig, UViTConfig
+from .data import Dataset, load_dataset
+from .errors import UserError
+from .harness import check_step_count
+from .methods import available_methods, get_method, make_params
+from .results import atomic_write_bytes
+
+NUM_STEPS = 25
+SOLVER = "dpm-solver++"
+
+def sweeps(blocks: int) -> dict[str, dict[str, object]]:
+    """Built-in methods that need nothing but the base model (of `blocks` blocks), each with a small sweep."""
+    return {
+        "full": {},
+        "solver-steps": {"num_steps": [5, 10, 15]},
+        "static-exit": {"k": sorted({max(1, blocks // 2), max(1, 3 * blocks // 4)})},
+        "random-exit": {"layer_ratio": [0.5, 0.75]},
+        "pabee": {"patience": [1, 2]},
+        "calm": {"tau": [0.9, 0.99]},
+        "oracle": {"tau": [0.05, 0.1]},
+        "ase": {"checkpoint": "", "strength": [0.3, 0.5]},
+        "deepcache": {"interval": [2, 3]},
+        "fora": {"interval": [2, 3]},
+        "delta-dit": {"interval": [2, 3]},
+        "first-block-cache": {"threshold": [0.05, 0.12, 0.2]},
+        "teacache": {"threshold": [0.05, 0.1, 0.2]},
+        "adaptive-diffusion": {"threshold": [0.2, 0.3]},
+    }
+
+
+# methods that sample with a network trained for them: the training table that makes it
+NEEDS_TRAINING = {"adadiff": "[adadiff]", "berxit": "[berxit]", "l2c": "[l2c]",
+                  "duodiff": "a second, shallow U-ViT ([model] depth)"}
+
+
+def base_model_config(image_shape: tuple[int, int, int]) -> UViTConfig:
+    """A U-ViT of the digits model's size for C x H x W images (patches of 2, or 4 from 32 px on)."""
+    channels, height, width = image_shape
+    if height != width:
+        raise UserError(f"the images are {height}x{width}; the U-ViT needs square images: crop or resize them")
+    patch = 4 if height >= 32 and height % 4 == 0 else 2 if height % 2 == 0 else 1
+    return UViTConfig(img_size=height, patch_size=patch, in_chans=channels, embed_dim=128, depth=12, num_heads=4,
+                      mlp_ratio=4.0, qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=True, skip=True)
+
+
+def data_config(path: str) -> DataConfig:
+    if not Path(path).exists():
+        raise UserError(f"--data {path!r} does not exist; pass a folder of PNG/JPEG images or an .npz file")
+    return DataConfig("folder" if Path(path).is_dir() else "npz", path)
+
+
+def feature_space_note(image_shape: tuple[int, int, int]) -> list[str]:
+    """Comment lines: the feature space quality metrics will use for these images on this machine."""
+    from .metrics.extractors import resolve_extractors
+    with contextlib.redirect_stderr(io.StringIO()):  # (its note about skipped metrics is ours to word here)
+        spaces = resolve_extractors(image_shape, MetricsConfig(), "init")
+    if spaces:
+        return [f"# quality metrics (FID, KID, precision/recall) will be computed in: {', '.join(spaces)}"]
+    lines = ["# no feature extractor reads these images on this machine (digits-cnn needs 1x8x8, Inception's weights",
+             "# were not found): FID, IS, KID and precision/recall will be skipped"]
+    if "swd" in {f.name for f in dataclasses.fields(MetricsConfig)} and min(image_shape[1:]) >= 8:
+        lines.append("# the sliced Wasserstein distance ([metrics] swd, no network needed) is computed instead")
+    from .cli import COMMANDS
+    if "train-extractor" in COMMANDS:
+        lines.append("# for FID in a feature space of your data: adadiff-bench train-extractor --data <this data>")
+    return lines
+
+
+def method_entries(model, where: str) -> list[str]:
+    """`[[methods]]` tables for every applicable method; a setting the model refuses becomes a comment."""
+    blocks = model.num_blocks
+    lines = []
+    for name, knobs in sweeps(blocks).items():
+        if name not in available_methods():
+            continue
+        reason = _refusal(name, knobs, model, where)
+        body = [f"name = {_toml(name)}"] + [f"{key} = {_toml(value)}" for key, value in knobs.items()]
+        if reason:
+            lines += ["", f"# left out: {reason}"] + [f"# {line}" for line in ["[[methods]]", *body]]
+        else:
+            lines += ["", "[[methods]]", *body]
+    return lines
+
+
+def _refusal(name: str, knobs: dict, model, where: str) -> str:
+    """Why the model cannot take one of the sweep's settings ("" when it takes all)."""
+    cls = get_method(name)
+    steps = knobs.get("num_steps", NUM_STEPS)
+    knob_lists = {k: v if isinstance(v, list) else [v] for k, v in knobs.items() if k != "num_steps"}
+    try:
+        for values in itertools.product(*knob_lists.values()):
+            params = make_params(cls, dict(zip(knob_lists, values)), where)
+            cls.check(params, model, where)
+            for count in steps if isinstance(steps, list) else [steps]:
+                check_step_count("linear", [count], where)
+                cls.check_schedule(params, SOLVER, count, where)
+    except UserError as exc:
+        return str(exc)
+    return ""
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def run_config_text(name: str, data: DataConfig, dataset: Dataset, checkpoint: str, model, trained_by: str) -> str:
+    shape = tuple(dataset.images.shape[1:])
+    lines = [f"# A starter run config for {data.path} ({len(dataset.images)} images, {'x'.join(map(str, shape))} CxHxW)"
+             f", written by `adadiff-bench init`.",
+             f"# Check it without running: adadiff-bench run --config <this file> --dry-run",
+             *([f"# The base model comes from: adadiff-bench train --config {trained_by}"] if trained_by else []),
+             *feature_space_note(shape),
+             f"name = {_toml(name)}", f"checkpoint = {_toml(checkpoint)}", "seeds = [0]", "",
+             "[data]", f"name = {_toml(data.name)}", f"path = {_toml(data.path)}", "",
+             "[sampling]", f"solver = {_toml(SOLVER)}", f"num_steps = {NUM_STEPS}", "num_samples = 1000",
+             "batch_size = 250", "", "[metrics]", 'inception = "auto"',
+             *method_entries(model, "init"), ""]
+    for name_, table in NEEDS_TRAINING.items():
+        if name_ in available_methods():
+            lines.append(f"# {name_}: needs a network trained for it; train one with a training config holding "
+                         f"{table} (see configs/ and `adadiff-bench methods {name_}`), then add a [[methods]] table")
+    return "\n".join(lines) + "\n"
+
+
+def train_config_text(data: DataConfig, model: UViTConfig, export: str, out_dir: str) -> str:
+    fields = "\n".join(f"{f.name} = {_toml(getattr(model, f.name))}" for f in dataclasses.fields(model)
+                       if getattr(model, f.name) is not None)
+    return (f"# The base U-ViT for {data.path}, written by `adadiff-bench init`.\n"
+            f"# Train it with: adadiff-bench train --config <this file>\n"
+            f"[data]\nname = {_toml(data.name)}\npath = {_toml(data.path)}\n\n[model]\n{fields}\n\n"
+            f"[train]\nsteps = 5000\nbatch_size = 128\nlr = 3e-4\nwarmup_steps = 200\nema_decay = 0.999\n"
+            f"checkpoint_every = 250\nseed = 0\nout_dir = {_toml(out_dir)}\nexport = {_toml(export)}\n")
+
+
+def init(data_path: str, out: str | None = None, checkpoint: str | None = None, force: bool = False) -> list[Path]:
+    """Write the run config (and, without `checkpoint`, the base model's training config); returns their paths."""
+    data = data_config(data_path)
+    dataset = load_dataset(data)
+    name = Path(data_path.rstrip("/")).stem or "mydata"
+    run_path = Path(out or f"configs/{name}.toml")
+    train_path = run_path.with_name(f"{run_path.stem}_train.toml")
+    targets = [run_path] if checkpoint else [run_path, train_path]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        raise UserError(f"{', '.join(existing)} already exist(s); pass --force to overwrite or choose another --out")
+    if checkpoint:
+        model = load_model(checkpoint)
+        texts = {run_path: run_config_text(name, data, dataset, checkpoint, model, "")}
+    else:
+        architecture = base_model_config(tuple(dataset.images.shape[1:]))
+        export = f"checkpoints/{name}_uvit.pt"
+        texts = {train_path: train_config_text(data, architecture, export, f"results/train/{name}_uvit"),
+                 run_path: run_config_text(name, data, dataset, export, build_model(architecture), str(train_path))}
+    for path, text in texts.items():
+        atomic_write_bytes(path, text.encode())
+    return list(texts)
