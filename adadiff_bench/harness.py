@@ -44,11 +44,11 @@ from .metrics.extractors import resolve_extractors
 from .metrics.quality import check_quality_inputs, compute_quality
 from .schedules import DEFAULT_SCHEDULE, SCHEDULES, check_schedule_and_solver
 from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json, read_npz, warn, write_json, write_npz
-from .memory import PeakMemory
+from .memory import PeakMemory, check_sampling_memory
 from .metrics.specs import headline_columns
 from .models.autoencoder import LatentDecoder, decode_stage
-from .models.official import (check_run_files, load_run_decoder, load_run_model, published_files, run_checkpoint,
-                              run_image_shape)
+from .models.official import (check_run_files, decoded_values, load_run_decoder, load_run_model, published_files,
+                              run_checkpoint, run_image_shape)
 from .steplog import NullStepLog, StepLog, UnitCosts
 from .timing import measure
 
@@ -119,18 +119,11 @@ def check_step_count(schedule: str, steps: list[int], where: str) -> None:
                         f"(got {max(steps)}); use fewer steps")
 
 
-def check_memory(num_samples: int, num_steps: int, num_blocks: int, pixels: int, where: str) -> None:
-    """Refuse a cell whose images and step log cannot fit in this machine's memory (before the first write)."""
-    if not hasattr(os, "sysconf"):
-        return
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    # at least, per sample: the step log (a flag per block, three int16 and a float64 per step) and the
-    # network's output (float32 batches, their concatenation and a NaN-free copy, then uint8)
-    needed = num_samples * (num_steps * (num_blocks + 14) + 13 * pixels)
-    if needed > total:
-        raise UserError(f"{where}: {num_samples} samples at {num_steps} steps need about {needed / 2**30:.0f} GiB for "
-                        f"their images and step log, more than this machine's {total / 2**30:.0f} GiB; lower "
-                        "[sampling] num_samples")
+def check_memory(num_samples: int, num_steps: int, num_blocks: int, pixels: int, where: str,
+                 image_values: int | None = None) -> None:
+    """Refuse a cell whose images and step log cannot fit in this machine's memory (before the first write):
+    `pixels` values of the network's output per sample, and `image_values` of a latent model's decoded image."""
+    check_sampling_memory(num_samples, num_steps, num_blocks, pixels, image_values, where)
 
 
 def swept_knobs(entry: MethodEntry) -> list[str]:
@@ -183,7 +176,7 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
     timed = timed_samples(config.timing, config.sampling.num_samples) if config.timing.enabled else 0
     check_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves), model.num_blocks,
-                 model.in_chans * model.img_size ** 2, where)
+                 model.in_chans * model.img_size ** 2, where, decoded_values(config))
     params = {}
     for cell, (entry, _) in curves.items():
         cls, place = get_method(cell.method), f"{where}: methods[{entry}]"

@@ -1,4 +1,5 @@
-"""Peak memory of one piece of work: `peak_mem_mb` in the results.
+"""Peak memory of one piece of work (`peak_mem_mb` in the results), and the memory a cell's samples will take
+(`check_sampling_memory`, before anything is sampled).
 
 On CUDA: the peak of torch's allocated device memory (`torch.cuda.max_memory_allocated`, reset
 first). On the CPU: the process's peak resident set size (Linux `VmHWM`), reset first by writing
@@ -9,11 +10,14 @@ cell's increment. Where the reset is not allowed the counter is the process's li
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -63,3 +67,37 @@ def resident_peak_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
+
+
+# ---- what a cell's samples will hold, checked before sampling --------------------------------------------------
+
+def sampling_bytes(num_samples: int, num_steps: int, num_blocks: int, network_values: int,
+                   image_values: int | None = None) -> int:
+    """The least memory a cell's samples and step log take (bytes). Per sample: the step log (a flag per block,
+    three int16 and a float64 per step); a pixel model's output (`network_values` per image: float32 batches, their
+    concatenation and a NaN-free copy, then uint8: 13 bytes a value). A latent model (`image_values` per decoded
+    image) holds its float32 latent batches and their concatenation (8 bytes a latent value), then its decoded
+    images as a pixel model holds its output."""
+    per_sample = num_steps * (num_blocks + 14)
+    if image_values is None:
+        return num_samples * (per_sample + 13 * network_values)
+    return num_samples * (per_sample + 8 * network_values + 13 * image_values)
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the system does not say."""
+    if not hasattr(os, "sysconf"):
+        return None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_sampling_memory(num_samples: int, num_steps: int, num_blocks: int, network_values: int,
+                          image_values: int | None, where: str, total: int | None = None) -> None:
+    """Refuse a cell whose samples and step log cannot fit in `total` bytes (this machine's memory by default)."""
+    total = machine_memory_bytes() if total is None else total
+    needed = sampling_bytes(num_samples, num_steps, num_blocks, network_values, image_values)
+    if total is None or needed <= total:
+        return
+    what = "their images and step log" if image_values is None else "their latents, decoded images and step log"
+    raise UserError(f"{where}: {num_samples} samples at {num_steps} steps need about {needed / 2**30:.0f} GiB for "
+                    f"{what}, more than this machine's {total / 2**30:.0f} GiB; lower [sampling] num_samples")

@@ -117,6 +117,15 @@ def run_image_shape(config, model) -> tuple[int, int, int]:
     return (model.in_chans, model.img_size, model.img_size)
 
 
+def decoded_values(config) -> int | None:
+    """Values of one decoded image of a latent preset (3 x 256 x 256 for the SD autoencoder); None for a pixel model."""
+    preset = get_preset(config.model.preset) if config.model.preset else None
+    if preset is None or preset.latent is None:
+        return None
+    channels, height, width = preset.image_shape
+    return channels * height * width
+
+
 def load_run_decoder(config, device) -> LatentDecoder | None:
     """A latent preset's decoding stage (its autoencoder on `device`); None for a pixel model."""
     latent = get_preset(config.model.preset).latent if config.model.preset else None
