@@ -550,6 +550,28 @@ def test_resuming_on_a_retrained_base_is_refused(tmp_path, tiny_checkpoint, caps
     assert snapshot(tmp_path / "run") == before
 
 
+def test_init_keeps_existing_files(tmp_path, capsys):
+    small_digits(tmp_path)
+    (tmp_path / "mine_train.toml").write_text("# mine\n")
+    args = ["init", "--data", str(tmp_path / "digits64.npz"), "--out", str(tmp_path / "mine.toml")]
+    line = one_line_error(args, capsys)
+    assert f"{tmp_path / 'mine_train.toml'} already exist(s); pass --force to overwrite or choose another --out" in line
+    assert (tmp_path / "mine_train.toml").read_text() == "# mine\n" and not (tmp_path / "mine.toml").exists()
+
+
+def test_init_of_a_missing_data_path(tmp_path, capsys):
+    line = one_line_error(["init", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "x.toml")], capsys)
+    assert f"--data {str(tmp_path / 'none.npz')!r} does not exist; pass a folder of PNG/JPEG images" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_of_non_square_images(tmp_path, capsys):
+    np.savez(tmp_path / "wide.npz", np.zeros((4, 8, 12, 1), np.uint8))
+    line = one_line_error(["init", "--data", str(tmp_path / "wide.npz"), "--out", str(tmp_path / "x.toml")], capsys)
+    assert "the images are 8x12; the U-ViT needs square images: crop or resize them" in line
+    assert not (tmp_path / "x.toml").exists()
+
+
 # ---- files a library would load: opened safely first (docs/security.md) ------------------------------
 
 class RunsCode:
