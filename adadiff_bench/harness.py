@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbone_id import backbone_hash, method_backbone
+from .training_budget import row_budget
+from .cell_labels import short_labels
 from .checkpoints import sha256_file
 from .config import MethodEntry, RunConfig, check_solver, timed_samples, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
@@ -377,9 +379,10 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     s = config.sampling
     method = prep.method(cell)
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
+    label = short_labels(prep.curves)[cell]
     with PeakMemory(prep.device) as peak:
         images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
-                               desc=f"sample {cell.cell_id}", method=method, world=world, checkpoints=checkpoints,
+                               desc=f"sample {label}", method=method, world=world, checkpoints=checkpoints,
                                precision=prep.precision)
     timing = time_cell(cell, reference_cell(config), prep, config, progress and world.is_main) \
         if config.timing.enabled else None
@@ -398,7 +401,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
            "batch_dependent": method.batch_dependent, "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1]),
-           "backbone_hash": backbone_hash(method_backbone(method))}  # reports compare within one backbone
+           "backbone_hash": backbone_hash(method_backbone(method)),  # reports compare within one backbone
+           **row_budget([run_checkpoint(config), getattr(prep.params[cell], "checkpoint", "")])}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors,
                                    device=prep.device))
@@ -409,7 +413,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
                 "threads": torch.get_num_threads()})
     row["exit_warning"] = exit_warning(cell, method, log)
     if row["exit_warning"]:
-        warn(f"{cell.cell_id}: {row['exit_warning']}: the knob is outside the range where the method adapts; "
+        warn(f"{label}: {row['exit_warning']}: the knob is outside the range where the method adapts; "
              "move it until samples exit at different points")
     if config.metrics.reference_stats:  # which reference FID compared against (KID, PR: the reference images)
         row["fid_reference_stats"] = config.metrics.reference_stats
@@ -477,8 +481,9 @@ def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, wo
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         rows = []
         eta = CellClock(sum(c.cell_id not in done for c in prep.cells))
+        labels = short_labels(prep.curves)  # (cell ids name folders; these fit a terminal line)
         for index, cell in enumerate(prep.cells, 1):
-            label = f"[{index}/{len(prep.cells)}] {cell.cell_id}"
+            label = f"[{index}/{len(prep.cells)}] {labels[cell]}"
             if cell.cell_id in done:
                 say(f"{label}: already done, kept", flush=True)
                 rows.append(store.read_cell_row(cell.cell_id) if world.is_main else None)
