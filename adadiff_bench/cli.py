@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--checkpoint", metavar="PATH", help="an existing base model (no training config is written)")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
 
+    learned = commands.add_parser(
+        "train-extractor", help="train a feature space (FID, KID, PRC) on a run's reference data",
+        description="Train a small CNN on the reference images of a run config (or of --data): a classifier when "
+                    "the data has labels, else a self-supervised rotation task. It is saved as "
+                    "extractors/learned-<data hash>.pt (or --out), never into the installed package; set [metrics] "
+                    "extractor to that file and the run computes FID, KID and precision/recall in its space. The "
+                    "last line states the held-out accuracy and loss.")
+    source = learned.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a run config: its [data] is the reference data")
+    source.add_argument("--data", metavar="PATH", help="a folder of PNG/JPEG images or an .npz (uint8 NHWC, arr_0)")
+    learned.add_argument("--out", help="where to write the weights (default: extractors/learned-<data hash>.pt)")
+    learned.add_argument("--steps", type=int, default=400, help="optimiser steps of 64 images (default: 400)")
+    learned.add_argument("--seed", type=int, default=0, help="seed of the split, the batches and the weights")
+    learned.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     methods = commands.add_parser("methods", help="list the registered methods, or one method's knobs",
                                   description="Without NAME, list the registered methods. With NAME, print that "
                                               "method's family, paper and every knob (the keys of its [[methods]] "
@@ -270,6 +285,24 @@ def _train_classifier(args) -> int:
     return 0
 
 
+def _train_extractor(args) -> int:
+    from pathlib import Path
+
+    from .config import DataConfig, check_seed, load_run_config
+    from .data import load_dataset
+    from .metrics.extractor_training import main_train_extractor
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {args.steps})")
+    check_seed(args.seed, "--seed")
+    if args.config:
+        data_config = load_run_config(args.config).data
+    else:
+        data_config = DataConfig("folder" if Path(args.data).is_dir() else "npz", args.data)
+    main_train_extractor(load_dataset(data_config), args.out, args.steps, args.seed, args.overwrite)
+    return 0
+
+
 def _train_epilog() -> str:
     """`train --help`'s tables: a training config trains a U-ViT, or a method from its own table."""
     return textwrap.dedent("""\
@@ -324,6 +357,7 @@ def _flops(args) -> int:
 
 
 COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier": _train_classifier,
+            "train-extractor": _train_extractor,
             "init": _init, "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
 
 

@@ -186,6 +186,10 @@ class MetricsConfig:
     `prc`: precision and recall (k-NN manifolds with `prc_neighborhood` neighbours).
     `fid_bootstrap`: resamples for a bootstrap confidence interval of FID at level `fid_ci` (0 = none).
     `reference_stats`: published FID statistics (`metrics.reference_stats`); FID then needs no reference images.
+    `swd`: the sliced Wasserstein distance over Laplacian-pyramid patches (`metrics.swd`, no network): "auto"
+    (only when no feature space reads the images), "on", "off"; `swd_projections` random directions per
+    pyramid level, drawn with `swd_seed`.
+    `extractor`: the file `adadiff-bench train-extractor` wrote for this data set: its feature space is used too.
     """
     inception: str = "auto"
     inception_weights: str | None = None
@@ -198,6 +202,10 @@ class MetricsConfig:
     fid_bootstrap: int = 0
     fid_ci: float = 0.95
     reference_stats: str = ""   # published FID statistics (.npz with mu, sigma in Inception pool3 space)
+    swd: str = "auto"
+    swd_projections: int = 512
+    swd_seed: int = 0
+    extractor: str = ""        # a feature space trained on this data by `adadiff-bench train-extractor` (its .pt)
 
     def validate(self, where: str) -> None:
         if self.inception not in ("auto", "require", "off", "download"):
@@ -208,6 +216,10 @@ class MetricsConfig:
                             f"{did_you_mean(self.fid_backend, FID_BACKENDS)}; valid: {', '.join(FID_BACKENDS)}")
         _positive(where, kid_subset_size=self.kid_subset_size, isc_splits=self.isc_splits,
                   prc_neighborhood=self.prc_neighborhood)
+        if self.swd not in ("auto", "on", "off"):
+            raise UserError(f"{where}: swd must be one of auto, on, off (got {self.swd!r})")
+        _positive(where, swd_projections=self.swd_projections)
+        check_seed(self.swd_seed, f"{where}: swd_seed")
         if self.fid_bootstrap < 0:
             raise UserError(f"{where}: fid_bootstrap must be >= 0 resamples (got {self.fid_bootstrap}); 0 turns it off")
         if not 0 < self.fid_ci < 1:

@@ -43,6 +43,8 @@ from ..config import MetricsConfig
 from ..errors import UserError, unknown_choice
 from ..plugins import load_plugins
 from .classifier import ASSET_PATH, EXTRACTOR_NAME, DigitsCNNExtractor, weights_sha256
+from .extractor_training import FIDELITY_NAME as LEARNED_FIDELITY_NAME, LearnedExtractor, read_extractor_file
+from .extractor_training import feature_roles as learned_feature_roles
 from .cleanfid_backend import (CLEANFID_MODEL_FILE, cleanfid_default_model_dir, cleanfid_frechet_distance,
                                cleanfid_inception_features, resolve_cleanfid_model)
 from .reference_cache import cache_file, cached_arrays
@@ -178,12 +180,17 @@ def resolve_extractors(image_shape: tuple[int, int, int], config: MetricsConfig,
     weights`: Inception under `inception = "auto" | "require" | "off" | "download"`). The clean-fid backend's model
     file is checked here too.
     """
+    if config.extractor:
+        register_learned_extractor(config.extractor)
     names = tuple(spec.name for spec in extractor_specs()
                   if spec.applies(tuple(image_shape)) and spec.weights(config, where) is not None)
     check_fid_backend(config, names)
     if not names:
+        swd = config.swd != "off" and min(image_shape[1:]) >= 8
         print("note: no feature extractor applies to this data set (the digits classifier needs 1x8x8 images and "
-              "no Inception weights were found); quality metrics will be skipped", file=sys.stderr)
+              "no Inception weights were found); FID, IS, KID and precision/recall will be skipped"
+              f"{' (the SWD is computed instead)' if swd else ''}; `adadiff-bench train-extractor` trains a "
+              "feature space for your data", file=sys.stderr)
     return names
 
 
@@ -323,3 +330,24 @@ register_extractor(ExtractorSpec(DIGITS, DIGITS, weights=lambda config, where=""
                                  channels=(1,), size=(8, 8), fidelity_class=DigitsCNNExtractor))
 register_extractor(ExtractorSpec(INCEPTION, INCEPTION_FIDELITY_NAME, weights=inception_weights, rgb=True,
                                  cleanfid=inception_cleanfid_fid, cleanfid_model=True, verify=check_inception_weights))
+
+
+# ---- feature spaces trained on the user's data (`adadiff-bench train-extractor`), registered when a run names one ---
+
+def register_learned_extractor(path: str) -> ExtractorSpec:
+    """Register the feature space of a trained extractor file under its name (`learned-<data hash>`).
+
+    The file is read weights-only first; the space is used only by runs whose `[metrics] extractor` is this file,
+    and only on images of the shape it was trained on."""
+    meta = read_extractor_file(path)["meta"]
+    file = Path(path).resolve()
+    registered = _EXTRACTORS.get(meta["name"])
+    if registered is not None and registered.weights(MetricsConfig(extractor=str(file)), "") is not None:
+        return registered
+    spec = ExtractorSpec(meta["name"], LEARNED_FIDELITY_NAME, weights=lambda config, where="": str(file)
+                         if config.extractor and Path(config.extractor).resolve() == file else None,
+                         channels=(meta["channels"],), size=(meta["height"], meta["width"]),
+                         roles=learned_feature_roles(meta), fidelity_class=LearnedExtractor,
+                         verify=read_extractor_file)
+    _EXTRACTORS.pop(meta["name"], None)  # (the same name from another file of the same data: the newer one)
+    return register_extractor(spec)

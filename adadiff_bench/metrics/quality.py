@@ -31,11 +31,13 @@ from ..data import Dataset
 from ..errors import UserError
 from ..plugins import load_plugins
 from .classifier import weights_sha256
+from .extractor_training import check_trained_on
 from .extractors import (DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend, get_extractor, verify_weights,
                          weights_only_loads)
 from .reference_cache import cache_file, cached_arrays
 from .reference_stats import APPLIES_TO as PUBLISHED_SPACE, published_as_reference
-from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, SPREAD, MetricSpec, metric_specs
+from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, PIXELS, SPREAD, MetricSpec, metric_specs
+from .swd import MIN_IMAGE_SIZE as SWD_MIN_IMAGE_SIZE
 
 CPU = torch.device("cpu")
 
@@ -113,7 +115,8 @@ def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsCo
     Feature extraction runs on `device` where the space allows CUDA.
     """
     load_plugins(PLUGIN_GROUP)
-    if not extractors:
+    pixel_metrics = enabled_pixel_metrics(config, tuple(samples.shape[1:]), extractors)
+    if not extractors and not pixel_metrics:
         return {}
     check_images(samples, reference.images, extractors)
     weights = {name: get_extractor(name).weights(config, "") for name in extractors}  # fail before any work
@@ -121,6 +124,9 @@ def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsCo
     check_fid_backend(config, used)
     check_quality_inputs(len(samples), reference, config, used)
     results = {}
+    space = PixelSpace(samples, reference, config)
+    for metric in pixel_metrics:
+        results.update(named_columns(metric, metric.compute(space), PIXELS))
     for name, path in weights.items():
         if path is not None:
             results.update(metrics_in_feature_space(name, path, samples, reference, config, cache_dir, device))
@@ -131,7 +137,13 @@ def check_quality_inputs(num_samples: int, reference: Dataset, config: MetricsCo
                          where: str = "") -> None:
     """What the metrics need, checked before anything is sampled: two samples and two reference images, a k-NN
     neighbourhood smaller than both sets, and weights files that open safely (`ExtractorSpec.verify`)."""
-    if not extractors:
+    if config.swd == "on" and min(reference.images.shape[2:]) < SWD_MIN_IMAGE_SIZE:
+        raise UserError(f"{where + ': ' if where else ''}[metrics] swd = \"on\" needs images of at least "
+                        f"{SWD_MIN_IMAGE_SIZE}x{SWD_MIN_IMAGE_SIZE} pixels (got "
+                        f"{'x'.join(map(str, reference.images.shape[2:]))}); set swd = \"off\"")
+    if config.extractor:
+        check_trained_on(config.extractor, reference, where)
+    if not extractors and not enabled_pixel_metrics(config, tuple(reference.images.shape[1:]), extractors):
         return
     count, where = len(reference.images), f"{where}: " if where else ""
     if num_samples < 2:
@@ -140,7 +152,7 @@ def check_quality_inputs(num_samples: int, reference: Dataset, config: MetricsCo
     if count < 2:
         raise UserError(f"{where}the reference data set {reference.name!r} holds {count} image(s), but quality "
                         "metrics need at least 2; use a larger data set")
-    if config.prc and config.prc_neighborhood >= min(num_samples, count):
+    if extractors and config.prc and config.prc_neighborhood >= min(num_samples, count):
         raise UserError(f"{where}[metrics] prc_neighborhood = {config.prc_neighborhood} needs more than that many "
                         f"samples and reference images (got {num_samples} and {count}); lower prc_neighborhood, "
                         "raise num_samples, or set prc = false")
@@ -162,6 +174,26 @@ def check_images(samples: torch.Tensor, reference_images: torch.Tensor, extracto
         if not space.applies(tuple(samples.shape[1:])):
             raise UserError(f"the {space.name} feature space only reads {space.reads()} (got "
                             f"{'x'.join(map(str, samples.shape[1:]))} images); use another feature space for this data")
+
+
+@dataclass
+class PixelSpace:
+    """What a PIXELS metric's `compute(space)` reads: uint8 N x C x H x W `samples`, the `reference` data set and
+    the run's `MetricsConfig`."""
+    samples: torch.Tensor
+    reference: Dataset
+    config: MetricsConfig
+
+
+def enabled_pixel_metrics(config: MetricsConfig, image_shape: tuple[int, ...],
+                          extractors: tuple[str, ...]) -> list[MetricSpec]:
+    """The metrics that read the images themselves: enabled, and for the SWD under swd = "auto", only when no
+    feature space reads these images and they are large enough for its 7x7 neighbourhoods."""
+    wanted = [metric for metric in metric_specs() if metric.feature == PIXELS and metric.compute is not None
+              and metric.enabled(config)]
+    if config.swd == "auto" and (extractors or min(image_shape[1:]) < SWD_MIN_IMAGE_SIZE):
+        wanted = [metric for metric in wanted if metric.name != "swd"]
+    return wanted
 
 
 def enabled_metrics(extractor: ExtractorSpec, config: MetricsConfig) -> list[MetricSpec]:

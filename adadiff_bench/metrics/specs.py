@@ -21,6 +21,7 @@ from typing import Any
 SPREAD, CI_LOW, CI_HIGH, SEED_STD = "_std", "_ci_low", "_ci_high", "_seed_std"
 DERIVED_SUFFIXES = (SPREAD, CI_LOW, CI_HIGH, SEED_STD)  # not a metric's value: its spread, interval, std across seeds
 FEATURE_ROLES = ("fid", "isc", "kid", "prc")  # the feature layers torch-fidelity resolves per extractor
+PIXELS = "pixels"  # a metric that reads the images themselves: computed once per cell, its space named "pixels"
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,15 @@ class MetricSpec:
     `compute(space)` receives one feature space's extracted features (`adadiff_bench.metrics.quality.
     FeatureSpace`) and returns {quantity name + tail: value}, e.g. {"is_mean": 6.8, "is_std": 0.4} or
     {"precision": 0.6, "recall": 0.8}; the harness puts the space's name into each column.
+    A metric whose `feature` is PIXELS reads the images, not features: it is computed once per cell, and
+    `compute(space)` receives a `quality.PixelSpace` (`samples`, `reference`, `config`); its columns
+    are named with the space "pixels" (`swd_pixels`).
     `enabled(metrics_config)` says whether a run computes it; `seeds` is how several seeds aggregate
     in the leaderboard (a pandas aggregation: "mean" or "median"; the std across seeds is shown too).
     """
     name: str
     quantities: tuple[Quantity, ...]
-    feature: str                                   # one of FEATURE_ROLES: the extractor layer it reads
+    feature: str                                   # one of FEATURE_ROLES (the extractor layer it reads), or PIXELS
     compute: Callable[[Any], dict[str, float]] | None
     enabled: Callable[[Any], bool] = field(default=lambda config: True)
     seeds: str = "mean"
@@ -65,8 +69,8 @@ def register_metric(spec: MetricSpec) -> MetricSpec:
     """Add a metric; a malformed spec, a taken name or a clash with another metric's quantity is refused."""
     if not spec.name.isidentifier() or not spec.quantities:
         raise ValueError(f"metric {spec.name!r}: a name like 'fid' and at least one quantity are needed")
-    if spec.feature not in FEATURE_ROLES:
-        raise ValueError(f"metric {spec.name!r}: feature must be one of {', '.join(FEATURE_ROLES)} "
+    if spec.feature not in (*FEATURE_ROLES, PIXELS):
+        raise ValueError(f"metric {spec.name!r}: feature must be one of {', '.join((*FEATURE_ROLES, PIXELS))} "
                          f"(got {spec.feature!r})")
     if spec.seeds not in ("mean", "median"):
         raise ValueError(f"metric {spec.name!r}: seeds must be 'mean' or 'median' (got {spec.seeds!r})")
@@ -194,3 +198,14 @@ register_metric(MetricSpec("is", (Quantity("is", "IS", True, suffix="_mean", hea
 register_metric(MetricSpec("kid", (Quantity("kid", "KID", False, suffix="_mean", decimals=4),), "kid", compute_kid))
 register_metric(MetricSpec("prc", (Quantity("precision", "precision", True), Quantity("recall", "recall", True)),
                            "prc", compute_prc, enabled=lambda config: config.prc))
+
+
+def compute_swd(space) -> dict[str, float]:
+    """Sliced Wasserstein distance over Laplacian-pyramid patches (`swd`), with the run's own projection seed."""
+    from .swd import sliced_wasserstein_patches
+    return {"swd": sliced_wasserstein_patches(space.samples, space.reference.images, space.config.swd_seed,
+                                              space.config.swd_projections)}
+
+
+register_metric(MetricSpec("swd", (Quantity("swd", "SWD", False, decimals=4),), PIXELS, compute_swd,
+                           enabled=lambda config: config.swd != "off"))
