@@ -11,9 +11,10 @@ import torch
 from adadiff_bench.backbone_id import backbone_hash, method_backbone, weights_hash
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff, save_adadiff
-from adadiff_bench.report import load_runs
+from adadiff_bench.report import figures, load_runs
 from adadiff_bench.report.tables import group_notes, leaderboard
 from conftest import TINY
+from test_figures_fit import texts_outside_the_canvas
 from test_report_tables import fake_run, skyline
 
 
@@ -61,8 +62,9 @@ def grouped_rows(rng, groups: dict[str, int]) -> list[dict]:
     for backbone, count in groups.items():
         rows.append({"method": "full", "backbone_hash": backbone, "gflops_per_image": 10.0,
                      "fid_digits_cnn": float(rng.uniform(5, 10))})
-        rows += [{"method": "m", "params": json.dumps({"k": i}), "backbone_hash": backbone,
-                  "gflops_per_image": float(rng.integers(1, 12)), "fid_digits_cnn": float(rng.integers(4, 30))}
+        rows += [{"method": "m", "params": json.dumps({"k": i}), "entry": 1, "swept": '["k"]',
+                  "backbone_hash": backbone, "gflops_per_image": float(rng.integers(1, 12)),
+                  "fid_digits_cnn": float(rng.integers(4, 30))}
                  for i in range(count)]  # the same settings in every group: rows stay apart by backbone
     return rows
 
@@ -112,3 +114,28 @@ def test_results_without_a_backbone_column_are_one_unknown_group_against_the_run
     board = leaderboard(view.frame)
     assert board["backbone"].unique().tolist() == ["unknown backbone"]
     assert dict(zip(board["fid_digits_cnn"], board["dfid"])) == {5.0: -1.0, 6.0: 0.0, 7.5: 1.5, 12.0: 6.0}
+
+
+def test_the_figures_front_is_the_boards_pareto_set_per_backbone_and_each_backbone_has_a_panel(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    rows = grouped_rows(rng, {"a" * 64: 6, "b" * 64: 6})
+    view = load_runs([fake_run(tmp_path / "run", "r", rows)])
+    board = leaderboard(view.frame)
+    front = figures.pareto_front(view.frame, "fid_digits_cnn", "gflops_per_image")
+    for backbone in ("a" * 64, "b" * 64):
+        on_board = board[(board["backbone_hash"] == backbone) & board["pareto"]]
+        on_front = front[front["group"] == backbone]
+        assert sorted(on_front["gflops_per_image"]) == sorted(on_board["gflops_per_image"])
+        assert sorted(on_front["fid_digits_cnn"]) == sorted(on_board["fid_digits_cnn"])
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda fig, out, stem: drawn.append(fig) or [out / f"{stem}.png"])
+    assert figures.fid_vs_cost(view, tmp_path) == [tmp_path / "fid_vs_gflops.png"]
+    assert not texts_outside_the_canvas(drawn[0])
+    panels = [ax for ax in drawn[0].axes if ax.get_title()]
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["backbone aaaaaaaa", "backbone bbbbbbbb"]
+    for ax, backbone in zip(panels, ("a" * 64, "b" * 64)):  # each panel's curves hold only its backbone's points
+        plotted = {round(y, 6) for line in ax.get_lines() if line.get_label() != "Pareto front"
+                   for y in line.get_ydata()}
+        assert plotted <= {round(f, 6) for f in view.frame.loc[view.frame["backbone_hash"] == backbone,
+                                                                "fid_digits_cnn"]}

@@ -2,8 +2,10 @@
 
 FID against GFLOPs per image or measured time per image: one curve per [[methods]] entry (its knob sweep),
 points labelled by the swept knob, and the Pareto front over every competitor's settings (ceilings
-excluded) drawn as a dashed staircase. With many curves the same data is also drawn as small
-multiples, one panel per method family, each over the reference curves in grey.
+excluded) drawn as a dashed staircase. Comparisons stay within one backbone (`groups`): with rows on
+several backbones, each backbone gets its own panel and its own front. With many curves the same data
+is also drawn as small multiples, one panel per method family, each over the reference curves in grey
+(one front per backbone).
 
 Each figure function takes (view, out) and returns the paths it wrote ([] when the runs hold nothing
 it could show); the report draws them through the figure registry (`adadiff_bench.report.registry`).
@@ -21,6 +23,7 @@ import pandas as pd
 from ..metrics.specs import primary_column
 from ..results import atomic_write_bytes, make_dir
 from .style import DOUBLE, SINGLE, new_figure, save, style, styled, wrap
+from .groups import group_keys, group_label
 from .tables import axis_label, curves, is_ceiling, pareto_mask, short_setting
 from .view import ReportView
 
@@ -60,11 +63,23 @@ def curve_points(group: pd.DataFrame, labels: pd.Series, fid: str, cost: str) ->
 
 
 def pareto_front(frame: pd.DataFrame, fid: str, cost: str) -> pd.DataFrame:
-    """The settings no competitor beats on both FID and cost, sorted by cost (ceilings excluded)."""
+    """The settings no competitor on the same backbone beats on both FID and cost, sorted by cost (ceilings
+    excluded); column `group` names the backbone group of each."""
     rows = frame[~frame.apply(is_ceiling, axis=1)] if len(frame) else frame
-    keys = [c for c in ("run", "method", "params", "solver", "num_steps") if c in rows.columns]
-    points = rows.groupby(keys)[[fid, cost]].mean().dropna()
-    return points[pareto_mask(points, fid, np.ones(len(points), dtype=bool), cost)].sort_values([cost, fid])
+    rows = rows.assign(group=group_keys(rows))
+    keys = ["group"] + [c for c in ("run", "method", "params", "solver", "num_steps") if c in rows.columns]
+    points = rows.groupby(keys)[[fid, cost]].mean().dropna().reset_index(level="group")
+    on_front = np.zeros(len(points), dtype=bool)
+    for group in points["group"].unique():  # each backbone's front of its own
+        inside = (points["group"] == group).to_numpy()
+        on_front[inside] = pareto_mask(points[inside], fid, np.ones(inside.sum(), dtype=bool), cost)
+    return points[on_front].sort_values([cost, fid])
+
+
+def backbone_labels(frame: pd.DataFrame) -> dict[str, str]:
+    """Each backbone group's key -> its short label (checkpoint stem and the hash's first 8 hex digits)."""
+    several = "run" in frame.columns and frame["run"].nunique() > 1
+    return {key: group_label(key, rows, several) for key, rows in frame.groupby(group_keys(frame), sort=False)}
 
 
 def _axis_labels(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
@@ -98,12 +113,18 @@ def _draw_curve(ax, points: pd.DataFrame, fid: str, cost: str, legend: str, inde
                             fontsize=4.5, color=look["color"])
 
 
+FRONT_STYLES = (":", "-.", "--", (0, (1, 3)))  # one line style per backbone's front
+
+
 def _draw_front(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
+    """The Pareto front of each backbone group in the frame (labelled by its backbone when there are several)."""
     front = pareto_front(frame, fid, cost)
-    if len(front) > 1:
-        scale = COSTS[cost][1]
-        ax.step(front[cost] * scale, front[fid], where="post", color="0.25", linestyle=":", linewidth=1.0,
-                marker=None, label="Pareto front", zorder=0)
+    labels = backbone_labels(frame)
+    for index, (group, points) in enumerate(front.groupby("group", sort=False)):
+        if len(points) > 1:
+            label = "Pareto front" + (f" ({labels.get(group, group)})" if len(labels) > 1 else "")
+            ax.step(points[cost] * COSTS[cost][1], points[fid], where="post", color="0.25", marker=None,
+                    linestyle=FRONT_STYLES[index % len(FRONT_STYLES)], linewidth=1.0, label=label, zorder=0)
 
 
 def log_scales(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
@@ -121,24 +142,46 @@ def log_scales(ax, frame: pd.DataFrame, fid: str, cost: str) -> None:
 
 @styled
 def fid_vs_cost(view: ReportView, out: Path, cost: str = "gflops_per_image") -> list[Path]:
-    """FID against a cost, one curve per entry (and solver), points labelled, the Pareto front drawn."""
+    """FID against a cost, one curve per entry (and solver), points labelled, the Pareto front drawn; one panel
+    per backbone group when the rows ran on several."""
     frame = with_interleaved_time(view.valid)
     fid = primary_column(frame.columns)
     if fid is None or frame.empty or cost not in frame.columns or frame[cost].isna().all():
         return []
+    if len(backbone_labels(frame)) > 1:
+        return fid_vs_cost_by_backbone(frame, fid, cost, out)
     all_curves = list(curves(frame))
     wide = len(all_curves) > 8
     fig, ax = new_figure(DOUBLE if wide else SINGLE, 3.2 + 0.09 * len(all_curves) if wide else 3.3)
-    for index, (legend, labels, group) in enumerate(all_curves):
-        _draw_curve(ax, curve_points(group, labels, fid, cost), fid, cost, legend, index, labelled=True)
-    _draw_front(ax, frame, fid, cost)
-    _axis_labels(ax, frame, fid, cost)
-    log_scales(ax, frame, fid, cost)
+    _draw_panel(ax, frame, all_curves, fid, cost)
     ax.set_title(wrap("Quality vs " + ("compute" if cost == "gflops_per_image" else "measured time")
                       + "; points labelled by the swept knob", 56))
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, [fit(label, 48) for label in labels], loc="outside lower center", ncol=2 if wide else 1,
                frameon=False, fontsize=5)
+    return save(fig, out, COSTS[cost][2])
+
+
+def _draw_panel(ax, frame: pd.DataFrame, panel_curves: list, fid: str, cost: str) -> None:
+    """Curves (labelled points), the Pareto front(s), axis labels and scales on one axes."""
+    for index, (legend, labels, group) in enumerate(panel_curves):
+        _draw_curve(ax, curve_points(group, labels, fid, cost), fid, cost, legend, index, labelled=True)
+    _draw_front(ax, frame, fid, cost)
+    _axis_labels(ax, frame, fid, cost)
+    log_scales(ax, frame, fid, cost)
+
+
+def fid_vs_cost_by_backbone(frame: pd.DataFrame, fid: str, cost: str, out: Path) -> list[Path]:
+    """One panel per backbone group: its curves and its own Pareto front, each panel with its legend beside it."""
+    keys, labels = group_keys(frame), backbone_labels(frame)
+    fig, axes = new_figure(DOUBLE, 0.4 + 2.6 * len(labels), nrows=len(labels), ncols=1, squeeze=False)
+    for ax, (key, label) in zip(axes.flat, labels.items()):
+        rows = frame[keys == key]
+        _draw_panel(ax, rows, list(curves(rows)), fid, cost)
+        ax.set_title(wrap(f"backbone {label}: its own Pareto front", 80))
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=5)
+    what = "compute" if cost == "gflops_per_image" else "measured time"
+    fig.suptitle(f"Quality vs {what}, one panel per backbone; points labelled by the swept knob", fontsize=7)
     return save(fig, out, COSTS[cost][2])
 
 
@@ -167,8 +210,8 @@ def fid_vs_cost_by_family(view: ReportView, out: Path, cost: str = "gflops_per_i
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=5)
         _axis_labels(ax, frame, fid, cost)
         log_scales(ax, frame, fid, cost)
-    fig.suptitle("One panel per method family; grey: full and solver-steps; dotted: the Pareto front of all methods",
-                 fontsize=7)
+    fig.suptitle("One panel per method family; grey: full and solver-steps; dotted: the Pareto front of all methods "
+                 "on each backbone", fontsize=7)
     return save(fig, out, COSTS[cost][2] + "_by_family")
 
 

@@ -350,15 +350,19 @@ def interpolate_at(x: np.ndarray, y: np.ndarray, targets) -> list[float]:
 
 
 def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
-    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along its sweep)."""
+    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along its sweep), with
+    the backbone each curve ran on."""
     fid = primary_column(frame.columns)
     frame = frame[frame["valid"]].assign(cost_fraction=cost_fraction(frame[frame["valid"]], info))
+    keys = group_keys(frame)
+    several = "run" in frame.columns and frame["run"].nunique() > 1
+    labels = {key: group_label(key, rows, several) for key, rows in frame.groupby(keys, sort=False)}
     rows = []
     for legend, _, group in curves(frame):
         if fid is None:
             break
         points = group.groupby(["layer_ratio", "cost_fraction"], as_index=False)[fid].mean()
-        row = {"curve": legend}
+        row = {"curve": legend, "backbone": labels[keys[group.index[0]]]}
         for axis, name in (("layer_ratio", "layer ratio"), ("cost_fraction", "cost")):
             for target, value in zip(targets, interpolate_at(points[axis], points[fid], targets)):
                 row[f"{fid} at {name} {target:g}"] = value
@@ -404,8 +408,9 @@ def inception_skipped(metrics: dict) -> str:
 
 
 NO_SPACE = ("No feature space read these images: the built-in digits-cnn reads only 1x8x8 grey images, and Inception "
-            "was skipped (above). Fix: Inception, or a feature space for your data registered by a plugin "
-            "(ExtractorSpec in adadiff_bench/metrics/extractors.py).")
+            "was skipped (above). Fix: Inception, a feature space trained on your data (`adadiff-bench "
+            "train-extractor --config RUN.toml`, then [metrics] extractor = the file it writes), or one registered by "
+            "a plugin (ExtractorSpec in adadiff_bench/metrics/extractors.py).")
 
 
 def skipped_metrics(board: pd.DataFrame, infos: dict[str, dict]) -> list[str]:
