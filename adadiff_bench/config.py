@@ -112,6 +112,10 @@ class TrainConfig:
     device: str = "auto"      # where training runs (as a run's `device`); noise is still drawn on the CPU
     precision: str = "fp32"   # autocast of the forward and loss; weights, optimiser and EMA stay fp32
     schedule: str = "linear"  # the noise schedule and time input trained (`schedules`); the checkpoint records it
+    ema_warmup: bool = False  # EMA decay min(ema_decay, (1 + t) / (10 + t)): the starting weights wash out (`recipe`)
+    holdout: float = 0.0      # fraction of the data held out for the held-out loss (0: none)
+    eval_every: int = 500     # steps between held-out loss evaluations (with holdout > 0)
+    patience: int = 0         # stop after this many evaluations without improvement (0: run every step)
 
     def validate(self, where: str) -> None:
         _positive(where, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -123,6 +127,12 @@ class TrainConfig:
             raise UserError(f"{where}: ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.warmup_steps < 0:
             raise UserError(f"{where}: warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not 0 <= self.holdout < 1:
+            raise UserError(f"{where}: holdout must be in [0, 1) (got {self.holdout}); 0.1 holds out a tenth")
+        _positive(where, eval_every=self.eval_every)
+        if self.patience < 0 or (self.patience and not self.holdout):
+            raise UserError(f"{where}: patience = {self.patience} needs holdout > 0 (the stopping rule reads the "
+                            "held-out loss) and must be >= 0; set holdout = 0.1, or patience = 0")
         if self.weight_decay < 0:
             raise UserError(f"{where}: weight_decay must be >= 0 (got {self.weight_decay}); 0 turns it off")
         for key, beta in (("beta1", self.beta1), ("beta2", self.beta2)):

@@ -152,6 +152,14 @@ _TRAIN = {
     "schedule": describe("the noise schedule and time input trained (a U-ViT from scratch; methods' tasks train on "
                          "linear); the checkpoint records it and a run sampling it with another is refused",
                          choices=lambda: tuple(SCHEDULES)),
+    "ema_warmup": describe("warm the EMA decay up as min(ema_decay, (1 + t) / (10 + t)), so the starting weights' "
+                           "share of the export (recorded as ema_start_share) is negligible"),
+    "holdout": describe("fraction of the data held out (seeded split) for the held-out loss; 0 = none",
+                        at_least=0, below=1),
+    "eval_every": describe("steps between held-out loss evaluations of the EMA weights (with holdout > 0)",
+                           above=0),
+    "patience": describe("stop once this many held-out evaluations in a row have not improved; 0 = run every "
+                         "step", at_least=0, valid="needs holdout > 0"),
 }
 
 # (TOML table, dataclass, its keys' documentation) of a run config and of a training config

@@ -34,6 +34,7 @@ from .device import autocast, check_precision_on, device_info, resolve_device, t
 from .diffusion import alphas_cumprod, schedule_training_loss
 from .errors import UserError, did_you_mean
 from .schedules import DEFAULT_SCHEDULE
+from .recipe import TrainingRecord, ema_decay_at, ema_start_share, held_out_loss, split_holdout, swap_weights
 from .methods.registry import available_methods, get_method, trainable_methods
 from .training_report import Predictions, write_training_report
 
@@ -131,6 +132,10 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     if conditional and data.labels is None:
         raise UserError("model.num_classes > 0 needs a labelled data set; set num_classes = -1 or add labels")
     images, labels = data.as_model_input(), data.labels
+    # a seeded held-out split for the stopping rule; training batches come from the rest
+    train_index, held_index = split_holdout(len(images), cfg.holdout, cfg.seed)
+    held_images, held_labels = images[held_index], labels[held_index] if conditional else None
+    train_images, train_labels = images[train_index], labels[train_index] if conditional else None
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,11 +148,11 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # (a no-op for fp32 and bf16)
     generator = torch.Generator().manual_seed(cfg.seed)
     base = BaseFile(task.base_checkpoint, sha256_file(task.base_checkpoint)) if task.base_checkpoint else None
-    start_step = 0
+    start_step, log = 0, TrainingRecord(cfg.patience)
     if restart:
         print(f"--restart: training from step 0 (any earlier state in {out_dir} is replaced)")
     else:
-        start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, base)
+        start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, base, log)
 
     model.train()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
@@ -155,9 +160,9 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     started = time.perf_counter()
     for step in bar:
         # a batch drawn on the CPU and moved; forward and loss autocast to `precision`
-        batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-        x0 = to_device(images[batch], device)
-        y = to_device(labels[batch], device) if conditional else None
+        batch = torch.randint(len(train_images), (cfg.batch_size,), generator=generator)
+        x0 = to_device(train_images[batch], device)
+        y = to_device(train_labels[batch], device) if conditional else None
         with autocast(device, cfg.precision):
             loss = task.loss(x0, y, generator)
         if not torch.isfinite(loss):  # (one read per step) a NaN or inf loss never recovers: stop before saving it
@@ -169,15 +174,30 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        update_ema(ema, model, cfg.ema_decay)
+        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
         if progress:  # (reading the loss waits for the GPU)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1, base)
+        stop = cfg.holdout > 0 and (step + 1) % cfg.eval_every == 0 and _evaluate(
+            task, model, ema, log, step + 1, held_images, held_labels, cfg, device)
+        if stop or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1, base,
+                        log, time.perf_counter() - started)
+        if stop:
+            steps_run = step + 1
+            best_step, best_loss = log.best
+            print(f"held-out loss has not improved on {best_loss:.5f} (step {best_step}) for {cfg.patience} "
+                  f"evaluations: stopping at step {steps_run} of {cfg.steps}")
+            break
+    else:
+        steps_run = cfg.steps
     bar.close()
 
-    meta = {"steps": cfg.steps, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
+    meta = {"steps": steps_run, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
+            "samples_seen": steps_run * cfg.batch_size,
+            "ema_start_share": ema_start_share(steps_run, cfg.ema_decay, cfg.ema_warmup),
+            "held_out_loss": [list(entry) for entry in log.history],
             "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1),
+            "train_seconds": round(log.seconds_before + time.perf_counter() - started, 1),
             "device": device_info(device), "precision": cfg.precision}
     if base is not None:
         meta.update(base_checkpoint=base.path, base_sha256=base.sha256)
@@ -201,17 +221,35 @@ class BaseFile:
     sha256: str
 
 
+def _evaluate(task: Task, model, ema, log: TrainingRecord, step: int, images, labels, cfg, device) -> bool:
+    """Record the EMA weights' loss on the held-out split (the task's loss reads `model`: the EMA values are
+    swapped in for the evaluation and back out); True when the stopping rule says stop."""
+    swap_weights(model, ema)
+    model.eval()
+    try:
+        with autocast(device, cfg.precision):
+            loss = held_out_loss(task.loss, images, labels, cfg.batch_size, cfg.seed, lambda t: to_device(t, device))
+    finally:
+        model.train()
+        swap_weights(model, ema)
+    log.record(step, loss)
+    return log.should_stop()
+
+
 def _save_state(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, step: int,
-                base: BaseFile | None) -> None:
+                base: BaseFile | None, log: TrainingRecord | None = None, elapsed: float = 0.0) -> None:
     atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step,
                        "base_sha256": base.sha256 if base else None,
+                       "held_out_loss": [list(entry) for entry in log.history] if log else [],
+                       "train_seconds": log.seconds_before + elapsed if log else None,
                        # every tensor on the CPU: a state saved on a GPU loads anywhere
                        "model": moved_to(model.state_dict(), CPU), "ema": moved_to(ema.state_dict(), CPU),
                        "optimizer": moved_to(optimizer.state_dict(), CPU), "scaler": scaler.state_dict(),
                        "generator": generator.get_state()}, path)
 
 
-def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, base: BaseFile | None) -> int:
+def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, base: BaseFile | None,
+            log: TrainingRecord | None = None) -> int:
     """Load `last.pt` if present, made by the same config on the same base file; returns the step to start from.
 
     The model is already on its device: the weights are copied onto it, and the optimiser's state follows its
@@ -237,6 +275,10 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, genera
         if state.get("scaler"):  # (empty for fp32 and bf16, absent in a state from before the precision setting)
             scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
+        if log is not None:  # (no history nor seconds in a state from before the stopping rule)
+            for step, loss in state.get("held_out_loss") or ():
+                log.record(step, loss)
+            log.seconds_before = float(state.get("train_seconds") or 0.0)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise UserError(f"cannot resume: {path} does not fit this training run ({type(exc).__name__}); {fix}") from None
     print(f"resuming from {path} at step {state['step']}")
@@ -262,6 +304,8 @@ def _identity(config: dict) -> dict:
     train = {k: v for k, v in config["train"].items() if k not in ("steps", "threads", "device")}
     train.setdefault("precision", "fp32")  # (a state from before the setting trained in fp32)
     train.setdefault("schedule", DEFAULT_SCHEDULE)  # (... and on the linear schedule)
+    for key, before in (("ema_warmup", False), ("holdout", 0.0), ("eval_every", 500), ("patience", 0)):
+        train.setdefault(key, before)  # (... and with the recipe settings' defaults)
     return {**config, "train": train}
 
 
