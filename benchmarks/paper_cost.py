@@ -1,0 +1,112 @@
+"""Cost per 1,000 samples of an AdaDiff paper config, from a timed CPU probe with random weights.
+
+The network comes through the config's own path: a random release at the preset's full depth and width is
+written in the official layout (a temporary file), `[model] checkpoint` points at it, and the run's model is
+loaded, given its prompts (random CLIP-shaped tokens for the text-to-image preset) and sampled by the harness's
+`generate` at the config's solver, schedule and guidance, with `--steps` steps instead of the config's. The
+decoder of a latent preset is SD's autoencoder at full width with random weights (built in memory). CPU time
+(user + system, all threads) is read around each stage, so the figures do not depend on what else the machine
+runs; evaluations count both guidance passes.
+
+    python benchmarks/paper_cost.py configs/paper/mscoco256_uvit_s2_t2i.toml    # about 1 min, 3 GB of memory
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adadiff_bench.config import load_run_config
+from adadiff_bench.diffusion import solver_timesteps
+from adadiff_bench.flops import unit_costs
+from adadiff_bench.guidance import NO_GUIDANCE
+from adadiff_bench.harness import generate, reference_cell
+from adadiff_bench.models.official import load_run_model
+from adadiff_bench.models.presets import get_preset, meta_shapes
+from adadiff_bench.prompts import attach_prompts
+
+
+def random_release(preset, path: Path) -> None:
+    """Random weights with the release's parameter names and shapes (layer norms at 1)."""
+    generator = torch.Generator().manual_seed(0)
+    state = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in meta_shapes(preset.uvit).items()}
+    state.update({key: torch.ones_like(value) for key, value in state.items() if key.endswith("norm1.weight")
+                  or key.endswith("norm2.weight") or key == "norm.weight"})
+    torch.save(state, path)
+
+
+def random_prompts(preset, path: Path, count: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    shape = (preset.uvit.num_clip_token, preset.uvit.clip_dim)
+    np.savez(path, contexts=rng.standard_normal((count, *shape)).astype(np.float32),
+             empty_context=rng.standard_normal(shape).astype(np.float32))
+
+
+def cpu_seconds(work) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) that `work()` takes."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    work()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def decoder_cpu_seconds(preset, num_samples: int) -> float:
+    """CPU seconds per image of decoding with SD's autoencoder at full width (random weights)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+    from adadiff_bench.models.autoencoder import LatentDecoder, ldm_config
+    config = create_vae_diffusers_config_from_ldm(ldm_config(preset.latent.ddconfig, preset.latent.scale_factor), {})
+    decoder = LatentDecoder(AutoencoderKL(**config).eval(), preset.latent.scale_factor)
+    latents = torch.randn(num_samples, preset.uvit.in_chans, preset.uvit.img_size, preset.uvit.img_size)
+    return cpu_seconds(lambda: decoder.decode(latents, num_samples))[0] / num_samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_run_config(args.config)
+    preset = get_preset(config.model.preset)
+    with tempfile.TemporaryDirectory() as folder:
+        release = Path(folder) / "nnet_ema.pth"
+        random_release(preset, release)
+        placeholder = Path(folder) / "autoencoder_kl.pth"  # (only its presence is checked; the decoder is below)
+        placeholder.touch()
+        config.model = dataclasses.replace(config.model, checkpoint=str(release),
+                                           autoencoder=str(placeholder) if preset.latent else "")
+        model = load_run_model(config, args.config)
+        release.unlink()
+        if config.sampling.prompts:
+            random_prompts(preset, Path(folder) / "prompts.npz")
+            attach_prompts(model, str(Path(folder) / "prompts.npz"), config.sampling.guidance != NO_GUIDANCE,
+                           args.config)
+    cell = dataclasses.replace(reference_cell(config), num_steps=args.steps)
+    passes = 1 if config.sampling.guidance == NO_GUIDANCE else 2
+    evaluations = len(solver_timesteps(cell.solver, args.steps, cell.schedule)) * passes
+    with torch.no_grad():
+        generate(cell, model, 1, 1)  # warm-up
+        cpu, wall = cpu_seconds(lambda: generate(cell, model, args.samples, args.samples))
+    per_evaluation = cpu / (args.samples * evaluations)
+    full_evaluations = len(solver_timesteps(cell.solver, config.sampling.num_steps, cell.schedule)) * passes
+    hours = per_evaluation * full_evaluations * 1000 / 3600
+    print(f"{preset.name}: {unit_costs(model).full / 1e9:.1f} G MACs per evaluation; {cell.solver}, {args.steps} "
+          f"steps x {passes} pass(es) = {evaluations} evaluations per sample, {args.samples} samples: {cpu:.1f} CPU s "
+          f"({wall:.1f} s wall, {args.threads} threads)")
+    print(f"CPU s per evaluation per sample: {per_evaluation:.2f}; at the config's {full_evaluations} evaluations: "
+          f"{hours:.1f} CPU hours per 1,000 samples, {hours / args.threads:.1f} h on {args.threads} cores fully used")
+    if preset.latent is not None:
+        decode = decoder_cpu_seconds(preset, args.samples) * 1000 / 3600
+        print(f"SD decoder: {decode * 3.6:.2f} CPU s per image, +{decode:.1f} CPU hours per 1,000 samples, "
+              f"+{decode / args.threads:.1f} h on {args.threads} cores")
+
+
+if __name__ == "__main__":
+    main()
