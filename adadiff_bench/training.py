@@ -209,8 +209,10 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     if end_report:
         for module in task.frozen:  # (what a task's predictions use beside the EMA module, back on the CPU)
             module.cpu()
-        write_training_report(Path(cfg.export or ema_path), ema, task.predictions, images,
-                              labels if conditional else None, alpha_bar, cfg.seed)
+        held_out = cfg.holdout > 0  # (the loss table on the held-out split when there is one)
+        shown, shown_labels = (held_images, held_labels) if held_out else (images, labels if conditional else None)
+        write_training_report(Path(cfg.export or ema_path), ema, task.predictions, shown, shown_labels, alpha_bar,
+                              cfg.seed, held_out)
     return ema_path
 
 

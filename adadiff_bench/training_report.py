@@ -3,10 +3,11 @@
 Written next to the exported checkpoint `<name>.pt` by `adadiff-bench train` (`--no-end-report` turns it off):
 - `<name>_samples.png`: `GRID_SAMPLES` samples of the trained network, DPM-Solver++ in `GRID_STEPS` steps,
   sample i seeded by (train.seed, i) as a run seeds it; an under-trained model shows as noise here.
-- `<name>_loss_by_timestep.csv`: columns t_start, t_end, exit, full_depth, num_images, eps_mse: the mean
-  ||eps_theta(x_t, t) - eps||^2 over `EVAL_IMAGES` images in each bucket of `BUCKET_WIDTH` timesteps, for every
-  exit of an early-exit network (exit 1 after the first block; the last is full depth, a plain network's only one). Training keeps no held-out
-  split, so the images are a fixed seeded draw from the training data; t and eps are drawn per image and bucket.
+- `<name>_loss_by_timestep.csv`: columns t_start, t_end, exit, full_depth, images, num_images, eps_mse: the
+  mean ||eps_theta(x_t, t) - eps||^2 over `EVAL_IMAGES` images in each bucket of `BUCKET_WIDTH` timesteps, for
+  every exit of an early-exit network (exit 1 after the first block; the last is full depth, a plain network's
+  only one). The images are a fixed seeded draw from the held-out split (`[train] holdout` > 0: `images` is
+  "held-out") or else from the training data ("training"); t and eps are drawn per image and bucket.
 - `<name>_loss_by_timestep.png`: that table as a plot.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def eval_batch(images: torch.Tensor, labels: torch.Tensor | None, seed: int, num
 
 @torch.no_grad()
 def loss_by_timestep(module: torch.nn.Module, predictions: Predictions, batch: EvalBatch, alpha_bar: torch.Tensor,
-                     bucket_width: int = BUCKET_WIDTH) -> pd.DataFrame:
+                     images: str = "training", bucket_width: int = BUCKET_WIDTH) -> pd.DataFrame:
     """Mean eps MSE per timestep bucket and exit (one row each), for `batch` noised as in training."""
     rows = []
     for bucket, (t, eps) in enumerate(zip(batch.t, batch.eps)):
@@ -74,7 +75,7 @@ def loss_by_timestep(module: torch.nn.Module, predictions: Predictions, batch: E
         t_end = min((bucket + 1) * bucket_width, NUM_TRAIN_TIMESTEPS) - 1
         for exit_point, eps_hat in enumerate(outputs, start=1):
             rows.append({"t_start": bucket * bucket_width, "t_end": t_end, "exit": exit_point,
-                         "full_depth": exit_point == len(outputs), "num_images": len(t),
+                         "full_depth": exit_point == len(outputs), "images": images, "num_images": len(t),
                          "eps_mse": float((eps_hat.float() - eps).pow(2).mean())})
     return pd.DataFrame(rows)
 
@@ -110,15 +111,17 @@ def report_paths(checkpoint: Path) -> list[Path]:
 
 def write_training_report(checkpoint: Path, module: torch.nn.Module, predictions: Predictions | None,
                           images: torch.Tensor, labels: torch.Tensor | None, alpha_bar: torch.Tensor,
-                          seed: int) -> list[Path]:
-    """Write the grid, the table and its plot beside `checkpoint`; returns their paths. `module` is on the CPU."""
+                          seed: int, held_out: bool = False) -> list[Path]:
+    """Write the grid, the table and its plot beside `checkpoint`; returns their paths. `module` is on the CPU;
+    the loss table is computed on `images` (`held_out`: they are the held-out split, not the training data)."""
     predictions = predictions or full_depth
     module = module.eval()
     paths = report_paths(checkpoint)
     num_classes = int(labels.max()) + 1 if labels is not None else 0
     grid = sample_grid(draw_samples(module, predictions, tuple(images.shape[1:]), seed, num_classes))
     _save_png(grid, paths[0])
-    table = loss_by_timestep(module, predictions, eval_batch(images, labels, seed), alpha_bar)
+    table = loss_by_timestep(module, predictions, eval_batch(images, labels, seed), alpha_bar,
+                             "held-out" if held_out else "training")
     write_csv(paths[1], table)
     _plot_losses(table, paths[2])
     return paths

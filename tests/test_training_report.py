@@ -48,9 +48,11 @@ def digits_model_input():
     return data.as_model_input(), data.labels
 
 
-def brute_force_losses(network, seed: int) -> np.ndarray:
-    """eps MSE per bucket, one image at a time from the same draw: (buckets,)."""
+def brute_force_losses(network, seed: int, rows=None) -> np.ndarray:
+    """eps MSE per bucket, one image at a time from the same draw (of the digits `rows`, default all): (buckets,)."""
     images, labels = digits_model_input()
+    if rows is not None:
+        images, labels = images[rows], labels[rows]
     batch = eval_batch(images, labels, seed)
     alpha_bar = alphas_cumprod()
     losses = np.zeros(len(batch.t))
@@ -78,11 +80,25 @@ def test_a_base_training_writes_the_grid_and_the_loss_table_beside_the_export(tm
     assert Image.open(grid).size == (4 * 33 + 1, 4 * 33 + 1)
 
     frame = pd.read_csv(table)
-    assert list(frame.columns) == ["t_start", "t_end", "exit", "full_depth", "num_images", "eps_mse"]
+    assert list(frame.columns) == ["t_start", "t_end", "exit", "full_depth", "images", "num_images", "eps_mse"]
+    assert (frame["images"] == "training").all()
     assert list(frame["t_start"]) == list(range(0, 1000, BUCKET_WIDTH))
     assert (frame["t_end"] == frame["t_start"] + BUCKET_WIDTH - 1).all()
     assert (frame["num_images"] == EVAL_IMAGES).all() and frame["full_depth"].all() and (frame["exit"] == 1).all()
     expected = brute_force_losses(load_model(tmp_path / "run" / "ema.pt"), seed=0)  # the fp32 EMA weights
+    np.testing.assert_allclose(frame["eps_mse"], expected, rtol=1e-4)
+
+
+def test_with_a_held_out_split_the_table_is_computed_on_it(tmp_path):
+    from adadiff_bench.recipe import split_holdout
+    args, export = train_base(tmp_path)
+    config = tmp_path / "train.toml"
+    config.write_text(config.read_text() + "holdout = 0.1\neval_every = 1\n")
+    assert main(args) == 0
+    frame = pd.read_csv(report_paths(export)[1])
+    assert (frame["images"] == "held-out").all()
+    _, held = split_holdout(len(digits_model_input()[0]), 0.1, seed=0)
+    expected = brute_force_losses(load_model(tmp_path / "run" / "ema.pt"), seed=0, rows=held)
     np.testing.assert_allclose(frame["eps_mse"], expected, rtol=1e-4)
 
 
