@@ -93,7 +93,8 @@ def test_text_to_image_preset_end_to_end_through_the_cli(shallow_presets, tmp_pa
     monkeypatch.setitem(PRESETS, name, dataclasses.replace(
         preset, latent=dataclasses.replace(preset.latent, ddconfig=NARROW_SD)))
     release, autoencoder, prompts = tmp_path / "nnet_ema.pth", tmp_path / "autoencoder_kl.pth", tmp_path / "p.npz"
-    torch.save({k: v.half() for k, v in random_release(cut_depth(name)).items()}, release)  # (half: a smaller file)
+    torch.save({k: v.half() for k, v in random_release(cut_depth(name), adadiff=True).items()},  # (half: a smaller
+               release)                                                                           # file)
     narrow_autoencoder_release(autoencoder)
     write_prompts(prompts, 3, 77, 768)
     np.savez(tmp_path / "data.npz", np.random.default_rng(0).integers(0, 256, (4, 256, 256, 3), dtype=np.uint8))
@@ -104,11 +105,17 @@ def test_text_to_image_preset_end_to_end_through_the_cli(shallow_presets, tmp_pa
         f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
         '[sampling]\nschedule = "scaled-linear"\nsolver = "dpm-solver++-fast"\nnum_steps = 2\nnum_samples = 2\n'
         f'batch_size = 2\nguidance = 2.0\nprompts = "{prompts}"\n'
-        '[metrics]\ninception = "off"\n[timing]\nenabled = false\n[[methods]]\nname = "full"\n')
+        '[metrics]\ninception = "off"\n[timing]\nenabled = false\n[[methods]]\nname = "full"\n'
+        # the paper config's AdaDiff entry: the official rule on the release's estimators, under guidance
+        f'[[methods]]\nname = "adadiff"\ncheckpoint = "{release}"\nthreshold = 0.5\n'
+        'threshold_kind = "official-certainty"\nrule = "per-sample"\npatience = true\n')
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
     run = tmp_path / "results" / "coco"
-    row = pd.read_csv(run / "results.csv").iloc[0]
-    assert row["valid"] and row["guidance"] == 2.0 and row["schedule"] == "scaled-linear"
+    frame = pd.read_csv(run / "results.csv")
+    assert list(frame["method"]) == ["full", "adadiff"] and frame["valid"].all()
+    assert frame["macs_per_image"].iloc[1] <= frame["macs_per_image"].iloc[0]
+    row = frame.iloc[0]
+    assert row["guidance"] == 2.0 and row["schedule"] == "scaled-linear"
     with np.load(run / "cells" / row["cell_id"] / "samples.npz") as archive:
         assert archive["arr_0"].shape == (2, 256, 256, 3)
     info = json.loads((run / "run.json").read_text())
