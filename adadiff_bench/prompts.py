@@ -18,11 +18,12 @@ from a shuffled loader instead; over 30,000 or 50,000 samples both cover the val
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -135,7 +136,9 @@ def prompt_condition(model, rows: Sequence[int]) -> torch.Tensor | None:
 def pack_feature_folder(folder: str | Path, out: str | Path) -> int:
     """One prompt file from U-ViT's feature folder: `{image}_0.npy` of each image, in image order, as `contexts`,
     and `empty_context.npy` (in the folder or its parent) as `empty_context`; returns the number of prompts."""
-    folder = Path(folder)
+    folder, out = Path(folder), Path(out)
+    if out.suffix != ".npz":
+        raise UserError(f"{str(out)!r}: the prompt file is an .npz; name it OUT.npz")
     first_captions = sorted((int(m.group(1)), p) for p in folder.glob("*_0.npy")
                             if (m := re.fullmatch(r"(\d+)_0\.npy", p.name)))
     if not first_captions:
@@ -146,7 +149,10 @@ def pack_feature_folder(folder: str | Path, out: str | Path) -> int:
     empty = next((p for p in (folder / "empty_context.npy", folder.parent / "empty_context.npy") if p.is_file()), None)
     if empty is not None:
         arrays[EMPTY_CONTEXT] = np.load(empty, allow_pickle=False).astype(np.float32)
-    np.savez(out, **arrays)
+    partial = out.with_name(f".{out.name}.partial")  # written whole, then renamed: never half a file under `out`
+    with open(partial, "wb") as stream:
+        np.savez(stream, **arrays)
+    os.replace(partial, out)
     return len(contexts)
 
 

@@ -243,3 +243,6 @@ def test_packing_u_vits_feature_folder(tmp_path):
     expected = np.stack([captions[i, 0] for i in (0, 1, 2, 10)])
     assert np.array_equal(prompts.contexts.numpy(), expected)
     assert np.array_equal(prompts.empty_context.numpy(), empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco256_features", "prompts.npz"]  # no partial file left
+    with pytest.raises(UserError, match="name it OUT.npz"):
+        pack_feature_folder(folder, tmp_path / "prompts.bin")
