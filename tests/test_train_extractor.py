@@ -20,8 +20,7 @@ from adadiff_bench.cli import main
 from adadiff_bench.config import DataConfig, MetricsConfig, UViTConfig
 from adadiff_bench.data import load_dataset
 from adadiff_bench.metrics.classifier import ASSET_PATH
-from adadiff_bench.metrics.extractor_training import (FIDELITY_NAME, extractor_name, load_extractor,
-                                                      read_extractor_file)
+from adadiff_bench.metrics.extractor_training import extractor_name, load_extractor, read_extractor_file
 from adadiff_bench.metrics.extractors import register_learned_extractor
 from adadiff_bench.metrics.quality import ImageTensorDataset, compute_quality
 from conftest import write_run_config
@@ -116,7 +115,7 @@ def test_a_run_reports_fid_in_the_learned_space(trained, tmp_path, capsys):
                                        network.features(reference).double().numpy())
     assert row[column] == pytest.approx(closed_form, rel=1e-3)
     direct = torch_fidelity.calculate_metrics(
-        input1=ImageTensorDataset(samples), input2=ImageTensorDataset(reference), feature_extractor=FIDELITY_NAME,
+        input1=ImageTensorDataset(samples), input2=ImageTensorDataset(reference), feature_extractor=name,
         feature_extractor_weights_path=str(extractor), fid=True, cuda=False, verbose=False, cache=False,
         save_cpu_ram=True)
     assert row[column] == pytest.approx(direct[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
@@ -187,3 +186,23 @@ def test_too_few_images(tmp_path, capsys):
     folder = png_folder(tmp_path / "few", count=6)
     line = one_line(["train-extractor", "--data", str(folder), "--out", str(tmp_path / "x.pt"), "--steps", "1"], capsys)
     assert "holds 6 images; train-extractor needs at least 10" in line and not (tmp_path / "x.pt").exists()
+    line = one_line(["train-extractor", "--data", str(folder), "--out", str(tmp_path / "x.pt"), "--steps", "0"], capsys)
+    assert "--steps must be >= 1 (got 0)" in line and not (tmp_path / "x.pt").exists()
+
+
+def test_an_extractor_file_that_is_not_there(tmp_path, capsys):
+    folder = png_folder(tmp_path / "png", count=12)
+    line = one_line(run_with_extractor(tmp_path, folder, tmp_path / "missing.pt"), capsys)
+    assert "feature extractor file" in line and "does not exist; train one with `adadiff-bench train-extractor" in line
+    assert not (tmp_path / "results").exists()
+
+
+def test_every_test_the_catalogue_section_names_exists():
+    """docs/errors.md, "Quality metrics on your own data": each named test is defined in the file its row names."""
+    repo = Path(__file__).resolve().parents[1]
+    section = (repo / "docs" / "errors.md").read_text().split("\n## Quality metrics on your own data", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    rows = re.findall(r"`(test_\w+)` \((tests/\w+\.py)\)", section)
+    assert len(rows) == 8
+    for name, file in rows:
+        assert f"def {name}(" in (repo / file).read_text(), (name, file)

@@ -29,7 +29,6 @@ from ..errors import UserError
 from .classifier import ASSET_PATH, random_shift
 
 FORMAT = "adadiff-bench feature extractor v1"
-FIDELITY_NAME = "adadiff-learned"
 FEATURE_DIM = 64
 HELDOUT_FRACTION = 0.2
 MIN_IMAGES = 10

@@ -43,7 +43,7 @@ from ..config import MetricsConfig
 from ..errors import UserError, unknown_choice
 from ..plugins import load_plugins
 from .classifier import ASSET_PATH, EXTRACTOR_NAME, DigitsCNNExtractor, weights_sha256
-from .extractor_training import FIDELITY_NAME as LEARNED_FIDELITY_NAME, LearnedExtractor, read_extractor_file
+from .extractor_training import LearnedExtractor, read_extractor_file
 from .extractor_training import feature_roles as learned_feature_roles
 from .cleanfid_backend import (CLEANFID_MODEL_FILE, cleanfid_default_model_dir, cleanfid_frechet_distance,
                                cleanfid_inception_features, resolve_cleanfid_model)
@@ -335,7 +335,8 @@ register_extractor(ExtractorSpec(INCEPTION, INCEPTION_FIDELITY_NAME, weights=inc
 # ---- feature spaces trained on the user's data (`adadiff-bench train-extractor`), registered when a run names one ---
 
 def register_learned_extractor(path: str) -> ExtractorSpec:
-    """Register the feature space of a trained extractor file under its name (`learned-<data hash>`).
+    """Register the feature space of a trained extractor file under its name (`learned-<data hash>`), with
+    torch-fidelity too (`feature_extractor="learned-<data hash>"`, `feature_extractor_weights_path=path`).
 
     The file is read weights-only first; the space is used only by runs whose `[metrics] extractor` is this file,
     and only on images of the shape it was trained on."""
@@ -344,7 +345,7 @@ def register_learned_extractor(path: str) -> ExtractorSpec:
     registered = _EXTRACTORS.get(meta["name"])
     if registered is not None and registered.weights(MetricsConfig(extractor=str(file)), "") is not None:
         return registered
-    spec = ExtractorSpec(meta["name"], LEARNED_FIDELITY_NAME, weights=lambda config, where="": str(file)
+    spec = ExtractorSpec(meta["name"], meta["name"], weights=lambda config, where="": str(file)
                          if config.extractor and Path(config.extractor).resolve() == file else None,
                          channels=(meta["channels"],), size=(meta["height"], meta["width"]),
                          roles=learned_feature_roles(meta), fidelity_class=LearnedExtractor,

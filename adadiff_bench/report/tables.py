@@ -408,8 +408,9 @@ def inception_skipped(metrics: dict) -> str:
 
 
 NO_SPACE = ("No feature space read these images: the built-in digits-cnn reads only 1x8x8 grey images, and Inception "
-            "was skipped (above). Fix: Inception, or a feature space for your data registered by a plugin "
-            "(ExtractorSpec in adadiff_bench/metrics/extractors.py).")
+            "was skipped (above). Fix: Inception, a feature space trained on your data (`adadiff-bench "
+            "train-extractor --config RUN.toml`, then [metrics] extractor = the file it writes), or one registered by "
+            "a plugin (ExtractorSpec in adadiff_bench/metrics/extractors.py).")
 
 
 def skipped_metrics(board: pd.DataFrame, infos: dict[str, dict]) -> list[str]:
