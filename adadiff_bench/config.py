@@ -213,7 +213,7 @@ class MetricsConfig:
     fid_ci: float = 0.95
     reference_stats: str = ""   # published FID statistics (.npz with mu, sigma in Inception pool3 space)
     swd: str = "auto"
-    swd_projections: int = 512
+    swd_projections: int = 128
     swd_seed: int = 0
     extractor: str = ""        # a feature space trained on this data by `adadiff-bench train-extractor` (its .pt)
 

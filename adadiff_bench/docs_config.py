@@ -85,7 +85,8 @@ _METRICS = {
     "swd": describe("sliced Wasserstein distance over Laplacian-pyramid patches (no network; column swd_pixels): "
                     "\"auto\" only when no feature space reads the images, \"on\", \"off\"",
                     choices=("auto", "on", "off")),
-    "swd_projections": describe("random unit directions per pyramid level of the SWD", above=0),
+    "swd_projections": describe("random unit directions per pyramid level of the SWD (the paper: 512, at four "
+                                "times the cost)", above=0),
     "swd_seed": describe("seed of the SWD's directions and patch positions", valid="an integer in [0, 2^63 - 1]"),
     "extractor": describe("a feature space trained on this run's data by `adadiff-bench train-extractor`: FID, KID "
                           "(and IS when trained on labels) are computed in it too; refused when trained on other data",

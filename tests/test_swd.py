@@ -169,3 +169,14 @@ def test_swd_settings_out_of_range(tmp_path, tiny_checkpoint, capsys, setting, e
     line = one_line_error(run_args(tmp_path, tiny_checkpoint, metrics=METRICS + "\n" + setting), capsys)
     assert expected in line, line
     assert_nothing_written(tmp_path)
+
+
+def test_a_larger_reference_is_cut_to_a_seeded_subset_of_n_images():
+    samples, reference = blobs(16, 3, 16, seed=16, noise=10), blobs(40, 3, 16, seed=17)
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:16].sort().values
+    on_subset = swd_per_level(samples, reference[chosen], seed=3, projections=32)
+    assert sliced_wasserstein_patches(samples, reference, seed=3, projections=32) == \
+        pytest.approx(sum(on_subset) / len(on_subset), rel=1e-12)
+    whole = swd_per_level(samples, reference[:16], seed=3, projections=32)  # no larger: used as it is
+    assert sliced_wasserstein_patches(samples, reference[:16], seed=3, projections=32) == \
+        pytest.approx(sum(whole) / len(whole), rel=1e-12)

@@ -15,9 +15,12 @@ Where this differs from the paper, and why:
 - Normalisation. The paper normalises each set by its own per-channel mean and std; here both sets are
   normalised by the reference's, so that a shift in brightness or contrast counts, and every cell of a
   run is measured in the same units.
-- Projections. 512 unit directions per level, drawn from a generator seeded with `[metrics] swd_seed`
-  (the paper: 4 repeats of 128); patch positions come from generators seeded likewise, the same
-  positions for both sets, so identical sets are at distance 0.
+- Projections. 128 unit directions per level by default, drawn from a generator seeded with `[metrics]
+  swd_seed` (the paper: 4 repeats of 128; `swd_projections = 512` gives its count at four times the
+  cost); patch positions come from generators seeded likewise, the same positions for both sets, so
+  identical sets are at distance 0.
+- Reference size. A reference larger than the sample set is cut to a seeded random subset of as many
+  images as there are samples, as the paper compares equal numbers of real and generated images.
 The value is reported unscaled (the paper's tables show it x 10^3).
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 NEIGHBOURHOOD = 7            # pixels on a side of each descriptor
 PATCHES_PER_IMAGE = 128
-PROJECTIONS = 512
+PROJECTIONS = 128             # per level (the paper: 4 x 128 = 512; [metrics] swd_projections = 512 for its count)
 PROJECTION_CHUNK = 64        # directions projected at once (bounds memory: descriptors x chunk floats)
 SMALLEST_LEVEL = 16          # the paper's smallest pyramid level
 SMALLEST_LEVEL_SMALL_IMAGES = 8
@@ -157,11 +160,21 @@ def swd_per_level(samples: torch.Tensor, reference: torch.Tensor, seed: int = 0,
     return distances
 
 
+def reference_subset(reference: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """As many reference images as there are samples (a seeded random subset) when the reference is larger."""
+    if len(reference) <= count:
+        return reference
+    chosen = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:count]
+    return reference[chosen.sort().values]
+
+
 def sliced_wasserstein_patches(samples: torch.Tensor, reference: torch.Tensor, seed: int = 0,
                                projections: int = PROJECTIONS) -> float:
     """The SWD metric: uint8 (or float) N x C x H x W `samples` against `reference`, averaged over pyramid levels.
 
-    Pixel values are taken as they are (0..255 for uint8 images); the reference's per-channel statistics
-    normalise both sets, so the scale of the input does not matter."""
-    per_level = swd_per_level(samples, reference, seed, projections)
+    A reference larger than the sample set is cut to a seeded random subset of N images (the paper compares
+    equal numbers of real and generated images; the cost then grows with N, not with the data set). Pixel
+    values are taken as they are (0..255 for uint8 images); the reference's per-channel statistics normalise
+    both sets, so the scale of the input does not matter."""
+    per_level = swd_per_level(samples, reference_subset(reference, len(samples), seed), seed, projections)
     return sum(per_level) / len(per_level)
