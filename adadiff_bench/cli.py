@@ -19,6 +19,8 @@ EPILOG = textwrap.dedent("""\
     examples:
       adadiff-bench train --config configs/train_digits.toml     # (re)make the demo's digits U-ViT
       adadiff-bench run --config configs/demo.toml --overwrite    # sample, measure, write results/demo/
+      adadiff-bench run --config configs/demo.toml --dry-run      # the cells, files they load, estimated time
+      adadiff-bench init --data my_images/                        # a starter run config for your images
       adadiff-bench report results/demo --open                    # tables, figures, index.html in reports/demo/
       adadiff-bench leaderboard results/demo results/digits_full  # one table from several runs (same data, n)
       adadiff-bench methods                                       # list registered methods
