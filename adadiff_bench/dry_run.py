@@ -4,7 +4,7 @@ The config goes through the checks a run makes before its first sample (the ones
 before methods train on demand): methods, knobs, solvers, the network, the data and the feature extractors.
 Then it prints every cell (method, knobs, solver, steps, seed), the files each loads (path and SHA-256) or
 the training config it would train on demand, and an estimated time from one timed batch of `full` at the
-run's solver and steps. Nothing is written: no results folder, no training cache.
+run's solver and steps. Nothing is written: no results folder, no training cache, no Inception download.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .errors import UserError
 from .guidance import NO_GUIDANCE, check_guidance
 from .harness import Cell, check_memory, generate, plan_curves, reference_cell
 from .methods import get_method, make_params
-from .metrics.extractors import resolve_extractors
+from .metrics.extractors import INCEPTION, resolve_extractors
 from .metrics.quality import check_quality_inputs
 from .models.official import check_run_files, load_run_model, run_checkpoint, run_image_shape
 from .prompts import attach_prompts
@@ -63,8 +63,11 @@ def checked_run(config: RunConfig, where: str):
     check_matches_model(data, size, channels)
     if model.num_classes > 0 and data.labels is None:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
-    extractors = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, where)
-    check_quality_inputs(config.sampling.num_samples, data, config.metrics, extractors, where)
+    metrics = config.metrics
+    if metrics.inception == "download":  # (a dry run fetches nothing: the spaces are the ones on disk now)
+        metrics = dataclasses.replace(metrics, inception="auto")
+    extractors = resolve_extractors(tuple(data.images.shape[1:]), metrics, where)
+    check_quality_inputs(config.sampling.num_samples, data, metrics, extractors, where)
     return list(curves), model, params, data, extractors
 
 
@@ -137,6 +140,8 @@ def dry_run(config: RunConfig, where: str) -> None:
           f"{'x'.join(map(str, data.images.shape[1:]))}; {config.sampling.num_samples} samples per cell")
     print(f"quality metrics in: {', '.join(extractors)}" if extractors else
           "quality metrics: no feature extractor applies (see the note above)")
+    if config.metrics.inception == "download" and INCEPTION not in extractors:
+        print('inception = "download": the run will download the Inception weights (the dry run did not)')
     measured = probe(config, model)
     total_sampling = total_timing = 0.0
     print(f"{len(cells)} cells:")

@@ -59,6 +59,20 @@ def test_the_estimate_counts_the_image_steps_a_run_samples(tmp_path, tiny_checkp
     assert sum(sampled) == pytest.approx(expected)
 
 
+def test_a_dry_run_downloads_nothing(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from adadiff_bench.metrics import extractors
+
+    def no_download():
+        raise AssertionError("a dry run must not download")
+
+    monkeypatch.setattr(extractors, "download_inception_weights", no_download)
+    monkeypatch.setattr(extractors, "resolve_inception_weights", lambda config: None)  # none on disk
+    config = write_run_config(tmp_path, tiny_checkpoint,
+                              metrics='inception = "download"\nkid_subset_size = 16\nisc_splits = 2')
+    assert main(["run", "--config", str(config), "--dry-run", "--no-progress"]) == 0
+    assert 'the run will download the Inception weights (the dry run did not)' in capsys.readouterr().out
+
+
 def test_a_bad_config_still_stops_with_one_line(tmp_path, tiny_checkpoint, capsys):
     config = write_run_config(tmp_path, tiny_checkpoint, extra_methods='\n[[methods]]\nname = "adadif"\n')
     before = files_under(tmp_path)
