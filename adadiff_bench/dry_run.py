@@ -28,7 +28,7 @@ from .metrics.quality import check_quality_inputs
 from .models.official import check_run_files, load_run_model, run_checkpoint, run_image_shape
 from .prompts import attach_prompts
 
-PROBE_IMAGES = 16  # the timed batch (fewer when the run samples fewer, or in smaller batches)
+PROBE_IMAGES = 64  # the timed batch at most (the run's batch size when smaller: per-image cost depends on it)
 
 
 @dataclass
