@@ -1,10 +1,11 @@
-"""`adadiff-bench init --data PATH`: a starter run config for your own images, and the training config of
-its base model.
+"""`adadiff-bench init --data PATH`: a starter run config for your own images, and the training configs of
+its base model and of AdaDiff's estimators.
 
 The data (a folder of PNG/JPEG images or an .npz, read by `data.load_dataset`) fixes the image shape. The run
 config holds every built-in method that samples from the base model alone, each with a small sweep, checked
 against that model (a setting the model cannot take is left out, with the reason, as a comment); methods that
-need a network trained for them are listed in comments with the command that makes one. A comment names the
+need a network trained for them are listed in comments, except AdaDiff, whose estimators the run trains on
+demand from a training config written beside it (swept over target layer ratios). A comment names the
 feature space the quality metrics will use. Without `--checkpoint`, a U-ViT training config sized to the data is
 written beside the run config and the run config points at the checkpoint it exports.
 """
@@ -47,9 +48,9 @@ def sweeps(blocks: int) -> dict[str, dict[str, object]]:
     }
 
 
-# methods that sample with a network trained for them: the training table that makes it
-NEEDS_TRAINING = {"adadiff": "[adadiff]", "berxit": "[berxit]", "l2c": "[l2c]",
-                  "duodiff": "a second, shallow U-ViT ([model] depth)"}
+# methods that sample with a network trained for them (AdaDiff's is trained on demand): the table that makes it
+NEEDS_TRAINING = {"berxit": "[berxit]", "l2c": "[l2c]", "duodiff": "a second, shallow U-ViT ([model] depth)"}
+ADADIFF_TARGETS = [0.6, 0.8]  # layer ratios: each finds its own threshold on calibration samples
 
 
 def base_model_config(image_shape: tuple[int, int, int]) -> UViTConfig:
@@ -128,7 +129,8 @@ def _toml(value) -> str:
     return repr(value)
 
 
-def run_config_text(name: str, data: DataConfig, dataset: Dataset, checkpoint: str, model, trained_by: str) -> str:
+def run_config_text(name: str, data: DataConfig, dataset: Dataset, checkpoint: str, model, trained_by: str,
+                    adadiff_config: str) -> str:
     shape = tuple(dataset.images.shape[1:])
     lines = [f"# A starter run config for {data.path} ({len(dataset.images)} images, {'x'.join(map(str, shape))} CxHxW)"
              f", written by `adadiff-bench init`.",
@@ -139,11 +141,15 @@ def run_config_text(name: str, data: DataConfig, dataset: Dataset, checkpoint: s
              "[data]", f"name = {_toml(data.name)}", f"path = {_toml(data.path)}", "",
              "[sampling]", f"solver = {_toml(SOLVER)}", f"num_steps = {NUM_STEPS}", "num_samples = 1000",
              "batch_size = 250", "", "[metrics]", 'inception = "auto"',
-             *method_entries(model, "init"), ""]
+             *method_entries(model, "init"), "",
+             "# AdaDiff's estimators are trained on the base model when the run starts (once; cached in",
+             "# <results_dir>/.adadiff_cache); each target layer ratio finds its threshold on calibration samples",
+             "[[methods]]", 'name = "adadiff"', f"train = {_toml(adadiff_config)}",
+             f"target_layer_ratio = {_toml(ADADIFF_TARGETS)}", ""]
     for name_, table in NEEDS_TRAINING.items():
         if name_ in available_methods():
-            lines.append(f"# {name_}: needs a network trained for it; train one with a training config holding "
-                         f"{table} (see configs/ and `adadiff-bench methods {name_}`), then add a [[methods]] table")
+            lines.append(f"# {name_}: needs a network trained for it (a training config with {table}; "
+                         f"`adadiff-bench methods {name_}`)")
     return "\n".join(lines) + "\n"
 
 
@@ -157,25 +163,40 @@ def train_config_text(data: DataConfig, model: UViTConfig, export: str, out_dir:
             f"checkpoint_every = 250\nseed = 0\nout_dir = {_toml(out_dir)}\nexport = {_toml(export)}\n")
 
 
+def adadiff_config_text(data: DataConfig, base_checkpoint: str, name: str) -> str:
+    """AdaDiff's estimators on the frozen base model, the official estimator and loss (as the digits recipe)."""
+    return (f"# AdaDiff's estimators for {base_checkpoint}, written by `adadiff-bench init`; the run config trains\n"
+            f"# them on demand (or: adadiff-bench train --config <this file>)\n"
+            f"[data]\nname = {_toml(data.name)}\npath = {_toml(data.path)}\n\n"
+            f"[adadiff]\nbase_checkpoint = {_toml(base_checkpoint)}\nestimator = \"official\"\nheads = \"shared\"\n"
+            f"loss = \"official\"\nfreeze_backbone = true\n\n"
+            f"[train]\nsteps = 1500\nbatch_size = 128\nlr = 1e-3\nweight_decay = 0.0\nwarmup_steps = 50\n"
+            f"ema_decay = 0.995\ncheckpoint_every = 250\nseed = 0\nout_dir = {_toml(f'results/train/{name}_adadiff')}\n"
+            f"export = {_toml(f'checkpoints/{name}_adadiff.pt')}\n")
+
+
 def init(data_path: str, out: str | None = None, checkpoint: str | None = None, force: bool = False) -> list[Path]:
-    """Write the run config (and, without `checkpoint`, the base model's training config); returns their paths."""
+    """Write the run config, AdaDiff's training config and, without `checkpoint`, the base model's; returns
+    their paths."""
     data = data_config(data_path)
     dataset = load_dataset(data)
     name = Path(data_path.rstrip("/")).stem or "mydata"
     run_path = Path(out or f"configs/{name}.toml")
-    train_path = run_path.with_name(f"{run_path.stem}_train.toml")
-    targets = [run_path] if checkpoint else [run_path, train_path]
-    existing = [str(p) for p in targets if p.exists()]
+    base_path = run_path.with_name(f"{run_path.stem}_train.toml")
+    adadiff_path = run_path.with_name(f"{run_path.stem}_adadiff_train.toml")
+    existing = [str(p) for p in (run_path, adadiff_path, *([] if checkpoint else [base_path])) if p.exists()]
     if existing and not force:
         raise UserError(f"{', '.join(existing)} already exist(s); pass --force to overwrite or choose another --out")
+    texts = {}
     if checkpoint:
-        model = load_model(checkpoint)
-        texts = {run_path: run_config_text(name, data, dataset, checkpoint, model, "")}
+        base, model = checkpoint, load_model(checkpoint)
     else:
         architecture = base_model_config(tuple(dataset.images.shape[1:]))
-        export = f"checkpoints/{name}_uvit.pt"
-        texts = {train_path: train_config_text(data, architecture, export, f"results/train/{name}_uvit"),
-                 run_path: run_config_text(name, data, dataset, export, build_model(architecture), str(train_path))}
+        base, model = f"checkpoints/{name}_uvit.pt", build_model(architecture)
+        texts[base_path] = train_config_text(data, architecture, base, f"results/train/{name}_uvit")
+    texts[adadiff_path] = adadiff_config_text(data, base, name)
+    texts[run_path] = run_config_text(name, data, dataset, base, model, "" if checkpoint else str(base_path),
+                                      str(adadiff_path))
     for path, text in texts.items():
         atomic_write_bytes(path, text.encode())
     return list(texts)

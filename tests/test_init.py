@@ -29,20 +29,25 @@ def test_the_config_for_an_npz_loads_and_a_dry_run_accepts_it(tmp_path, capsys):
     save_checkpoint(base, build_model(RGB16), RGB16)
     out = tmp_path / "mine.toml"
     assert main(["init", "--data", str(rgb_npz(tmp_path)), "--out", str(out), "--checkpoint", str(base)]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    adadiff_config = tmp_path / "mine_adadiff_train.toml"
+    assert capsys.readouterr().out.strip().splitlines() == [f"wrote {adadiff_config}", f"wrote {out}"]
     assert not (tmp_path / "mine_train.toml").exists()  # a base model was given
+    adadiff_training = load_train_config(adadiff_config)
+    assert adadiff_training.task == "adadiff" and adadiff_training.task_config.base_checkpoint == str(base)
     text = out.read_text()
     assert "FID, IS, KID and precision/recall will be skipped" in text  # no extractor reads 3x16x16 here
     config = load_run_config(out)
     assert config.checkpoint == str(base) and config.data.name == "npz"
     written = {entry.name for entry in config.methods}
-    assert {"full", "deepcache", "teacache", "static-exit"} <= written
-    assert not written & {"adadiff", "berxit", "l2c", "duodiff"}  # they need networks trained for them
-    for name in ("adadiff", "berxit", "l2c", "duodiff"):
+    assert {"full", "adadiff", "deepcache", "teacache", "static-exit"} <= written
+    adadiff = next(entry for entry in config.methods if entry.name == "adadiff")
+    assert adadiff.params["train"] == str(adadiff_config)  # trained on demand by the run
+    assert not written & {"berxit", "l2c", "duodiff"}  # they need networks trained for them
+    for name in ("berxit", "l2c", "duodiff"):
         assert f"# {name}: needs a network trained for it" in text
     # every listed method is either a [[methods]] table or a comment saying why it was left out
     assert written | {line.split('"')[1] for line in text.splitlines() if line.startswith('# name = "')} \
-        == set(available_methods()) - {"adadiff", "berxit", "l2c", "duodiff"}
+        == set(available_methods()) - {"berxit", "l2c", "duodiff"}
     assert len(plan_curves(config, str(out))) > len(written)  # the sweeps expand
 
     config_text = text.replace('seeds = [0]', f'seeds = [0]\nresults_dir = "{tmp_path / "results"}"')
@@ -51,6 +56,7 @@ def test_the_config_for_an_npz_loads_and_a_dry_run_accepts_it(tmp_path, capsys):
     assert main(["run", "--config", str(out), "--dry-run", "--no-progress"]) == 0
     listed = capsys.readouterr().out
     assert f"{len(plan_curves(load_run_config(out)))} cells:" in listed
+    assert f"trains on demand from {adadiff_config} (1500 steps)" in listed
     assert not (tmp_path / "results").exists()
 
 
@@ -65,6 +71,8 @@ def test_without_a_checkpoint_a_training_config_sized_to_the_data_is_written(tmp
     check_matches_model(load_dataset(train_config.data), train_config.model.img_size, train_config.model.in_chans)
     run_config = load_run_config(out)
     assert run_config.checkpoint == train_config.train.export
+    adadiff_training = load_train_config(tmp_path / "configs" / "pngs_adadiff_train.toml")
+    assert adadiff_training.task_config.base_checkpoint == train_config.train.export  # built on the base it trains
     assert "will be computed in: digits-cnn" in out.read_text()  # 1x8x8 grey images: the digits classifier reads them
     static = next(entry for entry in run_config.methods if entry.name == "static-exit")
     blocks = train_config.model.depth + 1
@@ -79,6 +87,7 @@ def test_existing_files_are_kept_without_force(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "already exist" in err and "--force" in err
     assert out.read_text() == "# mine\n" and not (tmp_path / "mine_train.toml").exists()
+    assert not (tmp_path / "mine_adadiff_train.toml").exists()
     assert main(["init", "--data", str(data), "--out", str(out), "--force"]) == 0
     assert tomllib.loads(out.read_text())["data"]["path"] == str(data)
 
