@@ -10,8 +10,9 @@ noise are drawn by the CPU generator and then moved, so the data and noise never
 `out_dir/last.pt` holds the whole training state (model, EMA, optimiser, gradient scaler, generator,
 step, and the SHA-256 of the base checkpoint a method's task builds on) and is rewritten atomically every
 `checkpoint_every` steps; a rerun with the same config resumes from it, on any device, if the base file still
-has that hash (`restart=True` ignores the state and starts from step 0). At the end the EMA weights are written as a checkpoint (`out_dir/ema.pt`, and
-`export` in half precision when asked), which `adadiff_bench.load_model` reads. Everything saved holds
+has that hash (`restart=True` ignores the state and starts from step 0). At the end the EMA weights are
+written as a checkpoint (`out_dir/ema.pt`, and `export` in half precision when asked), which
+`adadiff_bench.load_model` reads; with `end_report`, a sample grid and the loss by timestep beside it. Everything saved holds
 CPU tensors, so a model trained on a GPU loads on a machine without one.
 """
 from __future__ import annotations

@@ -136,7 +136,8 @@ def test_the_evaluation_draw_stays_inside_its_buckets_and_uses_distinct_images()
 
 @pytest.mark.parametrize("count, channels", [(16, 1), (5, 3)])
 def test_the_grid_places_each_tile(count, channels):
-    tiles = torch.randint(0, 256, (count, channels, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 256, (count, channels, 8, 8), dtype=torch.uint8, generator=generator)
     grid = sample_grid(tiles)
     cols = int(np.ceil(np.sqrt(count)))
     rows = int(np.ceil(count / cols))
