@@ -21,7 +21,7 @@ from adadiff_bench.config import DataConfig, MetricsConfig, UViTConfig
 from adadiff_bench.data import load_dataset
 from adadiff_bench.metrics.classifier import ASSET_PATH
 from adadiff_bench.metrics.extractor_training import extractor_name, load_extractor, read_extractor_file
-from adadiff_bench.metrics.extractors import register_learned_extractor
+from adadiff_bench.metrics.extractors import forget_learned_extractors, register_learned_extractor
 from adadiff_bench.metrics.quality import ImageTensorDataset, compute_quality
 from conftest import write_run_config
 from test_security import plant
@@ -43,6 +43,13 @@ def png_folder(folder: Path, count: int = 40, seed: int = 0) -> Path:
     for i, image in enumerate(oriented_images(count, seed)):
         Image.fromarray(image).save(folder / f"{i:03d}.png")
     return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def forget_trained_spaces():
+    """The spaces these tests register stay out of the other test files' registry."""
+    yield
+    forget_learned_extractors()
 
 
 def train(data: Path, out: Path, capsys, *extra: str) -> list[str]:

@@ -345,10 +345,20 @@ def register_learned_extractor(path: str) -> ExtractorSpec:
     registered = _EXTRACTORS.get(meta["name"])
     if registered is not None and registered.weights(MetricsConfig(extractor=str(file)), "") is not None:
         return registered
-    spec = ExtractorSpec(meta["name"], meta["name"], weights=lambda config, where="": str(file)
-                         if config.extractor and Path(config.extractor).resolve() == file else None,
-                         channels=(meta["channels"],), size=(meta["height"], meta["width"]),
-                         roles=learned_feature_roles(meta), fidelity_class=LearnedExtractor,
-                         verify=read_extractor_file)
+
+    def weights(config: MetricsConfig, where: str = "") -> str | None:
+        """This file, for a run whose [metrics] extractor names it; otherwise the space is left out."""
+        return str(file) if config.extractor and Path(config.extractor).resolve() == file else None
+
+    spec = ExtractorSpec(meta["name"], meta["name"], weights=weights, channels=(meta["channels"],),
+                         size=(meta["height"], meta["width"]), roles=learned_feature_roles(meta),
+                         fidelity_class=LearnedExtractor, verify=read_extractor_file)
     _EXTRACTORS.pop(meta["name"], None)  # (the same name from another file of the same data: the newer one)
     return register_extractor(spec)
+
+
+def forget_learned_extractors() -> None:
+    """Unregister every trained feature space (a process that runs several configs, such as a test session)."""
+    for name in [name for name, spec in _EXTRACTORS.items() if spec.fidelity_class is LearnedExtractor]:
+        del _EXTRACTORS[name]
+        FEATURE_EXTRACTORS_REGISTRY.pop(name, None)
