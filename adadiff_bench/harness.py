@@ -389,6 +389,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     timings, peaks = world.gather(timing), world.gather(peak.mb)
     if not world.is_main:
         return None
+    if hasattr(method, "analyse"):  # a method's own analysis pass (AdaDiff's estimator quality): after, never timed
+        method.analyse(cell, s.batch_size, prep.precision)
     decoding = {}
     if prep.decoder is not None:  # latents -> images: a stage of its own, not in the network's MACs or time
         images, decoding = decode_stage(prep.decoder, images, s.batch_size, prep.device)

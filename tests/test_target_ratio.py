@@ -21,7 +21,10 @@ from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.config import UViTConfig
 from adadiff_bench.methods.adadiff import load_adadiff, save_adadiff
 from adadiff_bench.methods.adadiff.calibration import RESOLUTION, find_threshold
+from adadiff_bench.report.adadiff_figures import estimator_ablation
+from adadiff_bench.report.view import ReportView
 from conftest import REPO, TINY, write_run_config
+from test_figures_exits import captured, make_row  # noqa: F401 (a fixture and a row maker shared with them)
 
 FINETUNED = str(REPO / "checkpoints" / "adadiff_digits_finetuned.pt")
 SOLVER, STEPS, N = "dpm-solver++", 6, 16
@@ -176,3 +179,22 @@ def test_a_run_with_targets_writes_the_calibration_into_its_rows(tmp_path, one_t
         assert row["target_reached"] == (abs(row["calibration_layer_ratio"] - row["target_layer_ratio"]) <= 0.05)
         assert 0 <= row["calibrated_threshold"] <= 1
     assert frame[frame["method"] == "full"]["target_layer_ratio"].isna().all()
+
+
+def test_the_ablation_figure_plots_targets_and_rings_the_unreached_ones(captured, tmp_path):
+    """At matched compute a curve's points are its targets; a target calibration missed is ringed and counted."""
+    rows = [make_row(0, "full", {}, 1.0, fid=9.0)]
+    for estimator, reached_ratios in (("official", ((True, 0.79), (False, 0.52))), ("probe", ((True, 0.8), (True, 0.6)))):
+        for target, (reached, ratio) in zip((0.8, 0.6), reached_ratios):
+            row = make_row(1, "adadiff", {"estimator": estimator, "target_layer_ratio": target}, ratio,
+                           ["estimator", "target_layer_ratio"], fid=10.0 + target)
+            rows.append({**row, "target_reached": reached})
+    paths = estimator_ablation(ReportView(pd.DataFrame(rows)), tmp_path / "out")
+    assert paths and all(p.is_file() for p in paths)
+    figure = captured["estimator_ablation"]
+    [ax] = figure.axes
+    official, ring, probe, full = ax.lines
+    assert official.get_label() == "estimator = official (1 target not reached)"
+    assert ring.get_xdata().tolist() == [0.52] and ring.get_markerfacecolor() == "none"
+    assert probe.get_xdata().tolist() == [0.6, 0.8] and probe.get_ydata() == pytest.approx([10.6, 10.8])
+    assert "matched compute" in figure._suptitle.get_text()

@@ -25,7 +25,7 @@ import pandas as pd
 
 from ..plugins import load_plugins
 from ..results import make_dir
-from . import adadiff_figures, exit_figures, figures
+from . import adadiff_figures, estimator_quality, exit_figures, figures
 from .html import HtmlFigure, HtmlSection, HtmlTable, open_in_browser, write_html_report
 from .registry import (COMPUTE_SAVED, LEADERBOARD, MATCHED, QUALITY_VS_COST, SAMPLES, SECTIONS, SPEEDUP, UNCERTAINTY,
                        DrawnFigure, Figure, draw_figures, register_figure, registered_figures, section_titles)
@@ -52,6 +52,10 @@ register_figure("uncertainty_maps", adadiff_figures.uncertainty_maps,
                 "AdaDiff's per-pixel uncertainty at chosen steps", UNCERTAINTY, per_run=True)
 register_figure("estimator_ablation", adadiff_figures.estimator_ablation,
                 "Uncertainty-estimator ablation: FID against layer ratio", UNCERTAINTY, per_run=True)
+register_figure("estimator_quality", estimator_quality.estimator_quality,
+                "Estimator quality without thresholds (runs with quality_samples): rank correlation of uncertainty "
+                "with each exit's eps error, AUROC of 'within tolerance of full depth', calibration; the table is "
+                "estimator_quality.csv / .md", UNCERTAINTY, per_run=True)
 register_figure("samples_side_by_side", figures.sample_figures,
                 "The same samples (same seeds) under each setting", SAMPLES)
 

@@ -5,7 +5,8 @@ it wrote (PNG + PDF per figure) and returns [] when the run holds nothing it cou
 
     uncertainty_maps     AdaDiff's per-pixel uncertainty at a few exit points and recorded steps
                          (from the cells' `uncertainty_maps` artifact)
-    estimator_ablation   FID vs layer ratio for each ablated AdaDiff knob (estimator, backbone, loss)
+    estimator_ablation   FID vs layer ratio for each ablated AdaDiff knob (estimator, backbone, loss), along
+                         a threshold sweep or at matched compute (`target_layer_ratio`, unreached targets ringed)
 """
 from __future__ import annotations
 
@@ -164,10 +165,20 @@ def _reference_fid(frame: pd.DataFrame, fid: str, like: pd.DataFrame) -> float |
     return float(values.mean()) if len(values) else None
 
 
+def sweep_knob(group: pd.DataFrame) -> str:
+    """What a curve's points are set by: `target_layer_ratio` (matched compute) or `threshold`."""
+    return "target_layer_ratio" if any("target_layer_ratio" in knobs_of(row) for _, row in group.iterrows()) \
+        else "threshold"
+
+
 def _sweep_points(group: pd.DataFrame, fid: str) -> pd.DataFrame:
-    """Mean layer ratio and FID per threshold (over seeds), ordered by layer ratio."""
-    thresholds = [knobs_of(row).get("threshold", np.nan) for _, row in group.iterrows()]
-    points = group.assign(threshold=thresholds).groupby("threshold", dropna=False)[["layer_ratio", fid]].mean()
+    """Mean layer ratio and FID per threshold or target (over seeds), ordered by layer ratio; with targets,
+    `reached` says whether calibration reached each one (see AdaDiff's `target_layer_ratio`)."""
+    knob = sweep_knob(group)
+    setting = [knobs_of(row).get(knob, np.nan) for _, row in group.iterrows()]
+    reached = group["target_reached"].astype(bool) if "target_reached" in group.columns else True
+    grouped = group.assign(setting=setting, reached=reached).groupby("setting", dropna=False)
+    points = grouped[["layer_ratio", fid]].mean().join(grouped["reached"].all())
     return points.sort_values("layer_ratio")
 
 
@@ -176,7 +187,7 @@ def _label_thresholds(ax, points: pd.DataFrame, fid: str, index: int) -> None:
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     near = lambda a, b: abs(a[0] - b[0]) < 0.04 * (x1 - x0) and abs(a[1] - b[1]) < 0.05 * (y1 - y0)  # noqa: E731
     clusters: list[tuple[tuple[float, float], list]] = []
-    for threshold, p in points.iterrows():
+    for threshold, p in points.iterrows():  # (or target layer ratio)
         xy = (p["layer_ratio"], p[fid])
         if clusters and near(clusters[-1][0], xy):
             clusters[-1][1].append(threshold)
@@ -204,9 +215,16 @@ def estimator_ablation(view: ReportView, out: str | Path) -> list[Path]:
         curves = [(value, _sweep_points(group, fid)) for value, group in rows.groupby(knob, sort=False)]
         for i, (value, points) in enumerate(curves):
             never = " (never exits)" if np.allclose(points["layer_ratio"], 1.0) else ""
+            missed = int((~points["reached"]).sum())
+            missed_note = f" ({missed} target{'s' if missed > 1 else ''} not reached)" if missed else ""
             # earlier curves drawn with bigger markers, so that coinciding curves stay visible
-            ax.plot(points["layer_ratio"], points[fid], label=f"{knob} = {value}{never}",
-                    **{**style(i), "markersize": 3.0 + 1.0 * (len(curves) - 1 - i)})
+            size = 3.0 + 1.0 * (len(curves) - 1 - i)
+            ax.plot(points["layer_ratio"], points[fid], label=f"{knob} = {value}{never}{missed_note}",
+                    **{**style(i), "markersize": size})
+            if missed:  # a target the estimator could not reach: a hollow ring around the point it got instead
+                off = points[~points["reached"]]
+                ax.plot(off["layer_ratio"], off[fid], linestyle="none", marker="o", markersize=size + 4,
+                        markerfacecolor="none", markeredgecolor=style(i)["color"], markeredgewidth=0.8)
         if reference is not None:
             ax.axhline(reference, color="0.3", linestyle="--", linewidth=0.9, label=f"full ({reference:.2f})")
         low = min(0.9, float(rows["layer_ratio"].min()) - 0.05)
@@ -217,6 +235,10 @@ def estimator_ablation(view: ReportView, out: str | Path) -> list[Path]:
         ax.set_xlabel("layer ratio (fraction of blocks run)")
         ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     axes[0, 0].set_ylabel(axis_label(fid, n))
-    fig.suptitle("AdaDiff ablation: FID vs layer ratio along the threshold sweep (points labelled by threshold)",
-                 fontsize=7.5)
+    if sweep_knob(pd.concat(knobs.values())) == "target_layer_ratio":
+        title = ("AdaDiff ablation at matched compute: FID vs layer ratio reached, points labelled by target "
+                 "layer ratio (ringed: target not reached on calibration)")
+    else:
+        title = "AdaDiff ablation: FID vs layer ratio along the threshold sweep (points labelled by threshold)"
+    fig.suptitle(title, fontsize=7.5)
     return save(fig, out, "estimator_ablation")

@@ -47,10 +47,12 @@ from ..prefix_exit import check_architecture
 from ..registry import Method, PrepareContext, register_method
 from .calibration import DEFAULT_CALIBRATION_SEED, ThresholdSearch, find_threshold
 from .checkpoint import FORMAT, OFFICIAL_FORMAT
+from .quality import QUALITY_ARTIFACT, quality_pass
 from .estimators import ESTIMATORS
 from .training import AdaDiffTrainConfig, adadiff_task
 
 OVERRIDES = ("estimator", "loss", "backbone", "heads", "timestep_weights")
+_QUALITY_PASSES: dict[tuple, dict[str, np.ndarray]] = {}  # estimator-quality passes of this process, by setting
 
 
 @dataclass
@@ -98,6 +100,10 @@ class AdaDiffParams:
                               "(for the report's map figure); \"\" = none",
                           valid="comma-separated step indices >= 0, e.g. \"0,12,24\"")
     map_samples: int = knob(8, "how many samples (the first ones) get uncertainty maps", at_least=1)
+    # estimator quality without thresholds: a separate analysis pass after sampling (see `quality`)
+    quality_samples: int = knob(0, "after sampling, draw this many of the cell's samples again at full depth and "
+                                   "record every exit's uncertainty and true eps error (the report's "
+                                   "estimator_quality table and figure); 0 = no analysis", at_least=0)
 
     exclusive_keys = (("threshold", "target_layer_ratio"),)  # a target finds its own threshold
 
@@ -119,6 +125,8 @@ class AdaDiffParams:
             steps = parse_steps(self.map_steps)
         except ValueError:
             raise UserError(f"{where}: map_steps must list step indices like \"0,12,24\" (got {self.map_steps!r})") from None
+        if self.quality_samples < 0:
+            raise UserError(f"{where}: quality_samples must be >= 0 (got {self.quality_samples}); 0 turns it off")
         if any(step < 0 for step in steps) or self.map_samples < 1:
             raise UserError(f"{where}: map_steps must be >= 0 and map_samples >= 1")
         if self.backbone not in ("", "frozen", "fine-tuned"):
@@ -217,6 +225,9 @@ class AdaDiff(Method):
 
         search = find_threshold(layer_ratio_at, params.target_layer_ratio, params.target_tolerance,
                                 exits_grow_with_threshold=params.threshold_kind == "uncertainty")
+        print(f"{where}: target layer ratio {search.target}: threshold {search.threshold:.6g} reached "
+              f"{search.layer_ratio:.3f} on {params.calibration_samples} calibration images "
+              f"({len(search.evaluations)} runs){'' if search.reached else ' - TARGET NOT REACHED'}", flush=True)
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(AdaDiffParams)}
         return CalibratedParams(**{**fields, "threshold": search.threshold}, search=search)
 
@@ -241,6 +252,7 @@ class AdaDiff(Method):
         self._maps: dict[int, np.ndarray] = {}
         self._inputs: dict[int, np.ndarray] = {}
         self._map_timesteps: dict[int, float] = {}
+        self._quality: dict[str, np.ndarray] | None = None
 
     def exits(self, uncertainty: np.ndarray) -> np.ndarray:
         """Per active sample (host float32 uncertainties): does it pass the threshold at this exit point?
@@ -305,7 +317,20 @@ class AdaDiff(Method):
         sample_ids = ctx.rows[active.numpy()[keep]]
         self._maps[ctx.step][sample_ids, exit_point - 1] = u.float().cpu().numpy()
 
+    def analyse(self, cell, batch_size: int, precision: str = "fp32") -> None:
+        """The estimator-quality pass (`quality_samples` > 0): after sampling, never timed (see `quality`).
+        It does not depend on the threshold, so cells that differ only in when to exit share one pass."""
+        n = self.params.quality_samples
+        if n > 0:
+            key = (self.params.checkpoint, cell.solver, cell.num_steps, cell.schedule, cell.guidance, cell.seed, n,
+                   precision)
+            if key not in _QUALITY_PASSES:
+                _QUALITY_PASSES[key] = quality_pass(self.net, cell, n, batch_size, precision)
+            self._quality = _QUALITY_PASSES[key]
+
     def restore_artifacts(self, artifacts: dict[str, dict]) -> None:
+        if QUALITY_ARTIFACT in artifacts:
+            self._quality = {key: np.array(value) for key, value in artifacts[QUALITY_ARTIFACT].items()}
         maps = artifacts.get("uncertainty_maps")
         if maps is None:
             return
@@ -314,10 +339,11 @@ class AdaDiff(Method):
             self._map_timesteps[step] = float(maps["timesteps"][i])
 
     def artifacts(self) -> dict[str, dict]:
+        quality = {QUALITY_ARTIFACT: self._quality} if self._quality is not None else {}
         if not self._maps:
-            return {}
+            return quality
         steps = sorted(self._maps)
-        return {"uncertainty_maps": {
+        return {**quality, "uncertainty_maps": {
             "steps": np.array(steps), "timesteps": np.array([self._map_timesteps[s] for s in steps]),
             "maps": np.stack([self._maps[s] for s in steps]),       # step, sample, exit point, C, H, W
             "inputs": np.stack([self._inputs[s] for s in steps]),   # the noisy model input at that step
