@@ -23,7 +23,7 @@ from .tables import axis_label, knobs_of
 from .view import ReportView
 
 UNCERTAINTY_MAPS = "uncertainty_maps"  # the artifact AdaDiff saves per cell
-ABLATED_KNOBS = ("estimator", "backbone", "loss")
+ABLATED_KNOBS = ("estimator", "backbone", "loss", "target_space")
 
 
 # ---- per-pixel uncertainty maps ------------------------------------------------------------------

@@ -51,7 +51,7 @@ from .quality import QUALITY_ARTIFACT, quality_pass
 from .estimators import ESTIMATORS
 from .training import AdaDiffTrainConfig, adadiff_task
 
-OVERRIDES = ("estimator", "loss", "backbone", "heads", "timestep_weights")
+OVERRIDES = ("estimator", "loss", "backbone", "heads", "timestep_weights", "target_space")
 _QUALITY_PASSES: dict[tuple, dict[str, np.ndarray]] = {}  # estimator-quality passes of this process, by setting
 
 
@@ -95,6 +95,8 @@ class AdaDiffParams:
                       needs=("train",))
     timestep_weights: str = knob("", "override of [adadiff] timestep_weights; \"\" = the config's",
                                  choices=("", "shared", "bucketed"), needs=("train",))
+    target_space: str = knob("", "override of [adadiff] target_space (the pseudo-label in \"eps\" or \"x0\" space); "
+                                 "\"\" = the config's", choices=("", "eps", "x0"), needs=("train",))
     # per-pixel uncertainty maps saved with the cell: sampling-step indices ("0,12,24") and how many samples
     map_steps: str = knob("", "sampling-step indices whose per-pixel uncertainty maps are saved with the cell "
                               "(for the report's map figure); \"\" = none",
@@ -157,7 +159,7 @@ def on_demand_config(params: AdaDiffParams, where: str = "adadiff"):
     if config.task != "adadiff":
         raise UserError(f"{where}: {params.train} has no [adadiff] table; point `train` at an AdaDiff training config")
     overrides = {"estimator": params.estimator, "loss": params.loss, "heads": params.heads,
-                 "timestep_weights": params.timestep_weights}
+                 "timestep_weights": params.timestep_weights, "target_space": params.target_space}
     for key, value in overrides.items():
         if value:
             setattr(config.task_config, key, value)

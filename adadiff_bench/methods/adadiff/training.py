@@ -6,6 +6,8 @@ per-sample estimators), detached. Two forms, as in ADADIFF.md:
 - official: L_u = mean_i ||u_i - u_hat_i||^2; L_UAL = sum_i w_i ||g_i(L_i) - eps||^2 with w_i the
             batch-mean certainty (1 - u_i) of exit i, normalised to sum to 1 over exits, not detached
             unless `detach_weights`.
+`target_space = "x0"` (an ablation) measures the pseudo-label in x0 space instead:
+u_hat_i = tanh(|g_i - eps| sigma_t / alpha_t), the exit's error on the clean image it implies.
 (||.||^2 is a mean over pixels and batch.) With `freeze_backbone`, everything of the base model, its
 final head included, stays fixed: only the estimators (and per-exit heads, if chosen) train.
 """
@@ -50,24 +52,39 @@ class AdaDiffTrainConfig:
                                        "(and per-exit heads) train")
     lambda_u: float = knob(1.0, "weight lambda of the uncertainty-regression term L_u", at_least=0)
     beta_ual: float = knob(1.0, "weight beta of the uncertainty-aware layer loss L_UAL", at_least=0)
+    target_space: str = knob("eps", "what the pseudo-label u_hat measures: \"eps\" (tanh|g_i - eps|, the paper's) or "
+                                    "\"x0\" (the exit's error in x0 space, tanh(|g_i - eps| sigma_t / alpha_t): a "
+                                    "timestep-aware target, an ablation)", choices=("eps", "x0"))
 
     def validate(self, where: str) -> None:
         if self.loss not in ("official", "paper"):
             raise UserError(f"{where}: loss must be 'official' or 'paper' (got {self.loss!r})")
+        if self.target_space not in ("eps", "x0"):
+            raise UserError(f"{where}: target_space must be 'eps' or 'x0' (got {self.target_space!r})")
         if self.lambda_u < 0 or self.beta_ual < 0:
             raise UserError(f"{where}: lambda_u and beta_ual must be >= 0")
         AdaDiffConfig(self.estimator, self.heads, self.timestep_weights).validate(where)
 
 
-def uncertainty_targets(predictions: list[torch.Tensor], eps: torch.Tensor, per_pixel: bool) -> list[torch.Tensor]:
-    """u_hat_i = tanh(|g_i - eps|), per pixel or its per-sample mean; no gradient."""
-    targets = [torch.tanh((p - eps).abs()).detach() for p in predictions]
+def uncertainty_targets(predictions: list[torch.Tensor], eps: torch.Tensor, per_pixel: bool,
+                        error_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """u_hat_i = tanh(|g_i - eps| * error_scale), per pixel or its per-sample mean; no gradient.
+    `error_scale` (B,): None for the eps-space target, `x0_error_scale` for the x0-space one."""
+    scale = 1.0 if error_scale is None else error_scale.view(-1, *([1] * (eps.dim() - 1)))
+    targets = [torch.tanh((p - eps).abs() * scale).detach() for p in predictions]
     return targets if per_pixel else [u.flatten(1).mean(1) for u in targets]
 
 
-def adadiff_losses(predictions, uncertainties, eps, cfg: AdaDiffTrainConfig, per_pixel: bool) -> dict[str, torch.Tensor]:
-    """The three terms and their weighted total, for one batch."""
-    targets = uncertainty_targets(predictions, eps, per_pixel)
+def x0_error_scale(alpha_bar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sigma_t / alpha_t per sample: x0_hat = (x_t - sigma_t eps_hat) / alpha_t, so |x0_hat - x0| = that |eps_hat - eps|."""
+    a = alpha_bar[t.cpu()].double()
+    return ((1 - a) / a).sqrt().float().to(t.device)
+
+
+def adadiff_losses(predictions, uncertainties, eps, cfg: AdaDiffTrainConfig, per_pixel: bool,
+                   error_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The three terms and their weighted total, for one batch (`error_scale`: see `uncertainty_targets`)."""
+    targets = uncertainty_targets(predictions, eps, per_pixel, error_scale)
     simple = (predictions[-1] - eps).pow(2).mean()
     u_terms = torch.stack([(u - u_hat).pow(2).mean() for u, u_hat in zip(uncertainties, targets)])
     errors = [(p - eps).pow(2) for p in predictions]
@@ -103,7 +120,8 @@ def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         t, eps, xt = add_noise(x0, generator, alpha_bar)
         predictions, uncertainties = net.all_exits(xt, t, y, backbone_grad=not cfg.freeze_backbone)
         predictions, uncertainties = [p.float() for p in predictions], [u.float() for u in uncertainties]
-        return adadiff_losses(predictions, uncertainties, eps, cfg, net.estimator.per_pixel)["total"]
+        scale = x0_error_scale(alpha_bar, t) if cfg.target_space == "x0" else None
+        return adadiff_losses(predictions, uncertainties, eps, cfg, net.estimator.per_pixel, scale)["total"]
 
     def export(path, ema, meta, half):
         save_adadiff(path, ema, backbone.config, {**meta, "base_checkpoint": cfg.base_checkpoint,
