@@ -32,7 +32,7 @@ from .tables import knobs_of
 from .view import ReportView
 
 QUALITY_ARTIFACT = "estimator_quality"
-TOLERANCES = (0.02, 0.05, 0.1, 0.2, 0.5)   # swept tolerances on the mean |eps_exit - eps_full| of a sample
+TOLERANCES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # swept tolerances on the mean |eps_exit - eps_full| of a sample
 NUM_BUCKETS = 5                            # timestep buckets: the sampling steps cut into this many runs
 # knobs that decide when to exit or what to record, not what the estimator predicts: one analysis per setting
 DECISION_KNOBS = ("threshold", "threshold_kind", "rule", "patience", "target_layer_ratio", "target_tolerance",
