@@ -16,11 +16,13 @@ _HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> it
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors of a state dict, by name in sorted order (floats as float32, on the CPU)."""
+    """SHA-256 over the tensors of a state dict, by name in sorted order (floats as float32, on the CPU).
+
+    Equal weights hash alike: -0.0 counts as 0.0 (an EMA over a frozen weight can flip the sign of a zero)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu()
-        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        tensor = tensor.float() + 0.0 if tensor.is_floating_point() else tensor  # (-0.0 + 0.0 = +0.0)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()

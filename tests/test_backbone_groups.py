@@ -9,11 +9,12 @@ import pandas as pd
 import torch
 
 from adadiff_bench.backbone_id import backbone_hash, method_backbone, weights_hash
+from adadiff_bench.checkpoints import load_model
 from adadiff_bench.methods import get_method, make_params
-from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff, save_adadiff
+from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff, load_adadiff, save_adadiff
 from adadiff_bench.report import figures, load_runs
 from adadiff_bench.report.tables import group_notes, leaderboard
-from conftest import TINY
+from conftest import REPO, TINY
 from test_figures_fit import texts_outside_the_canvas
 from test_report_tables import fake_run, skyline
 
@@ -52,6 +53,18 @@ def test_estimators_do_not_change_the_backbone_hash_but_a_backbone_weight_does(t
     changed[name].view(-1)[0] += 1e-3  # one weight of one tensor
     assert hash_through_method(tmp_path, adadiff_on(changed, 1), "tuned") != frozen
     assert weights_hash(changed) != weights_hash(state)
+
+
+def test_a_zero_of_either_sign_hashes_alike_and_the_shipped_frozen_adadiff_shares_the_base_models_group():
+    """The shipped frozen AdaDiff's backbone equals the base model's weights but for the sign of one zero (its
+    EMA over a frozen weight flipped it); the fine-tuned network is a backbone of its own."""
+    state = {"w": torch.tensor([0.0, 1.5, -2.0])}
+    assert weights_hash(state) == weights_hash({"w": torch.tensor([-0.0, 1.5, -2.0])})
+    assert weights_hash(state) != weights_hash({"w": torch.tensor([0.0, 1.5, 2.0])})
+    base = backbone_hash(load_model(REPO / "checkpoints" / "uvit_digits.pt"))
+    frozen, tuned = (backbone_hash(load_adadiff(REPO / "checkpoints" / f"adadiff_digits_{kind}.pt").backbone)
+                     for kind in ("frozen", "finetuned"))
+    assert frozen == base != tuned
 
 
 # ---- the leaderboard: groups, dFID, Pareto marks ---------------------------------------------------
