@@ -121,6 +121,9 @@ def with_comparisons(board: pd.DataFrame, seed_values, fid: str, level: float) -
     ref = reference.clip(lower=0).to_numpy()
     dfid = np.where(has_full, board[fid].to_numpy(float) - board[fid].to_numpy(float)[ref], np.nan)
     board.insert(board.columns.get_loc(fid) + 1, "dfid", dfid)
+    others = [c for c in board.columns if c not in (low, high)]
+    at = others.index("dfid") + 1
+    board = board[others[:at] + [low, high] + others[at:]]  # FID's interval shown beside dFID
     same = has_full & (ref != np.arange(len(board)))
     board["vs_full_unresolved"] = same & overlaps(board[low], board[high], board[low].to_numpy()[ref],
                                                   board[high].to_numpy()[ref])
