@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import itertools
 from pathlib import Path
@@ -80,8 +81,7 @@ def feature_space_note(image_shape: tuple[int, int, int]) -> list[str]:
              "# were not found): FID, IS, KID and precision/recall will be skipped"]
     if "swd" in {f.name for f in dataclasses.fields(MetricsConfig)} and min(image_shape[1:]) >= 8:
         lines.append("# the sliced Wasserstein distance ([metrics] swd, no network needed) is computed instead")
-    from .cli import COMMANDS
-    if "train-extractor" in COMMANDS:
+    if importlib.util.find_spec("adadiff_bench.metrics.extractor_training") is not None:  # (`train-extractor`)
         lines.append("# for FID in a feature space of your data: adadiff-bench train-extractor --data <this data>")
     return lines
 
