@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 NEIGHBOURHOOD = 7            # pixels on a side of each descriptor
 PATCHES_PER_IMAGE = 128
-PROJECTIONS = 128             # per level (the paper: 4 x 128 = 512; [metrics] swd_projections = 512 for its count)
+PROJECTIONS = 128            # per level (the paper: 4 x 128 = 512; [metrics] swd_projections = 512 for its count)
 PROJECTION_CHUNK = 64        # directions projected at once (bounds memory: descriptors x chunk floats)
 SMALLEST_LEVEL = 16          # the paper's smallest pyramid level
 SMALLEST_LEVEL_SMALL_IMAGES = 8
