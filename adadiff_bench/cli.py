@@ -117,18 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--replace-packaged-asset", action="store_true",
                         help="overwrite the packaged asset adadiff_bench/assets/digits_cnn.pt")
 
-    init = commands.add_parser(
-        "init", help="write a starter run config (and its base model's training config) for your images",
-        description="Inspect a folder of PNG/JPEG images or an .npz (uint8 NHWC) and write a run config with every "
-                    "method that needs only the base model, each with a small sweep checked against it, and a "
-                    "comment naming the feature space its quality metrics will use. Without --checkpoint, a U-ViT "
-                    "training config sized to the data is written beside it (<out stem>_train.toml). Existing "
-                    "files are kept unless --force.")
-    init.add_argument("--data", required=True, metavar="PATH", help="a folder of images or an .npz file")
-    init.add_argument("--out", metavar="FILE", help="the run config to write (default: configs/<data name>.toml)")
-    init.add_argument("--checkpoint", metavar="PATH", help="an existing base model (no training config is written)")
-    init.add_argument("--force", action="store_true", help="overwrite existing files")
-
     learned = commands.add_parser(
         "train-extractor", help="train a feature space (FID, KID, PRC) on a run's reference data",
         description="Train a small CNN on the reference images of a run config (or of --data): a classifier when "
@@ -143,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     learned.add_argument("--steps", type=int, default=400, help="optimiser steps of 64 images (default: 400)")
     learned.add_argument("--seed", type=int, default=0, help="seed of the split, the batches and the weights")
     learned.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    init = commands.add_parser(
+        "init", help="write a starter run config (and its base model's training config) for your images",
+        description="Inspect a folder of PNG/JPEG images or an .npz (uint8 NHWC) and write a run config with every "
+                    "method that needs only the base model, each with a small sweep checked against it, and a "
+                    "comment naming the feature space its quality metrics will use. Without --checkpoint, a U-ViT "
+                    "training config sized to the data is written beside it (<out stem>_train.toml). Existing "
+                    "files are kept unless --force.")
+    init.add_argument("--data", required=True, metavar="PATH", help="a folder of images or an .npz file")
+    init.add_argument("--out", metavar="FILE", help="the run config to write (default: configs/<data name>.toml)")
+    init.add_argument("--checkpoint", metavar="PATH", help="an existing base model (no training config is written)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
 
     methods = commands.add_parser("methods", help="list the registered methods, or one method's knobs",
                                   description="Without NAME, list the registered methods. With NAME, print that "
