@@ -17,16 +17,11 @@ import torch
 
 from .checkpoints import sha256_file
 from .config import RunConfig, timed_samples
-from .data import check_matches_model, load_dataset
 from .device import check_precision_on, resolve_device
 from .errors import UserError
-from .guidance import NO_GUIDANCE, check_guidance
-from .harness import Cell, check_memory, generate, plan_curves, reference_cell
-from .methods import get_method, make_params
-from .metrics.extractors import INCEPTION, resolve_extractors
-from .metrics.quality import check_quality_inputs
-from .models.official import check_run_files, load_run_model, run_checkpoint, run_image_shape
-from .prompts import attach_prompts
+from .harness import Cell, checked_inputs, generate, plan_curves, reference_cell
+from .metrics.extractors import INCEPTION
+from .models.official import check_run_files, run_checkpoint
 
 PROBE_IMAGES = 64  # the timed batch at most (the run's batch size when smaller: per-image cost depends on it)
 
@@ -46,28 +41,10 @@ def checked_run(config: RunConfig, where: str):
     curves = plan_curves(config, where)
     device = resolve_device(config.device, f"{where}: device")
     check_precision_on(config.precision, device, f"{where}: precision")
-    model = load_run_model(config, where).to(device)
-    attach_prompts(model, config.sampling.prompts, config.sampling.guidance != NO_GUIDANCE, where)
-    check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
-    timed = timed_samples(config.timing, config.sampling.num_samples) if config.timing.enabled else 0
-    check_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves), model.num_blocks,
-                 model.in_chans * model.img_size ** 2, where)
-    params = {}
-    for cell, (entry, _) in curves.items():
-        cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
-        params[cell] = make_params(cls, dict(cell.params), place)
-        cls.check(params[cell], model, place)
-        cls.check_schedule(params[cell], cell.solver, cell.num_steps, place)
-    data = load_dataset(config.data)
-    channels, size, _ = run_image_shape(config, model)
-    check_matches_model(data, size, channels)
-    if model.num_classes > 0 and data.labels is None:
-        raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
     metrics = config.metrics
     if metrics.inception == "download":  # (a dry run fetches nothing: the spaces are the ones on disk now)
         metrics = dataclasses.replace(metrics, inception="auto")
-    extractors = resolve_extractors(tuple(data.images.shape[1:]), metrics, where)
-    check_quality_inputs(config.sampling.num_samples, data, metrics, extractors, where)
+    model, params, data, extractors = checked_inputs(config, curves, device, where, metrics)
     return list(curves), model, params, data, extractors
 
 

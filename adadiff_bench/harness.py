@@ -173,6 +173,21 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     device = resolve_device(config.device, f"{where}: device")
     check_precision_on(config.precision, device, f"{where}: precision")
     determinism = set_deterministic(device, config.deterministic)
+    model, params, data, extractors = checked_inputs(config, curves, device, where, config.metrics)
+    context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
+    params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
+    params = agree(world, lambda: calibrate_methods(params, curves, model, config, where))
+    decoder = load_run_decoder(config, device)
+    decode_macs = decoder.macs_per_image((model.in_chans, model.img_size, model.img_size)) if decoder else 0.0
+    return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
+                    sha256_file(run_checkpoint(config)), params, device, config.precision, determinism,
+                    decoder, decode_macs)
+
+
+def checked_inputs(config: RunConfig, curves: dict, device: torch.device, where: str, metrics) -> tuple:
+    """(model on `device`, each cell's knobs, data, feature extractors) after every check a run makes before
+    methods prepare: prompts, guidance, memory, each cell's knobs against the model, the data against the model,
+    the metrics' inputs (`metrics` may differ from the config's: a dry run resolves no download)."""
     model = load_run_model(config, where).to(device)
     attach_prompts(model, config.sampling.prompts, config.sampling.guidance != NO_GUIDANCE, where)
     check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
@@ -190,16 +205,9 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
     check_matches_model(data, size, channels)
     if model.num_classes > 0 and data.labels is None:
         raise UserError(f"{where}: the model is class-conditional but data set {data.name!r} has no labels")
-    extractors = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, where)
-    check_quality_inputs(config.sampling.num_samples, data, config.metrics, extractors, where)
-    context = PrepareContext(Path(config.results_dir) / ".adadiff_cache", progress and world.is_main)
-    params = agree(world, lambda: prepare_methods(params, curves, model, context, where))
-    params = agree(world, lambda: calibrate_methods(params, curves, model, config, where))
-    decoder = load_run_decoder(config, device)
-    decode_macs = decoder.macs_per_image((model.in_chans, model.img_size, model.img_size)) if decoder else 0.0
-    return Prepared(model, data, unit_costs(model), list(curves), curves, extractors,
-                    sha256_file(run_checkpoint(config)), params, device, config.precision, determinism,
-                    decoder, decode_macs)
+    extractors = resolve_extractors(tuple(data.images.shape[1:]), metrics, where)
+    check_quality_inputs(config.sampling.num_samples, data, metrics, extractors, where)
+    return model, params, data, extractors
 
 
 def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, where: str) -> dict:
