@@ -400,10 +400,11 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     if hasattr(method, "analyse"):  # a method's own analysis pass (AdaDiff's estimator quality): after, never timed
         method.analyse(cell, s.batch_size, prep.precision)
     decoding = {}
-    if prep.decoder is not None:  # latents -> images: a stage of its own, not in the network's MACs or time
-        images, decoding = decode_stage(prep.decoder, images, s.batch_size, prep.device)
-    finite = bool(torch.isfinite(images).all())
-    samples = to_uint8(torch.nan_to_num(images))
+    if prep.decoder is not None:  # latents -> uint8 images: a stage of its own, not in the network's MACs or time
+        samples, finite, decoding = decode_stage(prep.decoder, images, s.batch_size, prep.device)
+    else:
+        finite = bool(torch.isfinite(images).all())
+        samples = to_uint8(torch.nan_to_num(images))
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "family": method.family, "params": cell.params_json, "solver": cell.solver,
            "num_steps": cell.num_steps, "num_samples": s.num_samples, "seed": cell.seed,

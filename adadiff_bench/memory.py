@@ -77,11 +77,12 @@ def sampling_bytes(num_samples: int, num_steps: int, num_blocks: int, network_va
     three int16 and a float64 per step); a pixel model's output (`network_values` per image: float32 batches, their
     concatenation and a NaN-free copy, then uint8: 13 bytes a value). A latent model (`image_values` per decoded
     image) holds its float32 latent batches and their concatenation (8 bytes a latent value), then its decoded
-    images as a pixel model holds its output."""
+    images as uint8, each batch converted as soon as it is decoded (1 byte a value; one batch of float32 images
+    at a time is left out)."""
     per_sample = num_steps * (num_blocks + 14)
     if image_values is None:
         return num_samples * (per_sample + 13 * network_values)
-    return num_samples * (per_sample + 8 * network_values + 13 * image_values)
+    return num_samples * (per_sample + 8 * network_values + image_values)
 
 
 def machine_memory_bytes() -> int | None:

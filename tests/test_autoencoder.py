@@ -102,3 +102,20 @@ def test_a_file_of_another_layout_is_one_line(tmp_path):
     with pytest.raises(UserError) as error:
         load_autoencoder(str(path), 0.18215, SMALL)
     assert len(str(error.value).splitlines()) == 1 and "autoencoder_kl.pth" in str(error.value)
+
+
+def test_the_decode_stage_keeps_uint8_images_and_says_when_a_value_was_not_finite(small_release):
+    from adadiff_bench.data import to_uint8
+    from adadiff_bench.models.autoencoder import decode_stage
+
+    _, path = small_release
+    decoder = LatentDecoder(load_autoencoder(str(path), 0.18215, SMALL), 0.18215)
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        samples, finite, info = decode_stage(decoder, latents, batch_size=2)
+        expected = to_uint8(decoder.decode(latents, batch_size=2))  # decoded whole in float, then converted
+    assert samples.dtype == torch.uint8 and finite and torch.equal(samples, expected)
+    assert info["decode_time_per_image_s"] > 0
+    latents[3, 0, 0, 0] = float("nan")  # one bad latent in the second batch
+    with torch.no_grad():
+        assert decode_stage(decoder, latents, batch_size=2)[1] is False

@@ -92,11 +92,19 @@ class LatentDecoder:
 
 
 def decode_stage(decoder: LatentDecoder, latents: torch.Tensor, batch_size: int,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict]:
-    """A cell's latents decoded as a stage of its own: (images, its wall-clock time per image and peak memory)."""
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, bool, dict]:
+    """A cell's latents decoded as a stage of its own: (uint8 NHWC-ready images, whether every decoded value was
+    finite, its wall-clock time per image and peak memory). Each batch becomes uint8 as soon as it is decoded, so
+    a cell holds 1 byte per image value, not float32's 4 (50,000 images at 256 px: 9 GiB, not 37)."""
+    from ..data import to_uint8
     from ..memory import PeakMemory
+    parts, finite = [], True
     with PeakMemory(device) as peak:
         start = time.perf_counter()
-        images = decoder.decode(latents, batch_size)  # ends with a copy to the CPU: the device is done
+        for part in latents.split(batch_size):
+            images = decoder.decode(part, batch_size)  # ends with a copy to the CPU: the device is done
+            finite = finite and bool(torch.isfinite(images).all())
+            parts.append(to_uint8(torch.nan_to_num(images)))
         seconds = time.perf_counter() - start
-    return images, {"decode_time_per_image_s": seconds / max(len(latents), 1), "decode_peak_mem_mb": peak.mb}
+    info = {"decode_time_per_image_s": seconds / max(len(latents), 1), "decode_peak_mem_mb": peak.mb}
+    return torch.cat(parts), finite, info
