@@ -155,8 +155,9 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     else:
         start_step = _resume(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, base, log)
 
+    end_step = start_step if log.should_stop() else cfg.steps  # (a rerun of a training that stopped early)
     model.train()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.steps, desc="train",
                disable=not progress, mininterval=2.0)
     started = time.perf_counter()
     for step in bar:
@@ -190,7 +191,7 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
                   f"evaluations: stopping at step {steps_run} of {cfg.steps}")
             break
     else:
-        steps_run = cfg.steps
+        steps_run = end_step
     bar.close()
 
     meta = {"steps": steps_run, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,

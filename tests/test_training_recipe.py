@@ -107,6 +107,9 @@ def test_a_training_that_cannot_improve_stops_and_records_why(tmp_path, capsys):
     assert [step for step, _ in meta["held_out_loss"]] == [2, 4, 6]
     assert meta["ema_start_share"] == pytest.approx(math.prod(ema_decay_at(t, 0.999, True) for t in range(6)))
     assert "stopping at step 6 of 50" in capsys.readouterr().out
+    rerun = read_checkpoint(train(tiny_config(tmp_path, steps=50, lr=1e-12, holdout=0.2, eval_every=2, patience=2,
+                                              ema_warmup=True), progress=False))["meta"]
+    assert rerun["steps"] == 6 and rerun["held_out_loss"] == meta["held_out_loss"]  # a rerun trains no further
 
 
 def test_held_out_history_survives_a_resume(tmp_path):
