@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 
-def _value(value) -> str:
-    """A knob value as shown: a file path by its stem, anything else as written."""
+def short_value(value) -> str:
+    """A knob value as cell ids and labels show it: a file path by its stem, anything else as written."""
     return Path(value).stem if isinstance(value, str) and "/" in value else str(value)
 
 
@@ -27,7 +27,7 @@ def _base_label(cell, swept: list[str], several_seeds: bool) -> str:
         elif name == "num_steps":
             parts.append(f"{cell.num_steps} steps")
         elif name in knobs:
-            parts.append(f"{name}={_value(knobs[name])}")
+            parts.append(f"{name}={short_value(knobs[name])}")
     if several_seeds:
         parts.append(f"seed {cell.seed}")
     return " ".join(parts)

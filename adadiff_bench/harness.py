@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from . import __version__
 from .backbone_id import backbone_hash, method_backbone
 from .training_budget import row_budget
-from .cell_labels import short_labels
+from .cell_labels import short_labels, short_value
 from .checkpoints import sha256_file
 from .config import MethodEntry, RunConfig, check_solver, timed_samples, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
@@ -71,7 +72,7 @@ class Cell:
     @property
     def cell_id(self) -> str:
         """A folder name: knobs as `name=value`, paths by their file stem (plus a hash that keeps ids unique)."""
-        knobs = "".join(f"-{k}={_short(v)}" for k, v in self.params)
+        knobs = "".join(f"-{k}={short_value(v)}" for k, v in self.params)
         cell_id = f"{self.method}{knobs}-{self.solver}-{self.num_steps}steps-seed{self.seed}"
         if any(isinstance(v, str) and "/" in v for _, v in self.params):
             cell_id += "-" + hashlib.sha256(self.params_json.encode()).hexdigest()[:8]
@@ -80,10 +81,6 @@ class Cell:
     @property
     def params_json(self) -> str:
         return json.dumps(dict(self.params), sort_keys=True)
-
-
-def _short(value) -> str:
-    return Path(value).stem if isinstance(value, str) and "/" in value else str(value)
 
 
 def _as_list(value) -> list:
@@ -119,13 +116,6 @@ def check_step_count(schedule: str, steps: list[int], where: str) -> None:
     if limit is not None and max(steps) > limit:
         raise UserError(f"{where}: num_steps must be at most {limit}, the {schedule} schedule's timesteps "
                         f"(got {max(steps)}); use fewer steps")
-
-
-def check_memory(num_samples: int, num_steps: int, num_blocks: int, pixels: int, where: str,
-                 image_values: int | None = None) -> None:
-    """Refuse a cell whose images and step log cannot fit in this machine's memory (before the first write):
-    `pixels` values of the network's output per sample, and `image_values` of a latent model's decoded image."""
-    check_sampling_memory(num_samples, num_steps, num_blocks, pixels, image_values, where)
 
 
 def swept_knobs(entry: MethodEntry) -> list[str]:
@@ -164,6 +154,11 @@ class Prepared:
         """A fresh method object for `cell`, with its prepared knobs (the timing reference may not be a cell)."""
         return build_method(cell, self.model, self.params.get(cell))
 
+    @functools.cached_property
+    def labels(self) -> dict[Cell, str]:
+        """Each cell's short label for progress bars and log lines (cell ids name folders)."""
+        return short_labels(self.curves)
+
 
 def prepare(config: RunConfig, where: str, world: World = World(), progress: bool = True) -> Prepared:
     """Load and check everything the run needs, then let methods train what they need; raises UserError
@@ -192,8 +187,8 @@ def checked_inputs(config: RunConfig, curves: dict, device: torch.device, where:
     attach_prompts(model, config.sampling.prompts, config.sampling.guidance != NO_GUIDANCE, where)
     check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
     timed = timed_samples(config.timing, config.sampling.num_samples) if config.timing.enabled else 0
-    check_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves), model.num_blocks,
-                 model.in_chans * model.img_size ** 2, where, decoded_values(config))
+    check_sampling_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves),
+                          model.num_blocks, model.in_chans * model.img_size ** 2, decoded_values(config), where)
     params = {}
     for cell, (entry, _) in curves.items():
         cls, place = get_method(cell.method), f"{where}: methods[{entry}]"
@@ -387,7 +382,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     s = config.sampling
     method = prep.method(cell)
     method.record_artifacts = True  # only in this pass: the timed pass records nothing extra
-    label = short_labels(prep.curves)[cell]
+    label = prep.labels[cell]
     with PeakMemory(prep.device) as peak:
         images, log = generate(cell, prep.model, s.num_samples, s.batch_size, progress and world.is_main,
                                desc=f"sample {label}", method=method, world=world, checkpoints=checkpoints,
@@ -438,13 +433,10 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), method.artifacts()
 
 
-FIXED_EXIT_METHODS = ("static-exit", "random-exit")  # early exits whose knob sets the exit point: no rule decides
-
-
 def exit_warning(cell: Cell, method, log: StepLog) -> str:
     """Why an adaptive early-exit setting is degenerate ("" when it is not): it never exits, or it exits at one
     and the same point for every sample and step."""
-    if method.family != "early-exit" or cell.method in FIXED_EXIT_METHODS:
+    if method.family != "early-exit" or method.fixed_exit_point:
         return ""
     points = log.exit_points_seen()
     if len(points) != 1 or points[0] < 1:
@@ -492,9 +484,8 @@ def run_cells(config: RunConfig, where: str, overwrite: bool, progress: bool, wo
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         rows = []
         eta = CellClock(sum(c.cell_id not in done for c in prep.cells))
-        labels = short_labels(prep.curves)  # (cell ids name folders; these fit a terminal line)
         for index, cell in enumerate(prep.cells, 1):
-            label = f"[{index}/{len(prep.cells)}] {labels[cell]}"
+            label = f"[{index}/{len(prep.cells)}] {prep.labels[cell]}"
             if cell.cell_id in done:
                 say(f"{label}: already done, kept", flush=True)
                 rows.append(store.read_cell_row(cell.cell_id) if world.is_main else None)

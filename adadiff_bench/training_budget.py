@@ -47,9 +47,8 @@ def checkpoint_budget(path: str | Path) -> dict:
     return budget
 
 
-def describe_budget(path: str | Path) -> str:
-    """One checkpoint's budget in words: "uvit_digits: 5,000 steps x 128 = 640k images, 41.5 min on cpu"."""
-    budget = checkpoint_budget(path)
+def describe_budget(path: str | Path, budget: dict) -> str:
+    """A checkpoint's `checkpoint_budget` in words: "uvit_digits: 5,000 steps x 128 = 640k images, 41.5 min on cpu"."""
     name = Path(path).stem
     if not budget:
         return f"{name}: {NOT_RECORDED}"
@@ -68,5 +67,5 @@ def row_budget(paths: list[str | Path]) -> dict:
     paths = list(dict.fromkeys(str(p) for p in paths if p))
     budgets = [checkpoint_budget(p) for p in paths]
     seen = [b.get("samples_seen") for b in budgets]
-    return {"training_budget": "; ".join(describe_budget(p) for p in paths),
+    return {"training_budget": "; ".join(describe_budget(p, b) for p, b in zip(paths, budgets)),
             "train_images_seen": float(sum(seen)) if seen and None not in seen else float("nan")}
