@@ -72,6 +72,7 @@ def load_profile(path: str, where: str) -> tuple[np.ndarray, np.ndarray]:
 class RandomExit(PrefixExit):
     name = "random-exit"
     family = "early-exit"
+    fixed_exit_point = True  # (the layer ratio or profile sets the exits: no rule reads the sample)
     Params = RandomExitParams
 
     @classmethod

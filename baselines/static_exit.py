@@ -34,6 +34,7 @@ class StaticExitParams(PrefixParams):
 class StaticExit(PrefixExit):
     name = "static-exit"
     family = "early-exit"
+    fixed_exit_point = True  # (k sets the exit: nothing decides)
     Params = StaticExitParams
 
     @classmethod

@@ -59,7 +59,9 @@ class Method:
     Subclasses set `name`, `Params` (a dataclass of knobs), `family` (groups methods in reports:
     reference, early-exit, layer-dropping, step-skipping, caching), `batch_dependent` (True when the
     paper's rule decides per batch, so batch size can change results), `ceiling` (True for an oracle
-    that peeks at what a real method cannot know: its row is a bound, not a competitor), and implement
+    that peeks at what a real method cannot know: its row is a bound, not a competitor), `fixed_exit_point`
+    (True for an early exit whose knob sets where samples exit, so no rule decides: `run` never warns that it
+    is degenerate), and implement
     `__call__`. Methods that keep tensors across steps report their peak size with `note_cache`.
 
     Lifecycle, in the order the harness runs it: `check` and `check_schedule` (every cell, before
@@ -77,6 +79,7 @@ class Method:
     Params: ClassVar[type] = NoParams
     batch_dependent: ClassVar[bool] = False
     ceiling: ClassVar[bool] = False
+    fixed_exit_point: ClassVar[bool] = False
     TrainConfig: ClassVar[type | None] = None   # the `[<name>]` table of a training config, if the method trains
     reads: ClassVar[tuple[str, ...]] = ()       # checkpoint formats its knobs accept
     writes: ClassVar[str | None] = None         # the checkpoint format its training exports

@@ -170,7 +170,32 @@ def main_train_classifier(out_path: str | Path) -> float:
     return heldout_accuracy
 
 
-class DigitsCNNExtractor(FeatureExtractorBase):
+class FeaturesAndLogitsExtractor(FeatureExtractorBase):
+    """What the suite's small CNN feature spaces share as torch-fidelity extractors: standardised 64-d "features"
+    for FID, KID and precision/recall, "logits_unbiased" for the Inception Score; too small for torch.compile."""
+
+    def provided(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The requested features, in the requested order."""
+        by_name = {"features": features, "logits_unbiased": logits}
+        return tuple(by_name[name] for name in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        """Names of the features this extractor can return."""
+        return "features", "logits_unbiased"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        """Logits for the Inception Score, 64-d features for everything else."""
+        return "logits_unbiased" if metric == "isc" else "features"
+
+    @staticmethod
+    def can_be_compiled():
+        """Too small to gain from torch.compile."""
+        return False
+
+
+class DigitsCNNExtractor(FeaturesAndLogitsExtractor):
     """torch-fidelity feature extractor `digits-cnn`: "features" (64-d) and "logits_unbiased" (10)."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -187,24 +212,7 @@ class DigitsCNNExtractor(FeatureExtractorBase):
         if images.shape[1] == 3:
             images = images.float().mean(dim=1, keepdim=True)
         embedding = self.classifier.embedding(images)
-        provided = {"features": self.classifier.standardise(embedding),
-                    "logits_unbiased": self.classifier.head(embedding)}
-        return tuple(provided[name] for name in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list():
-        """Names of the features this extractor can return."""
-        return "features", "logits_unbiased"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        """Logits for the Inception Score, 64-d features for everything else."""
-        return "logits_unbiased" if metric == "isc" else "features"
-
-    @staticmethod
-    def can_be_compiled():
-        """Too small to gain from torch.compile."""
-        return False
+        return self.provided(self.classifier.standardise(embedding), self.classifier.head(embedding))
 
     @staticmethod
     def get_dummy_input_for_compile():

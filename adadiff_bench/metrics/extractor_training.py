@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from ..checkpoints import atomic_torch_save
 from ..data import Dataset
 from ..errors import UserError
-from .classifier import ASSET_PATH, random_shift
+from .classifier import ASSET_PATH, FeaturesAndLogitsExtractor, random_shift
 
 FORMAT = "adadiff-bench feature extractor v1"
 FEATURE_DIM = 64
@@ -208,7 +207,7 @@ def check_trained_on(path: str | Path, data: Dataset, where: str = "") -> dict:
     return meta
 
 
-class LearnedExtractor(FeatureExtractorBase):
+class LearnedExtractor(FeaturesAndLogitsExtractor):
     """torch-fidelity feature extractor for a trained file: "features" (64-d) and "logits_unbiased"."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -222,21 +221,8 @@ class LearnedExtractor(FeatureExtractorBase):
             raise ValueError(f"{self.meta['name']} reads uint8 N x {' x '.join(map(str, expected))} images, got "
                              f"{images.dtype} {tuple(images.shape)}")
         embedding = self.network.embedding(images)
-        provided = {"features": (embedding - self.network.feature_mean) / self.network.feature_std,
-                    "logits_unbiased": self.network.head(embedding)}
-        return tuple(provided[name] for name in self.features_list)
-
-    @staticmethod
-    def get_provided_features_list():
-        return "features", "logits_unbiased"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "logits_unbiased" if metric == "isc" else "features"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
+        standardised = (embedding - self.network.feature_mean) / self.network.feature_std
+        return self.provided(standardised, self.network.head(embedding))
 
     @staticmethod
     def get_dummy_input_for_compile():
