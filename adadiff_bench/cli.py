@@ -21,6 +21,7 @@ EPILOG = textwrap.dedent("""\
       adadiff-bench run --config configs/demo.toml --overwrite    # sample, measure, write results/demo/
       adadiff-bench run --config configs/demo.toml --dry-run      # the cells, files they load, estimated time
       adadiff-bench init --data my_images/                        # a starter run config for your images
+      adadiff-bench example-data my_images/                       # (no images at hand? colour PNGs to try it on)
       adadiff-bench report results/demo --open                    # tables, figures, index.html in reports/demo/
       adadiff-bench leaderboard results/demo results/digits_full  # one table from several runs (same data, n)
       adadiff-bench methods                                       # list registered methods
@@ -143,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", metavar="FILE", help="the run config to write (default: configs/<data name>.toml)")
     init.add_argument("--checkpoint", metavar="PATH", help="an existing base model (no training config is written)")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    example = commands.add_parser(
+        "example-data", help="write a folder of colour PNGs (the built-in digits, enlarged and tinted) to try init on",
+        description="Write the built-in digits as RGB PNGs into a new folder: each 8x8 digit enlarged to --size "
+                    "pixels and its ink painted in a seeded colour per image. No labels, no packaged feature space "
+                    "reads them: they stand in for your own images in the walkthrough of README's \"Running it on "
+                    "your data\" (init, train, train-extractor, run, report). Made offline, in about a second.")
+    example.add_argument("out", metavar="OUT", help="a folder to create (must not exist)")
+    example.add_argument("--size", type=int, default=16, help="image side in pixels, 8 to 256 (default: 16)")
+    example.add_argument("--count", type=int, default=1797, help="how many digits, 1 to 1,797 (default: all)")
+    example.add_argument("--seed", type=int, default=0, help="seed of the colours (default: 0)")
 
     methods = commands.add_parser("methods", help="list the registered methods, or one method's knobs",
                                   description="Without NAME, list the registered methods. With NAME, print that "
@@ -325,6 +337,15 @@ def _init(args) -> int:
     return 0
 
 
+def _example_data(args) -> int:
+    from .example_data import write_example_data
+
+    out = write_example_data(args.out, args.size, args.count, args.seed)
+    print(f"wrote {args.count} {args.size}x{args.size} RGB PNGs to {out}")
+    print(f"next: adadiff-bench init --data {out}")
+    return 0
+
+
 def _methods(args) -> int:
     from .methods import available_methods, get_method
 
@@ -360,7 +381,7 @@ def _flops(args) -> int:
 
 COMMANDS = {"run": _run, "report": _report, "train": _train, "train-classifier": _train_classifier,
             "train-extractor": _train_extractor,
-            "init": _init, "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
+            "init": _init, "example-data": _example_data, "methods": _methods, "flops": _flops, "leaderboard": _leaderboard}
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

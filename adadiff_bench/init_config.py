@@ -28,30 +28,36 @@ from .results import atomic_write_bytes
 
 NUM_STEPS = 25
 SOLVER = "dpm-solver++"
+NUM_SAMPLES = 500
+BATCH_SIZE = 250
 
 def sweeps(blocks: int) -> dict[str, dict[str, object]]:
-    """Built-in methods that need nothing but the base model (of `blocks` blocks), each with a small sweep."""
+    """Built-in methods that need nothing but the base model (of `blocks` blocks), one setting each: a first run
+    that finishes in reasonable time; listing more values in a knob traces a curve."""
     return {
         "full": {},
-        "solver-steps": {"num_steps": [5, 10, 15]},
-        "static-exit": {"k": sorted({max(1, blocks // 2), max(1, 3 * blocks // 4)})},
-        "random-exit": {"layer_ratio": [0.5, 0.75]},
-        "pabee": {"patience": [1, 2]},
-        "calm": {"tau": [0.9, 0.99]},
-        "oracle": {"tau": [0.05, 0.1]},
-        "ase": {"checkpoint": "", "strength": [0.3, 0.5]},
-        "deepcache": {"interval": [2, 3]},
-        "fora": {"interval": [2, 3]},
-        "delta-dit": {"interval": [2, 3]},
-        "first-block-cache": {"threshold": [0.05, 0.12, 0.2]},
-        "teacache": {"threshold": [0.05, 0.1, 0.2]},
-        "adaptive-diffusion": {"threshold": [0.2, 0.3]},
+        "solver-steps": {"num_steps": [10]},
+        "static-exit": {"k": [max(1, 3 * blocks // 4)]},
+        "random-exit": {"layer_ratio": [0.75]},
+        "pabee": {"patience": [2]},
+        "calm": {"tau": [0.99]},
+        "oracle": {"tau": [0.1]},
+        "ase": {"checkpoint": "", "strength": [0.5]},
+        "deepcache": {"interval": [3]},
+        "fora": {"interval": [3]},
+        "delta-dit": {"interval": [3]},
+        "first-block-cache": {"threshold": [0.12]},
+        "teacache": {"threshold": [0.1]},
+        "adaptive-diffusion": {"threshold": [0.3]},
     }
 
 
 # methods that sample with a network trained for them (AdaDiff's is trained on demand): the table that makes it
 NEEDS_TRAINING = {"berxit": "[berxit]", "l2c": "[l2c]", "duodiff": "a second, shallow U-ViT ([model] depth)"}
-ADADIFF_TARGETS = [0.6, 0.8]  # layer ratios: each finds its own threshold on calibration samples
+ADADIFF_TARGETS = [0.6, 0.8]
+# the converged-recipe rule (see `recipe`): `steps` is a cap, the held-out loss decides where training stops
+STOPPING_RULE = ("# steps is a cap: every eval_every steps the EMA weights' loss on the held-out tenth of the data is\n"
+                 "# recorded, and training stops once `patience` evaluations in a row have not improved\n")  # layer ratios: each finds its own threshold on calibration samples
 
 
 def base_model_config(image_shape: tuple[int, int, int]) -> UViTConfig:
@@ -70,20 +76,25 @@ def data_config(path: str) -> DataConfig:
     return DataConfig("folder" if Path(path).is_dir() else "npz", path)
 
 
-def feature_space_note(image_shape: tuple[int, int, int]) -> list[str]:
-    """Comment lines: the feature space quality metrics will use for these images on this machine."""
+def metrics_lines(dataset: Dataset) -> list[str]:
+    """The `[metrics]` table with comments: the feature space the quality metrics will use on this machine, or,
+    when none reads these images, the SWD (no network) and the learned feature space `train-extractor` makes
+    for this data (named by the data's hash, so its file name is known before it exists)."""
+    from .metrics.extractor_training import default_output
     from .metrics.extractors import resolve_extractors
     with contextlib.redirect_stderr(io.StringIO()):  # (its note about skipped metrics is ours to word here)
-        spaces = resolve_extractors(image_shape, MetricsConfig(), "init")
+        spaces = resolve_extractors(tuple(dataset.images.shape[1:]), MetricsConfig(), "init")
     if spaces:
-        return [f"# quality metrics (FID, KID, precision/recall) will be computed in: {', '.join(spaces)}"]
-    lines = ["# no feature extractor reads these images on this machine (digits-cnn needs 1x8x8, Inception's weights",
-             "# were not found): FID, IS, KID and precision/recall will be skipped"]
-    if "swd" in {f.name for f in dataclasses.fields(MetricsConfig)} and min(image_shape[1:]) >= 8:
-        lines.append("# the sliced Wasserstein distance ([metrics] swd, no network needed) is computed instead")
-    if importlib.util.find_spec("adadiff_bench.metrics.extractor_training") is not None:  # (`train-extractor`)
-        lines.append("# for FID in a feature space of your data: adadiff-bench train-extractor --data <this data>")
-    return lines
+        return [f"# quality metrics (FID, KID, precision/recall) will be computed in: {', '.join(spaces)}",
+                "[metrics]", 'inception = "auto"']
+    extractor = default_output(dataset)
+    line = f"extractor = {_toml(str(extractor))}"
+    return ["# no packaged feature space reads these images (digits-cnn reads 1x8x8 only; Inception's weights were",
+            "# not found), so the run computes the sliced Wasserstein distance (swd, no network needed). For FID,",
+            "# KID and precision/recall in a feature space learned on this data, run",
+            "#   adadiff-bench train-extractor --config <this file>",
+            *(["# (done: its file is named below)"] if extractor.exists() else ["# and uncomment the extractor line"]),
+            "[metrics]", 'inception = "auto"', 'swd = "auto"', line if extractor.exists() else f"# {line}"]
 
 
 def method_entries(model, where: str) -> list[str]:
@@ -136,11 +147,12 @@ def run_config_text(name: str, data: DataConfig, dataset: Dataset, checkpoint: s
              f", written by `adadiff-bench init`.",
              f"# Check it without running: adadiff-bench run --config <this file> --dry-run",
              *([f"# The base model comes from: adadiff-bench train --config {trained_by}"] if trained_by else []),
-             *feature_space_note(shape),
+             "# One setting per method, n = 500, one seed: a first look (the dry run estimates its time). Any list",
+             "# is a sweep (threshold = [0.05, 0.1, 0.2] traces a curve); publish with more samples and seeds = [0, 1, 2].",
              f"name = {_toml(name)}", f"checkpoint = {_toml(checkpoint)}", "seeds = [0]", "",
              "[data]", f"name = {_toml(data.name)}", f"path = {_toml(data.path)}", "",
-             "[sampling]", f"solver = {_toml(SOLVER)}", f"num_steps = {NUM_STEPS}", "num_samples = 1000",
-             "batch_size = 250", "", "[metrics]", 'inception = "auto"',
+             "[sampling]", f"solver = {_toml(SOLVER)}", f"num_steps = {NUM_STEPS}",
+             f"num_samples = {NUM_SAMPLES}", f"batch_size = {BATCH_SIZE}", "", *metrics_lines(dataset),
              *method_entries(model, "init"), "",
              "# AdaDiff's estimators are trained on the base model when the run starts (once; cached in",
              "# <results_dir>/.adadiff_cache); each target layer ratio finds its threshold on calibration samples",
@@ -159,7 +171,8 @@ def train_config_text(data: DataConfig, model: UViTConfig, export: str, out_dir:
     return (f"# The base U-ViT for {data.path}, written by `adadiff-bench init`.\n"
             f"# Train it with: adadiff-bench train --config <this file>\n"
             f"[data]\nname = {_toml(data.name)}\npath = {_toml(data.path)}\n\n[model]\n{fields}\n\n"
-            f"[train]\nsteps = 5000\nbatch_size = 128\nlr = 3e-4\nwarmup_steps = 200\nema_decay = 0.999\n"
+            f"[train]\n{STOPPING_RULE}steps = 6000\nbatch_size = 128\nlr = 3e-4\nwarmup_steps = 200\n"
+            f"ema_decay = 0.999\nema_warmup = true\nholdout = 0.1\neval_every = 250\npatience = 4\n"
             f"checkpoint_every = 250\nseed = 0\nout_dir = {_toml(out_dir)}\nexport = {_toml(export)}\n")
 
 
@@ -170,8 +183,9 @@ def adadiff_config_text(data: DataConfig, base_checkpoint: str, name: str) -> st
             f"[data]\nname = {_toml(data.name)}\npath = {_toml(data.path)}\n\n"
             f"[adadiff]\nbase_checkpoint = {_toml(base_checkpoint)}\nestimator = \"official\"\nheads = \"shared\"\n"
             f"loss = \"official\"\nfreeze_backbone = true\n\n"
-            f"[train]\nsteps = 1500\nbatch_size = 128\nlr = 1e-3\nweight_decay = 0.0\nwarmup_steps = 50\n"
-            f"ema_decay = 0.995\ncheckpoint_every = 250\nseed = 0\nout_dir = {_toml(f'results/train/{name}_adadiff')}\n"
+            f"[train]\n{STOPPING_RULE}steps = 3000\nbatch_size = 128\nlr = 1e-3\nweight_decay = 0.0\n"
+            f"warmup_steps = 50\nema_decay = 0.995\nema_warmup = true\nholdout = 0.1\neval_every = 250\n"
+            f"patience = 4\ncheckpoint_every = 250\nseed = 0\nout_dir = {_toml(f'results/train/{name}_adadiff')}\n"
             f"export = {_toml(f'checkpoints/{name}_adadiff.pt')}\n")
 
 

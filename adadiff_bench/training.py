@@ -177,10 +177,10 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
         scaler.step(optimizer)
         scaler.update()
         update_ema(ema, model, ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup))
-        if progress:  # (reading the loss waits for the GPU)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         stop = cfg.holdout > 0 and (step + 1) % cfg.eval_every == 0 and _evaluate(
             task, model, ema, log, step + 1, held_images, held_labels, cfg, device)
+        if progress:  # (reading the loss waits for the GPU) the batch's loss, and the last held-out one and its best
+            bar.set_postfix(loss=f"{loss.item():.4f}", **_held_out_postfix(log), refresh=False)
         if stop or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1, base,
                         log, time.perf_counter() - started)
@@ -213,8 +213,8 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
             module.cpu()
         held_out = cfg.holdout > 0  # (the loss table on the held-out split when there is one)
         shown, shown_labels = (held_images, held_labels) if held_out else (images, labels if conditional else None)
-        write_training_report(Path(cfg.export or ema_path), ema, task.predictions, shown, shown_labels, alpha_bar,
-                              cfg.seed, held_out)
+        write_training_report(Path(cfg.export or ema_path), ema, task.predictions, shown, shown_labels,
+                              cfg.schedule, cfg.seed, held_out)
     return ema_path
 
 
@@ -223,6 +223,13 @@ class BaseFile:
     """The checkpoint a method's training builds on, and the SHA-256 of its content."""
     path: str
     sha256: str
+
+
+def _held_out_postfix(log: TrainingRecord) -> dict[str, str]:
+    """The progress bar's view of the stopping rule: the last held-out loss and the step of the best so far."""
+    if not log.history:
+        return {}
+    return {"held_out": f"{log.history[-1][1]:.4f}", "best_at": str(log.best[0])}
 
 
 def _evaluate(task: Task, model, ema, log: TrainingRecord, step: int, images, labels, cfg, device) -> bool:

@@ -1,13 +1,15 @@
 """What a finished training shows without a probe script: a grid of samples and the eps loss per timestep.
 
 Written next to the exported checkpoint `<name>.pt` by `adadiff-bench train` (`--no-end-report` turns it off):
-- `<name>_samples.png`: `GRID_SAMPLES` samples of the trained network, DPM-Solver++ in `GRID_STEPS` steps,
-  sample i seeded by (train.seed, i) as a run seeds it; an under-trained model shows as noise here.
+- `<name>_samples.png`: `GRID_SAMPLES` samples of the trained network in `GRID_STEPS` steps on the schedule it
+  was trained on (DPM-Solver++, or DPM-Solver on the continuous VP), sample i seeded by (train.seed, i) as a run
+  seeds it; an under-trained model shows as noise here.
 - `<name>_loss_by_timestep.csv`: columns t_start, t_end, exit, full_depth, images, num_images, eps_mse: the
   mean ||eps_theta(x_t, t) - eps||^2 over `EVAL_IMAGES` images in each bucket of `BUCKET_WIDTH` timesteps, for
   every exit of an early-exit network (exit 1 after the first block; the last is full depth, a plain network's
   only one). The images are a fixed seeded draw from the held-out split (`[train] holdout` > 0: `images` is
-  "held-out") or else from the training data ("training"); t and eps are drawn per image and bucket.
+  "held-out") or else from the training data ("training"); t and eps are drawn per image and bucket. A discrete
+  schedule noises at timestep t; the continuous VP at time (t + 0.5) / 1000, which the network reads as about t.
 - `<name>_loss_by_timestep.png`: that table as a plot.
 """
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 
 from .data import to_uint8
 from .diffusion import NUM_TRAIN_TIMESTEPS, sample
+from .schedules import DEFAULT_SCHEDULE, get_schedule
 from .results import atomic_write_bytes, write_csv
 
 GRID_SAMPLES = 16
 GRID_STEPS = 10
-GRID_SOLVER = "dpm-solver++"
+GRID_SOLVERS = {"discrete": "dpm-solver++", "continuous": "dpm-solver-fast"}  # by the schedule's kind
 EVAL_IMAGES = 64
 BUCKET_WIDTH = 100
 MIN_TILE_PIXELS = 32  # small images are enlarged (nearest neighbour) to at least this side in the grid
@@ -63,15 +66,25 @@ def eval_batch(images: torch.Tensor, labels: torch.Tensor | None, seed: int, num
     return EvalBatch(x0, None if labels is None else labels[rows], t.clamp(max=NUM_TRAIN_TIMESTEPS - 1), eps)
 
 
+def noised(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the network's time input, x_t = alpha x0 + sigma eps) at bucket timesteps `t` (0..999) of `schedule`."""
+    noise_schedule = get_schedule(schedule)
+    times = t if noise_schedule.kind == "discrete" else (t.double() + 0.5) / NUM_TRAIN_TIMESTEPS
+    alpha, sigma = (v.view(-1, 1, 1, 1) for v in noise_schedule.alpha_sigma(times))
+    network_time = noise_schedule.network_time(times)
+    return (network_time if noise_schedule.kind == "discrete" else network_time.float(),
+            (alpha * x0.double() + sigma * eps.double()).float())
+
+
 @torch.no_grad()
-def loss_by_timestep(module: torch.nn.Module, predictions: Predictions, batch: EvalBatch, alpha_bar: torch.Tensor,
-                     images: str = "training", bucket_width: int = BUCKET_WIDTH) -> pd.DataFrame:
+def loss_by_timestep(module: torch.nn.Module, predictions: Predictions, batch: EvalBatch,
+                     schedule: str = DEFAULT_SCHEDULE, images: str = "training",
+                     bucket_width: int = BUCKET_WIDTH) -> pd.DataFrame:
     """Mean eps MSE per timestep bucket and exit (one row each), for `batch` noised as in training."""
     rows = []
     for bucket, (t, eps) in enumerate(zip(batch.t, batch.eps)):
-        a = alpha_bar[t].float().view(-1, 1, 1, 1)
-        xt = a.sqrt() * batch.x0 + (1 - a).sqrt() * eps  # x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
-        outputs = predictions(module, xt, t, batch.y)
+        network_time, xt = noised(batch.x0, t, eps, schedule)
+        outputs = predictions(module, xt, network_time, batch.y)
         t_end = min((bucket + 1) * bucket_width, NUM_TRAIN_TIMESTEPS) - 1
         for exit_point, eps_hat in enumerate(outputs, start=1):
             rows.append({"t_start": bucket * bucket_width, "t_end": t_end, "exit": exit_point,
@@ -96,11 +109,13 @@ def sample_grid(images: torch.Tensor) -> np.ndarray:
 
 
 def draw_samples(module: torch.nn.Module, predictions: Predictions, image_shape: tuple[int, ...], seed: int,
-                 num_classes: int, count: int = GRID_SAMPLES) -> torch.Tensor:
-    """`count` samples (uint8 NCHW) of the module's full-depth prediction, DPM-Solver++ in GRID_STEPS steps."""
+                 num_classes: int, schedule: str = DEFAULT_SCHEDULE, count: int = GRID_SAMPLES) -> torch.Tensor:
+    """`count` samples (uint8 NCHW) of the module's full-depth prediction in GRID_STEPS steps on `schedule`."""
     def denoiser(x, t, y, ctx):
         return predictions(module, x, t, y)[-1]
-    return to_uint8(sample(denoiser, GRID_SOLVER, GRID_STEPS, image_shape, range(count), seed, num_classes)).cpu()
+    solver = GRID_SOLVERS[get_schedule(schedule).kind]
+    return to_uint8(sample(denoiser, solver, GRID_STEPS, image_shape, range(count), seed, num_classes,
+                           schedule=schedule)).cpu()
 
 
 def report_paths(checkpoint: Path) -> list[Path]:
@@ -110,17 +125,18 @@ def report_paths(checkpoint: Path) -> list[Path]:
 
 
 def write_training_report(checkpoint: Path, module: torch.nn.Module, predictions: Predictions | None,
-                          images: torch.Tensor, labels: torch.Tensor | None, alpha_bar: torch.Tensor,
+                          images: torch.Tensor, labels: torch.Tensor | None, schedule: str,
                           seed: int, held_out: bool = False) -> list[Path]:
-    """Write the grid, the table and its plot beside `checkpoint`; returns their paths. `module` is on the CPU;
-    the loss table is computed on `images` (`held_out`: they are the held-out split, not the training data)."""
+    """Write the grid, the table and its plot beside `checkpoint`; returns their paths. `module` (trained on
+    `schedule`) is on the CPU; the loss table is computed on `images` (`held_out`: they are the held-out split,
+    not the training data)."""
     predictions = predictions or full_depth
     module = module.eval()
     paths = report_paths(checkpoint)
     num_classes = int(labels.max()) + 1 if labels is not None else 0
-    grid = sample_grid(draw_samples(module, predictions, tuple(images.shape[1:]), seed, num_classes))
+    grid = sample_grid(draw_samples(module, predictions, tuple(images.shape[1:]), seed, num_classes, schedule))
     _save_png(grid, paths[0])
-    table = loss_by_timestep(module, predictions, eval_batch(images, labels, seed), alpha_bar,
+    table = loss_by_timestep(module, predictions, eval_batch(images, labels, seed), schedule,
                              "held-out" if held_out else "training")
     write_csv(paths[1], table)
     _plot_losses(table, paths[2])

@@ -13,6 +13,7 @@ from adadiff_bench.config import UViTConfig, load_run_config
 from adadiff_bench.data import check_matches_model, load_dataset
 from adadiff_bench.harness import plan_curves
 from adadiff_bench.methods import available_methods
+from adadiff_bench.metrics.extractor_training import default_output
 from adadiff_bench.training import load_train_config
 
 RGB16 = UViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=16, depth=2, num_heads=2)
@@ -35,7 +36,10 @@ def test_the_config_for_an_npz_loads_and_a_dry_run_accepts_it(tmp_path, capsys):
     adadiff_training = load_train_config(adadiff_config)
     assert adadiff_training.task == "adadiff" and adadiff_training.task_config.base_checkpoint == str(base)
     text = out.read_text()
-    assert "FID, IS, KID and precision/recall will be skipped" in text  # no extractor reads 3x16x16 here
+    # no packaged feature space reads 3x16x16 here: the SWD is on, and the learned space's file is named
+    # (commented out until train-extractor has written it)
+    data = load_dataset(load_run_config(out).data)
+    assert 'swd = "auto"' in text and f'# extractor = "{default_output(data)}"' in text
     config = load_run_config(out)
     assert config.checkpoint == str(base) and config.data.name == "npz"
     written = {entry.name for entry in config.methods}
@@ -51,12 +55,12 @@ def test_the_config_for_an_npz_loads_and_a_dry_run_accepts_it(tmp_path, capsys):
     assert len(plan_curves(config, str(out))) > len(written)  # the sweeps expand
 
     config_text = text.replace('seeds = [0]', f'seeds = [0]\nresults_dir = "{tmp_path / "results"}"')
-    config_text = config_text.replace("num_samples = 1000", "num_samples = 16")
+    config_text = config_text.replace("num_samples = 500", "num_samples = 16")
     out.write_text(config_text)
     assert main(["run", "--config", str(out), "--dry-run", "--no-progress"]) == 0
     listed = capsys.readouterr().out
     assert f"{len(plan_curves(load_run_config(out)))} cells:" in listed
-    assert f"trains on demand from {adadiff_config} (1500 steps)" in listed
+    assert f"trains on demand from {adadiff_config} (3000 steps)" in listed
     assert not (tmp_path / "results").exists()
 
 
@@ -76,7 +80,10 @@ def test_without_a_checkpoint_a_training_config_sized_to_the_data_is_written(tmp
     assert "will be computed in: digits-cnn" in out.read_text()  # 1x8x8 grey images: the digits classifier reads them
     static = next(entry for entry in run_config.methods if entry.name == "static-exit")
     blocks = train_config.model.depth + 1
-    assert static.params["k"] == [blocks // 2, 3 * blocks // 4]
+    assert static.params["k"] == [3 * blocks // 4]
+    # both trainings follow the converged recipe: an EMA warm-up and a held-out stopping rule (steps are a cap)
+    for training in (train_config, adadiff_training):
+        assert training.train.ema_warmup and training.train.holdout > 0 and training.train.patience > 0
 
 
 def test_existing_files_are_kept_without_force(tmp_path, capsys):
@@ -96,3 +103,16 @@ def test_a_missing_data_path_is_one_line(tmp_path, capsys):
     assert main(["init", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.toml").exists()
+
+
+def test_an_extractor_trained_for_the_data_is_named_in_the_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # (train-extractor writes extractors/learned-<hash>.pt under the working directory)
+    data = rgb_npz(tmp_path)
+    assert main(["train-extractor", "--data", str(data), "--steps", "2"]) == 0
+    base = tmp_path / "base16.pt"
+    save_checkpoint(base, build_model(RGB16), RGB16)
+    assert main(["init", "--data", str(data), "--out", "mine.toml", "--checkpoint", str(base)]) == 0
+    capsys.readouterr()
+    config = load_run_config(tmp_path / "mine.toml")
+    assert config.metrics.extractor == str(default_output(load_dataset(config.data)))
+    assert (tmp_path / config.metrics.extractor).exists()
