@@ -43,7 +43,9 @@ def checkpoint_budget(path: str | Path) -> dict:
     if isinstance(seconds, (int, float)):
         budget["seconds"] = float(seconds)
     device = meta.get("device")
-    budget["device"] = device.get("name") or device.get("type") if isinstance(device, dict) else device or "cpu"
+    # (`train` records device.device_info: the GPU's name on CUDA, else the torch device)
+    budget["device"] = (device.get("gpu_name") or device.get("device") or "cpu") if isinstance(device, dict) \
+        else device or "cpu"
     return budget
 
 

@@ -39,7 +39,7 @@ def test_the_config_for_an_npz_loads_and_a_dry_run_accepts_it(tmp_path, capsys):
     # no packaged feature space reads 3x16x16 here: the SWD is on, and the learned space's file is named
     # (commented out until train-extractor has written it)
     data = load_dataset(load_run_config(out).data)
-    assert 'swd = "auto"' in text and f'# extractor = "{default_output(data)}"' in text
+    assert 'swd = "on"' in text and f'# extractor = "{default_output(data)}"' in text
     config = load_run_config(out)
     assert config.checkpoint == str(base) and config.data.name == "npz"
     written = {entry.name for entry in config.methods}

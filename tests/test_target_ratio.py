@@ -79,11 +79,11 @@ def test_bisection_agrees_with_a_brute_force_grid_on_real_sampling(one_thread):
     net = shipped_network()
     base = make_params(ADADIFF, {"checkpoint": FINETUNED}, "test")
     run = layer_ratio_of(net.backbone)
-    grid = np.linspace(0, 1, 33)
+    grid = np.linspace(0, 0.2, 81)  # the shipped estimator's thresholds that move the ratio lie below 0.2
     ratios = {float(t): run(make_params(ADADIFF, {"checkpoint": FINETUNED, "threshold": float(t)}, "test"), N, 5)
               for t in grid}
     reachable = 0
-    for target in (0.9, 0.83, 0.7, 0.6):
+    for target in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4):
         search = find_threshold(lambda t: run(_with(base, t), N, 5), target, 0.02)
         grid_best = min(abs(r - target) for r in ratios.values())
         if grid_best <= 0.02:
@@ -95,7 +95,7 @@ def test_bisection_agrees_with_a_brute_force_grid_on_real_sampling(one_thread):
         for evaluation in search.evaluations:
             if evaluation.threshold in ratios:
                 assert ratios[evaluation.threshold] == evaluation.layer_ratio
-    assert reachable >= 3  # the grid itself reaches most targets: the check above is not vacuous
+    assert reachable >= 4  # the grid itself reaches most targets: the check above is not vacuous
 
 
 def _with(params, threshold):

@@ -142,6 +142,7 @@ def test_a_rows_budget_names_each_checkpoint_of_its_chain(tmp_path):
     save_checkpoint(foreign, build_model(TINY_UVIT), TINY_UVIT)
     row = row_budget([exported, exported, foreign])  # (a repeated file counts once)
     assert row["training_budget"].startswith("ema: 3 steps x 16 = 48 images")
+    assert " min on cpu; " in row["training_budget"]  # the device the training recorded
     assert row["training_budget"].endswith(f"release: {NOT_RECORDED}")
     assert row["train_images_seen"] != row["train_images_seen"]  # NaN: one budget is unknown
     assert row_budget([exported])["train_images_seen"] == 3 * 16
@@ -153,6 +154,8 @@ def test_the_shipped_checkpoints_report_their_budgets():
 
     base = checkpoint_budget(REPO / "checkpoints" / "uvit_digits.pt")
     assert base["steps"] == 5000 and base["samples_seen"] == 5000 * 128 and base["seconds"] > 0
+    finetuned = checkpoint_budget(REPO / "checkpoints" / "adadiff_digits_finetuned.pt")
+    assert finetuned["steps"] == 12000 and finetuned["device"] == "cpu"
 
 
 def test_the_leaderboard_shows_each_settings_training_budget():
