@@ -82,7 +82,7 @@ def metrics_lines(dataset: Dataset) -> list[str]:
     for this data (named by the data's hash, so its file name is known before it exists)."""
     from .metrics.extractor_training import default_output
     from .metrics.extractors import resolve_extractors
-    from .metrics.swd import MIN_IMAGE_SIZE
+    from .metrics.swd import fits as swd_fits
     with contextlib.redirect_stderr(io.StringIO()):  # (its note about skipped metrics is ours to word here)
         spaces = resolve_extractors(tuple(dataset.images.shape[1:]), MetricsConfig(), "init")
     if spaces:
@@ -90,7 +90,7 @@ def metrics_lines(dataset: Dataset) -> list[str]:
                 "[metrics]", 'inception = "auto"']
     extractor = default_output(dataset)
     line = f"extractor = {_toml(str(extractor))}"
-    swd = "on" if min(dataset.images.shape[-2:]) >= MIN_IMAGE_SIZE else "auto"  # ("on" refuses smaller images)
+    swd = "on" if swd_fits(dataset.images.shape) else "auto"  # ("on" refuses smaller images)
     return ["# no packaged feature space reads these images (digits-cnn reads 1x8x8 only; Inception's weights were",
             "# not found), so the run computes the sliced Wasserstein distance (swd, no network needed; \"on\" keeps",
             "# it when a learned space is added). For FID, KID and precision/recall in a feature space learned on",

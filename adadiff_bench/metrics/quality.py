@@ -37,7 +37,7 @@ from .extractors import (DIGITS, PLUGIN_GROUP, ExtractorSpec, check_fid_backend,
 from .reference_cache import cache_file, cached_arrays
 from .reference_stats import APPLIES_TO as PUBLISHED_SPACE, published_as_reference
 from .specs import CI_HIGH, CI_LOW, FEATURE_ROLES, PIXELS, SPREAD, MetricSpec, metric_specs
-from .swd import MIN_IMAGE_SIZE as SWD_MIN_IMAGE_SIZE
+from .swd import MIN_IMAGE_SIZE as SWD_MIN_IMAGE_SIZE, fits as swd_fits
 
 CPU = torch.device("cpu")
 
@@ -137,7 +137,7 @@ def check_quality_inputs(num_samples: int, reference: Dataset, config: MetricsCo
                          where: str = "") -> None:
     """What the metrics need, checked before anything is sampled: two samples and two reference images, a k-NN
     neighbourhood smaller than both sets, and weights files that open safely (`ExtractorSpec.verify`)."""
-    if config.swd == "on" and min(reference.images.shape[2:]) < SWD_MIN_IMAGE_SIZE:
+    if config.swd == "on" and not swd_fits(reference.images.shape):
         raise UserError(f"{where + ': ' if where else ''}[metrics] swd = \"on\" needs images of at least "
                         f"{SWD_MIN_IMAGE_SIZE}x{SWD_MIN_IMAGE_SIZE} pixels (got "
                         f"{'x'.join(map(str, reference.images.shape[2:]))}); set swd = \"off\"")
@@ -191,7 +191,7 @@ def enabled_pixel_metrics(config: MetricsConfig, image_shape: tuple[int, ...],
     feature space reads these images and they are large enough for its 7x7 neighbourhoods."""
     wanted = [metric for metric in metric_specs() if metric.feature == PIXELS and metric.compute is not None
               and metric.enabled(config)]
-    if config.swd == "auto" and (extractors or min(image_shape[1:]) < SWD_MIN_IMAGE_SIZE):
+    if config.swd == "auto" and (extractors or not swd_fits(image_shape)):
         wanted = [metric for metric in wanted if metric.name != "swd"]
     return wanted
 

@@ -38,6 +38,11 @@ MIN_IMAGE_SIZE = NEIGHBOURHOOD + 1
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64) / 16
 
 
+def fits(image_shape: tuple[int, ...]) -> bool:
+    """Whether images of shape (..., H, W) are large enough for the SWD's 7x7 neighbourhoods."""
+    return min(image_shape[-2:]) >= MIN_IMAGE_SIZE
+
+
 def pyramid_levels(height: int, width: int) -> int:
     """How many Laplacian levels an H x W image gets (the module docstring says how this adapts the paper)."""
     side = min(height, width)
