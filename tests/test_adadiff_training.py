@@ -111,3 +111,27 @@ def test_a_run_trains_on_demand_under_its_results_folder_whatever_the_cwd(tmp_pa
     assert list(elsewhere.iterdir()) == []  # nothing under the working directory
     info = json.loads((tmp_path / "results" / "tiny" / "run.json").read_text())
     assert str(trained[0]) in info["method_checkpoints"]  # the prepared checkpoint is recorded
+
+
+def test_full_with_a_training_config_runs_the_backbone_the_adadiff_cells_fine_tune(tmp_path, tiny_checkpoint):
+    """`full` with `train` shares the adadiff cells' on-demand network (trained once), and its rows fall in that
+    fine-tuned backbone's group, apart from the run's base model."""
+    import pandas as pd
+
+    from conftest import write_run_config
+    from adadiff_bench.report.groups import BACKBONE_HASH
+    train_config = write_config(tmp_path, tiny_checkpoint, freeze=False)
+    config = write_run_config(tmp_path, tiny_checkpoint, timing="enabled = false", extra_methods=(
+        f'[[methods]]\nname = "adadiff"\ntrain = "{train_config}"\nthreshold = 0.5\n\n'
+        f'[[methods]]\nname = "full"\ntrain = "{train_config}"\n'),
+        sampling='solver = "ddim"\nnum_steps = 2\nnum_samples = 4\nbatch_size = 4',
+        metrics='inception = "off"\nkid_subset_size = 4\nisc_splits = 2')
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    assert len(list((tmp_path / "results" / ".adadiff_cache").glob("official-official-fine-tuned-*/ema.pt"))) == 1
+    rows = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    fine_tuned_full = rows[(rows["method"] == "full") & rows["params"].str.contains("train")]
+    base_full = rows[(rows["method"] == "full") & ~rows["params"].str.contains("train")]
+    adadiff = rows[rows["method"] == "adadiff"]
+    assert len(fine_tuned_full) == 1 and len(base_full) >= 1
+    assert set(fine_tuned_full[BACKBONE_HASH]) == set(adadiff[BACKBONE_HASH])
+    assert not set(fine_tuned_full[BACKBONE_HASH]) & set(base_full[BACKBONE_HASH])

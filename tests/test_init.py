@@ -46,6 +46,11 @@ def test_the_config_for_an_npz_loads_and_a_dry_run_accepts_it(tmp_path, capsys):
     assert {"full", "adadiff", "deepcache", "teacache", "static-exit"} <= written
     adadiff = next(entry for entry in config.methods if entry.name == "adadiff")
     assert adadiff.params["train"] == str(adadiff_config)  # trained on demand by the run
+    # as the official code: every weight fine-tuned (a frozen base's exits are unusable), so the fine-tuned
+    # backbone's group gets its own full-depth reference, from the same on-demand training
+    assert not adadiff_training.task_config.freeze_backbone
+    assert [entry.params for entry in config.methods if entry.name == "full" and entry.params.get("train")] \
+        == [{"train": str(adadiff_config)}]
     assert not written & {"berxit", "l2c", "duodiff"}  # they need networks trained for them
     for name in ("berxit", "l2c", "duodiff"):
         assert f"# {name}: needs a network trained for it" in text

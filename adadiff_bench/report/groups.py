@@ -30,10 +30,11 @@ def is_unknown(key: str) -> bool:
 
 
 def checkpoint_stem(row: pd.Series) -> str:
-    """The file stem of the checkpoint a row names, else of its run's checkpoint ("" when neither is known)."""
+    """The file stem of the checkpoint a row names, else of the training config that makes it on demand, else
+    of its run's checkpoint ("" when none is known)."""
     params = row.get("params", "")
     knobs = json.loads(params) if isinstance(params, str) and params else {}
-    path = knobs.get("checkpoint") or row.get("run_checkpoint", "")
+    path = knobs.get("checkpoint") or knobs.get("train") or row.get("run_checkpoint", "")
     return Path(path).stem if isinstance(path, str) and path else ""
 
 
