@@ -329,8 +329,9 @@ register_format(CheckpointFormat(UVIT_STATE_DICT, "a published U-ViT state dict 
 
 
 def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
-    """A float32 U-ViT in eval mode from a checkpoint of this suite, or from a published U-ViT state dict
-    together with its `config` (a strict load names any key that does not fit)."""
+    """A float32 U-ViT in eval mode from a checkpoint of this suite, from a published U-ViT state dict
+    together with its `config` (a strict load names any key that does not fit), or the backbone of a network
+    built on one (a fine-tuned AdaDiff checkpoint: the backbone every method of a comparison can share)."""
     payload = read_checkpoint(path)
     fmt = _identify_any(payload)
     if fmt is not None and fmt.name == FORMAT:
@@ -339,4 +340,8 @@ def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
         raise _unknown_format(path, payload)
     if fmt is None or fmt.name == UVIT_STATE_DICT:
         return load_body(_FORMATS[UVIT_STATE_DICT], payload, str(path), uvit=config)
-    raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a U-ViT; {TRAIN_HINT}")
+    backbone = getattr(load_body(fmt, payload, str(path)), "backbone", None)
+    if isinstance(backbone, UViT):
+        return backbone.float().eval()
+    raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a U-ViT or a network built on "
+                    f"one; {TRAIN_HINT}")

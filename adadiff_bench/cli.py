@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--dry-run", action="store_true",
                      help="check the config, list the cells and what each loads or trains, estimate the time from "
-                          "one timed batch; write nothing")
+                          "a timed batch; write nothing")
 
     report = commands.add_parser(
         "report", help="render tables, figures and index.html from finished runs",

@@ -55,7 +55,7 @@ def sweeps(blocks: int) -> dict[str, dict[str, object]]:
 # methods that sample with a network trained for them (AdaDiff's is trained on demand): the table that makes it
 NEEDS_TRAINING = {"berxit": "[berxit]", "l2c": "[l2c]", "duodiff": "a second, shallow U-ViT ([model] depth)"}
 ADADIFF_TARGETS = [0.6, 0.8]
-ADADIFF_STEPS = 3000  # the fine-tune's cap (held-out stopping usually ends it sooner)
+ADADIFF_STEPS = 3000  # the fine-tune's cap: held-out stopping may end it sooner
 # the converged-recipe rule (see `recipe`): `steps` is a cap, the held-out loss decides where training stops
 STOPPING_RULE = ("# steps is a cap: every eval_every steps the EMA weights' loss on the held-out tenth of the data is\n"
                  "# recorded, and training stops once `patience` evaluations in a row have not improved\n")  # layer ratios: each finds its own threshold on calibration samples
@@ -191,6 +191,9 @@ def adadiff_config_text(data: DataConfig, base_checkpoint: str, name: str) -> st
     stopping. (A frozen backbone's exits are unusable: the base was never trained to exit early.)"""
     return (f"# AdaDiff for {base_checkpoint}, written by `adadiff-bench init`: every weight fine-tuned, as the\n"
             f"# official code does; the run config trains it on demand (or: adadiff-bench train --config <this file>)\n"
+            f"# The {ADADIFF_STEPS:,}-step cap is a first look's budget and may stop short of convergence (the full-depth\n"
+            f"# row of the fine-tuned backbone shows what that costs); the digits recipe runs 12,000 steps\n"
+            f"# (configs/adadiff_digits_finetuned.toml): raise `steps` for results you publish\n"
             f"[data]\nname = {_toml(data.name)}\npath = {_toml(data.path)}\n\n"
             f"[adadiff]\nbase_checkpoint = {_toml(base_checkpoint)}\nestimator = \"official\"\nheads = \"shared\"\n"
             f"loss = \"official\"\nfreeze_backbone = false\n\n"

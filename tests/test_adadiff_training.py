@@ -135,3 +135,26 @@ def test_full_with_a_training_config_runs_the_backbone_the_adadiff_cells_fine_tu
     assert len(fine_tuned_full) == 1 and len(base_full) >= 1
     assert set(fine_tuned_full[BACKBONE_HASH]) == set(adadiff[BACKBONE_HASH])
     assert not set(fine_tuned_full[BACKBONE_HASH]) & set(base_full[BACKBONE_HASH])
+
+
+def test_a_run_on_an_adadiff_checkpoint_shares_its_backbone_with_every_method(tmp_path, tiny_checkpoint):
+    """The run's model may be a fine-tuned AdaDiff network: its backbone, so caches and AdaDiff compare on one
+    backbone (one group); a file that holds no U-ViT is still refused in one line."""
+    import pandas as pd
+
+    from conftest import write_run_config
+    from adadiff_bench.backbone_id import backbone_hash
+    from adadiff_bench.report.groups import BACKBONE_HASH
+    assert main(["train", "--config", str(write_config(tmp_path, tiny_checkpoint, freeze=False)), "--no-progress"]) == 0
+    network = tmp_path / "out.pt"
+    assert torch.equal(load_model(network).state_dict()["decoder_pred.weight"],
+                       load_adadiff(network).backbone.state_dict()["decoder_pred.weight"].float())
+    config = write_run_config(tmp_path, network, timing="enabled = false", extra_methods=(
+        f'[[methods]]\nname = "adadiff"\ncheckpoint = "{network}"\nthreshold = 0.5\n\n'
+        '[[methods]]\nname = "deepcache"\ninterval = 2\n'),
+        sampling='solver = "ddim"\nnum_steps = 2\nnum_samples = 4\nbatch_size = 4',
+        metrics='inception = "off"\nkid_subset_size = 4\nisc_splits = 2')
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    rows = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    assert set(rows["method"]) == {"full", "adadiff", "deepcache"} and rows[BACKBONE_HASH].nunique() == 1
+    assert rows[BACKBONE_HASH].iloc[0] != backbone_hash(load_model(tiny_checkpoint))  # fine-tuned, not the base

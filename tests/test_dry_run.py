@@ -39,7 +39,7 @@ def test_dry_run_lists_every_cell_and_writes_nothing(tmp_path, tiny_checkpoint, 
     digest = hashlib.sha256(copy.read_bytes()).hexdigest()
     assert f"loads {copy} (sha256 {digest[:12]})" in out
     assert f"network: {tiny_checkpoint} (sha256 {hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()[:12]})" in out
-    assert "estimated time: ~" in out and "the estimate rests on one timed batch of 16 images of `full`" in out
+    assert "estimated time: ~" in out and "the estimate rests on the faster of 2 timed batches of 16 images of `full`" in out
 
 
 def test_the_estimate_counts_the_image_steps_a_run_samples(tmp_path, tiny_checkpoint, monkeypatch):
