@@ -71,6 +71,18 @@ class Task:
     frozen: tuple[torch.nn.Module, ...] = ()
     base_checkpoint: str | None = None  # the file the task builds on: resuming needs its content unchanged
     predictions: Predictions | None = None  # eps per exit of the EMA module, for the end report (None: module(x, t, y))
+    fresh: tuple[torch.nn.Module, ...] = ()  # freshly initialised parts of `model` (estimators, new heads) ...
+    fresh_lr: float | None = None            # ... and their own learning rate (None: [train] lr, like the rest)
+
+
+def parameter_groups(task: Task, lr: float) -> list[dict]:
+    """The optimiser's groups, each with its `base_lr` (warmed up per step): the trainable parameters of the
+    task's `fresh` modules at `fresh_lr` when it is set, everything else that trains at `lr`."""
+    fresh_ids = {id(p) for module in task.fresh for p in module.parameters()} if task.fresh_lr else set()
+    trainable = [p for p in task.model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in fresh_ids], "base_lr": lr},
+              {"params": [p for p in trainable if id(p) in fresh_ids], "base_lr": task.fresh_lr}]
+    return [group for group in groups if group["params"]]
 
 
 def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
@@ -144,8 +156,8 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     for module in task.frozen:
         module.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    optimizer = torch.optim.AdamW(parameter_groups(task, cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # (a no-op for fp32 and bf16)
     generator = torch.Generator().manual_seed(cfg.seed)
     base = BaseFile(task.base_checkpoint, sha256_file(task.base_checkpoint)) if task.base_checkpoint else None
@@ -170,8 +182,8 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
         if not torch.isfinite(loss):  # (one read per step) a NaN or inf loss never recovers: stop before saving it
             raise UserError(f"training loss is {loss.item()} at step {step + 1}; lower [train] lr (now {cfg.lr}) or "
                             f"check the data and model config (the last good state is {out_dir / 'last.pt'}, if any)")
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup_steps)
+        for group in optimizer.param_groups:  # (a state saved before groups had `base_lr` trained at cfg.lr)
+            group["lr"] = learning_rate(step, group.get("base_lr", cfg.lr), cfg.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

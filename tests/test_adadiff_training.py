@@ -158,3 +158,30 @@ def test_a_run_on_an_adadiff_checkpoint_shares_its_backbone_with_every_method(tm
     rows = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
     assert set(rows["method"]) == {"full", "adadiff", "deepcache"} and rows[BACKBONE_HASH].nunique() == 1
     assert rows[BACKBONE_HASH].iloc[0] != backbone_hash(load_model(tiny_checkpoint))  # fine-tuned, not the base
+
+
+def test_estimator_lr_trains_fresh_estimators_at_their_own_rate(tmp_path, tiny_checkpoint):
+    """`estimator_lr`: one optimiser group for the backbone at [train] lr, one for the fresh estimators at theirs.
+    With a vanishing backbone lr the backbone stays put while the estimators move."""
+    from adadiff_bench.training import load_train_config, parameter_groups, training_task
+    config = write_config(tmp_path, tiny_checkpoint, freeze=False)
+    text = config.read_text().replace("freeze_backbone = false", "freeze_backbone = false\nestimator_lr = 0.01")
+    config.write_text(text.replace("lr = 1e-3", "lr = 1e-9"))
+    loaded = load_train_config(config)
+    task = training_task(loaded, torch.linspace(0.999, 0.001, 1000))
+    groups = parameter_groups(task, loaded.train.lr)
+    assert [group["base_lr"] for group in groups] == [1e-9, 0.01]
+    assert sum(len(group["params"]) for group in groups) == sum(1 for _ in task.model.parameters())
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in task.model.estimator.parameters()}
+
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    base = load_model(tiny_checkpoint)
+    trained = load_adadiff(tmp_path / "run" / "ema.pt")
+    for name, value in base.state_dict().items():
+        assert torch.allclose(trained.backbone.state_dict()[name], value, atol=1e-6), name
+    from adadiff_bench.methods.adadiff import AdaDiffConfig, AdaDiffNetwork
+    torch.manual_seed(0)
+    initial = AdaDiffNetwork(load_model(tiny_checkpoint), AdaDiffConfig("official", "shared"))
+    moved = max((trained.estimator.state_dict()[n] - v).abs().max().item()
+                for n, v in initial.estimator.state_dict().items())
+    assert moved > 1e-3

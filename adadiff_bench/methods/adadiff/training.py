@@ -48,6 +48,9 @@ class AdaDiffTrainConfig:
                                  "normalised over layers; \"paper\": L_u summed, L_UAL = sum_i (1 - u_i) "
                                  "||g_i - eps||^2", choices=("official", "paper"))
     detach_weights: bool = knob(False, "official loss: no gradient through the certainty weights of L_UAL")
+    estimator_lr: float = knob(0.0, "learning rate of the freshly initialised estimators (and per-exit heads) when "
+                                    "it should differ from [train] lr, e.g. a fine-tuned backbone at the official "
+                                    "4e-4 beside estimators that start from scratch; 0 = [train] lr", at_least=0)
     freeze_backbone: bool = knob(True, "keep the base model (final head included) fixed: only the estimators "
                                        "(and per-exit heads) train")
     lambda_u: float = knob(1.0, "weight lambda of the uncertainty-regression term L_u", at_least=0)
@@ -61,8 +64,8 @@ class AdaDiffTrainConfig:
             raise UserError(f"{where}: loss must be 'official' or 'paper' (got {self.loss!r})")
         if self.target_space not in ("eps", "x0"):
             raise UserError(f"{where}: target_space must be 'eps' or 'x0' (got {self.target_space!r})")
-        if self.lambda_u < 0 or self.beta_ual < 0:
-            raise UserError(f"{where}: lambda_u and beta_ual must be >= 0")
+        if self.lambda_u < 0 or self.beta_ual < 0 or self.estimator_lr < 0:
+            raise UserError(f"{where}: lambda_u, beta_ual and estimator_lr must be >= 0")
         AdaDiffConfig(self.estimator, self.heads, self.timestep_weights).validate(where)
 
 
@@ -127,5 +130,7 @@ def adadiff_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
         save_adadiff(path, ema, backbone.config, {**meta, "base_checkpoint": cfg.base_checkpoint,
                                                   "freeze_backbone": cfg.freeze_backbone, "loss": cfg.loss}, half)
 
+    fresh = (net.estimator,) + ((net.exit_heads,) if net.exit_heads is not None else ())
     return Task(net, loss, export, backbone.config, base_checkpoint=cfg.base_checkpoint,
-                predictions=lambda ema, x, t, y: ema.all_exits(x, t, y)[0])
+                predictions=lambda ema, x, t, y: ema.all_exits(x, t, y)[0], fresh=fresh,
+                fresh_lr=cfg.estimator_lr or None)
