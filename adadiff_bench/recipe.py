@@ -32,7 +32,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 def ema_start_share(steps: int, decay: float, warmup: bool) -> float:
     """The share of the starting weights left in the EMA after `steps` updates: prod_t decay_t."""
-    if not warmup:
+    if not warmup or decay <= 0:  # (decay 0: the EMA is the model itself, nothing of the start is left)
         return decay ** steps
     return math.exp(sum(math.log(ema_decay_at(t, decay, True)) for t in range(steps)))
 

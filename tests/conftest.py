@@ -4,6 +4,7 @@ interface (plain module calls with an explicit skip list), so that tests check t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def tiny_checkpoint(tmp_path, tiny_model) -> Path:
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, tiny_model, TINY)
     return path
+
+
+def with_keys(text: str, **values) -> str:
+    """A TOML text with each `key = ...` line set to `key = value` (values written as TOML literals: pass
+    strings already quoted); a key the text lacks is an error, so a changed shipped config fails loudly."""
+    for key, value in values.items():
+        text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.MULTILINE)
+        assert count == 1, f"{key} appears {count} times"
+    return text
 
 
 def write_run_config(tmp_path: Path, checkpoint: Path, extra_methods: str = "", **sections) -> Path:

@@ -7,19 +7,15 @@ import torch
 from adadiff_bench.methods.adadiff import load_adadiff
 from adadiff_bench.checkpoints import load_model
 from adadiff_bench.cli import main
-from conftest import REPO
+from conftest import REPO, with_keys
 
 
 def write_config(tmp_path, base, freeze: bool, estimator="official", loss="official", heads="shared"):
-    text = (REPO / "configs" / "adadiff_digits_frozen.toml").read_text()
-    text = text.replace('base_checkpoint = "checkpoints/uvit_digits.pt"', f'base_checkpoint = "{base}"')
-    text = text.replace("freeze_backbone = true", f"freeze_backbone = {str(freeze).lower()}")
-    text = text.replace('estimator = "official"', f'estimator = "{estimator}"')
-    text = text.replace('loss = "official"', f'loss = "{loss}"').replace('heads = "shared"', f'heads = "{heads}"')
-    text = text.replace("steps = 1500", "steps = 6").replace("batch_size = 128", "batch_size = 16")
-    text = text.replace('out_dir = "results/train/adadiff_digits_frozen"', f'out_dir = "{tmp_path / "run"}"')
-    text = text.replace('export = "checkpoints/adadiff_digits_frozen.pt"', f'export = "{tmp_path / "out.pt"}"')
-    text = text.replace("warmup_steps = 50", "warmup_steps = 1").replace("ema_decay = 0.995", "ema_decay = 0.0")
+    """The shipped frozen recipe, sized for a test: 6 steps of 16 images, no warm-up, no EMA."""
+    text = with_keys((REPO / "configs" / "adadiff_digits_frozen.toml").read_text(), base_checkpoint=f'"{base}"',
+                     freeze_backbone=str(freeze).lower(), estimator=f'"{estimator}"', loss=f'"{loss}"',
+                     heads=f'"{heads}"', steps=6, batch_size=16, out_dir=f'"{tmp_path / "run"}"',
+                     export=f'"{tmp_path / "out.pt"}"', warmup_steps=1, ema_decay=0.0, estimator_lr=0)
     path = tmp_path / "adadiff.toml"
     path.write_text(text)
     return path
@@ -165,8 +161,7 @@ def test_estimator_lr_trains_fresh_estimators_at_their_own_rate(tmp_path, tiny_c
     With a vanishing backbone lr the backbone stays put while the estimators move."""
     from adadiff_bench.training import load_train_config, parameter_groups, training_task
     config = write_config(tmp_path, tiny_checkpoint, freeze=False)
-    text = config.read_text().replace("freeze_backbone = false", "freeze_backbone = false\nestimator_lr = 0.01")
-    config.write_text(text.replace("lr = 1e-3", "lr = 1e-9"))
+    config.write_text(with_keys(config.read_text(), estimator_lr=0.01, lr=1e-9))
     loaded = load_train_config(config)
     task = training_task(loaded, torch.linspace(0.999, 0.001, 1000))
     groups = parameter_groups(task, loaded.train.lr)

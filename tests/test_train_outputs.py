@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import tomllib
 
 from adadiff_bench.checkpoints import load_model
 from adadiff_bench.cli import main
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.metrics import classifier
-from conftest import REPO
+from conftest import REPO, with_keys
 
 TINY_UVIT = """
 [data]
@@ -53,11 +54,9 @@ def test_last_line_names_the_exported_base_model(tmp_path, capsys):
 
 
 def test_last_line_names_a_methods_checkpoint_knob(tmp_path, tiny_checkpoint, capsys):
-    text = (REPO / "configs" / "adadiff_digits_frozen.toml").read_text()
-    text = text.replace('base_checkpoint = "checkpoints/uvit_digits.pt"', f'base_checkpoint = "{tiny_checkpoint}"')
-    text = text.replace("steps = 1500", "steps = 2").replace("batch_size = 128", "batch_size = 8")
-    text = text.replace('out_dir = "results/train/adadiff_digits_frozen"', f'out_dir = "{tmp_path / "run"}"')
-    text = text.replace('export = "checkpoints/adadiff_digits_frozen.pt"\n', "")  # no export: ema.pt is the file
+    text = with_keys((REPO / "configs" / "adadiff_digits_frozen.toml").read_text(),
+                     base_checkpoint=f'"{tiny_checkpoint}"', steps=2, batch_size=8, out_dir=f'"{tmp_path / "run"}"')
+    text = re.sub(r"^export = .*\n", "", text, flags=re.MULTILINE)  # no export: ema.pt is the file
     assert "export =" not in text
     config = tmp_path / "adadiff.toml"
     config.write_text(text)

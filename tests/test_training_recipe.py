@@ -171,3 +171,9 @@ def test_the_leaderboard_shows_each_settings_training_budget():
     shown = display_table(leaderboard(frame))
     column = next(c for c in shown.columns if c.startswith("training budget"))
     assert dict(zip(shown["method setting"].str.split(" ").str[0], shown[column])) == budgets
+
+
+def test_no_ema_with_a_warm_up_leaves_nothing_of_the_start():
+    """ema_decay = 0 (the EMA is the model) with ema_warmup on: share 0, not a math domain error."""
+    assert ema_start_share(5, 0.0, True) == 0.0 == ema_start_share(5, 0.0, False)
+    assert ema_start_share(0, 0.0, True) == 1.0
