@@ -136,8 +136,7 @@ def dry_run(config: RunConfig, where: str) -> None:
     print(f"estimated time: ~{_duration(total_sampling + total_timing)} (sampling {_duration(total_sampling)}, "
           f"timing pass {_duration(total_timing)})")
     print(f"the estimate rests on the faster of {PROBE_REPEATS} timed batches of {measured.images} images of `full` "
-          f"({measured.solver}, "
-          f"{measured.num_steps} steps) on this machine: {measured.seconds_per_image_step * 1e3:.2f} ms per image "
+          f"({measured.solver}, {measured.num_steps} steps) on this machine: {measured.seconds_per_image_step * 1e3:.2f} ms per image "
           "and step, times each cell's images x steps at full depth (methods that skip blocks or steps take less); "
           "not included: quality metrics, training on demand, calibration, latent decoding")
     print("dry run: nothing was written")

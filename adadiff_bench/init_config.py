@@ -54,11 +54,11 @@ def sweeps(blocks: int) -> dict[str, dict[str, object]]:
 
 # methods that sample with a network trained for them (AdaDiff's is trained on demand): the table that makes it
 NEEDS_TRAINING = {"berxit": "[berxit]", "l2c": "[l2c]", "duodiff": "a second, shallow U-ViT ([model] depth)"}
-ADADIFF_TARGETS = [0.6, 0.8]
+ADADIFF_TARGETS = [0.6, 0.8]  # layer ratios: each finds its own threshold on calibration samples
 ADADIFF_STEPS = 3000  # the fine-tune's cap: held-out stopping may end it sooner
 # the converged-recipe rule (see `recipe`): `steps` is a cap, the held-out loss decides where training stops
 STOPPING_RULE = ("# steps is a cap: every eval_every steps the EMA weights' loss on the held-out tenth of the data is\n"
-                 "# recorded, and training stops once `patience` evaluations in a row have not improved\n")  # layer ratios: each finds its own threshold on calibration samples
+                 "# recorded, and training stops once `patience` evaluations in a row have not improved\n")
 
 
 def base_model_config(image_shape: tuple[int, int, int]) -> UViTConfig:

@@ -329,6 +329,8 @@ def _identity(config: dict) -> dict:
     train.setdefault("schedule", DEFAULT_SCHEDULE)  # (... and on the linear schedule)
     for key, before in (("ema_warmup", False), ("holdout", 0.0), ("eval_every", 500), ("patience", 0)):
         train.setdefault(key, before)  # (... and with the recipe settings' defaults)
+    if config.get("task") == "adadiff":  # (an AdaDiff state from before estimator_lr trained them at [train] lr)
+        config = {**config, "task_config": {"estimator_lr": 0.0, **config["task_config"]}}
     return {**config, "train": train}
 
 

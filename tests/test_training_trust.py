@@ -82,3 +82,21 @@ def test_a_state_without_a_base_hash_resumes_with_a_warning(tmp_path, tiny_check
         assert main(method_config(tmp_path, tiny_checkpoint, "adadiff", steps=4)) == 0
     assert "at step 2" in capsys.readouterr().out
 
+
+
+def test_an_adadiff_state_from_before_estimator_lr_resumes(tmp_path, tiny_checkpoint, capsys):
+    """A last.pt saved before `[adadiff] estimator_lr` existed trained its estimators at [train] lr: it resumes
+    when the key is left at 0, and a new value is named as the difference."""
+    assert main(method_config(tmp_path, tiny_checkpoint, "adadiff", steps=2)) == 0
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["task_config"]["estimator_lr"]  # as saved before the setting
+    torch.save(state, path)
+    capsys.readouterr()
+    assert main(method_config(tmp_path, tiny_checkpoint, "adadiff", steps=4)) == 0
+    assert "resuming" in capsys.readouterr().out and torch.load(path, weights_only=True)["step"] == 4
+    argv = method_config(tmp_path, tiny_checkpoint, "adadiff", steps=6)
+    config = tmp_path / "adadiff_6.toml"
+    config.write_text(config.read_text().replace('estimator = "official"', 'estimator = "official"\nestimator_lr = 0.01'))
+    assert main(argv) == 2
+    assert "task_config.estimator_lr (0.0 saved, 0.01 now)" in capsys.readouterr().err
