@@ -32,7 +32,9 @@ run's base model without fine-tuning). Fine-tuning: `adadiff-bench train --confi
 Differs from the paper: a one-knob linear schedule instead of hand-set block counts per bucket; strengths
 above 0.5 drop the mid- and in-blocks, which the paper never does (needed to reach layer ratios near 0.5);
 one checkpoint serves a whole sweep: each fine-tuning batch draws its strength from `[ase] strengths`,
-where the paper fine-tunes one model per schedule.
+where the paper fine-tunes one model per schedule. The shipped fine-tune starts from the backbone the digits
+comparisons share (the fine-tuned AdaDiff network's) with the optimiser, EMA and step cap of AdaDiff's own
+fine-tune, and stops on its held-out loss (configs/ase_digits.toml).
 """
 from __future__ import annotations
 

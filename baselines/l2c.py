@@ -35,10 +35,10 @@ Differs from the paper: the pair x_{s-1} -> x_s comes from one first-order step 
 solver (the official code takes one step of its own DPM-Solver-2; a multistep solver would need the
 step before); each sample draws its own cache step (the official code: one per batch); with one
 network evaluation per step, full and cache steps alternate (the official U-ViT code samples with
-single-step DPM-Solver-2 and alternates the step's two evaluations); lambda and the learning rate are
-set for the 8x8 digits model. A sampling run is refused when its solver timesteps are not the
-router's; `check_schedule` refuses by solver name and step count before sampling, once the harness
-calls it (ddim and ddpm share timesteps).
+single-step DPM-Solver-2 and alternates the step's two evaluations); lambda is set for the 8x8 digits
+model (the optimiser is the official router's: AdamW at lr 1e-3 without weight decay, no EMA). A sampling
+run is refused when its solver timesteps are not the router's; `check_schedule` refuses by solver name and
+step count before sampling, once the harness calls it (ddim and ddpm share timesteps).
 """
 from __future__ import annotations
 
