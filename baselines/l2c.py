@@ -360,7 +360,7 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
 
     def export(path, ema, meta, half):
         save_router(path, RouterCheckpoint(ema().detach(), cfg.base_checkpoint, base_sha256, cfg.solver,
-                                           cfg.num_steps), {"steps": meta.get("steps"), "l1_weight": cfg.l1_weight})
+                                           cfg.num_steps), {**meta, "l1_weight": cfg.l1_weight})
 
     return Task(router, loss, export, backbone.config, frozen=(backbone,),  # train() moves both to the device
                 base_checkpoint=cfg.base_checkpoint, predictions=lambda ema, x, t, y: [backbone(x, t, y)])

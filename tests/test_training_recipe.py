@@ -156,6 +156,8 @@ def test_the_shipped_checkpoints_report_their_budgets():
     assert base["steps"] == 5000 and base["samples_seen"] == 5000 * 128 and base["seconds"] > 0
     finetuned = checkpoint_budget(REPO / "checkpoints" / "adadiff_digits_finetuned.pt")
     assert finetuned["steps"] == 12000 and finetuned["device"] == "cpu"
+    router = checkpoint_budget(REPO / "checkpoints" / "l2c_digits.pt")
+    assert router["steps"] == 10000 and router["samples_seen"] == 10000 * 64
 
 
 def test_the_leaderboard_shows_each_settings_training_budget():
@@ -177,3 +179,18 @@ def test_no_ema_with_a_warm_up_leaves_nothing_of_the_start():
     """ema_decay = 0 (the EMA is the model) with ema_warmup on: share 0, not a math domain error."""
     assert ema_start_share(5, 0.0, True) == 0.0 == ema_start_share(5, 0.0, False)
     assert ema_start_share(0, 0.0, True) == 1.0
+
+
+@pytest.mark.parametrize("table, body", [("adadiff", 'estimator = "official"'), ("ase", ""), ("berxit", ""),
+                                         ("l2c", 'solver = "ddim"\nnum_steps = 4')])
+def test_every_method_that_trains_records_its_budget_in_its_export(tmp_path, tiny_checkpoint, table, body):
+    """The leaderboard's training-budget column reads the exported file: each method's export keeps it."""
+    from adadiff_bench.cli import main
+    from adadiff_bench.training_budget import checkpoint_budget
+    config = tmp_path / "train.toml"
+    config.write_text(f'[data]\nname = "digits"\n\n[{table}]\nbase_checkpoint = "{tiny_checkpoint}"\n{body}\n\n'
+                      f'[train]\nsteps = 2\nbatch_size = 8\nwarmup_steps = 1\nthreads = 1\n'
+                      f'out_dir = "{tmp_path / "run"}"\nexport = "{tmp_path / "out.pt"}"\n')
+    assert main(["train", "--config", str(config), "--no-progress", "--no-end-report"]) == 0
+    budget = checkpoint_budget(tmp_path / "out.pt")
+    assert (budget["steps"], budget["samples_seen"], budget["device"]) == (2, 16, "cpu") and "seconds" in budget
