@@ -50,7 +50,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
 from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_model,
                                        register_format, sha256_file)
 from adadiff_bench.config import SOLVERS, check_solver
@@ -59,6 +58,7 @@ from adadiff_bench.diffusion import solver_timesteps
 from adadiff_bench.errors import UserError
 from adadiff_bench.knobs import knob
 from adadiff_bench.flops import unit_costs
+from adadiff_bench.methods.prefix_exit import exit_network
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.models.backbone import Backbone
 from adadiff_bench.training import Task
@@ -141,7 +141,8 @@ def check_backbone(router: RouterCheckpoint, model: Backbone, where: str) -> Non
     """Refuse a router whose base checkpoint changed (sha256) or is not the model it is asked to run on."""
     check_base_file(router, where)
     base = router.base_checkpoint
-    state, expected = model.state_dict(), cached_checkpoint(base, UVIT_FORMAT).state_dict()  # (the CPU copy)
+    expected = exit_network(base)[0].state_dict()  # (the CPU copy; a U-ViT, or an AdaDiff network's backbone)
+    state = model.state_dict()
     if state.keys() != expected.keys() or not all(torch.equal(v, expected[k].to(v.device)) for k, v in state.items()):
         raise UserError(f"{where}: router {router.path!r} was trained for backbone {base!r} (sha256 "
                         f"{router.base_sha256[:12]}...), not for this run's model; set the run's checkpoint to "

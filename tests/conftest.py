@@ -19,6 +19,8 @@ from adadiff_bench.testing import TINY_UVIT
 torch.set_num_threads(int(os.environ.get("ADADIFF_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 REPO = Path(__file__).resolve().parents[1]
+# the backbone the digits comparisons share (the fine-tuned AdaDiff network's): shipped routers are trained on it
+DIGITS_BACKBONE = REPO / "checkpoints" / "adadiff_digits_finetuned.pt"
 TINY = TINY_UVIT  # the tiny U-ViT plugin authors test with too
 
 

@@ -11,12 +11,12 @@ from adadiff_bench.harness import Cell, generate
 from adadiff_bench.methods import Method, available_methods, register_method
 from adadiff_bench.methods.registry import _REGISTRY
 from adadiff_bench.testing import check_method_contracts, tiny_backbone
-from conftest import REPO
+from conftest import DIGITS_BACKBONE, REPO
 
 
 @pytest.fixture(scope="module")
 def digits_model():
-    return load_model(REPO / "checkpoints" / "uvit_digits.pt")
+    return load_model(DIGITS_BACKBONE)
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from adadiff_bench.errors import UserError
 from adadiff_bench.harness import Cell, build_method, generate
 from adadiff_bench.metrics.quality import compute_quality
 from adadiff_bench.methods import available_methods, get_method, make_params
-from conftest import REPO, TINY
+from conftest import DIGITS_BACKBONE, REPO, TINY
 
 NUM_SAMPLES = 64
 BATCH_SIZES = (1, 7, 64)
@@ -64,7 +64,7 @@ def run_from_repo(monkeypatch):
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {"tiny": build_model(TINY).eval(), "digits": load_model(REPO / "checkpoints" / "uvit_digits.pt")}
+    return {"tiny": build_model(TINY).eval(), "digits": load_model(DIGITS_BACKBONE)}
 
 
 @pytest.fixture(scope="module")
