@@ -329,8 +329,10 @@ def _identity(config: dict) -> dict:
     train.setdefault("schedule", DEFAULT_SCHEDULE)  # (... and on the linear schedule)
     for key, before in (("ema_warmup", False), ("holdout", 0.0), ("eval_every", 500), ("patience", 0)):
         train.setdefault(key, before)  # (... and with the recipe settings' defaults)
-    if config.get("task") == "adadiff":  # (an AdaDiff state from before estimator_lr trained them at [train] lr)
-        config = {**config, "task_config": {"estimator_lr": 0.0, **config["task_config"]}}
+    task = config.get("task")
+    added = getattr(get_method(task).TrainConfig, "added_keys", {}) if task in trainable_methods() else {}
+    if added:  # (... and a method's table with the values of the keys it gained since, as its class declares)
+        config = {**config, "task_config": {**added, **config["task_config"]}}
     return {**config, "train": train}
 
 

@@ -14,6 +14,7 @@ final head included, stays fixed: only the estimators (and per-exit heads, if ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -58,6 +59,9 @@ class AdaDiffTrainConfig:
     target_space: str = knob("eps", "what the pseudo-label u_hat measures: \"eps\" (tanh|g_i - eps|, the paper's) or "
                                     "\"x0\" (the exit's error in x0 space, tanh(|g_i - eps| sigma_t / alpha_t): a "
                                     "timestep-aware target, an ablation)", choices=("eps", "x0"))
+
+    # keys added after states were saved, with the value that reproduces those states (resuming fills them in)
+    added_keys: ClassVar[dict] = {"estimator_lr": 0.0}
 
     def validate(self, where: str) -> None:
         if self.loss not in ("official", "paper"):
