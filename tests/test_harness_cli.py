@@ -274,3 +274,24 @@ def test_matched_fid_is_interpolated_along_each_curve_and_blank_outside_it():
     assert exits["fid_digits_cnn at layer ratio 0.7"] == pytest.approx(12.5)
     full = table.loc[[c for c in table.index if c.startswith("full")][0]]
     assert np.isnan(full["fid_digits_cnn at layer ratio 0.5"])  # a single point at 1.0 reaches no target
+
+
+def test_matched_fid_matches_each_seed_on_its_own_sweep_before_averaging():
+    from adadiff_bench.report.tables import matched_markdown, matched_table
+    # seed 0's curve runs (0.4, 20) -> (0.8, 10), seed 1's (0.5, 24) -> (0.9, 8): at 0.6 they read 15 and 20
+    rows = [(0, 0.4, 20.0, 4), (0, 0.8, 10.0, 8), (1, 0.5, 24.0, 4), (1, 0.9, 8.0, 8)]
+    frame = pd.DataFrame([{"method": "static-exit", "params": json.dumps({"k": k}), "solver": "ddim", "num_steps": 25,
+                           "seed": seed, "layer_ratio": lr, "gflops_per_image": 2 * lr, "fid_digits_cnn": f,
+                           "valid": True, "entry": 1, "swept": json.dumps(["k"]), "ceiling": False}
+                          for seed, lr, f, k in rows])
+    info = {"reference": {"solver": "ddim", "num_steps": 25}}
+    matched = matched_table(frame, info, targets=(0.6, 0.85))
+    row = matched.iloc[0]
+    assert row["fid_digits_cnn at layer ratio 0.6"] == pytest.approx(17.5)  # pooling both seeds' points would read 19.33
+    assert row["fid_digits_cnn at layer ratio 0.6 std"] == pytest.approx(np.std([15.0, 20.0], ddof=1))
+    assert row["fid_digits_cnn at layer ratio 0.6 low"] == pytest.approx(15.0)  # 2 seeds: the interval is [min, max]
+    assert row["fid_digits_cnn at layer ratio 0.6 high"] == pytest.approx(20.0)
+    assert np.isnan(row["fid_digits_cnn at layer ratio 0.85"])  # seed 0's sweep stops at 0.8
+    shown = matched_markdown(matched).iloc[0]
+    assert shown["fid_digits_cnn at layer ratio 0.6"] == "17.50 ± 3.54 [15.00, 20.00]"
+    assert shown["fid_digits_cnn at layer ratio 0.85"] == ""

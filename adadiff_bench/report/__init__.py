@@ -29,7 +29,8 @@ from . import adadiff_figures, estimator_quality, exit_figures, figures
 from .html import HtmlFigure, HtmlSection, HtmlTable, open_in_browser, write_html_report
 from .registry import (COMPUTE_SAVED, LEADERBOARD, MATCHED, QUALITY_VS_COST, SAMPLES, SECTIONS, SPEEDUP, UNCERTAINTY,
                        DrawnFigure, Figure, draw_figures, register_figure, registered_figures, section_titles)
-from .tables import display_table, leaderboard_files, leaderboard_notes, matched_files, skipped_metrics
+from .tables import (display_table, leaderboard_files, leaderboard_notes, matched_files, matched_markdown,
+                     skipped_metrics)
 from .view import ReportView, load_runs
 
 __all__ = ["write_report", "write_leaderboard", "load_runs", "ReportView", "register_figure", "registered_figures",
@@ -92,7 +93,8 @@ def write_index(out: Path, view: ReportView, board: pd.DataFrame, matched: pd.Da
     """index.html: the tables and every shown figure, each in its registered section, in one self-contained page."""
     tables = {LEADERBOARD: [HtmlTable("One row per method setting; click a header to sort.", display_table(board),
                                       "leaderboard", leaderboard_notes(board, view.infos).strip())],
-              MATCHED: [HtmlTable("Interpolated along each curve's sweep; blank outside it.", matched)]
+              MATCHED: [HtmlTable("Interpolated along each seed's sweep, then mean ± std [seed interval]; blank where a "
+                                  "seed's curve does not reach the target.", matched_markdown(matched))]
               if not matched.empty else []}
     shown = {title: [] for title in section_titles()}
     for figure in drawn:

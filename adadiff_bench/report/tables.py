@@ -335,7 +335,7 @@ def curves(frame: pd.DataFrame):
         yield legend, labels, group
 
 
-MATCHED_TARGETS = (0.5, 0.6, 0.7)
+MATCHED_TARGETS = (0.5, 0.6, 0.7, 0.8)
 
 
 def cost_fraction(frame: pd.DataFrame, info: dict | None = None) -> pd.Series:
@@ -352,9 +352,25 @@ def interpolate_at(x: np.ndarray, y: np.ndarray, targets) -> list[float]:
             (float(y[0]) if len(x) == 1 and np.isclose(x[0], t) else np.nan) for t in targets]
 
 
+def matched_per_seed(group: pd.DataFrame, fid: str, axis: str, targets) -> np.ndarray:
+    """(seeds x targets) FID of one curve interpolated along each seed's own sweep: an adaptive method's
+    layer ratio moves a little from seed to seed, so seeds are matched before they are averaged."""
+    seeds = group.groupby("seed") if "seed" in group.columns else [(0, group)]
+    return np.array([interpolate_at(rows[axis], rows[fid], targets) for _, rows in seeds])
+
+
+def matched_summary(values: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """Mean, std and seed interval of one target's per-seed values; NaN when any seed misses the target."""
+    if np.isnan(values).any():
+        return {"mean": np.nan, "std": np.nan, "low": np.nan, "high": np.nan}
+    low, high = mean_bootstrap_interval(values, level)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else np.nan,
+            "low": low, "high": high}
+
+
 def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
-    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along its sweep), with
-    the backbone each curve ran on."""
+    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along each seed's
+    sweep, then mean, std and seed interval over seeds), with the backbone each curve ran on."""
     fid = primary_column(frame.columns)
     frame = frame[frame["valid"]].assign(cost_fraction=cost_fraction(frame[frame["valid"]], info))
     keys = group_keys(frame)
@@ -364,13 +380,31 @@ def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED
     for legend, _, group in curves(frame):
         if fid is None:
             break
-        points = group.groupby(["layer_ratio", "cost_fraction"], as_index=False)[fid].mean()
         row = {"curve": legend, "backbone": labels[keys[group.index[0]]]}
         for axis, name in (("layer_ratio", "layer ratio"), ("cost_fraction", "cost")):
-            for target, value in zip(targets, interpolate_at(points[axis], points[fid], targets)):
-                row[f"{fid} at {name} {target:g}"] = value
+            per_seed = matched_per_seed(group, fid, axis, targets)
+            for target, values in zip(targets, per_seed.T):
+                summary = matched_summary(values)
+                row[f"{fid} at {name} {target:g}"] = summary["mean"]
+                for part in ("std", "low", "high"):
+                    row[f"{fid} at {name} {target:g} {part}"] = summary[part]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def matched_markdown(matched: pd.DataFrame) -> pd.DataFrame:
+    """The matched table for reading: each target's mean ± std (and [seed interval]) in one cell."""
+    shown = matched[["curve", "backbone"]].copy()
+    for column in [c for c in matched.columns if f"{c} std" in matched.columns]:
+        shown[column] = [matched_cell(*values) for values in zip(
+            matched[column], matched[f"{column} std"], matched[f"{column} low"], matched[f"{column} high"])]
+    return shown
+
+
+def matched_cell(mean: float, std: float, low: float, high: float) -> str:
+    if np.isnan(mean):
+        return ""
+    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def frame_to_markdown(frame: pd.DataFrame) -> str:
@@ -522,7 +556,7 @@ def matched_files(frame: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Pa
         return matched, []
     header = (f"# FID at matched layer ratio and matched cost\n\n{primary_column(frame.columns)} with n = "
               f"{int(frame['num_samples'].iloc[0])} samples per cell, interpolated linearly along each curve's "
-              "sweep; blank where the curve does not reach the target. Cost = GFLOPs/image over the reference "
-              "`full`'s.\n\n")
+              "sweep (each seed's own, then mean ± std over seeds [bootstrap interval of the mean]); blank where the "
+              "curve, at any seed, does not reach the target. Cost = GFLOPs/image over the reference `full`'s.\n\n")
     return matched, [write_text(out / "matched.csv", matched.to_csv(index=False)),
-                     write_text(out / "matched.md", header + frame_to_markdown(matched))]
+                     write_text(out / "matched.md", header + frame_to_markdown(matched_markdown(matched)))]
