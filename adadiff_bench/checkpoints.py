@@ -27,11 +27,14 @@ from pathlib import Path
 
 import torch
 
-from .config import UViTConfig, UViTT2IConfig
+from .config import DiTConfig, UViTConfig, UViTT2IConfig
 from .errors import UserError
+from .models.backbone import Backbone
+from .models.dit import DiT
 from .models.uvit import UViT
 
 FORMAT = "adadiff-bench/uvit"
+DIT_FORMAT = "adadiff-bench/dit"
 UVIT_STATE_DICT = "uvit-state-dict"
 VERSION = 1
 TRAIN_HINT = "train one with `adadiff-bench train --config configs/train_digits.toml`"
@@ -58,10 +61,16 @@ def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
 
 
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; of a folder (a diffusers model), over its files' relative names and bytes."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -247,11 +256,12 @@ def build_model(config: UViTConfig) -> UViT:
     return model
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig, meta: dict | None = None,
-                    half: bool = False) -> None:
+def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig | DiTConfig,
+                    meta: dict | None = None, half: bool = False) -> None:
+    """This suite's checkpoint of a backbone (a U-ViT, or a DiT with its diffusers config)."""
     state = state_for_saving(model, half)
-    atomic_torch_save({"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(config),
-                       "state_dict": state, "meta": meta or {}}, path)
+    atomic_torch_save({"format": DIT_FORMAT if isinstance(config, DiTConfig) else FORMAT, "version": VERSION,
+                       "model": dataclasses.asdict(config), "state_dict": state, "meta": meta or {}}, path)
 
 
 def uvit_from_state(config: UViTConfig, state: dict, path: str) -> UViT:
@@ -328,20 +338,109 @@ register_format(CheckpointFormat(UVIT_STATE_DICT, "a published U-ViT state dict 
                                  _load_uvit_state, recognise=looks_like_uvit_state))
 
 
-def load_model(path: str | Path, config: UViTConfig | None = None) -> UViT:
-    """A float32 U-ViT in eval mode from a checkpoint of this suite, from a published U-ViT state dict
-    together with its `config` (a strict load names any key that does not fit), or the backbone of a network
-    built on one (a fine-tuned AdaDiff checkpoint: the backbone every method of a comparison can share)."""
+# ---- DiT: this suite's format and diffusers' `save_pretrained` folders ----------------------------------
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # older folders (DiT-XL-2-256) name the latter
+# keys an older Transformer2DModel config.json carries that a patched DiT leaves at these values
+INERT_DIFFUSERS_KEYS = {"cross_attention_dim": None, "num_vector_embeds": None, "only_cross_attention": False,
+                        "use_linear_projection": False, "double_self_attention": False, "caption_channels": None,
+                        "interpolation_scale": None, "attention_type": "default"}
+
+
+def build_dit(config: DiTConfig) -> DiT:
+    """A DiT with fresh weights from its config, kept on the module (`model.config`) for whoever saves it."""
+    model = DiT.from_config(**dataclasses.asdict(config))
+    model.config = config
+    return model
+
+
+def dit_from_state(config: DiTConfig, state, path: str) -> DiT:
+    """A float32 DiT in eval mode with these weights (strict), names and shapes checked on a meta copy first."""
+    if isinstance(state, dict) and config.num_layers > len(state):  # bound the size a config claims before building
+        raise UserError(f"checkpoint {path!r}: its config says {config.num_layers} layers but its state dict holds "
+                        f"only {len(state)} tensors; re-download or retrain it")
+    with torch.device("meta"):
+        check_state_fits(DiT.from_config(**dataclasses.asdict(config)).state_dict(), state, path)
+    model = build_dit(config)
+    load_state_dict_strict(model, state, path)
+    return model.float().eval()
+
+
+def _load_dit(payload: dict, path: str) -> DiT:
+    return dit_from_state(config_from_table(DiTConfig, payload["model"], path, "model"), payload["state_dict"], path)
+
+
+def load_diffusers_dit(folder: str | Path) -> DiT:
+    """A DiT from a diffusers folder: `config.json` and its weights (a pipeline's folder: its `transformer/`).
+    The weights are read as safetensors, or as a weights-only torch file: nothing in the folder runs code."""
+    folder = Path(folder)
+    folder = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
+    weights = next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+    if not (folder / "config.json").is_file() or weights is None:
+        raise UserError(f"{str(folder)!r} is not a diffusers DiT folder: it needs config.json and "
+                        f"{' or '.join(DIFFUSERS_WEIGHTS)} (the layout `save_pretrained` writes)")
+    config = diffusers_dit_config(folder / "config.json")
+    state = read_diffusers_weights(weights)
+    state = {f"transformer.{key}": value for key, value in state.items()} if isinstance(state, dict) else state
+    return dit_from_state(config, state, str(folder))
+
+
+def diffusers_dit_config(path: Path) -> DiTConfig:
+    """The DiTConfig of a diffusers `config.json`, refusing another class or a setting the suite's DiT lacks."""
+    import json
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{str(path)!r} is not readable JSON ({type(exc).__name__}); re-download it") from None
+    if not isinstance(table, dict):
+        raise UserError(f"{str(path)!r} holds a {type(table).__name__}, not a diffusers config table; re-download it")
+    if table.get("_class_name") not in DIT_CLASS_NAMES:
+        raise UserError(f"{str(path)!r} configures {table.get('_class_name')!r}, not a DiT "
+                        f"({' or '.join(DIT_CLASS_NAMES)}); point the checkpoint at a DiT's folder")
+    active = [key for key, inert in INERT_DIFFUSERS_KEYS.items() if key in table and table[key] != inert]
+    if active:
+        raise UserError(f"{str(path)!r} sets {', '.join(active)}: not a patched, class-conditional DiT, which is all "
+                        "the suite runs")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    known = {key: value for key, value in table.items() if key in fields or not (key.startswith("_")
+                                                                                 or key in INERT_DIFFUSERS_KEYS)}
+    return config_from_table(DiTConfig, known, str(path), "config")
+
+
+def read_diffusers_weights(path: Path) -> dict:
+    """The state dict in a diffusers weights file, with one-line errors."""
+    if path.suffix != ".safetensors":
+        return read_checkpoint(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{str(path)!r} is corrupt or not a safetensors file ({type(exc).__name__}); "
+                        "re-download it") from None
+
+
+register_format(CheckpointFormat(DIT_FORMAT, "a DiT", _load_dit, TRAIN_HINT))
+
+
+def load_model(path: str | Path, config: UViTConfig | None = None) -> Backbone:
+    """A float32 backbone in eval mode: a U-ViT or a DiT from a checkpoint of this suite, a published U-ViT
+    state dict together with its `config` (a strict load names any key that does not fit), a diffusers DiT
+    folder, or the backbone of a network built on one (a fine-tuned AdaDiff checkpoint: the backbone every
+    method of a comparison can share)."""
+    if Path(path).is_dir():
+        return load_diffusers_dit(path)
     payload = read_checkpoint(path)
     fmt = _identify_any(payload)
-    if fmt is not None and fmt.name == FORMAT:
+    if fmt is not None and fmt.name in (FORMAT, DIT_FORMAT):
         return load_body(fmt, payload, str(path))
     if fmt is None and isinstance(payload, dict) and "format" in payload:
         raise _unknown_format(path, payload)
     if fmt is None or fmt.name == UVIT_STATE_DICT:
         return load_body(_FORMATS[UVIT_STATE_DICT], payload, str(path), uvit=config)
     backbone = getattr(load_body(fmt, payload, str(path)), "backbone", None)
-    if isinstance(backbone, UViT):
+    if isinstance(backbone, (UViT, DiT)):
         return backbone.float().eval()
-    raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a U-ViT or a network built on "
-                    f"one; {TRAIN_HINT}")
+    raise UserError(f"checkpoint {str(path)!r} is {fmt.what} ({fmt.name}), not a backbone (a U-ViT or a DiT) or a "
+                    f"network built on one; {TRAIN_HINT}")

@@ -63,6 +63,65 @@ class UViTT2IConfig(UViTConfig):
     num_clip_token: int = 77
 
 
+DIT_ACTIVATIONS = ("gelu-approximate", "gelu")
+DIT_MAX_SAMPLE_SIZE = 1024  # latents of 8,192 px images under SD's 8x autoencoder
+
+
+@dataclass
+class DiTConfig:
+    """Constructor arguments of diffusers' DiTTransformer2DModel (its names, as in a `config.json`). The defaults
+    of the last group are DiT's own; other values of them are refused, since the suite's DiT runs only those."""
+    num_attention_heads: int = 2
+    attention_head_dim: int = 32
+    in_channels: int = 1
+    out_channels: int | None = None    # 2 x in_channels: learned sigma (DiT-XL/2)
+    num_layers: int = 12
+    sample_size: int = 8
+    patch_size: int = 2
+    num_embeds_ada_norm: int = 10      # class labels; the embedding adds a null row for guidance
+    activation_fn: str = "gelu-approximate"
+    attention_bias: bool = True
+    dropout: float = 0.0
+    norm_type: str = "ada_norm_zero"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-5
+    norm_num_groups: int = 32
+    upcast_attention: bool = False
+
+    @property
+    def img_size(self) -> int:
+        return self.sample_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        """Rows of the label embedding, as U-ViT counts them: the classes and the null row diffusers adds."""
+        return self.num_embeds_ada_norm + 1
+
+    @property
+    def data_classes(self) -> int:
+        """Labels a training set may hold (0 .. num_embeds_ada_norm - 1)."""
+        return self.num_embeds_ada_norm
+
+    def validate(self, where: str) -> None:
+        _positive(where, num_attention_heads=self.num_attention_heads, attention_head_dim=self.attention_head_dim,
+                  in_channels=self.in_channels, num_layers=self.num_layers, sample_size=self.sample_size,
+                  patch_size=self.patch_size, num_embeds_ada_norm=self.num_embeds_ada_norm, norm_eps=self.norm_eps)
+        if self.sample_size % self.patch_size or self.sample_size > DIT_MAX_SAMPLE_SIZE:
+            raise UserError(f"{where}: sample_size {self.sample_size} must be a multiple of patch_size "
+                            f"{self.patch_size} and at most {DIT_MAX_SAMPLE_SIZE} (its positions are computed, "
+                            "not stored, so no weight file bounds it)")
+        if self.out_channels not in (None, self.in_channels, 2 * self.in_channels):
+            raise UserError(f"{where}: out_channels must be in_channels (eps) or 2 x in_channels (eps and a "
+                            f"learned variance), got {self.out_channels}")
+        if self.norm_type != "ada_norm_zero" or self.activation_fn not in DIT_ACTIVATIONS:
+            raise UserError(f"{where}: a DiT here has norm_type 'ada_norm_zero' and activation_fn in "
+                            f"{', '.join(DIT_ACTIVATIONS)} (got {self.norm_type!r}, {self.activation_fn!r})")
+
+
 @dataclass
 class ModelConfig:
     """`[model]`: a published network by preset name (`models.presets`) and its files; empty: the run's
@@ -149,13 +208,15 @@ class TrainFile:
 
     With a method's table (`[adadiff]`, `[berxit]`, `[ase]`, `[l2c]`: the `TrainConfig` a method
     declares) that method's training task runs, usually from a base checkpoint; without one a U-ViT
-    is trained from scratch as `[model]` says. `training.load_train_config` reads one from TOML.
+    is trained from scratch as `[model]` says, or a DiT as `[dit]` says. `training.load_train_config` reads one from TOML.
     """
     data: DataConfig = field(default_factory=DataConfig)
     model: UViTConfig = field(default_factory=UViTConfig)
+    dit: DiTConfig | None = None  # `[dit]` instead of `[model]`: a DiT from scratch (diffusers' constructor names)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: str | None = None      # the method whose table the file holds
     task_config: Any = None      # that table, as the method's TrainConfig
+    exclusive_keys = (("model", "dit"),)
 
 
 @dataclass
@@ -171,6 +232,7 @@ class SamplingConfig:
     batch_size: int = 250
     schedule: str = "linear"
     guidance: float = 1.0
+    guidance_channels: int = 0  # guide only the first this many channels (DiT's official rule: 3 of 4); 0 = all
     prompts: str = ""
 
     def validate(self, where: str) -> None:
@@ -180,6 +242,9 @@ class SamplingConfig:
         if self.guidance < 1:
             raise UserError(f"{where}: guidance must be >= 1 (got {self.guidance}); 1.0 is no guidance, "
                             "U-ViT's scale s is guidance - 1")
+        if self.guidance_channels < 0 or (self.guidance_channels and self.guidance == 1):
+            raise UserError(f"{where}: guidance_channels must be >= 0, and set only with guidance > 1 (got "
+                            f"{self.guidance_channels} at guidance {self.guidance}); 0 guides every channel")
 
 
 FID_BACKENDS = ("torch-fidelity", "clean-fid")

@@ -59,6 +59,9 @@ _SAMPLING = {
                          valid="; ".join(f"{name} runs with {', '.join(s.solvers)}" for name, s in SCHEDULES.items())),
     "guidance": describe("classifier-free guidance weight w in eps_u + w (eps_c - eps_u); 1 = none (U-ViT's scale "
                          "s is w - 1)", at_least=1),
+    "guidance_channels": describe("guide only the first this many channels; the rest take the conditional pass's "
+                                  "eps (the DiT paper's `forward_with_cfg` guides 3 of 4 latent channels: 3); "
+                                  "0 = every channel, as diffusers' DiTPipeline", at_least=0),
     "prompts": describe("a text-to-image network's prompts: CLIP token features (`contexts` N x 77 x 768, "
                         "`empty_context` 77 x 768 for guidance's unconditional pass); sample i takes prompt i mod N",
                         valid="\"\" or an .npz path (`python -m adadiff_bench.prompts` packs U-ViT's feature folder)"),
@@ -128,6 +131,27 @@ _UVIT = {
     "skip": describe("long skips between in- and out-blocks"),
 }
 
+_DIT = {
+    "num_attention_heads": describe("attention heads", above=0),
+    "attention_head_dim": describe("width of one head: the token width is heads x this", above=0),
+    "in_channels": describe("image channels (latents: latent channels)", above=0),
+    "out_channels": describe("output channels: none or in_channels = eps; 2 x in_channels = eps and a learned "
+                             "variance (DiT-XL/2)", valid="none, in_channels or 2 x in_channels"),
+    "num_layers": describe("transformer blocks (each an exit point)", above=0),
+    "sample_size": describe("image side in pixels (latents: latent side)", above=0,
+                            valid=f"a multiple of patch_size, at most {cfg.DIT_MAX_SAMPLE_SIZE}"),
+    "patch_size": describe("patch side: tokens = (sample_size / patch_size)^2", above=0),
+    "num_embeds_ada_norm": describe("class labels; the embedding adds one null row for guidance", above=0),
+    "activation_fn": describe("the MLP's activation", choices=cfg.DIT_ACTIVATIONS),
+    "attention_bias": describe("bias in the attention's projections"),
+    "dropout": describe("dropout in attention and MLP"),
+    "norm_type": describe("the blocks' normalisation: adaLN-Zero only", choices=("ada_norm_zero",)),
+    "norm_elementwise_affine": describe("learned affine parameters in the layer norms"),
+    "norm_eps": describe("layer-norm epsilon", above=0),
+    "norm_num_groups": describe("unused by a DiT (diffusers' config carries it)"),
+    "upcast_attention": describe("attention in float32 under lower precision"),
+}
+
 _TRAIN = {
     "steps": describe("optimiser steps", above=0),
     "batch_size": describe("images per step", above=0),
@@ -169,7 +193,7 @@ RUN_TABLES = [("top level", cfg.RunConfig, _RUN), ("[data]", cfg.DataConfig, _DA
               ("[metrics]", cfg.MetricsConfig, _METRICS), ("[timing]", cfg.TimingConfig, _TIMING),
               ("[[methods]]", cfg.MethodEntry, _METHOD_ENTRY)]
 TRAIN_TABLES = [("[data]", cfg.DataConfig, _DATA), ("[model]", cfg.UViTConfig, _UVIT),
-                ("[train]", cfg.TrainConfig, _TRAIN)]
+                ("[dit]: a DiT instead of [model]", cfg.DiTConfig, _DIT), ("[train]", cfg.TrainConfig, _TRAIN)]
 # fields that are not keys of their table: set by the loader, or a table of their own ([[methods]])
 NOT_KEYS = {cfg.TrainFile: ("task", "task_config"), cfg.MethodEntry: ("params",), cfg.RunConfig: ("methods",)}
 

@@ -34,14 +34,17 @@ def null_context(tokens: torch.Tensor) -> NullCondition:
     return lambda y: tokens.to(device=y.device, dtype=y.dtype).expand(len(y), *tokens.shape[-2:])
 
 
-def guided(conditional, unconditional, guidance: float, null: NullCondition):
+def guided(conditional, unconditional, guidance: float, null: NullCondition, channels: int = 0):
     """A denoiser eps_u + w (eps_c - eps_u) from two denoisers called as denoiser(x, t, y, ctx): `conditional`
-    with the batch's condition, `unconditional` with `null(y)`. Each pass sees the same x, t and context."""
+    with the batch's condition, `unconditional` with `null(y)`. Each pass sees the same x, t and context.
+    With `channels` > 0 only the first `channels` channels are guided and the rest are eps_c (the DiT paper's
+    rule, 3 of 4 latent channels, kept for reproducing its FID; diffusers' DiTPipeline guides all)."""
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         eps_c = conditional(x, t, y, ctx)
         eps_u = unconditional(x, t, null(y), ctx)
-        return eps_u + guidance * (eps_c - eps_u)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        return torch.cat([eps[:, :channels], eps_c[:, channels:]], dim=1) if channels else eps
 
     return denoiser
 
@@ -57,9 +60,12 @@ def label_classes(model, guidance: float) -> int:
     return num_classes - 1 if guidance != NO_GUIDANCE and num_classes > 0 else max(num_classes, 0)
 
 
-def check_guidance(guidance: float, model, where: str) -> None:
+def check_guidance(guidance: float, model, where: str, channels: int = 0) -> None:
     """Guidance needs a null condition: a label embedding with a null row besides real classes, or a
-    text-conditioned network's empty-prompt tokens."""
+    text-conditioned network's empty-prompt tokens; a channel rule needs that many channels."""
+    if channels and channels > model.in_chans:
+        raise UserError(f"{where}: guidance_channels = {channels} but the network's output has {model.in_chans} "
+                        "channels; set at most that many (0 guides them all)")
     if guidance == NO_GUIDANCE or getattr(model, "null_context", None) is not None or model.num_classes >= 2:
         return
     raise UserError(f"{where}: guidance = {guidance} needs a conditional model trained with a null label "

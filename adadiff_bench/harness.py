@@ -68,6 +68,7 @@ class Cell:
     seed: int
     schedule: str = DEFAULT_SCHEDULE     # run-wide ([sampling]): the network's noise schedule
     guidance: float = NO_GUIDANCE        # run-wide ([sampling]): classifier-free guidance weight w
+    guidance_channels: int = 0           # run-wide ([sampling]): channels guided (0 = all)
 
     @property
     def cell_id(self) -> str:
@@ -106,7 +107,7 @@ def expand_entry(entry: MethodEntry, config: RunConfig, where: str) -> list[Cell
         make_params(cls, setting, where)  # validate now, before anything runs
         for solver, num_steps, seed in itertools.product(solvers, steps, config.seeds):
             cells.append(Cell(entry.name, tuple(sorted(setting.items())), solver, num_steps, seed,
-                              config.sampling.schedule, config.sampling.guidance))
+                              config.sampling.schedule, config.sampling.guidance, config.sampling.guidance_channels))
     return cells
 
 
@@ -185,7 +186,7 @@ def checked_inputs(config: RunConfig, curves: dict, device: torch.device, where:
     the metrics' inputs (`metrics` may differ from the config's: a dry run resolves no download)."""
     model = load_run_model(config, where).to(device)
     attach_prompts(model, config.sampling.prompts, config.sampling.guidance != NO_GUIDANCE, where)
-    check_guidance(config.sampling.guidance, model, f"{where}: [sampling]")
+    check_guidance(config.sampling.guidance, model, f"{where}: [sampling]", config.sampling.guidance_channels)
     timed = timed_samples(config.timing, config.sampling.num_samples) if config.timing.enabled else 0
     check_sampling_memory(max(config.sampling.num_samples, timed), max(c.num_steps for c in curves),
                           model.num_blocks, model.in_chans * model.img_size ** 2, decoded_values(config), where)
@@ -221,7 +222,7 @@ def prepare_methods(params: dict, curves: dict, model, context: PrepareContext, 
 def reference_cell(config: RunConfig) -> Cell:
     """The `full` method at the run's default solver and steps: what speed-ups are measured against."""
     return Cell("full", (), config.sampling.solver, config.sampling.num_steps, config.seeds[0],
-                config.sampling.schedule, config.sampling.guidance)
+                config.sampling.schedule, config.sampling.guidance, config.sampling.guidance_channels)
 
 
 def build_method(cell: Cell, model, params=None):
@@ -295,7 +296,7 @@ def sample_batch(cell: Cell, model, method, log: StepLog, indices: np.ndarray, p
     denoiser = method
     if unconditional is not None:
         unconditional.start_batch(log.unconditional)
-        denoiser = guided(method, unconditional, cell.guidance, null_condition(model))
+        denoiser = guided(method, unconditional, cell.guidance, null_condition(model), cell.guidance_channels)
     return sample(denoiser, cell.solver, cell.num_steps, image_shape, indices, cell.seed,
                   label_classes(model, cell.guidance), on_step=lambda ctx: log.set_step(ctx.step),
                   device=module_device(model), precision=precision, schedule=cell.schedule,
@@ -403,7 +404,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
     macs = log.macs_per_image(prep.costs)
     row = {"method": cell.method, "family": method.family, "params": cell.params_json, "solver": cell.solver,
            "num_steps": cell.num_steps, "num_samples": s.num_samples, "seed": cell.seed,
-           "schedule": cell.schedule, "guidance": cell.guidance,
+           "schedule": cell.schedule, "guidance": cell.guidance, "guidance_channels": cell.guidance_channels,
            "batch_dependent": method.batch_dependent, "ceiling": method.ceiling,
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1]),

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoints import (CheckpointFormat, atomic_torch_save, build_model, load_checkpoint, moved_to,
+from .checkpoints import (CheckpointFormat, atomic_torch_save, build_dit, build_model, load_checkpoint, moved_to,
                           register_format, save_checkpoint, sha256_file)
-from .config import TrainFile, UViTConfig, from_dict, read_toml, to_dict
+from .config import DiTConfig, TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
 from .device import autocast, check_precision_on, device_info, resolve_device, to_device
 from .diffusion import alphas_cumprod, schedule_training_loss
@@ -42,7 +42,7 @@ from .training_report import Predictions, write_training_report
 STATE_FORMAT = "adadiff-bench/train-state"
 CPU = torch.device("cpu")
 STATE_KEYS = {"config", "step", "model", "ema", "optimizer", "generator"}
-GENERIC_TABLES = ("data", "model", "train")
+GENERIC_TABLES = ("data", "model", "dit", "train")
 
 
 def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -67,7 +67,7 @@ class Task:
     model: torch.nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
     export: Callable[[Path, torch.nn.Module, dict, bool], None]
-    model_config: UViTConfig
+    model_config: UViTConfig | DiTConfig
     frozen: tuple[torch.nn.Module, ...] = ()
     base_checkpoint: str | None = None  # the file the task builds on: resuming needs its content unchanged
     predictions: Predictions | None = None  # eps per exit of the EMA module, for the end report (None: module(x, t, y))
@@ -85,12 +85,28 @@ def parameter_groups(task: Task, lr: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+LABEL_DROPOUT = 0.1  # DiT's class dropout: the share of samples trained on the null label (for guidance)
+
+
 def base_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
-    """A U-ViT from scratch with L_simple on `[train] schedule` (the checkpoint records it: sampling checks it)."""
-    model, schedule = build_model(config.model), config.train.schedule
-    return Task(model, lambda x0, y, g: schedule_training_loss(model, x0, y, g, schedule),
-                lambda path, ema, meta, half: save_checkpoint(path, ema, config.model, {**meta, "schedule": schedule},
-                                                              half=half), config.model)
+    """A U-ViT (or with `[dit]`, a DiT) from scratch with L_simple on `[train] schedule` (the checkpoint records it:
+    sampling checks it). A DiT learns its null label too: each sample's label is dropped with DiT's 0.1."""
+    network = config.dit or config.model
+    model, schedule = (build_dit(config.dit) if config.dit else build_model(config.model)), config.train.schedule
+
+    def loss(x0, y, generator):
+        if config.dit is not None:
+            y = drop_labels(y, model.null_label, LABEL_DROPOUT, generator)
+        return schedule_training_loss(model, x0, y, generator, schedule)
+
+    return Task(model, loss, lambda path, ema, meta, half: save_checkpoint(
+        path, ema, network, {**meta, "schedule": schedule}, half=half), network)
+
+
+def drop_labels(y: torch.Tensor, null_label: int, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Each label replaced by the null label with probability `share` (drawn on the CPU from `generator`)."""
+    dropped = (torch.rand(len(y), generator=generator) < share).to(y.device)
+    return torch.where(dropped, torch.full_like(y, null_label), y)
 
 
 def training_task(config: TrainFile, alpha_bar: torch.Tensor) -> Task:
@@ -144,6 +160,10 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     conditional = task.model_config.num_classes > 0
     if conditional and data.labels is None:
         raise UserError("model.num_classes > 0 needs a labelled data set; set num_classes = -1 or add labels")
+    classes = getattr(task.model_config, "data_classes", task.model_config.num_classes)
+    if conditional and data.num_classes > classes:
+        raise UserError(f"the data set has {data.num_classes} classes but the model embeds {classes}; raise the "
+                        "model's class count (U-ViT: [model] num_classes; DiT: [dit] num_embeds_ada_norm)")
     images, labels = data.as_model_input(), data.labels
     # a seeded held-out split for the stopping rule; training batches come from the rest
     train_index, held_index = split_holdout(len(images), cfg.holdout, cfg.seed)

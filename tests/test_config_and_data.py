@@ -159,7 +159,7 @@ TRAIN = '[train]\nsteps = 1\nthreads = 1\n'
 @pytest.mark.parametrize("text, message", [
     ('[adadiff]\n[ase]\n' + TRAIN, r"at most one method's table \(found \[adadiff\], \[ase\]\); split it"),
     ('[adadif]\n' + TRAIN, r"unknown table or key 'adadif' \(did you mean 'adadiff'\?\); valid: data, model, "
-                           r"train and one method's table: .*adadiff"),
+                           r"dit, train and one method's table: .*adadiff"),
     ('[trian]\nsteps = 1\n', r"unknown table or key 'trian' \(did you mean 'train'\?\)"),
     # deepcache is a method, but it does not train: it has no table
     ('[deepcache]\ninterval = 2\n' + TRAIN, r"method 'deepcache' does not train \(it has no \[deepcache\] table\); "

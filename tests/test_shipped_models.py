@@ -63,8 +63,11 @@ def test_every_shipped_checkpoint_opens_as_its_format():
         assert format_name in readers  # some method reads it
 
 
+TRAINING_IN_STAGES = {"train_digits_dit.toml"}  # the digits DiT (issue 18): hours on 2 cores, trained in stages
+
+
 def test_each_shipped_training_config_exports_the_format_its_method_writes():
-    from adadiff_bench.checkpoints import FORMAT, checkpoint_format
+    from adadiff_bench.checkpoints import DIT_FORMAT, FORMAT, checkpoint_format
     from adadiff_bench.methods import get_method
     from adadiff_bench.training import load_train_config
     exported = 0
@@ -74,7 +77,10 @@ def test_each_shipped_training_config_exports_the_format_its_method_writes():
         config = load_train_config(path)
         if not config.train.export:
             continue
-        writes = FORMAT if config.task is None else get_method(config.task).writes
+        if path.name in TRAINING_IN_STAGES:  # not shipped yet: this fails once it is, to be checked like the rest
+            assert not (REPO / config.train.export).exists(), f"{path.name} ships now: drop it from TRAINING_IN_STAGES"
+            continue
+        writes = (DIT_FORMAT if config.dit else FORMAT) if config.task is None else get_method(config.task).writes
         assert checkpoint_format(REPO / config.train.export).name == writes, path.name
         exported += 1
     assert exported == 7

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import FORMAT as UVIT_FORMAT
-from ..checkpoints import UVIT_STATE_DICT, cached_checkpoint
+from ..checkpoints import DIT_FORMAT, UVIT_STATE_DICT, cached_checkpoint
 from ..errors import UserError
 from ..knobs import knob
 from ..models.backbone import Backbone, BlockState
@@ -24,14 +24,14 @@ from ..models.exit_forward import ExitHeads, exit_aware_forward, shared_head
 from .registry import Method
 
 # a backbone alone (its final head serves every exit) or an AdaDiff network (its own exit heads)
-EXIT_NETWORK_FORMATS = (UVIT_FORMAT, UVIT_STATE_DICT, "adadiff-bench/adadiff", "adadiff-official")
+EXIT_NETWORK_FORMATS = (UVIT_FORMAT, DIT_FORMAT, UVIT_STATE_DICT, "adadiff-bench/adadiff", "adadiff-official")
 
 
 @dataclass
 class PrefixParams:
     checkpoint: str = knob("", "the network whose exits are taken: \"\" = the run's base model with its final "
                                 "head at every exit; an AdaDiff checkpoint = its backbone and exit heads; a U-ViT "
-                                "checkpoint = that model with its final head",
+                                "or DiT checkpoint = that model with its final head",
                            valid="\"\" or an existing checkpoint file")
 
     def validate(self, where: str) -> None:

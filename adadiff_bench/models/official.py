@@ -104,6 +104,8 @@ def load_run_model(config, where: str = "config"):
 
 def recorded_schedule(path: str) -> str | None:
     """The schedule a checkpoint of this suite records (`adadiff-bench train` writes it; None: not recorded)."""
+    if Path(path).is_dir():  # a diffusers folder records no schedule
+        return None
     payload = read_checkpoint(path)  # (this suite's checkpoints are small: read again for their meta)
     meta = payload.get("meta") if isinstance(payload, dict) else None
     schedule = meta.get("schedule") if isinstance(meta, dict) else None

@@ -1,0 +1,323 @@
+"""The DiT backbone (diffusers' DiTTransformer2DModel behind the backbone interface) against diffusers' own
+forward, its costs against torch's dispatcher and against the DiT paper's count, and methods run on it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adadiff_bench.flops import dispatch_flops, unit_costs
+from adadiff_bench.models.dit import DiT
+from adadiff_bench.testing import check_method_contracts
+
+TINY_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8,
+                patch_size=2, num_embeds_ada_norm=10)
+# DiT-XL/2 at 256 px (facebook/DiT-XL-2-256's transformer config): 4 x 32 x 32 latents, learned sigma
+DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def tiny_dit(seed: int = 0, **changes) -> DiT:
+    """A tiny DiT with every weight random (diffusers zero-initialises nothing, but gates near 0 would hide
+    a wrong branch), in eval mode."""
+    torch.manual_seed(seed)
+    model = DiT.from_config(**{**TINY_DIT, **changes})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    return model.eval()
+
+
+def inputs(n: int = 4, channels: int = 1, size: int = 8):
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(n, channels, size, size, generator=generator),
+            torch.randint(0, 1000, (n,), generator=generator), torch.randint(0, 10, (n,), generator=generator))
+
+
+def untouched_diffusers(model: DiT, **config):
+    """diffusers' own DiTTransformer2DModel with the model's weights (its conditioning layers in float32)."""
+    from adadiff_bench.models.dit import dit_class
+    reference = dit_class()(**{**TINY_DIT, **config}).eval()
+    reference.load_state_dict(model.transformer.state_dict())
+    return reference
+
+
+@torch.no_grad()
+def test_full_depth_equals_diffusers_forward():
+    model = tiny_dit()
+    x, t, y = inputs()
+    theirs = untouched_diffusers(model)(x, timestep=t, class_labels=y).sample
+    torch.testing.assert_close(model(x, t, y), theirs, rtol=1e-5, atol=1e-5)  # (batch-invariant ops: 1e-7 apart)
+    torch.testing.assert_close(model(x, t, y), model.transformer(x, timestep=t, class_labels=y).sample, rtol=1e-6,
+                               atol=1e-6)  # the wrapped model's own forward (its final layer's SiLU is torch's)
+
+
+@torch.no_grad()
+def test_learned_sigma_head_returns_the_eps_half_of_diffusers_output():
+    model = tiny_dit(out_channels=2)
+    x, t, y = inputs()
+    assert model.learned_sigma
+    theirs = untouched_diffusers(model, out_channels=2)(x, timestep=t, class_labels=y).sample[:, :1]
+    torch.testing.assert_close(model(x, t, y), theirs, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_batch_size_does_not_change_the_prediction():
+    model = tiny_dit()
+    x, t, y = inputs(n=5)
+    alone = torch.cat([model(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(5)])
+    assert torch.equal(model(x, t, y), alone)
+
+
+@torch.no_grad()
+def test_branch_hooks_see_what_the_block_adds():
+    """Passing each branch's fresh output through the hook is the block itself; a branch replaced by zeros
+    leaves exactly the other branch's addition (the gate is inside the branch)."""
+    model = tiny_dit()
+    x, t, y = inputs()
+    tokens, state = model.begin(x, t, y)
+    plain = model.run_block(1, tokens, state)
+    torch.testing.assert_close(model.run_block(1, tokens, state, branch=lambda name, compute: compute()), plain,
+                               rtol=0, atol=1e-6)
+    seen = {}
+
+    def record(name, compute):
+        seen[name] = compute()
+        return seen[name]
+
+    model.run_block(1, tokens, state, branch=record)
+    assert set(seen) == {"attn", "mlp"}
+    torch.testing.assert_close(tokens + seen["attn"] + seen["mlp"], plain, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_subset_state_and_the_copied_head_agree_with_the_model():
+    model = tiny_dit()
+    x, t, y = inputs()
+    tokens, state = model.begin(x, t, y)
+    rows = torch.tensor([0, 2])
+    assert torch.equal(model.head(tokens[rows], state.subset(rows)), model.head(tokens, state)[rows])
+    torch.testing.assert_close(model.copy_head()(tokens, state), model.head(tokens, state), rtol=0, atol=1e-6)
+
+
+def test_costs_cover_every_parameter_once_and_the_head_pays_for_its_conditioning():
+    model = tiny_dit()
+    parts = model.cost_parts()
+    owned = [name for name, _ in model.named_parameters()]
+    listed = [*parts.embed, *parts.blocks, *parts.head]
+    assert all(sum(name.startswith(part + ".") for part in listed) == 1 for name in owned)
+    costs = unit_costs(model)
+    width, features = model.embed_dim, 256  # diffusers' sinusoidal timestep features
+    head_conditioning = features * width + width * width
+    assert costs.head == pytest.approx(head_conditioning + 2 * width * width + 16 * width * 4, rel=1e-9)
+
+
+def test_step_log_flops_equal_the_dispatcher_at_full_depth():
+    model = tiny_dit()
+    x, t, y = inputs()
+    costs = unit_costs(model)
+    logged = costs.embed + costs.blocks.sum() + costs.head
+    assert 2 * logged * len(x) == pytest.approx(dispatch_flops(lambda: model(x, t, y)), rel=1e-6)
+
+
+def test_dit_xl_2_costs_what_the_dit_paper_reports():
+    """DiT-XL/2 at 256 px: 118.6 Gflops per forward in the DiT paper (Table 4; its "flops" are multiply-adds),
+    built on the meta device and traced from an empty copy (no weights are read)."""
+    with torch.device("meta"):
+        model = DiT.from_config(**DIT_XL_2)
+    costs = unit_costs(model)
+    assert (costs.embed + costs.blocks.sum() + costs.head) / 1e9 == pytest.approx(118.6, abs=0.1)
+
+
+@pytest.mark.parametrize("name, params", [("full", {}), ("static-exit", {"k": 2}), ("fora", {"interval": 2}),
+                                          ("random-exit", {"layer_ratio": 0.6})])
+def test_methods_keep_the_contracts_on_a_dit(name, params):
+    check_method_contracts(name, tiny_dit(), params)
+
+
+# ---- loading: this suite's format, diffusers folders, hostile files ---------------------------------------
+
+# facebook/DiT-XL-2-256's transformer/config.json, as written by the diffusers release that published it
+DIT_XL_2_CONFIG_JSON = {"_class_name": "Transformer2DModel", "_diffusers_version": "0.12.0.dev0",
+                        "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 72,
+                        "cross_attention_dim": None, "dropout": 0.0, "in_channels": 4, "norm_elementwise_affine": False,
+                        "norm_num_groups": 32, "norm_type": "ada_norm_zero", "num_attention_heads": 16,
+                        "num_embeds_ada_norm": 1000, "num_layers": 28, "num_vector_embeds": None,
+                        "only_cross_attention": False, "out_channels": 8, "patch_size": 2, "sample_size": 32,
+                        "upcast_attention": False, "use_linear_projection": False}
+
+
+def same_outputs(a: DiT, b: DiT) -> None:
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, t, y), b(x, t, y), rtol=0, atol=0)
+
+
+def test_suite_checkpoint_round_trip(tmp_path):
+    from adadiff_bench.checkpoints import load_model, save_checkpoint
+    from adadiff_bench.config import DiTConfig
+    model = tiny_dit()
+    save_checkpoint(tmp_path / "dit.pt", model, DiTConfig(**TINY_DIT))
+    loaded = load_model(tmp_path / "dit.pt")
+    assert isinstance(loaded, DiT) and loaded.config == DiTConfig(**TINY_DIT)
+    same_outputs(loaded, model)
+
+
+def test_a_diffusers_folder_loads_and_equals_the_saved_model(tmp_path):
+    from adadiff_bench.checkpoints import load_model
+    model = tiny_dit()
+    model.transformer.save_pretrained(tmp_path / "pipeline" / "transformer")
+    assert (tmp_path / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    same_outputs(load_model(tmp_path / "pipeline"), model)  # a pipeline's folder: its transformer/
+
+
+def test_dit_xl_2_config_and_names_load_on_the_meta_device(tmp_path):
+    """The published config parses to DiT-XL/2's shapes, and the model it builds on the meta device (nothing
+    allocated) has the published checkpoint's parameter names and shapes."""
+    import dataclasses
+    import json
+    from adadiff_bench.checkpoints import diffusers_dit_config
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(DIT_XL_2_CONFIG_JSON))
+    config = diffusers_dit_config(path)
+    assert {k: getattr(config, k) for k in DIT_XL_2} == DIT_XL_2
+    with torch.device("meta"):
+        state = DiT.from_config(**dataclasses.asdict(config)).transformer.state_dict()
+    published = {"pos_embed.proj.weight": (1152, 4, 2, 2), "proj_out_1.weight": (2304, 1152),
+                 "proj_out_2.weight": (32, 1152), "transformer_blocks.0.attn1.to_q.weight": (1152, 1152),
+                 "transformer_blocks.0.norm1.linear.weight": (6912, 1152),
+                 "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight": (1001, 1152),
+                 "transformer_blocks.27.ff.net.2.weight": (1152, 4608)}
+    assert {k: tuple(state[k].shape) for k in published} == published
+    assert "transformer_blocks.28.attn1.to_q.weight" not in state
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", "{not json", "not readable JSON"),
+    ("config.json", {"_class_name": "UNet2DModel"}, "not a DiT"),
+    ("config.json", {"cross_attention_dim": 768}, "not a patched, class-conditional DiT"),
+    ("config.json", {"num_layers": "many"}, "num_layers"),
+    ("config.json", {"num_layers": 1_000_000_000}, "layers but its state dict holds only"),
+    ("config.json", {"norm_type": "ada_norm"}, "ada_norm_zero"),
+    ("diffusion_pytorch_model.safetensors", "\x00" * 64, "corrupt"),
+])
+def test_a_hostile_diffusers_folder_is_refused_in_one_line(tmp_path, file, content, message):
+    """A folder's config entries are merged into a good config.json; a string replaces the file."""
+    import json
+    from adadiff_bench.checkpoints import load_model
+    from adadiff_bench.errors import UserError
+    tiny_dit().transformer.save_pretrained(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / file).write_text(json.dumps({**good, **content}) if isinstance(content, dict) else content)
+    with pytest.raises(UserError, match=message) as caught:
+        load_model(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+# ---- training a DiT from scratch (`[dit]`), and sampling from what it wrote --------------------------------
+
+TRAIN_TINY_DIT = """
+[data]
+name = "digits"
+
+[dit]
+num_attention_heads = 2
+attention_head_dim = 8
+num_layers = 2
+num_embeds_ada_norm = {classes}
+
+[train]
+steps = 3
+batch_size = 8
+warmup_steps = 0
+checkpoint_every = 1000
+threads = 1
+out_dir = "{out_dir}"
+export = "{export}"
+"""
+
+
+def test_a_dit_trains_from_a_dit_table_and_its_export_samples(tmp_path):
+    from adadiff_bench.checkpoints import load_model
+    from adadiff_bench.harness import Cell, generate
+    from adadiff_bench.training import load_train_config, train
+    path = tmp_path / "dit.toml"
+    path.write_text(TRAIN_TINY_DIT.format(classes=10, out_dir=tmp_path / "run", export=tmp_path / "dit.pt"))
+    model = load_model(train(load_train_config(path), progress=False))
+    assert isinstance(model, DiT) and model.num_blocks == 2 and model.null_label == 10
+    images, log = generate(Cell("full", (), "ddim", 2, 0), model, 3, 3)
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all() and log.layer_ratio() == 1.0
+
+
+def test_a_dit_table_refuses_a_model_table_beside_it_and_too_few_classes(tmp_path):
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.training import load_train_config, train
+    path = tmp_path / "dit.toml"
+    path.write_text(TRAIN_TINY_DIT.format(classes=10, out_dir=tmp_path / "run", export="") + "[model]\ndepth = 2\n")
+    with pytest.raises(UserError, match="model and dit exclude each other"):
+        load_train_config(path)
+    path.write_text(TRAIN_TINY_DIT.format(classes=5, out_dir=tmp_path / "run", export=""))
+    with pytest.raises(UserError, match="the data set has 10 classes but the model embeds 5"):
+        train(load_train_config(path), progress=False)
+
+
+def test_label_dropout_replaces_about_the_share_asked_with_the_null_label():
+    from adadiff_bench.training import drop_labels
+    y = torch.arange(10).repeat(1000)
+    dropped = drop_labels(y, 10, 0.1, torch.Generator().manual_seed(0))
+    assert ((dropped == 10) | (dropped == y)).all()
+    assert (dropped == 10).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_a_sample_size_no_weight_bounds_is_refused_before_building(tmp_path):
+    """A DiT's positions are computed from sample_size, not stored: a huge one would allocate at build time."""
+    import json
+    from adadiff_bench.checkpoints import load_model
+    from adadiff_bench.errors import UserError
+    tiny_dit().transformer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sample_size": 1 << 20}))
+    with pytest.raises(UserError, match="at most 1024"):
+        load_model(tmp_path)
+
+
+# ---- guidance on a DiT: the DiT paper's channel rule and diffusers' DiTPipeline rule -----------------------
+
+def explicit_dit_guidance(transformer, x, t, y, null, scale, channels):
+    """Two explicit passes combined as the DiT paper's `forward_with_cfg` (channels = 3) or diffusers'
+    DiTPipeline (channels = every latent channel) do; the eps part of the result."""
+    out_c = transformer(x, timestep=t, class_labels=y).sample
+    out_u = transformer(x, timestep=t, class_labels=torch.full_like(y, null)).sample
+    guided_part = out_u[:, :channels] + scale * (out_c[:, :channels] - out_u[:, :channels])
+    return torch.cat([guided_part, out_c[:, channels:]], dim=1)[:, :x.shape[1]]
+
+
+@pytest.mark.parametrize("channels, explicit_channels", [(3, 3), (0, 4)])
+@torch.no_grad()
+def test_guidance_channel_rules_equal_two_explicit_passes(channels, explicit_channels):
+    from adadiff_bench.guidance import guided, null_condition
+    model = tiny_dit(in_channels=4, out_channels=8)
+    x, t, y = inputs(channels=4)
+    plain = lambda x, t, y, ctx: model(x, t, y)  # noqa: E731
+    ours = guided(plain, plain, 1.5, null_condition(model), channels)(x, t, y, None)
+    theirs = explicit_dit_guidance(model.transformer, x, t, y, model.null_label, 1.5, explicit_channels)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert model.null_label == 10
+
+
+def test_a_channel_rule_needs_guidance_and_that_many_channels():
+    from adadiff_bench.config import SamplingConfig
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.guidance import check_guidance
+    with pytest.raises(UserError, match="set only with guidance > 1"):
+        SamplingConfig(guidance=1.0, guidance_channels=3).validate("[sampling]")
+    with pytest.raises(UserError, match="guidance_channels = 5 but the network's output has 4 channels"):
+        check_guidance(1.5, tiny_dit(in_channels=4), "[sampling]", 5)
+
+
+def test_deepcache_refuses_a_dit_in_one_line():
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.methods import get_method, make_params
+    cls = get_method("deepcache")
+    with pytest.raises(UserError, match="long skip") as caught:
+        cls.check(make_params(cls, {}, "deepcache"), tiny_dit(), "deepcache")
+    assert "\n" not in str(caught.value)
