@@ -409,7 +409,8 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
            "valid": finite, "invalid_reason": "" if finite else "NaN or Inf in generated samples",
            "entry": prep.curves[cell][0], "swept": json.dumps(prep.curves[cell][1]),
            "backbone_hash": backbone_hash(method_backbone(method)),  # reports compare within one backbone
-           **row_budget([run_checkpoint(config), getattr(prep.params[cell], "checkpoint", "")])}
+           **row_budget([run_checkpoint(config)] + [getattr(prep.params[cell], knob, "")
+                                                    for knob in type(method).trained_files])}
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors,
                                    device=prep.device))

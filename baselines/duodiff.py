@@ -67,6 +67,7 @@ class DuoDiff(Method):
     name = "duodiff"
     family = "layer-dropping"
     Params = DuoDiffParams
+    trained_files = ("shallow",)  # the second model is trained: its budget shows beside the backbone's
     reads = (UVIT_FORMAT,)  # the shallow model, trained from scratch by a plain training config
 
     @classmethod

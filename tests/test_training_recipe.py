@@ -194,3 +194,20 @@ def test_every_method_that_trains_records_its_budget_in_its_export(tmp_path, tin
     assert main(["train", "--config", str(config), "--no-progress", "--no-end-report"]) == 0
     budget = checkpoint_budget(tmp_path / "out.pt")
     assert (budget["steps"], budget["samples_seen"], budget["device"]) == (2, 16, "cpu") and "seconds" in budget
+
+
+def test_every_knob_that_names_a_shipped_trained_file_shows_its_budget():
+    """A method's knob whose default is a shipped checkpoint (DuoDiff's `shallow`, L2C's router, ...) is among the
+    files whose budget its rows show (`Method.trained_files`), unless the method trains that file itself."""
+    import dataclasses
+    from adadiff_bench.methods import available_methods, get_method
+    from conftest import REPO
+    missing = []
+    for name in available_methods():
+        cls = get_method(name)
+        for field in dataclasses.fields(cls.Params):
+            default = field.default
+            if isinstance(default, str) and default.endswith(".pt") and (REPO / default).is_file():
+                if field.name not in cls.trained_files:
+                    missing.append(f"{name}.{field.name}")
+    assert missing == []

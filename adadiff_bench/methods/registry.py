@@ -83,6 +83,7 @@ class Method:
     TrainConfig: ClassVar[type | None] = None   # the `[<name>]` table of a training config, if the method trains
     reads: ClassVar[tuple[str, ...]] = ()       # checkpoint formats its knobs accept
     writes: ClassVar[str | None] = None         # the checkpoint format its training exports
+    trained_files: ClassVar[tuple[str, ...]] = ("checkpoint",)  # knobs naming trained files: their budgets show
 
     def __init__(self, model: Backbone, params=None):
         self.model = model
