@@ -138,8 +138,9 @@ _DIT = {
     "out_channels": describe("output channels: none or in_channels = eps; 2 x in_channels = eps and a learned "
                              "variance (DiT-XL/2)", valid="none, in_channels or 2 x in_channels"),
     "num_layers": describe("transformer blocks (each an exit point)", above=0),
-    "sample_size": describe("image side in pixels (latents: latent side)", above=0,
-                            valid=f"a multiple of patch_size, at most {cfg.DIT_MAX_SAMPLE_SIZE}"),
+    "sample_size": describe("image side in pixels (latents: latent side); its positions are computed, so no "
+                            "weight file bounds it", above=0, at_most=cfg.DIT_MAX_SAMPLE_SIZE,
+                            valid="a multiple of patch_size"),
     "patch_size": describe("patch side: tokens = (sample_size / patch_size)^2", above=0),
     "num_embeds_ada_norm": describe("class labels; the embedding adds one null row for guidance", above=0),
     "activation_fn": describe("the MLP's activation", choices=cfg.DIT_ACTIVATIONS),

@@ -26,6 +26,7 @@ NEEDED = {"train": "configs/adadiff_digits_frozen.toml"}
 CONTEXT = {
     ("DataConfig", "name"): {"folder": {"path": "images/"}, "npz": {"path": "images.npz"}},
     ("UViTConfig", "img_size"): {"*": {"patch_size": 1}},
+    ("DiTConfig", "sample_size"): {"*": {"patch_size": 1}},
     ("UViTConfig", "embed_dim"): {"*": {"num_heads": 1}},
     ("SamplingConfig", "solver"): {"euler-maruyama": {"schedule": "vp"}, "dpm-solver-fast": {"schedule": "vp"}},
     ("SamplingConfig", "schedule"): {"vp": {"solver": "euler-maruyama"}},
