@@ -64,9 +64,9 @@ def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file's bytes; of a folder (a diffusers model), over its files' relative names and bytes."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
+    folder = path.is_dir()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if folder else [path]:
+        if folder:
             digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -270,9 +270,15 @@ def uvit_from_state(config: UViTConfig, state: dict, path: str) -> UViT:
     if isinstance(state, dict) and config.depth > len(state):  # each block holds tensors: bound it before building
         raise UserError(f"checkpoint {path!r}: its config says depth {config.depth} but its state dict holds only "
                         f"{len(state)} tensors; re-download or retrain it")
+    return checked_build(lambda: UViT(**dataclasses.asdict(config)), lambda: build_model(config), state, path)
+
+
+def checked_build(shapeless, build, state, path: str):
+    """`build()` in float32 eval mode with `state` loaded strictly, its names and shapes first checked against
+    `shapeless()` built on the meta device (nothing allocated for a checkpoint that does not fit)."""
     with torch.device("meta"):
-        check_state_fits(UViT(**dataclasses.asdict(config)).state_dict(), state, path)
-    model = build_model(config)
+        check_state_fits(shapeless().state_dict(), state, path)
+    model = build()
     load_state_dict_strict(model, state, path)
     return model.float().eval()
 
@@ -360,11 +366,7 @@ def dit_from_state(config: DiTConfig, state, path: str) -> DiT:
     if isinstance(state, dict) and config.num_layers > len(state):  # bound the size a config claims before building
         raise UserError(f"checkpoint {path!r}: its config says {config.num_layers} layers but its state dict holds "
                         f"only {len(state)} tensors; re-download or retrain it")
-    with torch.device("meta"):
-        check_state_fits(DiT.from_config(**dataclasses.asdict(config)).state_dict(), state, path)
-    model = build_dit(config)
-    load_state_dict_strict(model, state, path)
-    return model.float().eval()
+    return checked_build(lambda: DiT.from_config(**dataclasses.asdict(config)), lambda: build_dit(config), state, path)
 
 
 def _load_dit(payload: dict, path: str) -> DiT:
@@ -402,10 +404,9 @@ def diffusers_dit_config(path: Path) -> DiTConfig:
     if active:
         raise UserError(f"{str(path)!r} sets {', '.join(active)}: not a patched, class-conditional DiT, which is all "
                         "the suite runs")
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
-    known = {key: value for key, value in table.items() if key in fields or not (key.startswith("_")
-                                                                                 or key in INERT_DIFFUSERS_KEYS)}
-    return config_from_table(DiTConfig, known, str(path), "config")
+    settings = {key: value for key, value in table.items()  # (diffusers' own `_` keys and the inert ones dropped)
+                if not key.startswith("_") and key not in INERT_DIFFUSERS_KEYS}
+    return config_from_table(DiTConfig, settings, str(path), "config")
 
 
 def read_diffusers_weights(path: Path) -> dict:

@@ -118,6 +118,13 @@ class Backbone:
         """Tokens after the last block that ran -> eps image."""
         raise NotImplementedError
 
+    def full_depth(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """eps with every block run: the network's plain forward, piece by piece."""
+        tokens, state = self.begin(x, t, y)
+        for index in range(self.num_blocks):
+            tokens = self.run_block(index, tokens, state)
+        return self.head(tokens, state)
+
     def copy_head(self) -> torch.nn.Module:
         """A trainable copy of the final head, called as `head(tokens, state)` (an early exit's own head)."""
         raise NotImplementedError

@@ -224,10 +224,7 @@ class DiT(nn.Module, Backbone):
                                "transformer.proj_out_2"))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        tokens, state = self.begin(x, timesteps, y)
-        for index in range(self.num_blocks):
-            tokens = self.run_block(index, tokens, state)
-        return self.head(tokens, state)
+        return self.full_depth(x, timesteps, y)
 
 
 class DiTHead(nn.Module):

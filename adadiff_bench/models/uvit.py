@@ -244,10 +244,7 @@ class UViT(nn.Module, Backbone):
         return x, torch.zeros(1), torch.zeros(1, self.num_clip_token, self.clip_dim)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        tokens, state = self.begin(x, timesteps, y)
-        for index in range(self.num_blocks):
-            tokens = self.run_block(index, tokens, state)
-        return self.head(tokens, state)
+        return self.full_depth(x, timesteps, y)
 
 
 class UViTHead(nn.Module):
