@@ -267,10 +267,17 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: UViTConfig
 def uvit_from_state(config: UViTConfig, state: dict, path: str) -> UViT:
     """A float32 U-ViT in eval mode with these weights (strict). Names and shapes are checked on a shapeless
     (meta) copy first, so a checkpoint claiming a huge model is refused before its memory is allocated."""
-    if isinstance(state, dict) and config.depth > len(state):  # each block holds tensors: bound it before building
-        raise UserError(f"checkpoint {path!r}: its config says depth {config.depth} but its state dict holds only "
-                        f"{len(state)} tensors; re-download or retrain it")
+    check_layer_count(config, state, path)
     return checked_build(lambda: UViT(**dataclasses.asdict(config)), lambda: build_model(config), state, path)
+
+
+def check_layer_count(config: UViTConfig | DiTConfig, state, path: str) -> None:
+    """Refuse a config that claims more blocks than its state dict has tensors (each block holds several): the
+    size a hostile file claims is bounded before anything is built, even on the meta device."""
+    layers = config.num_layers if isinstance(config, DiTConfig) else config.depth
+    if isinstance(state, dict) and layers > len(state):
+        raise UserError(f"checkpoint {path!r}: its config says {layers} layers but its state dict holds only "
+                        f"{len(state)} tensors; re-download or retrain it")
 
 
 def checked_build(shapeless, build, state, path: str):
@@ -363,9 +370,7 @@ def build_dit(config: DiTConfig) -> DiT:
 
 def dit_from_state(config: DiTConfig, state, path: str) -> DiT:
     """A float32 DiT in eval mode with these weights (strict), names and shapes checked on a meta copy first."""
-    if isinstance(state, dict) and config.num_layers > len(state):  # bound the size a config claims before building
-        raise UserError(f"checkpoint {path!r}: its config says {config.num_layers} layers but its state dict holds "
-                        f"only {len(state)} tensors; re-download or retrain it")
+    check_layer_count(config, state, path)
     return checked_build(lambda: DiT.from_config(**dataclasses.asdict(config)), lambda: build_dit(config), state, path)
 
 
@@ -423,6 +428,30 @@ def read_diffusers_weights(path: Path) -> dict:
 
 
 register_format(CheckpointFormat(DIT_FORMAT, "a DiT", _load_dit, TRAIN_HINT))
+
+BACKBONE_FORMATS = (FORMAT, DIT_FORMAT)  # this suite's checkpoints of a bare backbone
+BACKBONE_KINDS = ("uvit", "dit")         # how a network built on a backbone names its kind (`backbone` field)
+
+
+def backbone_kind(config: UViTConfig | DiTConfig) -> str:
+    return "dit" if isinstance(config, DiTConfig) else "uvit"
+
+
+def build_backbone(config: UViTConfig | DiTConfig) -> Backbone:
+    """A backbone with fresh weights from its config (a U-ViT's or a DiT's)."""
+    return build_dit(config) if isinstance(config, DiTConfig) else build_model(config)
+
+
+def backbone_config_from(payload: dict, path: str) -> UViTConfig | DiTConfig:
+    """The backbone config a network's checkpoint carries in `model`, of the kind its `backbone` field names
+    (files written before DiT support have none: a U-ViT)."""
+    kind = payload.get("backbone", "uvit")
+    if kind not in BACKBONE_KINDS:
+        raise UserError(f"checkpoint {path!r}: `backbone` is {kind!r}, expected one of {', '.join(BACKBONE_KINDS)}; "
+                        "re-download or retrain it")
+    if kind == "dit":
+        return config_from_table(DiTConfig, payload["model"], path, "model")
+    return uvit_config_from(payload["model"], path)
 
 
 def load_model(path: str | Path, config: UViTConfig | None = None) -> Backbone:

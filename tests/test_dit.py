@@ -326,3 +326,69 @@ def test_deepcache_refuses_a_dit_in_one_line():
     with pytest.raises(UserError, match="long skip") as caught:
         cls.check(make_params(cls, {}, "deepcache"), tiny_dit(), "deepcache")
     assert "\n" not in str(caught.value)
+
+
+# ---- exit methods trained on a DiT: AdaDiff's estimators and UAL, exactly as on U-ViT ----------------------
+
+def dit_base(tmp_path, seed: int = 0):
+    """A tiny DiT saved in this suite's format (the base a method trains on), and the model loaded back."""
+    from adadiff_bench.checkpoints import load_model, save_checkpoint
+    from adadiff_bench.config import DiTConfig
+    save_checkpoint(tmp_path / "dit.pt", tiny_dit(seed), DiTConfig(**TINY_DIT))
+    return tmp_path / "dit.pt", load_model(tmp_path / "dit.pt")
+
+
+@pytest.mark.parametrize("estimator", ["official", "timestep", "probe", "attention"])
+def test_adadiff_on_a_dit_round_trips_and_its_last_exit_is_full_depth(tmp_path, estimator):
+    from adadiff_bench.config import DiTConfig
+    from adadiff_bench.methods.adadiff import AdaDiffConfig, AdaDiffNetwork, load_adadiff, save_adadiff
+    net = AdaDiffNetwork(tiny_dit(), AdaDiffConfig(estimator=estimator, heads="per-exit")).eval()
+    save_adadiff(tmp_path / "adadiff.pt", net, DiTConfig(**TINY_DIT))
+    loaded = load_adadiff(tmp_path / "adadiff.pt")
+    assert isinstance(loaded.backbone, DiT) and loaded.num_exits == 3
+    x, t, y = inputs()
+    with torch.no_grad():
+        predictions, uncertainties = loaded.all_exits(x, t, y)
+        torch.testing.assert_close(predictions[-1], net.backbone(x, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(predictions[0], net.all_exits(x, t, y)[0][0], rtol=0, atol=0)
+    assert all(((u >= 0) & (u <= 1)).all() for u in uncertainties)
+
+
+TRAIN_ON_DIT = """
+[train]
+steps = 3
+batch_size = 8
+warmup_steps = 0
+threads = 1
+out_dir = "{out}"
+[adadiff]
+base_checkpoint = "{base}"
+estimator = "{estimator}"
+"""
+
+
+@pytest.mark.parametrize("estimator", ["official", "probe"])
+def test_adadiff_trains_on_a_dit_and_keeps_the_contracts(tmp_path, estimator):
+    """UAL training on a DiT base (its estimators only: the backbone stays frozen), then sampling with exits."""
+    from adadiff_bench.methods.adadiff import load_adadiff
+    base, model = dit_base(tmp_path)
+    (tmp_path / "train.toml").write_text(TRAIN_ON_DIT.format(out=tmp_path / "unused", base=base, estimator=estimator))
+    check_method_contracts("adadiff", model, {"train": str(tmp_path / "train.toml"), "threshold": 0.5},
+                           training_cache=tmp_path / "cache")
+    trained, = (tmp_path / "cache").glob(f"{estimator}-official-frozen-*/ema.pt")
+    backbone = load_adadiff(trained).backbone
+    same_outputs(backbone, model)  # frozen: the trained file's backbone is the base, weight for weight
+
+
+@pytest.mark.parametrize("change, message", [({"backbone": "resnet"}, "`backbone` is 'resnet'"),
+                                             ({"model": {**TINY_DIT, "num_layers": 10 ** 8}}, "layers but its state")])
+def test_a_hostile_adadiff_file_on_a_dit_is_refused_in_one_line(tmp_path, change, message):
+    from adadiff_bench.config import DiTConfig
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.methods.adadiff import AdaDiffConfig, AdaDiffNetwork, load_adadiff, save_adadiff
+    save_adadiff(tmp_path / "adadiff.pt", AdaDiffNetwork(tiny_dit(), AdaDiffConfig()), DiTConfig(**TINY_DIT))
+    payload = torch.load(tmp_path / "adadiff.pt", weights_only=True)
+    torch.save({**payload, **change}, tmp_path / "hostile.pt")
+    with pytest.raises(UserError, match=message) as caught:
+        load_adadiff(tmp_path / "hostile.pt")
+    assert "\n" not in str(caught.value)

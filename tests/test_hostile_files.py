@@ -202,7 +202,7 @@ BAD_BODIES = {  # name: (mutation of a valid payload, what the one line says)
     "string-size": (_set("model", "depth", "4"), "`model.depth` is '4' (str), expected int"),
     "bool-size": (_set("model", "embed_dim", True), "expected int"),
     "nan-ratio": (_set("model", "mlp_ratio", float("nan")), "expected a finite number"),
-    "huge-depth": (_set("model", "depth", 10 ** 8), "depth 100000000 but its state dict holds only"),
+    "huge-depth": (_set("model", "depth", 10 ** 8), "100000000 layers but its state dict holds only"),
     "string-table": (_replace("model", "big"), "`model` is a str, not a table"),
     "none-for-dict": (_replace("state_dict", None), "state dict is a NoneType"),
     "no-state-dict": (_drop("state_dict"), "contents do not fit that format (KeyError"),

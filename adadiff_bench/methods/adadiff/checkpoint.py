@@ -1,13 +1,15 @@
-"""AdaDiff's checkpoint formats: this suite's (backbone + estimators + optional exit heads, both configs)
+"""AdaDiff's checkpoint formats: this suite's (a U-ViT or DiT backbone + estimators + optional exit heads, both
+configs)
 and the official code's (a U-ViT state dict with `lte_classifer.*` estimators, its U-ViT config given apart)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from ...checkpoints import (CheckpointFormat, atomic_torch_save, build_model, config_from_table, load_checkpoint,
-                            load_state_dict_strict, register_format, state_for_saving, uvit_config_from)
-from ...config import UViTConfig
+from ...checkpoints import (CheckpointFormat, atomic_torch_save, backbone_config_from, backbone_kind, build_backbone,
+                            check_layer_count, checked_build, config_from_table, load_checkpoint, register_format,
+                            state_for_saving)
+from ...config import DiTConfig, UViTConfig
 from ...errors import UserError
 from .network import AdaDiffConfig, AdaDiffNetwork, looks_official, map_official_state_dict
 
@@ -16,27 +18,31 @@ OFFICIAL_FORMAT = "adadiff-official"
 TRAIN_HINT = "train one with `adadiff-bench train --config configs/adadiff_digits_frozen.toml`"
 
 
-def build_adadiff(uvit: UViTConfig, adadiff: AdaDiffConfig) -> AdaDiffNetwork:
-    return AdaDiffNetwork(build_model(uvit), adadiff)
+def build_adadiff(backbone: UViTConfig | DiTConfig, adadiff: AdaDiffConfig) -> AdaDiffNetwork:
+    return AdaDiffNetwork(build_backbone(backbone), adadiff)
 
 
-def save_adadiff(path: str | Path, net: AdaDiffNetwork, uvit: UViTConfig, meta: dict | None = None,
+def save_adadiff(path: str | Path, net: AdaDiffNetwork, backbone: UViTConfig | DiTConfig, meta: dict | None = None,
                  half: bool = False) -> None:
+    """The network with its backbone's config and kind (`backbone`: "uvit" or "dit")."""
     state = state_for_saving(net, half)
-    atomic_torch_save({"format": FORMAT, "version": 1, "model": dataclasses.asdict(uvit),
-                       "adadiff": dataclasses.asdict(net.config), "state_dict": state, "meta": meta or {}}, path)
+    atomic_torch_save({"format": FORMAT, "version": 1, "backbone": backbone_kind(backbone),
+                       "model": dataclasses.asdict(backbone), "adadiff": dataclasses.asdict(net.config),
+                       "state_dict": state, "meta": meta or {}}, path)
 
 
-def _ready(net: AdaDiffNetwork, state: dict, path: str) -> AdaDiffNetwork:
-    load_state_dict_strict(net, state, path)
-    return net.float().eval()
+def _ready(backbone: UViTConfig | DiTConfig, adadiff: AdaDiffConfig, state: dict, path: str) -> AdaDiffNetwork:
+    """The network in float32 eval mode with `state` loaded strictly, its size bounded and its names and shapes
+    checked on a meta copy first (nothing allocated for a file that does not fit)."""
+    check_layer_count(backbone, state, path)
+    return checked_build(lambda: build_adadiff(backbone, adadiff), lambda: build_adadiff(backbone, adadiff), state,
+                         path)
 
 
 def _load(payload: dict, path: str, uvit: UViTConfig | None = None) -> AdaDiffNetwork:
-    """This suite's format carries its own U-ViT config (a given one is not needed)."""
-    uvit = uvit_config_from(payload["model"], path)
-    net = build_adadiff(uvit, config_from_table(AdaDiffConfig, payload["adadiff"], path, "adadiff"))
-    return _ready(net, payload["state_dict"], path)
+    """This suite's format carries its own backbone config (a given one is not needed)."""
+    adadiff = config_from_table(AdaDiffConfig, payload["adadiff"], path, "adadiff")
+    return _ready(backbone_config_from(payload, path), adadiff, payload["state_dict"], path)
 
 
 def _load_official(payload: dict, path: str, uvit: UViTConfig | None = None) -> AdaDiffNetwork:
@@ -47,8 +53,7 @@ def _load_official(payload: dict, path: str, uvit: UViTConfig | None = None) -> 
     if uvit is None:
         raise UserError(f"{path} is an official AdaDiff state dict of no known preset; pass its U-ViT config "
                         "(load_adadiff(path, uvit=UViTConfig(...)))")
-    net = build_adadiff(uvit, AdaDiffConfig(estimator="official", heads="shared"))
-    return _ready(net, map_official_state_dict(payload), path)
+    return _ready(uvit, AdaDiffConfig(estimator="official", heads="shared"), map_official_state_dict(payload), path)
 
 
 register_format(CheckpointFormat(FORMAT, "an AdaDiff network (backbone, estimators, exit heads)", _load, TRAIN_HINT))
