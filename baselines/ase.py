@@ -22,6 +22,9 @@ cat(x, skip), so every in-block's skip is used. Beyond the out-blocks the schedu
 then in-blocks from the deepest: a dropped in-block pushes no skip, so its paired out-block (already
 dropped) has nothing to fuse and the pair is an identity. The first in-block always runs.
 
+On DiT (the paper's own setting for its DiT results): blocks have no skips, so the last n_drop blocks are
+simply not run.
+
 Costs: embed, the blocks that run (`ran_block`), the `skip_linear` of each dropped out-block whose
 in-block ran (`add_macs`), head. exit_point stays -1.
 
@@ -44,8 +47,7 @@ from pathlib import Path
 
 import torch
 
-from adadiff_bench.checkpoints import cached_checkpoint, load_model, save_checkpoint
-from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
+from adadiff_bench.checkpoints import BACKBONE_FORMATS, cached_checkpoint, load_model, save_checkpoint
 from adadiff_bench.device import rows_on
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
@@ -133,8 +135,8 @@ class AseParams:
     strength: float = knob(0.5, "how many blocks are dropped as t grows: n_drop = min(D, floor(strength * D * b / 9)) "
                                 "in timestep bucket b (0 = none, 0.5 = up to every out-block at the noisiest steps)",
                            at_least=0)
-    checkpoint: str = knob(DEFAULT_CHECKPOINT, "the U-ViT fine-tuned for ASE's dropping; \"\" = the run's base model "
-                                               "without fine-tuning", valid="\"\" or an existing U-ViT checkpoint")
+    checkpoint: str = knob(DEFAULT_CHECKPOINT, "the backbone fine-tuned for ASE's dropping; \"\" = the run's base model "
+                                               "without fine-tuning", valid="\"\" or an existing U-ViT or DiT checkpoint")
 
     def validate(self, where: str) -> None:
         if not math.isfinite(self.strength) or self.strength < 0:
@@ -148,13 +150,13 @@ class AseParams:
 
 @dataclass
 class AseTrainConfig:
-    """`[ase]`: fine-tune a U-ViT for ASE's time-dependent block dropping.
+    """`[ase]`: fine-tune a backbone (U-ViT or DiT) for ASE's time-dependent block dropping.
 
     `strengths`: the schedule strengths sampled during fine-tuning, one per batch (one model serves all of
     them); units as above: 0.5 = up to every out-block dropped at the noisiest steps.
     """
-    base_checkpoint: str = knob("checkpoints/uvit_digits.pt", "the U-ViT checkpoint that is fine-tuned",
-                                valid="a U-ViT checkpoint file")
+    base_checkpoint: str = knob("checkpoints/uvit_digits.pt", "the backbone checkpoint that is fine-tuned",
+                                valid="a U-ViT or DiT checkpoint file")
     strengths: list[float] = knob([0.25, 0.5, 0.75, 1.0, 1.25], "schedule strengths drawn during fine-tuning, one per "
                                   "batch (one model serves them all)", at_least=0, valid="a non-empty list")
 
@@ -165,7 +167,7 @@ class AseTrainConfig:
 
 
 def network_of(params: AseParams, model: Backbone, device: torch.device | str = "cpu") -> Backbone:
-    return cached_checkpoint(params.checkpoint, UVIT_FORMAT, device=device) if params.checkpoint else model
+    return cached_checkpoint(params.checkpoint, BACKBONE_FORMATS, device=device) if params.checkpoint else model
 
 
 @register_method
@@ -174,15 +176,15 @@ class Ase(Method):
     family = "layer-dropping"
     Params = AseParams
     TrainConfig = AseTrainConfig
-    reads = (UVIT_FORMAT,)
-    writes = UVIT_FORMAT
+    reads = BACKBONE_FORMATS
+    writes = BACKBONE_FORMATS  # the fine-tuned backbone, in its own kind's format
 
     @classmethod
     def check(cls, params, model, where):
         net = network_of(params, model)
         shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         if shapes != {k: tuple(v.shape) for k, v in model.state_dict().items()}:
-            raise UserError(f"{where}: ASE checkpoint {params.checkpoint!r} is not a fine-tune of the run's U-ViT "
+            raise UserError(f"{where}: ASE checkpoint {params.checkpoint!r} is not a fine-tune of the run's backbone "
                             "(different architecture, so the run's unit costs would not apply); fine-tune it from "
                             "the run's checkpoint ([ase] base_checkpoint)")
 
@@ -204,7 +206,7 @@ class Ase(Method):
 # ---- fine-tuning (an `[ase]` table in a training config) -------------------------------------------
 
 def training_task(config, alpha_bar: torch.Tensor) -> Task:
-    """Fine-tune every weight of the base U-ViT with L_simple, each batch dropping what the schedule says.
+    """Fine-tune every weight of the base backbone with L_simple, each batch dropping what the schedule says.
 
     A batch draws one strength from `[ase] strengths` (so one checkpoint serves a sweep); each of its
     samples drops n_drop(t) blocks for its own t.

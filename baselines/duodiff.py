@@ -12,7 +12,8 @@ patching but few blocks (the authors' shallow configs have 3: one in-block, the 
 `configs/duodiff_shallow_digits.toml` trains it from scratch with L_simple on all timesteps, as the
 authors' training script does for both backbones. Its long skips are its own. Costs: a shallow step runs
 none of the base model's blocks and logs the shallow model's embed + blocks + head (fvcore) with
-`add_macs`; a full step logs the whole base model.
+`add_macs`; a full step logs the whole base model. On DiT (the authors' second backbone) the shallow model
+is a DiT of few blocks, trained the same way from a `[dit]` table.
 
 Knobs: `t_switch` (t_s, a timestep on the training scale 0..1000: the shallow model serves t > t_switch;
 1000 = `full`, 0 = shallow everywhere but t = 0) and `shallow` (the shallow checkpoint; default the shipped
@@ -26,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from adadiff_bench.checkpoints import FORMAT as UVIT_FORMAT
-from adadiff_bench.checkpoints import cached_checkpoint
+from adadiff_bench.checkpoints import BACKBONE_FORMATS, cached_checkpoint
 from adadiff_bench.device import rows_on
 from adadiff_bench.diffusion import NUM_TRAIN_TIMESTEPS
 from adadiff_bench.errors import UserError
@@ -44,8 +44,8 @@ class DuoDiffParams:
     t_switch: float = knob(500.0, "t_s on the training scale: the shallow model serves t > t_switch, the full one "
                                   "t <= t_switch (1000 = `full`)", at_least=0,
                            at_most=NUM_TRAIN_TIMESTEPS)
-    shallow: str = knob(DEFAULT_SHALLOW, "the shallow U-ViT checkpoint",
-                        valid="an existing U-ViT checkpoint of the run's width and patching")
+    shallow: str = knob(DEFAULT_SHALLOW, "the shallow model's checkpoint (a backbone of the run's kind)",
+                        valid="an existing U-ViT or DiT checkpoint of the run's kind, width and patching")
 
     def validate(self, where: str) -> None:
         if not 0 <= self.t_switch <= NUM_TRAIN_TIMESTEPS:
@@ -57,9 +57,9 @@ class DuoDiffParams:
 
 
 def shallow_model(path: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, float]:
-    """The shallow U-ViT on `device` and its MACs per image for one evaluation (embed + blocks + head), counted
+    """The shallow model on `device` and its MACs per image for one evaluation (embed + blocks + head), counted
     on its CPU copy (fvcore traces on the CPU)."""
-    return cached_checkpoint(path, UVIT_FORMAT, device=device), unit_costs(cached_checkpoint(path, UVIT_FORMAT)).full
+    return cached_checkpoint(path, BACKBONE_FORMATS, device=device), unit_costs(cached_checkpoint(path, BACKBONE_FORMATS)).full
 
 
 @register_method
@@ -68,7 +68,7 @@ class DuoDiff(Method):
     family = "layer-dropping"
     Params = DuoDiffParams
     trained_files = ("shallow",)  # the second model is trained: its budget shows beside the backbone's
-    reads = (UVIT_FORMAT,)  # the shallow model, trained from scratch by a plain training config
+    reads = BACKBONE_FORMATS  # the shallow model (a U-ViT or a DiT), trained from scratch by a plain training config
 
     @classmethod
     def check(cls, params, model, where):

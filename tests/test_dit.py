@@ -16,14 +16,14 @@ DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 
 
-def tiny_dit(seed: int = 0, **changes) -> DiT:
+def tiny_dit(seed: int = 0, std: float = 0.3, **changes) -> DiT:
     """A tiny DiT with every weight random (diffusers zero-initialises nothing, but gates near 0 would hide
     a wrong branch), in eval mode."""
     torch.manual_seed(seed)
     model = DiT.from_config(**{**TINY_DIT, **changes})
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
+            parameter.normal_(0, std)
     return model.eval()
 
 
@@ -331,10 +331,11 @@ def test_deepcache_refuses_a_dit_in_one_line():
 # ---- exit methods trained on a DiT: AdaDiff's estimators and UAL, exactly as on U-ViT ----------------------
 
 def dit_base(tmp_path, seed: int = 0):
-    """A tiny DiT saved in this suite's format (the base a method trains on), and the model loaded back."""
+    """A tiny DiT saved in this suite's format (the base a method trains on; weights small enough that a few
+    training steps stay finite), and the model loaded back."""
     from adadiff_bench.checkpoints import load_model, save_checkpoint
     from adadiff_bench.config import DiTConfig
-    save_checkpoint(tmp_path / "dit.pt", tiny_dit(seed), DiTConfig(**TINY_DIT))
+    save_checkpoint(tmp_path / "dit.pt", tiny_dit(seed, std=0.05), DiTConfig(**TINY_DIT))
     return tmp_path / "dit.pt", load_model(tmp_path / "dit.pt")
 
 
@@ -392,3 +393,53 @@ def test_a_hostile_adadiff_file_on_a_dit_is_refused_in_one_line(tmp_path, change
     with pytest.raises(UserError, match=message) as caught:
         load_adadiff(tmp_path / "hostile.pt")
     assert "\n" not in str(caught.value)
+
+
+TRAIN_METHOD_ON_DIT = """
+[train]
+steps = 3
+batch_size = 8
+warmup_steps = 0
+threads = 1
+out_dir = "{out}"
+export = "{export}"
+[{method}]
+base_checkpoint = "{base}"
+"""
+
+
+@pytest.mark.parametrize("method", ["ase", "berxit", "l2c"])
+def test_a_prefix_or_cache_method_trains_on_a_dit_and_keeps_the_contracts(tmp_path, method):
+    """ASE's fine-tune, BERxiT's regressor and L2C's router, each trained (3 steps) on a DiT base, then sampled."""
+    from adadiff_bench.training import load_train_config, train
+    base, model = dit_base(tmp_path)
+    path = tmp_path / "train.toml"
+    path.write_text(TRAIN_METHOD_ON_DIT.format(out=tmp_path / "run", export=tmp_path / "trained.pt", method=method,
+                                               base=base))
+    trained = train(load_train_config(path), progress=False)
+    check_method_contracts(method, model, {"checkpoint": str(trained)})
+
+
+def test_duodiff_switches_to_a_shallow_dit(tmp_path):
+    from adadiff_bench.training import load_train_config, train
+    _, model = dit_base(tmp_path)
+    path = tmp_path / "shallow.toml"
+    path.write_text(TRAIN_TINY_DIT.format(classes=10, out_dir=tmp_path / "run", export=tmp_path / "shallow.pt"))
+    check_method_contracts("duodiff", model, {"shallow": str(train(load_train_config(path), progress=False))})
+
+
+def test_l2c_on_a_dit_costs_partly_cached_blocks_as_the_dispatcher_does(tmp_path):
+    """With the threshold at the router's median score, some blocks run one branch and reuse the other: they
+    pay their adaLN modulation and the branch that runs, and the step log still equals the dispatcher's count."""
+    from adadiff_bench.checkpoints import load_checkpoint
+    from adadiff_bench.training import load_train_config, train
+    base, model = dit_base(tmp_path)
+    path = tmp_path / "train.toml"
+    path.write_text(TRAIN_METHOD_ON_DIT.format(out=tmp_path / "run", export=tmp_path / "router.pt", method="l2c",
+                                               base=base))
+    router = load_checkpoint(train(load_train_config(path), progress=False), "adadiff-bench/l2c-router")
+    cache_steps = router.beta[1::2]
+    threshold = float(cache_steps.median())
+    runs = cache_steps > threshold
+    assert (runs.any(-1) & ~runs.all(-1)).any()  # at least one block runs one branch and reuses the other
+    check_method_contracts("l2c", model, {"checkpoint": str(tmp_path / "router.pt"), "threshold": threshold})
