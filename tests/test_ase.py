@@ -177,7 +177,7 @@ def test_knobs_are_validated(tmp_path, tiny_model, tiny_checkpoint):
     with pytest.raises(UserError, match=r"strengths must list numbers >= 0"):
         AseTrainConfig(base_checkpoint=str(tiny_checkpoint), strengths=[-1.0]).validate("[ase]")
     digits = load_model(REPO / "checkpoints" / "uvit_digits.pt")
-    with pytest.raises(UserError, match="not a fine-tune of the run's U-ViT"):
+    with pytest.raises(UserError, match="not a fine-tune of the run's backbone"):
         cls.check(make_params(cls, {"checkpoint": str(tiny_checkpoint)}, "test"), digits, "test")
 
 
