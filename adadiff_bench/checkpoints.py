@@ -381,8 +381,7 @@ def _load_dit(payload: dict, path: str) -> DiT:
 def load_diffusers_dit(folder: str | Path) -> DiT:
     """A DiT from a diffusers folder: `config.json` and its weights (a pipeline's folder: its `transformer/`).
     The weights are read as safetensors, or as a weights-only torch file: nothing in the folder runs code."""
-    folder = Path(folder)
-    folder = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
+    folder = transformer_folder(folder)
     weights = next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
     if not (folder / "config.json").is_file() or weights is None:
         raise UserError(f"{str(folder)!r} is not a diffusers DiT folder: it needs config.json and "
@@ -391,6 +390,12 @@ def load_diffusers_dit(folder: str | Path) -> DiT:
     state = read_diffusers_weights(weights)
     state = {f"transformer.{key}": value for key, value in state.items()} if isinstance(state, dict) else state
     return dit_from_state(config, state, str(folder))
+
+
+def transformer_folder(folder: str | Path) -> Path:
+    """The folder that holds a DiT's config.json: a pipeline's `transformer/`, or the folder itself."""
+    folder = Path(folder)
+    return folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
 
 
 def diffusers_dit_config(path: Path) -> DiTConfig:

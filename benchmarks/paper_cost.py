@@ -9,11 +9,13 @@ decoder of a latent preset is SD's autoencoder at full width with random weights
 runs; evaluations count both guidance passes.
 
     python benchmarks/paper_cost.py configs/paper/mscoco256_uvit_s2_t2i.toml    # about 1 min, 3 GB of memory
+    python benchmarks/paper_cost.py configs/paper/imagenet256_dit_xl2.toml      # DiT-XL/2: 2.7 GB folder, 8 GB
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,9 +34,14 @@ from adadiff_bench.prompts import attach_prompts
 
 
 def random_release(preset, path: Path) -> None:
-    """Random weights with the release's parameter names and shapes (layer norms at 1)."""
+    """Random weights with the release's parameter names and shapes (layer norms at 1); a DiT's as a diffusers
+    folder (diffusers' own initialisation, written by its save_pretrained)."""
+    if preset.is_dit:
+        from adadiff_bench.models.dit import DiT
+        DiT.from_config(**dataclasses.asdict(preset.network)).transformer.save_pretrained(path)
+        return
     generator = torch.Generator().manual_seed(0)
-    state = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in meta_shapes(preset.uvit).items()}
+    state = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in meta_shapes(preset.network).items()}
     state.update({key: torch.ones_like(value) for key, value in state.items() if key.endswith("norm1.weight")
                   or key.endswith("norm2.weight") or key == "norm.weight"})
     torch.save(state, path)
@@ -42,7 +49,7 @@ def random_release(preset, path: Path) -> None:
 
 def random_prompts(preset, path: Path, count: int = 4) -> None:
     rng = np.random.default_rng(0)
-    shape = (preset.uvit.num_clip_token, preset.uvit.clip_dim)
+    shape = (preset.network.num_clip_token, preset.network.clip_dim)
     np.savez(path, contexts=rng.standard_normal((count, *shape)).astype(np.float32),
              empty_context=rng.standard_normal(shape).astype(np.float32))
 
@@ -61,7 +68,7 @@ def decoder_cpu_seconds(preset, num_samples: int) -> float:
     from adadiff_bench.models.autoencoder import LatentDecoder, ldm_config
     config = create_vae_diffusers_config_from_ldm(ldm_config(preset.latent.ddconfig, preset.latent.scale_factor), {})
     decoder = LatentDecoder(AutoencoderKL(**config).eval(), preset.latent.scale_factor)
-    latents = torch.randn(num_samples, preset.uvit.in_chans, preset.uvit.img_size, preset.uvit.img_size)
+    latents = torch.randn(num_samples, preset.network.in_chans, preset.network.img_size, preset.network.img_size)
     return cpu_seconds(lambda: decoder.decode(latents, num_samples))[0] / num_samples
 
 
@@ -76,14 +83,14 @@ def main() -> None:
     config = load_run_config(args.config)
     preset = get_preset(config.model.preset)
     with tempfile.TemporaryDirectory() as folder:
-        release = Path(folder) / "nnet_ema.pth"
+        release = Path(folder) / ("transformer" if preset.is_dit else "nnet_ema.pth")
         random_release(preset, release)
         placeholder = Path(folder) / "autoencoder_kl.pth"  # (only its presence is checked; the decoder is below)
         placeholder.touch()
         config.model = dataclasses.replace(config.model, checkpoint=str(release),
                                            autoencoder=str(placeholder) if preset.latent else "")
         model = load_run_model(config, args.config)
-        release.unlink()
+        shutil.rmtree(release) if release.is_dir() else release.unlink()
         if config.sampling.prompts:
             random_prompts(preset, Path(folder) / "prompts.npz")
             attach_prompts(model, str(Path(folder) / "prompts.npz"), config.sampling.guidance != NO_GUIDANCE,

@@ -206,7 +206,7 @@ def test_official_release_on_the_cifar10_preset_matches_the_official_rule(tmp_pa
     (its preset found by shapes), it exits where the independent re-implementation does."""
     from adadiff_bench.checkpoints import build_model, cached_checkpoint
     from adadiff_bench.models.presets import PRESETS
-    uvit = PRESETS["cifar10_uvit_s2"].uvit
+    uvit = PRESETS["cifar10_uvit_s2"].network
     torch.manual_seed(5)
     reference = build_model(uvit).eval()
     state = dict(reference.state_dict())

@@ -98,14 +98,15 @@ def random_release(facts: dict, seed: int = 0, adadiff: bool = False) -> dict[st
 def shallow_presets(monkeypatch):
     """Every preset at real widths with its depth cut to 2 (what a test can afford to run)."""
     for name, preset in PRESETS.items():
-        monkeypatch.setitem(PRESETS, name, dataclasses.replace(preset, uvit=dataclasses.replace(preset.uvit, depth=2)))
+        cut = {"num_layers": 2} if preset.is_dit else {"depth": 2}
+        monkeypatch.setitem(PRESETS, name, dataclasses.replace(preset, network=dataclasses.replace(preset.network, **cut)))
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_full_size_official_state_dict_loads_strictly_on_meta(name):
     facts = official_shapes(**OFFICIAL[name])
     with torch.device("meta"):
-        model = build_model(PRESETS[name].uvit)
+        model = build_model(PRESETS[name].network)
         state = {key: torch.empty(shape) for key, shape in facts.items()}
     model.load_state_dict(state, strict=True, assign=True)  # names and shapes, no memory
     assert round(sum(v.numel() for v in state.values()) / 1e6) == PAPER_MILLIONS[name]
@@ -132,7 +133,7 @@ def test_uvit_and_adadiff_releases_load_straight_from_the_model_table(name, shal
 
 def test_text_to_image_context_tokens_sit_between_time_and_patches(shallow_presets):
     torch.manual_seed(0)
-    model = build_model(PRESETS["mscoco256_uvit_s2_t2i"].uvit).eval()
+    model = build_model(PRESETS["mscoco256_uvit_s2_t2i"].network).eval()
     x, t, context = torch.randn(2, 4, 32, 32), torch.tensor([10.0, 500.0]), torch.randn(2, 77, 768)
     tokens = model.embed(x, t, context)
     assert tokens.shape == (2, 1 + 77 + 256, 512)
@@ -213,7 +214,7 @@ def test_pixel_presets_end_to_end_with_the_adadiff_release(name, shallow_presets
 
 def test_presets_match_the_official_architectures():
     for name, facts in OFFICIAL.items():
-        config = PRESETS[name].uvit
+        config = PRESETS[name].network
         for key, value in facts.items():
             assert getattr(config, key) == value, (name, key)
         assert config.mlp_ratio == 4 and not config.qkv_bias and not config.mlp_time_embed
@@ -267,7 +268,7 @@ def test_latent_preset_end_to_end_decodes_as_its_own_stage(shallow_presets, tmp_
 
 
 PAPER_CONFIGS = ["cifar10_uvit_s2", "celeba64_uvit_s4", "imagenet256_uvit_l2", "imagenet256_uvit_h2",
-                 "mscoco256_uvit_s2_t2i"]
+                 "mscoco256_uvit_s2_t2i", "imagenet256_dit_xl2"]
 OFFICIAL_THRESHOLDS = {"cifar10_uvit_s2": 0.92, "celeba64_uvit_s4": 0.95, "imagenet256_uvit_l2": 0.92,
                        "mscoco256_uvit_s2_t2i": 0.87}  # AdaDiff's eval_*.sh exit_threshold
 
@@ -296,3 +297,70 @@ def test_paper_config_stops_at_its_first_missing_file_and_plans_once_files_exist
         assert entry.params["threshold_kind"] == "official-certainty" and entry.params["patience"] is True
         assert entry.params["checkpoint"] == config.model.checkpoint
         assert entry.params["threshold"] == OFFICIAL_THRESHOLDS[name]
+
+
+# ---- DiT-XL/2: a diffusers folder for the network and another for SD's autoencoder ---------------------------
+
+NARROW_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                  sample_size=32, patch_size=2, num_embeds_ada_norm=1000)  # DiT-XL/2's geometry, narrow and shallow
+
+
+@pytest.fixture
+def narrow_dit_preset(monkeypatch, tmp_path):
+    """The DiT-XL/2 preset narrowed (its latents, classes and learned sigma kept), and its two release folders
+    written by diffusers' own save_pretrained: the pipeline's transformer/ and a narrow SD autoencoder."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+    from adadiff_bench.config import DiTConfig
+    from adadiff_bench.models.autoencoder import ldm_config
+    from adadiff_bench.models.dit import DiT
+    name = "imagenet256_dit_xl2"
+    preset = PRESETS[name]
+    monkeypatch.setitem(PRESETS, name, dataclasses.replace(
+        preset, network=DiTConfig(**NARROW_DIT), latent=dataclasses.replace(preset.latent, ddconfig=NARROW_SD)))
+    torch.manual_seed(0)
+    DiT.from_config(**NARROW_DIT).transformer.save_pretrained(tmp_path / "DiT-XL-2-256" / "transformer")
+    AutoencoderKL(**create_vae_diffusers_config_from_ldm(ldm_config(NARROW_SD, 0.18215), {})).save_pretrained(
+        tmp_path / "sd-vae-ft-ema")
+    return tmp_path / "DiT-XL-2-256", tmp_path / "sd-vae-ft-ema"
+
+
+def test_dit_preset_runs_end_to_end_from_its_diffusers_folders(narrow_dit_preset, tmp_path):
+    """The paper config's path: both folders load, 2 DDPM steps with the 3-channel guidance rule, decoded."""
+    release, autoencoder = narrow_dit_preset
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8),
+             labels=rng.integers(0, 1000, 4))
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'name = "dit"\nresults_dir = "{tmp_path / "results"}"\n'
+        f'[model]\npreset = "imagenet256_dit_xl2"\ncheckpoint = "{release}"\nautoencoder = "{autoencoder}"\n'
+        f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
+        '[sampling]\nschedule = "linear"\nsolver = "ddpm"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
+        'guidance = 1.5\nguidance_channels = 3\n[metrics]\ninception = "off"\n[timing]\nenabled = false\n'
+        '[[methods]]\nname = "full"\n[[methods]]\nname = "static-exit"\nk = 1\n')
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    frame = pd.read_csv(tmp_path / "results" / "dit" / "results.csv")
+    assert sorted(frame["method"]) == ["full", "static-exit"] and (frame["guidance_channels"] == 3).all()
+    with np.load(tmp_path / "results" / "dit" / "cells" / frame["cell_id"].iloc[0] / "samples.npz") as archive:
+        assert archive["arr_0"].shape == (2, 256, 256, 3)
+    info = json.loads((tmp_path / "results" / "dit" / "run.json").read_text())
+    assert info["autoencoder"] == {"path": str(autoencoder), "sha256": sha256_file(autoencoder)}
+
+
+@pytest.mark.parametrize("folder, change, message", [
+    ("vae", {"block_out_channels": [64, 64, 64, 64]}, r"not SD's KL autoencoder \(block_out_channels differ\)"),
+    ("vae", {"_class_name": "VQModel"}, "does not describe an AutoencoderKL"),
+    ("dit", {"num_layers": 3}, r"not imagenet256_dit_xl2's architecture \(num_layers = 3\)"),
+])
+def test_a_dit_preset_folder_of_another_architecture_is_refused_in_one_line(narrow_dit_preset, folder, change,
+                                                                            message):
+    from adadiff_bench.models.official import load_run_decoder
+    release, autoencoder = narrow_dit_preset
+    path = autoencoder / "config.json" if folder == "vae" else release / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    config = type("Run", (), {"model": ModelConfig("imagenet256_dit_xl2", str(release), str(autoencoder)),
+                              "checkpoint": ""})
+    with pytest.raises(UserError, match=message) as caught:
+        load_run_model(config) if folder == "dit" else load_run_decoder(config, "cpu")
+    assert "\n" not in str(caught.value)

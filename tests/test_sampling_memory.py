@@ -73,7 +73,7 @@ def test_a_latent_run_too_large_for_memory_stops_before_anything_is_written(shal
     name = "imagenet256_uvit_l2"
     for file in ("nnet_ema.pth", "autoencoder_kl.pth"):
         (tmp_path / file).touch()  # present; the network below stands in for the release
-    monkeypatch.setattr(harness, "load_run_model", lambda config, where: build_model(PRESETS[name].uvit).eval())
+    monkeypatch.setattr(harness, "load_run_model", lambda config, where: build_model(PRESETS[name].network).eval())
     monkeypatch.setattr(memory, "machine_memory_bytes", lambda: 2 * GIB)
     config = tmp_path / "run.toml"
     config.write_text(f'name = "big"\nresults_dir = "{tmp_path / "results"}"\n[model]\npreset = "{name}"\n'

@@ -4,7 +4,9 @@ U-ViT's release (`stable-diffusion/autoencoder_kl.pth`, `autoencoder_kl_ema.pth`
 dict in SD's original layout (`encoder.down.0.block.0...`, `quant_conv`, `post_quant_conv`). It is
 converted by diffusers' own single-file helpers (`convert_ldm_vae_checkpoint`, with the config from
 `create_vae_diffusers_config_from_ldm` fed the ddconfig below, so nothing is fetched from the Hub)
-and loaded strictly. `AutoencoderKL.decode` does not undo the latents' scale: `LatentDecoder` does
+and loaded strictly. A diffusers folder (`save_pretrained` layout, e.g. `stabilityai/sd-vae-ft-ema`, which DiT's
+FID decodes with) is read as its config.json, checked against SD's architecture, and its safetensors (or
+weights-only .bin), loaded strictly into that architecture. `AutoencoderKL.decode` does not undo the latents' scale: `LatentDecoder` does
 (z / scale_factor, U-ViT's `decode`). Decoding is its own stage with its own cost (MACs measured once
 with fvcore, as the network's), time and memory.
 """
@@ -13,12 +15,13 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
-from ..checkpoints import load_state_dict_strict, read_checkpoint
+from ..checkpoints import load_state_dict_strict, read_checkpoint, read_diffusers_weights
 from ..errors import UserError
 from .presets import SD_DDCONFIG
 
@@ -45,11 +48,46 @@ def autoencoder_from_ldm_state(state: dict, path: str, scale_factor: float,
 
 
 def load_autoencoder(path: str, scale_factor: float, ddconfig: dict = SD_DDCONFIG) -> AutoencoderKL:
-    """U-ViT's released autoencoder file (opened with weights_only=True) as an AutoencoderKL."""
+    """U-ViT's released autoencoder file (opened with weights_only=True), or a diffusers folder, as an
+    AutoencoderKL."""
+    if Path(path).is_dir():
+        return load_diffusers_autoencoder(Path(path), scale_factor, ddconfig)
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise UserError(f"autoencoder {path!r} is not a state dict; use U-ViT's stable-diffusion/autoencoder_kl.pth")
     return autoencoder_from_ldm_state(state, path, scale_factor, ddconfig)
+
+
+# what a diffusers folder's config.json must agree on with SD's architecture (the rest is taken from ddconfig)
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                     "down_block_types", "up_block_types")
+
+
+def load_diffusers_autoencoder(folder: Path, scale_factor: float, ddconfig: dict = SD_DDCONFIG) -> AutoencoderKL:
+    """A diffusers AutoencoderKL folder, built as SD's architecture (`ddconfig`) and loaded strictly: its
+    config.json only has to agree with that architecture, so a hostile one cannot size anything."""
+    import json
+    weights = next((folder / name for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                    if (folder / name).is_file()), None)
+    if not (folder / "config.json").is_file() or weights is None:
+        raise UserError(f"autoencoder {str(folder)!r} is not a diffusers AutoencoderKL folder: it needs config.json "
+                        "and diffusion_pytorch_model.safetensors (the layout `save_pretrained` writes)")
+    try:
+        table = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"autoencoder {str(folder)!r}: config.json is not readable JSON ({type(exc).__name__}); "
+                        "re-download it") from None
+    expected = create_vae_diffusers_config_from_ldm(ldm_config(ddconfig, scale_factor), {})
+    if not isinstance(table, dict) or table.get("_class_name") != "AutoencoderKL":
+        raise UserError(f"autoencoder {str(folder)!r}: config.json does not describe an AutoencoderKL; point "
+                        "`autoencoder` at SD's KL autoencoder folder")
+    differs = [key for key in ARCHITECTURE_KEYS if key in table and table[key] != expected[key]]
+    if differs:
+        raise UserError(f"autoencoder {str(folder)!r} is not SD's KL autoencoder ({', '.join(differs)} differ); point "
+                        "`autoencoder` at stabilityai/sd-vae-ft-ema or another SD VAE folder")
+    vae = AutoencoderKL(**expected)
+    load_state_dict_strict(vae, read_diffusers_weights(weights), str(folder))
+    return vae.float().eval()
 
 
 class _Decode(torch.nn.Module):

@@ -1,5 +1,5 @@
-"""Published releases into a run: a preset's network from U-ViT's or AdaDiff's `nnet_ema.pth`, and the
-checks that every file a run names is on disk before anything is loaded or written.
+"""Published releases into a run: a preset's network from U-ViT's or AdaDiff's `nnet_ema.pth` (or a DiT's
+diffusers folder), and the checks that every file a run names is on disk before anything is loaded or written.
 
 Release files are plain state dicts with this suite's U-ViT parameter names (the reference's), so
 no key map is needed for the network: an AdaDiff release's estimators (`lte_classifer.*`) are left
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints import load_model, read_checkpoint, uvit_from_state
+import dataclasses
+
+from ..checkpoints import (diffusers_dit_config, load_diffusers_dit, load_model, read_checkpoint, transformer_folder,
+                           uvit_from_state)
 from ..config import ModelConfig
 from ..errors import UserError
 from ..prompts import require_prompt_file
@@ -19,9 +22,9 @@ from ..schedules import check_trained_schedule
 from .presets import UVIT_ASSETS, backbone_state, get_preset, published_at
 
 
-def require_file(path: str, what: str, published: str) -> None:
-    """One line naming a missing file and where it is published."""
-    if not Path(path).is_file():
+def require_file(path: str, what: str, published: str, folder: bool = False) -> None:
+    """One line naming a missing file (or with `folder`, a missing file or folder) and where it is published."""
+    if not (Path(path).exists() if folder else Path(path).is_file()):
         raise UserError(f"{what} {path!r} not found; it is published as {published}: download it and point "
                         "the config at it")
 
@@ -43,23 +46,40 @@ def check_model_files(model: ModelConfig, where: str) -> None:
     """Every file `[model]` names exists (before anything is loaded or written)."""
     check_model_table(model, where)
     preset = get_preset(model.preset)
-    require_file(model.checkpoint, f"{where}: [model] checkpoint", published_at(preset))
+    require_file(model.checkpoint, f"{where}: [model] checkpoint", published_at(preset), folder=preset.is_dit)
     if preset.latent is not None:
         require_file(model.autoencoder, f"{where}: [model] autoencoder",
-                     f"stable-diffusion/{preset.latent.autoencoder} in {UVIT_ASSETS}")
+                     preset.latent.published or f"stable-diffusion/{preset.latent.autoencoder} in {UVIT_ASSETS}",
+                     folder=bool(preset.latent.published))
 
 
 def load_preset_model(model: ModelConfig, where: str = "config"):
-    """The run's U-ViT from a release file (U-ViT's or AdaDiff's), strictly, with the preset's architecture."""
+    """The run's network from a release (U-ViT's or AdaDiff's file, a DiT's diffusers folder), strictly, with the
+    preset's architecture."""
     check_model_files(model, where)
     preset = get_preset(model.preset)
+    if preset.is_dit:
+        return load_preset_dit(model.checkpoint, preset, where)
     state = read_checkpoint(model.checkpoint)
     if not isinstance(state, dict):
         raise UserError(f"{where}: {model.checkpoint!r} is not a state dict; expected {published_at(preset)}")
-    network = uvit_from_state(preset.uvit, backbone_state(state), model.checkpoint)
+    network = uvit_from_state(preset.network, backbone_state(state), model.checkpoint)
     if preset.null_label is not None:  # guidance's unconditional row: labels are drawn below it
         network.null_label = preset.null_label
     return network
+
+
+def load_preset_dit(folder: str, preset, where: str):
+    """A DiT release (a diffusers folder) whose config is the preset's architecture (checked before the weights
+    are read)."""
+    config_file = transformer_folder(folder) / "config.json"
+    config = diffusers_dit_config(config_file) if config_file.is_file() else preset.network
+    differs = [key for key, value in dataclasses.asdict(preset.network).items() if getattr(config, key) != value]
+    if differs:
+        found = ", ".join(f"{key} = {getattr(config, key)!r}" for key in differs)
+        raise UserError(f"{where}: {folder!r} is not {preset.name}'s architecture ({found}); expected "
+                        f"{published_at(preset)}")
+    return load_diffusers_dit(folder)
 
 
 # ---- the run's network (the harness calls these) ------------------------------------------------------
@@ -76,7 +96,8 @@ def check_run_files(config, where: str) -> None:
         check_schedule(config, where)
     stats = config.metrics.reference_stats
     if stats:
-        published = (f"fid_stats/{get_preset(config.model.preset).fid_stats} in {UVIT_ASSETS}" if config.model.preset
+        preset = get_preset(config.model.preset) if config.model.preset else None
+        published = ((preset.stats_published or f"fid_stats/{preset.fid_stats} in {UVIT_ASSETS}") if preset
                      else "a .npz with `mu` and `sigma` (Inception pool3 features, e.g. U-ViT's fid_stats or ADM's "
                           "reference batches)")
         require_file(stats, f"{where}: [metrics] reference_stats", published)

@@ -49,7 +49,7 @@ def _load_official(payload: dict, path: str, uvit: UViTConfig | None = None) -> 
     if uvit is None:  # a release of a published network: its preset's U-ViT
         from ...models.presets import preset_for_state
         preset = preset_for_state(payload)
-        uvit = preset.uvit if preset is not None else None
+        uvit = preset.network if preset is not None else None
     if uvit is None:
         raise UserError(f"{path} is an official AdaDiff state dict of no known preset; pass its U-ViT config "
                         "(load_adadiff(path, uvit=UViTConfig(...)))")
