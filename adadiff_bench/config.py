@@ -18,7 +18,8 @@ from typing import Any
 from .errors import UserError, did_you_mean
 from .schedules import check_schedule_and_solver, check_schedule_name
 
-SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler", "dpm-solver++-fast", "euler-maruyama", "dpm-solver-fast")
+SOLVERS = ("ddpm", "ddpm-learned", "ddim", "dpm-solver++", "euler", "dpm-solver++-fast", "euler-maruyama",
+           "dpm-solver-fast")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 MAX_THREADS = 1024   # far above any machine's cores; OpenMP crashes on absurd counts (100,000)

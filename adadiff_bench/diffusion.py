@@ -24,6 +24,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from .device import autocast, to_device
+from .models import variance
 from .schedules import DEFAULT_SCHEDULE, ContinuousVP, DiscreteSchedule, check_schedule_and_solver, get_schedule
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -37,12 +38,20 @@ _SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START,
 # name -> (diffusers class, options beyond the shared schedule)
 SOLVER_SETTINGS = {
     "ddpm": (DDPMScheduler, dict(variance_type="fixed_small", clip_sample=False, timestep_spacing="trailing")),
+    # the DiT paper's sampler: each step's variance interpolates (log) between beta_tilde and beta by the network's
+    # variance output (a learned-sigma model's second half of channels, collected by `models.variance`)
+    "ddpm-learned": (DDPMScheduler, dict(variance_type="learned_range", clip_sample=False,
+                                         timestep_spacing="trailing")),
     "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")),
     "dpm-solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
                                                        lower_order_final=True)),
     "euler": (EulerDiscreteScheduler, dict(timestep_spacing="linspace")),
 }
 
+
+
+LEARNED_VARIANCE_SOLVERS = tuple(name for name, (_, options) in SOLVER_SETTINGS.items()
+                                 if options.get("variance_type") == "learned_range")
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,7 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
     if solver in SOLVER_SETTINGS:
         scheduler = make_scheduler(solver, num_steps, schedule)
         eps_at = network_edge(denoiser, schedule, scheduler.timesteps.double().numpy(), rows, generators, y,
-                              on_step, device, precision)
+                              on_step, device, precision, learned_variance=solver in LEARNED_VARIANCE_SOLVERS)
         return diffusers_sampler(eps_at, scheduler, x, generators)
     noise_schedule = get_schedule(schedule)
     eps_at = network_edge(denoiser, schedule, solver_timesteps(solver, num_steps, schedule), rows, generators, y,
@@ -166,18 +175,21 @@ def sample(denoiser: Denoiser, solver: str, num_steps: int, image_shape: tuple[i
 def network_edge(denoiser: Denoiser, schedule: str, timesteps: np.ndarray, rows: np.ndarray,
                  generators: Sequence[torch.Generator], y: torch.Tensor | None,
                  on_step: Callable[[SamplingContext], None] | None, device: torch.device,
-                 precision: str) -> NetworkCall:
+                 precision: str, learned_variance: bool = False) -> NetworkCall:
     """What a solver calls for eps: builds the step's context, maps the solver's time to the network's time
-    input (the only place where that happens), and runs the denoiser under autocast."""
+    input (the only place where that happens), and runs the denoiser under autocast. With `learned_variance`
+    it returns eps and the network's variance output side by side (channels), as diffusers' learned-range
+    DDPM reads them."""
     network_time = get_schedule(schedule).network_time
+    sink = variance.VarianceSink(len(rows)) if learned_variance else None
 
     def eps_at(step_index: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ctx = SamplingContext(step_index, timesteps, rows, generators)
         if on_step is not None:
             on_step(ctx)
-        with autocast(device, precision):
+        with autocast(device, precision), variance.collecting(sink):
             eps = denoiser(x, to_device(network_time(t).expand(len(x)), device), y, ctx)
-        return eps.float()
+        return eps.float() if sink is None else torch.cat([eps.float(), sink.read()], dim=1)
 
     return eps_at
 

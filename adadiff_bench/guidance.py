@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import UserError
+from .models import variance
 
 NO_GUIDANCE = 1.0
 
@@ -42,7 +43,8 @@ def guided(conditional, unconditional, guidance: float, null: NullCondition, cha
 
     def denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         eps_c = conditional(x, t, y, ctx)
-        eps_u = unconditional(x, t, null(y), ctx)
+        with variance.ignored():  # a learned variance is the conditional pass's (DiT's forward_with_cfg)
+            eps_u = unconditional(x, t, null(y), ctx)
         eps = eps_u + guidance * (eps_c - eps_u)
         return torch.cat([eps[:, :channels], eps_c[:, channels:]], dim=1) if channels else eps
 

@@ -34,7 +34,7 @@ from .cell_labels import short_labels, short_value
 from .checkpoints import sha256_file
 from .config import MethodEntry, RunConfig, check_solver, timed_samples, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
-from .diffusion import sample, solver_options, solver_timesteps
+from .diffusion import LEARNED_VARIANCE_SOLVERS, sample, solver_options, solver_timesteps
 from .device import (check_precision_on, device_info, device_name, module_device, resolve_device,
                      set_deterministic, wants_cuda)
 from .distributed import World, agree, join_world, leave_world
@@ -180,6 +180,13 @@ def prepare(config: RunConfig, where: str, world: World = World(), progress: boo
                     decoder, decode_macs)
 
 
+def check_learned_variance(solver: str, model, where: str) -> None:
+    """A learned-variance sampler needs a network that predicts its variance."""
+    if solver in LEARNED_VARIANCE_SOLVERS and not getattr(model, "learned_sigma", False):
+        raise UserError(f"{where}: solver {solver!r} steps with the network's learned variance, but this network "
+                        "predicts none (a learned-sigma DiT does: out_channels = 2 x in_channels); use solver = \"ddpm\"")
+
+
 def checked_inputs(config: RunConfig, curves: dict, device: torch.device, where: str, metrics) -> tuple:
     """(model on `device`, each cell's knobs, data, feature extractors) after every check a run makes before
     methods prepare: prompts, guidance, memory, each cell's knobs against the model, the data against the model,
@@ -196,6 +203,7 @@ def checked_inputs(config: RunConfig, curves: dict, device: torch.device, where:
         params[cell] = make_params(cls, dict(cell.params), place)
         cls.check(params[cell], model, place)
         cls.check_schedule(params[cell], cell.solver, cell.num_steps, place)
+        check_learned_variance(cell.solver, model, place)
     data = load_dataset(config.data)
     channels, size, _ = run_image_shape(config, model)
     check_matches_model(data, size, channels)

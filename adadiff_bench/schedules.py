@@ -30,7 +30,7 @@ import torch
 
 from .errors import UserError, did_you_mean
 
-DIFFUSERS_SOLVERS = ("ddpm", "ddim", "dpm-solver++", "euler")  # discrete schedules: diffusers' schedulers
+DIFFUSERS_SOLVERS = ("ddpm", "ddpm-learned", "ddim", "dpm-solver++", "euler")  # discrete schedules: diffusers' schedulers
 DISCRETE_SOLVERS = DIFFUSERS_SOLVERS + ("dpm-solver++-fast",)  # ... and U-ViT's DPM-Solver++ (this package's)
 CONTINUOUS_SOLVERS = ("euler-maruyama", "dpm-solver-fast")    # continuous VP: this package's own
 

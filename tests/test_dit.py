@@ -443,3 +443,77 @@ def test_l2c_on_a_dit_costs_partly_cached_blocks_as_the_dispatcher_does(tmp_path
     runs = cache_steps > threshold
     assert (runs.any(-1) & ~runs.all(-1)).any()  # at least one block runs one branch and reuses the other
     check_method_contracts("l2c", model, {"checkpoint": str(tmp_path / "router.pt"), "threshold": threshold})
+
+
+# ---- the DiT paper's sampler: DDPM with the learned variance (learned_range) ---------------------------------
+
+def dit_paper_sampler(transformer, num_samples: int, num_steps: int, seed: int, scale: float, channels: int):
+    """DiT's own evaluation, written independently: diffusers' DDPMScheduler(variance_type="learned_range")
+    stepping the untouched transformer's output, guided as DiT's forward_with_cfg (the first `channels` channels,
+    the conditional pass's variance), with the suite's per-sample noise, labels and step noise."""
+    from diffusers import DDPMScheduler
+    from adadiff_bench.diffusion import initial_noise, sample_generators, sample_labels
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              prediction_type="epsilon", variance_type="learned_range", clip_sample=False,
+                              timestep_spacing="trailing")
+    scheduler.set_timesteps(num_steps)
+    generators = sample_generators(seed, range(num_samples))
+    x = initial_noise(generators, (4, 8, 8))
+    y = sample_labels(generators, 10)
+    for t in scheduler.timesteps:
+        times = t.expand(num_samples)
+        eps_c, variance = transformer(x, timestep=times, class_labels=y).sample.chunk(2, dim=1)
+        eps_u = transformer(x, timestep=times, class_labels=torch.full_like(y, 10)).sample.chunk(2, dim=1)[0]
+        eps = eps_u + scale * (eps_c - eps_u)
+        eps = torch.cat([eps[:, :channels], eps_c[:, channels:]], dim=1)
+        x = scheduler.step(torch.cat([eps, variance], dim=1), t, x, generator=generators).prev_sample
+    return x
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch_size", [3, 2])
+def test_the_learned_variance_sampler_equals_diffusers_learned_range_ddpm_on_dit_outputs(batch_size):
+    from adadiff_bench.harness import Cell, generate
+    model = tiny_dit(std=0.05, in_channels=4, out_channels=8)
+    cell = Cell("full", (), "ddpm-learned", 4, 0, guidance=1.5, guidance_channels=3)
+    ours, _ = generate(cell, model, 3, batch_size)
+    theirs = dit_paper_sampler(untouched_diffusers(model, in_channels=4, out_channels=8), 3, 4, 0, 1.5, 3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # (float32 rounding of large random values)
+    fixed, _ = generate(Cell("full", (), "ddpm", 4, 0, guidance=1.5, guidance_channels=3), model, 3, 3)
+    assert (fixed - ours).abs().max() > 1e-3  # the learned variance changed the samples: it was used
+
+
+@torch.no_grad()
+def test_exits_hand_the_sampler_the_variance_of_the_head_each_sample_left_by():
+    """Row 0 runs every block, rows 1-3 leave after block 1: row 0's variance is the full depth's (diffusers'
+    own output), the others' their exit head's."""
+    from adadiff_bench.harness import Cell, generate
+    from adadiff_bench.models import variance
+    model = tiny_dit(std=0.05, in_channels=4, out_channels=8)
+    x, t, y = inputs(channels=4)
+    sink = variance.VarianceSink(len(x))
+    with variance.collecting(sink):
+        tokens, state = model.begin(x, t, y)
+        tokens = model.run_block(0, tokens, state)
+        leaving, staying = torch.tensor([1, 2, 3]), torch.tensor([0])
+        model.head(tokens[leaving], state.subset(leaving))
+        deep, deep_state = tokens[staying], state.subset(staying)
+        for block in (1, 2):
+            deep = model.run_block(block, deep, deep_state)
+        model.head(deep, deep_state)
+    full = untouched_diffusers(model, in_channels=4, out_channels=8)(x, timestep=t, class_labels=y).sample[:, 4:]
+    torch.testing.assert_close(sink.read()[0], full[0], rtol=1e-5, atol=1e-5)
+    assert (sink.read()[1:] - full[1:]).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # the exit's, not full depth's
+    images, log = generate(Cell("static-exit", (("k", 2),), "ddpm-learned", 3, 0), model, 2, 2)
+    assert torch.isfinite(images).all() and log.layer_ratio() < 1
+
+
+def test_the_learned_variance_sampler_refuses_a_network_without_a_variance_in_one_line(tmp_path):
+    from adadiff_bench.errors import UserError
+    from adadiff_bench.harness import check_learned_variance
+    from adadiff_bench.testing import tiny_backbone
+    for model in (tiny_backbone(), tiny_dit()):
+        with pytest.raises(UserError, match="predicts none") as caught:
+            check_learned_variance("ddpm-learned", model, "methods[0]")
+        assert "\n" not in str(caught.value)
+    check_learned_variance("ddpm-learned", tiny_dit(in_channels=4, out_channels=8), "methods[0]")

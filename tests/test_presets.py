@@ -326,7 +326,8 @@ def narrow_dit_preset(monkeypatch, tmp_path):
 
 
 def test_dit_preset_runs_end_to_end_from_its_diffusers_folders(narrow_dit_preset, tmp_path):
-    """The paper config's path: both folders load, 2 DDPM steps with the 3-channel guidance rule, decoded."""
+    """The paper config's path: both folders load, 2 DDPM steps with the learned variance and the 3-channel
+    guidance rule, decoded."""
     release, autoencoder = narrow_dit_preset
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8),
@@ -336,7 +337,7 @@ def test_dit_preset_runs_end_to_end_from_its_diffusers_folders(narrow_dit_preset
         f'name = "dit"\nresults_dir = "{tmp_path / "results"}"\n'
         f'[model]\npreset = "imagenet256_dit_xl2"\ncheckpoint = "{release}"\nautoencoder = "{autoencoder}"\n'
         f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
-        '[sampling]\nschedule = "linear"\nsolver = "ddpm"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
+        '[sampling]\nschedule = "linear"\nsolver = "ddpm-learned"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
         'guidance = 1.5\nguidance_channels = 3\n[metrics]\ninception = "off"\n[timing]\nenabled = false\n'
         '[[methods]]\nname = "full"\n[[methods]]\nname = "static-exit"\nk = 1\n')
     assert main(["run", "--config", str(config), "--no-progress"]) == 0

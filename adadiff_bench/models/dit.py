@@ -12,7 +12,8 @@ from U-ViT, seen through the interface:
   diffusers' forward does. It is the shared exit head, so it is computed in the head's own module
   (`HeadConditioning`) and every exit pays for it;
 - a learned-sigma model (out_channels = 2 x in_channels, as DiT-XL/2) predicts eps and a variance: the head
-  returns the eps half, what deterministic solvers and every method read.
+  returns the eps half, what deterministic solvers and every method read, and hands the variance half to the
+  learned-variance sampler when one collects it (`models.variance`).
 
 A block's residual branches ("attn", "mlp") are the gated attention and feed-forward outputs, so the feature
 caches (FORA, Learning-to-Cache) reuse exactly what the block adds.
@@ -37,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import variance
 from .backbone import Backbone, BranchHook, CostParts, unpatchify
 
 
@@ -89,12 +91,15 @@ def dit_class():
 
 @dataclass
 class DiTConditions:
-    """A DiT's block state: each sample's timestep and class label (what every adaLN-Zero reads)."""
+    """A DiT's block state: each sample's timestep and class label (what every adaLN-Zero reads), and which
+    rows of the evaluation's batch these samples are (where a learned-sigma head's variance goes)."""
     t: torch.Tensor
     y: torch.Tensor
+    rows: torch.Tensor | None = None   # None: the whole batch, in order
 
     def subset(self, rows: torch.Tensor) -> DiTConditions:
-        return DiTConditions(self.t[rows], self.y[rows])
+        every = torch.arange(len(self.t), device=self.t.device) if self.rows is None else self.rows
+        return DiTConditions(self.t[rows], self.y[rows], every[rows])
 
 
 class HeadConditioning(nn.Module):
@@ -120,12 +125,16 @@ def conditioning(embedders: nn.Module, t: torch.Tensor, y: torch.Tensor, dtype: 
         F.embedding(y, embedders.class_embedder.embedding_table.weight)
 
 
-def final_layer(tokens: torch.Tensor, cond: torch.Tensor, norm_out: nn.Module, proj_out_1: nn.Module,
-                proj_out_2: nn.Module, out_channels: int, in_channels: int) -> torch.Tensor:
-    """adaLN-modulated norm, projection to patches, unpatchify; the eps channels of a learned-sigma output."""
+def final_layer(tokens: torch.Tensor, state: DiTConditions, cond: torch.Tensor, norm_out: nn.Module,
+                proj_out_1: nn.Module, proj_out_2: nn.Module, out_channels: int, in_channels: int) -> torch.Tensor:
+    """adaLN-modulated norm, projection to patches, unpatchify; of a learned-sigma output the eps channels are
+    returned and the variance channels handed to a sampler that collects them (`models.variance`)."""
     shift, scale = proj_out_1(silu(cond)).chunk(2, dim=1)
     patches = proj_out_2(norm_out(tokens) * (1 + scale[:, None]) + shift[:, None])
-    return unpatchify(patches, out_channels)[:, :in_channels]
+    out = unpatchify(patches, out_channels)
+    if out_channels > in_channels:
+        variance.store(state.rows, out[:, in_channels:])
+    return out[:, :in_channels]
 
 
 class DiT(nn.Module, Backbone):
@@ -209,7 +218,7 @@ class DiT(nn.Module, Backbone):
     def head(self, tokens: torch.Tensor, state: DiTConditions) -> torch.Tensor:
         cond = self.head_conditioning(state.t, state.y, tokens.dtype)
         model = self.transformer
-        return final_layer(tokens, cond, model.norm_out, model.proj_out_1, model.proj_out_2, self.out_chans,
+        return final_layer(tokens, state, cond, model.norm_out, model.proj_out_1, model.proj_out_2, self.out_chans,
                            self.in_chans)
 
     def copy_head(self) -> DiTHead:
@@ -241,5 +250,5 @@ class DiTHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: DiTConditions) -> torch.Tensor:
         cond = conditioning(self.embedders, state.t, state.y, tokens.dtype)
-        return final_layer(tokens, cond, self.norm_out, self.proj_out_1, self.proj_out_2, self.out_chans,
+        return final_layer(tokens, state, cond, self.norm_out, self.proj_out_1, self.proj_out_2, self.out_chans,
                            self.in_chans)
