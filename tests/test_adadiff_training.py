@@ -1,6 +1,8 @@
 """AdaDiff training through `adadiff-bench train`: frozen backbones stay fixed, estimators learn."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,11 +64,32 @@ def test_ablation_cells_train_on_demand_once(tmp_path, tiny_checkpoint, monkeypa
     for _ in range(2):
         params = make_params(cls, {"train": str(config), "estimator": "probe", "loss": "paper"}, "test")
         prepared = cls.prepare(params, context)  # the harness's prepare step trains (once), then samples with it
-        assert prepared.train == "" and prepared.estimator == "" and prepared.checkpoint.endswith("ema.pt")
+        assert prepared.train == "" and prepared.estimator == "" and prepared.checkpoint.endswith("weights.pt")
         method = cls(load_model(tiny_checkpoint), prepared)
         assert method.net.config.estimator == "probe"
     assert calls == ["probe"]  # the second cell reused the cached checkpoint
-    assert len(list((tmp_path / "cache").glob("probe-paper-frozen-*/ema.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("probe-paper-frozen-*/weights.pt"))) == 1
+
+
+def test_a_cached_training_samples_with_its_half_precision_export_made_from_an_older_ema_file(
+        tmp_path, tiny_checkpoint, monkeypatch):
+    """A cache folder trained before exports were cached (ema.pt only) gets the same half-precision export,
+    configs and meta kept, without training again."""
+    from adadiff_bench.checkpoints import read_checkpoint
+    from adadiff_bench.methods import PrepareContext, get_method, make_params
+    from adadiff_bench.methods.adadiff import method as adadiff_method
+    cls, context = get_method("adadiff"), PrepareContext(tmp_path / "cache", progress=False)
+    params = make_params(cls, {"train": str(write_config(tmp_path, tiny_checkpoint, freeze=True)),
+                               "estimator": "probe"}, "test")
+    exported = Path(cls.prepare(params, context).checkpoint)
+    first = read_checkpoint(exported)
+    exported.unlink()
+    monkeypatch.setattr(adadiff_method, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert Path(cls.prepare(params, context).checkpoint) == exported
+    again, full = read_checkpoint(exported), read_checkpoint(exported.parent / "ema.pt")
+    assert again["meta"] == first["meta"] == full["meta"] and again["adadiff"] == first["adadiff"]
+    assert all(torch.equal(again["state_dict"][k], first["state_dict"][k]) for k in first["state_dict"])
+    assert all(v.dtype == torch.float16 for v in again["state_dict"].values() if v.is_floating_point())
 
 
 def test_a_setting_that_trains_is_refused_unless_prepared(tmp_path, tiny_checkpoint):
@@ -102,7 +125,7 @@ def test_a_run_trains_on_demand_under_its_results_folder_whatever_the_cwd(tmp_pa
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
-    trained = list((tmp_path / "results" / ".adadiff_cache").glob("probe-official-frozen-*/ema.pt"))
+    trained = list((tmp_path / "results" / ".adadiff_cache").glob("probe-official-frozen-*/weights.pt"))
     assert len(trained) == 1 and load_adadiff(trained[0]).config.estimator == "probe"
     assert list(elsewhere.iterdir()) == []  # nothing under the working directory
     info = json.loads((tmp_path / "results" / "tiny" / "run.json").read_text())
@@ -123,7 +146,7 @@ def test_full_with_a_training_config_runs_the_backbone_the_adadiff_cells_fine_tu
         sampling='solver = "ddim"\nnum_steps = 2\nnum_samples = 4\nbatch_size = 4',
         metrics='inception = "off"\nkid_subset_size = 4\nisc_splits = 2')
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
-    assert len(list((tmp_path / "results" / ".adadiff_cache").glob("official-official-fine-tuned-*/ema.pt"))) == 1
+    assert len(list((tmp_path / "results" / ".adadiff_cache").glob("official-official-fine-tuned-*/weights.pt"))) == 1
     rows = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
     fine_tuned_full = rows[(rows["method"] == "full") & rows["params"].str.contains("train")]
     base_full = rows[(rows["method"] == "full") & ~rows["params"].str.contains("train")]

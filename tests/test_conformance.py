@@ -66,4 +66,4 @@ def test_the_check_prepares_a_setting_that_trains_on_demand(tmp_path):
                                          f'base_checkpoint = "{tmp_path / "base.pt"}"\n')
     check_method_contracts("adadiff", tiny_backbone(), {"train": str(tmp_path / "train.toml"), "threshold": 0.5,
                                                         "estimator": "probe"}, training_cache=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("probe-official-frozen-*/ema.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("probe-official-frozen-*/weights.pt"))) == 1

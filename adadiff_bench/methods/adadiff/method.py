@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...checkpoints import cached_checkpoint
+from ...checkpoints import backbone_config_from, cached_checkpoint, load_checkpoint, read_checkpoint
 from ...config import MAX_SEED, to_dict
 from ...device import rows_on
 from ...errors import UserError
@@ -46,7 +46,7 @@ from ...training import load_train_config, train
 from ..prefix_exit import check_architecture
 from ..registry import Method, PrepareContext, register_method
 from .calibration import DEFAULT_CALIBRATION_SEED, ThresholdSearch, find_threshold
-from .checkpoint import FORMAT, OFFICIAL_FORMAT
+from .checkpoint import FORMAT, OFFICIAL_FORMAT, save_adadiff
 from .quality import QUALITY_ARTIFACT, quality_pass
 from .estimators import ESTIMATORS
 from .training import AdaDiffTrainConfig, adadiff_task
@@ -169,19 +169,35 @@ def on_demand_config(params: AdaDiffParams, where: str = "adadiff"):
     return config
 
 
+ON_DEMAND_WEIGHTS = "weights.pt"  # a cached training's export: half precision, as the shipped checkpoints
+
+
 def trained_on_demand(params: AdaDiffParams, cache_root: Path, progress: bool = True) -> str:
-    """Train (once) the checkpoint an ablation cell asks for; cached by a hash of its training config."""
+    """Train (once) the checkpoint an ablation cell asks for; cached by a hash of its training config. Cells
+    sample with its half-precision export (under 10 MB, so a finished training can be committed)."""
     config = on_demand_config(params)
     config.train.export = None
     config.train.out_dir = ""
     key = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
     cfg = config.task_config
     out_dir = cache_root / f"{cfg.estimator}-{cfg.loss}-{'frozen' if cfg.freeze_backbone else 'fine-tuned'}-{key}"
-    config.train.out_dir = str(out_dir)
-    if not (out_dir / "ema.pt").is_file():
-        print(f"training AdaDiff on demand ({config.train.steps} steps) into {out_dir}", flush=True)
-        train(config, progress=progress)
-    return str(out_dir / "ema.pt")
+    config.train.out_dir, config.train.export = str(out_dir), str(out_dir / ON_DEMAND_WEIGHTS)
+    config.train.export_half = True
+    if (out_dir / ON_DEMAND_WEIGHTS).is_file():
+        return config.train.export
+    if (out_dir / "ema.pt").is_file():  # trained before exports were cached: the same export, from its EMA file
+        half_precision_copy(out_dir / "ema.pt", out_dir / ON_DEMAND_WEIGHTS)
+        return config.train.export
+    print(f"training AdaDiff on demand ({config.train.steps} steps) into {out_dir}", flush=True)
+    train(config, progress=progress)
+    return config.train.export
+
+
+def half_precision_copy(source: Path, target: Path) -> None:
+    """An AdaDiff checkpoint rewritten in half precision with the same configs and meta (what `export` writes)."""
+    payload = read_checkpoint(source)
+    net = load_checkpoint(source, FORMAT)
+    save_adadiff(target, net, backbone_config_from(payload, str(source)), payload.get("meta", {}), half=True)
 
 
 @register_method
