@@ -342,9 +342,11 @@ def _check_same_base(path: Path, saved_sha256, base: BaseFile | None) -> None:
 
 
 def _identity(config: dict) -> dict:
-    """What must match to resume: all but the run length (extending is valid), the thread count and the device
-    (a run may move between the CPU and a GPU). The precision must match: it changes the recipe."""
-    train = {k: v for k, v in config["train"].items() if k not in ("steps", "threads", "device")}
+    """What must match to resume: all but the run length (extending is valid), the thread count, the device
+    (a run may move between the CPU and a GPU) and where the result is exported (it does not change the
+    training). The precision must match: it changes the recipe."""
+    train = {k: v for k, v in config["train"].items()
+             if k not in ("steps", "threads", "device", "export", "export_half")}
     train.setdefault("precision", "fp32")  # (a state from before the setting trained in fp32)
     train.setdefault("schedule", DEFAULT_SCHEDULE)  # (... and on the linear schedule)
     for key, before in (("ema_warmup", False), ("holdout", 0.0), ("eval_every", 500), ("patience", 0)):

@@ -2,6 +2,8 @@
 SHA-256), `train --restart` starts over, and a state saved before the hash was recorded resumes with a warning."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import hashlib
 
 import pytest
@@ -69,6 +71,19 @@ def test_the_same_base_resumes(tmp_path, tiny_checkpoint, capsys):
     assert main(method_config(tmp_path, tiny_checkpoint, "adadiff", steps=4)) == 0
     assert f"resuming from {tmp_path / 'run' / 'last.pt'} at step 2" in capsys.readouterr().out
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_training_resumes_when_only_its_export_changed(tmp_path, tiny_checkpoint, capsys):
+    """Where the result is exported (and in which precision) does not change the training: it resumes."""
+    first = method_config(tmp_path, tiny_checkpoint, "adadiff", steps=2)
+    assert main(first) == 0
+    capsys.readouterr()
+    second = method_config(tmp_path, tiny_checkpoint, "adadiff", steps=4)
+    config = Path(second[2])
+    config.write_text(config.read_text() + f'export = "{tmp_path / "exported.pt"}"\nexport_half = false\n')
+    assert main(second) == 0
+    assert f"resuming from {tmp_path / 'run' / 'last.pt'} at step 2" in capsys.readouterr().out
+    assert (tmp_path / "exported.pt").is_file()
 
 
 def test_a_state_without_a_base_hash_resumes_with_a_warning(tmp_path, tiny_checkpoint, capsys):
