@@ -215,3 +215,26 @@ def test_a_new_metric_gets_its_header_arrow_format_sort_and_seed_aggregation(mon
     assert board["sharp_digits_cnn_seed_std"].iloc[1] == pytest.approx(np.std([1, 2, 10], ddof=1))
     table = to_markdown(board)
     assert "Sharpness [digits_cnn] ↑" in table and "| 2.0 ± 4.9 |" in table
+
+
+def test_a_rerun_report_removes_what_the_previous_one_wrote_and_no_longer_writes(run_dir, tmp_path):
+    """Files an earlier report listed (`.report_files`) but this one did not write go; a user's own file, a
+    listed path outside the folder and a listed symlink stay untouched."""
+    from adadiff_bench.report import WRITTEN_LIST
+    out = tmp_path / "report"
+    first = write_report(run_dir, out)
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / "dropped_cell.png").write_bytes(b"stale")   # as a cell the rerun dropped left it
+    (out / "notes.txt").write_text("mine")                         # never listed: a user's file
+    (tmp_path / "outside.txt").write_text("outside")
+    (out / "link.png").symlink_to(tmp_path / "outside.txt")
+    listed = (out / WRITTEN_LIST).read_text().splitlines()
+    assert sorted(listed) == sorted(p.resolve().relative_to(out.resolve()).as_posix() for p in first)
+    (out / WRITTEN_LIST).write_text("\n".join(listed + ["samples/dropped_cell.png", "../outside.txt", "link.png"]))
+    second = write_report(run_dir, out)
+    assert not (out / "samples" / "dropped_cell.png").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.txt").read_text() == "outside"
+    assert (out / "link.png").is_symlink() and all(p.is_file() for p in second)
+    (out / WRITTEN_LIST).write_bytes(b"\xff\xfe binary")  # an unreadable list prunes nothing, and is rewritten
+    write_report(run_dir, out)
+    assert (out / "notes.txt").is_file() and "index.html" in (out / WRITTEN_LIST).read_text().splitlines()

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..plugins import load_plugins
-from ..results import make_dir
+from ..results import atomic_write_bytes, make_dir
 from . import adadiff_figures, estimator_quality, exit_figures, figures
 from .html import HtmlFigure, HtmlSection, HtmlTable, open_in_browser, write_html_report
 from .registry import (COMPUTE_SAVED, LEADERBOARD, MATCHED, QUALITY_VS_COST, SAMPLES, SECTIONS, SPEEDUP, UNCERTAINTY,
@@ -85,7 +85,42 @@ def write_report(run_dirs: str | Path | list, out: str | Path, sort_by: str | No
     drawn = draw_figures(view, out)
     written += paths + [path for figure in drawn for path in figure.paths]
     written.append(write_index(out, view, board, matched, drawn))
+    prune_stale(out, written)
     return written
+
+
+WRITTEN_LIST = ".report_files"  # the files the last report wrote in its folder, one relative path per line
+
+
+def prune_stale(out: Path, written: list[Path]) -> list[Path]:
+    """Remove the files the previous report in `out` wrote that this one did not (the sample figure of a cell a
+    rerun dropped would otherwise stay beside the new ones), then record what this one wrote. Only files that
+    list names are touched, and only regular files inside `out`: the list is a file like any other the suite
+    reads. Returns what was removed."""
+    listed, root = out / WRITTEN_LIST, out.resolve()
+    keep = {path.resolve() for path in written}
+    removed = []
+    for name in previous_report_files(listed):
+        path = (out / name)
+        if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(root):
+            continue
+        if path.resolve() not in keep and path.resolve() != listed.resolve():
+            path.unlink()
+            removed.append(path)
+    names = sorted({path.resolve().relative_to(root).as_posix() for path in written
+                    if path.resolve().is_relative_to(root)})
+    atomic_write_bytes(listed, ("\n".join(names) + "\n").encode())
+    return removed
+
+
+def previous_report_files(listed: Path, limit: int = 1 << 20) -> list[str]:
+    """The relative paths an earlier report listed (none when the list is missing, too large or not text)."""
+    try:
+        if not listed.is_file() or listed.is_symlink() or listed.stat().st_size > limit:
+            return []
+        return [line for line in listed.read_text(encoding="utf-8").splitlines() if line and "\0" not in line]
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def write_index(out: Path, view: ReportView, board: pd.DataFrame, matched: pd.DataFrame,
