@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from adadiff_bench.backbone_id import backbone_hash
 from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cached_checkpoint, load_model,
                                        register_format, sha256_file)
 from adadiff_bench.config import SOLVERS, check_solver
@@ -141,9 +142,8 @@ def check_backbone(router: RouterCheckpoint, model: Backbone, where: str) -> Non
     """Refuse a router whose base checkpoint changed (sha256) or is not the model it is asked to run on."""
     check_base_file(router, where)
     base = router.base_checkpoint
-    expected = exit_network(base)[0].state_dict()  # (the CPU copy; a U-ViT, or an AdaDiff network's backbone)
-    state = model.state_dict()
-    if state.keys() != expected.keys() or not all(torch.equal(v, expected[k].to(v.device)) for k, v in state.items()):
+    expected = exit_network(base)[0]  # (the CPU copy; a U-ViT, or an AdaDiff network's backbone)
+    if backbone_hash(model) != backbone_hash(expected):  # (each module's hash is computed once)
         raise UserError(f"{where}: router {router.path!r} was trained for backbone {base!r} (sha256 "
                         f"{router.base_sha256[:12]}...), not for this run's model; set the run's checkpoint to "
                         f"{base!r} or train a router for your model")
