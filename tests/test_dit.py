@@ -362,10 +362,19 @@ batch_size = 8
 warmup_steps = 0
 threads = 1
 out_dir = "{out}"
-[adadiff]
+{export}
+[{method}]
 base_checkpoint = "{base}"
-estimator = "{estimator}"
+{knobs}
 """
+
+
+def train_on_dit(tmp_path, base, method: str, export=None, knobs: str = ""):
+    """A 3-step training config of `method` on the DiT `base` (its path); exported to `export` when given."""
+    path = tmp_path / "train.toml"
+    path.write_text(TRAIN_ON_DIT.format(out=tmp_path / "run", export=f'export = "{export}"' if export else "",
+                                        method=method, base=base, knobs=knobs))
+    return path
 
 
 @pytest.mark.parametrize("estimator", ["official", "probe"])
@@ -373,8 +382,8 @@ def test_adadiff_trains_on_a_dit_and_keeps_the_contracts(tmp_path, estimator):
     """UAL training on a DiT base (its estimators only: the backbone stays frozen), then sampling with exits."""
     from adadiff_bench.methods.adadiff import load_adadiff
     base, model = dit_base(tmp_path)
-    (tmp_path / "train.toml").write_text(TRAIN_ON_DIT.format(out=tmp_path / "unused", base=base, estimator=estimator))
-    check_method_contracts("adadiff", model, {"train": str(tmp_path / "train.toml"), "threshold": 0.5},
+    config = train_on_dit(tmp_path, base, "adadiff", knobs=f'estimator = "{estimator}"')
+    check_method_contracts("adadiff", model, {"train": str(config), "threshold": 0.5},
                            training_cache=tmp_path / "cache")
     trained, = (tmp_path / "cache").glob(f"{estimator}-official-frozen-*/weights.pt")
     trained_state, base_state = load_adadiff(trained).backbone.state_dict(), model.state_dict()
@@ -396,28 +405,12 @@ def test_a_hostile_adadiff_file_on_a_dit_is_refused_in_one_line(tmp_path, change
     assert "\n" not in str(caught.value)
 
 
-TRAIN_METHOD_ON_DIT = """
-[train]
-steps = 3
-batch_size = 8
-warmup_steps = 0
-threads = 1
-out_dir = "{out}"
-export = "{export}"
-[{method}]
-base_checkpoint = "{base}"
-"""
-
-
 @pytest.mark.parametrize("method", ["ase", "berxit", "l2c"])
 def test_a_prefix_or_cache_method_trains_on_a_dit_and_keeps_the_contracts(tmp_path, method):
     """ASE's fine-tune, BERxiT's regressor and L2C's router, each trained (3 steps) on a DiT base, then sampled."""
     from adadiff_bench.training import load_train_config, train
     base, model = dit_base(tmp_path)
-    path = tmp_path / "train.toml"
-    path.write_text(TRAIN_METHOD_ON_DIT.format(out=tmp_path / "run", export=tmp_path / "trained.pt", method=method,
-                                               base=base))
-    trained = train(load_train_config(path), progress=False)
+    trained = train(load_train_config(train_on_dit(tmp_path, base, method, tmp_path / "trained.pt")), progress=False)
     check_method_contracts(method, model, {"checkpoint": str(trained)})
 
 
@@ -435,10 +428,8 @@ def test_l2c_on_a_dit_costs_partly_cached_blocks_as_the_dispatcher_does(tmp_path
     from adadiff_bench.checkpoints import load_checkpoint
     from adadiff_bench.training import load_train_config, train
     base, model = dit_base(tmp_path)
-    path = tmp_path / "train.toml"
-    path.write_text(TRAIN_METHOD_ON_DIT.format(out=tmp_path / "run", export=tmp_path / "router.pt", method="l2c",
-                                               base=base))
-    router = load_checkpoint(train(load_train_config(path), progress=False), "adadiff-bench/l2c-router")
+    router = load_checkpoint(train(load_train_config(train_on_dit(tmp_path, base, "l2c", tmp_path / "router.pt")),
+                                   progress=False), "adadiff-bench/l2c-router")
     cache_steps = router.beta[1::2]
     threshold = float(cache_steps.median())
     runs = cache_steps > threshold

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -235,6 +236,22 @@ def narrow_autoencoder_release(path) -> None:
     torch.save(to_original_layout(vae.state_dict(), num_levels=4), path)
 
 
+def latent_run(tmp_path, run: str, preset: str, release, autoencoder, sampling: str, methods: str = "") -> Path:
+    """A run config of a latent preset over 4 random labelled 256 px reference images: 2 samples, `full` and
+    `methods`, no Inception, no timing."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8),
+             labels=rng.integers(0, 1000, 4))
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'name = "{run}"\nresults_dir = "{tmp_path / "results"}"\n'
+        f'[model]\npreset = "{preset}"\ncheckpoint = "{release}"\nautoencoder = "{autoencoder}"\n'
+        f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
+        f'[sampling]\n{sampling}\nnum_samples = 2\nbatch_size = 2\n'
+        '[metrics]\ninception = "off"\n[timing]\nenabled = false\n[[methods]]\nname = "full"\n' + methods)
+    return config
+
+
 def test_latent_preset_end_to_end_decodes_as_its_own_stage(shallow_presets, tmp_path, monkeypatch):
     name = "imagenet256_uvit_l2"
     preset = PRESETS[name]
@@ -243,16 +260,8 @@ def test_latent_preset_end_to_end_decodes_as_its_own_stage(shallow_presets, tmp_
     release, autoencoder = tmp_path / "nnet_ema.pth", tmp_path / "autoencoder_kl.pth"
     torch.save(random_release(cut_depth(name)), release)
     narrow_autoencoder_release(autoencoder)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8),
-             labels=rng.integers(0, 1000, 4))
-    config = tmp_path / "run.toml"
-    config.write_text(
-        f'name = "latent"\nresults_dir = "{tmp_path / "results"}"\n'
-        f'[model]\npreset = "{name}"\ncheckpoint = "{release}"\nautoencoder = "{autoencoder}"\n'
-        f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
-        '[sampling]\nschedule = "vp"\nsolver = "dpm-solver-fast"\nnum_steps = 3\nnum_samples = 2\nbatch_size = 2\n'
-        'guidance = 1.4\n[metrics]\ninception = "off"\n[timing]\nenabled = false\n[[methods]]\nname = "full"\n')
+    config = latent_run(tmp_path, "latent", name, release, autoencoder,
+                        'schedule = "vp"\nsolver = "dpm-solver-fast"\nnum_steps = 3\nguidance = 1.4')
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
     row = pd.read_csv(tmp_path / "results" / "latent" / "results.csv").iloc[0]
     from adadiff_bench.models.autoencoder import LatentDecoder, load_autoencoder
@@ -329,17 +338,9 @@ def test_dit_preset_runs_end_to_end_from_its_diffusers_folders(narrow_dit_preset
     """The paper config's path: both folders load, 2 DDPM steps with the learned variance and the 3-channel
     guidance rule, decoded."""
     release, autoencoder = narrow_dit_preset
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8),
-             labels=rng.integers(0, 1000, 4))
-    config = tmp_path / "run.toml"
-    config.write_text(
-        f'name = "dit"\nresults_dir = "{tmp_path / "results"}"\n'
-        f'[model]\npreset = "imagenet256_dit_xl2"\ncheckpoint = "{release}"\nautoencoder = "{autoencoder}"\n'
-        f'[data]\nname = "npz"\npath = "{tmp_path / "data.npz"}"\n'
-        '[sampling]\nschedule = "linear"\nsolver = "ddpm-learned"\nnum_steps = 2\nnum_samples = 2\nbatch_size = 2\n'
-        'guidance = 1.5\nguidance_channels = 3\n[metrics]\ninception = "off"\n[timing]\nenabled = false\n'
-        '[[methods]]\nname = "full"\n[[methods]]\nname = "static-exit"\nk = 1\n')
+    config = latent_run(tmp_path, "dit", "imagenet256_dit_xl2", release, autoencoder,
+                        'schedule = "linear"\nsolver = "ddpm-learned"\nnum_steps = 2\nguidance = 1.5\n'
+                        'guidance_channels = 3', '[[methods]]\nname = "static-exit"\nk = 1\n')
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
     frame = pd.read_csv(tmp_path / "results" / "dit" / "results.csv")
     assert sorted(frame["method"]) == ["full", "static-exit"] and (frame["guidance_channels"] == 3).all()
