@@ -48,8 +48,6 @@ SOLVER_SETTINGS = {
     "euler": (EulerDiscreteScheduler, dict(timestep_spacing="linspace")),
 }
 
-
-
 LEARNED_VARIANCE_SOLVERS = tuple(name for name, (_, options) in SOLVER_SETTINGS.items()
                                  if options.get("variance_type") == "learned_range")
 

@@ -6,8 +6,8 @@ converted by diffusers' own single-file helpers (`convert_ldm_vae_checkpoint`, w
 `create_vae_diffusers_config_from_ldm` fed the ddconfig below, so nothing is fetched from the Hub)
 and loaded strictly. A diffusers folder (`save_pretrained` layout, e.g. `stabilityai/sd-vae-ft-ema`, which DiT's
 FID decodes with) is read as its config.json, checked against SD's architecture, and its safetensors (or
-weights-only .bin), loaded strictly into that architecture. `AutoencoderKL.decode` does not undo the latents' scale: `LatentDecoder` does
-(z / scale_factor, U-ViT's `decode`). Decoding is its own stage with its own cost (MACs measured once
+weights-only .bin), loaded strictly into that architecture. `AutoencoderKL.decode` does not undo the latents'
+scale: `LatentDecoder` does (z / scale_factor, U-ViT's `decode`). Decoding is its own stage with its own cost (MACs measured once
 with fvcore, as the network's), time and memory.
 """
 from __future__ import annotations

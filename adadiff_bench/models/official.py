@@ -8,9 +8,8 @@ Files are opened with `torch.load(weights_only=True)` (`checkpoints.read_checkpo
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 from ..checkpoints import (diffusers_dit_config, load_diffusers_dit, load_model, read_checkpoint, transformer_folder,
                            uvit_from_state)

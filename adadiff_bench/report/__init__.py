@@ -101,7 +101,7 @@ def prune_stale(out: Path, written: list[Path]) -> list[Path]:
     keep = {path.resolve() for path in written}
     removed = []
     for name in previous_report_files(listed):
-        path = (out / name)
+        path = out / name
         if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(root):
             continue
         if path.resolve() not in keep and path.resolve() != listed.resolve():

@@ -1,9 +1,10 @@
 """AdaDiff's checkpoint formats: this suite's (a U-ViT or DiT backbone + estimators + optional exit heads, both
-configs)
-and the official code's (a U-ViT state dict with `lte_classifer.*` estimators, its U-ViT config given apart)."""
+configs) and the official code's (a U-ViT state dict with `lte_classifer.*` estimators, its U-ViT config given
+apart)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 from ...checkpoints import (CheckpointFormat, atomic_torch_save, backbone_config_from, backbone_kind, build_backbone,
@@ -35,8 +36,8 @@ def _ready(backbone: UViTConfig | DiTConfig, adadiff: AdaDiffConfig, state: dict
     """The network in float32 eval mode with `state` loaded strictly, its size bounded and its names and shapes
     checked on a meta copy first (nothing allocated for a file that does not fit)."""
     check_layer_count(backbone, state, path)
-    return checked_build(lambda: build_adadiff(backbone, adadiff), lambda: build_adadiff(backbone, adadiff), state,
-                         path)
+    build = functools.partial(build_adadiff, backbone, adadiff)
+    return checked_build(build, build, state, path)
 
 
 def _load(payload: dict, path: str, uvit: UViTConfig | None = None) -> AdaDiffNetwork:
