@@ -208,3 +208,18 @@ def test_time_once_times_with_cuda_events(monkeypatch):
     seconds = timing.time_once(lambda: torch.cuda._sleep(50_000_000), 1, CUDA)
     assert len(made) == 2 and all(kwargs.get("enable_timing") for kwargs in made)
     assert 0.005 < seconds < 5, seconds
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", [("full", ()), ("static-exit", (("k", 2),))])
+def test_a_learned_sigma_dit_on_cuda_samples_as_on_the_cpu_with_its_learned_variance(full_fp32, method):
+    """The DiT backbone's GPU path: DiT-XL/2's sampler (learned variance, guidance on 3 of 4 channels) on a small
+    learned-sigma DiT, against the same run on the CPU."""
+    from test_dit import tiny_dit
+    model = tiny_dit(std=0.05, in_channels=4, out_channels=8)
+    cell = Cell(method[0], method[1], "ddpm-learned", 6, 0, guidance=1.5, guidance_channels=3)
+    cpu_images, cpu_log = generate(cell, model, 4, 4)
+    cuda_images, cuda_log = generate(cell, copy.deepcopy(model).to(CUDA), 4, 4)
+    assert cuda_images.device.type == "cpu"
+    torch.testing.assert_close(cuda_images, cpu_images, atol=1e-3, rtol=1e-3)
+    assert np.array_equal(cuda_log.blocks_run, cpu_log.blocks_run)
