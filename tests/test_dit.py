@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adadiff_bench.flops import dispatch_flops, unit_costs
-from adadiff_bench.models.dit import DiT
 from adadiff_bench.methods import available_methods
+from adadiff_bench.models.dit import DiT
 from adadiff_bench.testing import check_method_contracts
 
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=3, sample_size=8,
