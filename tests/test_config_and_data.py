@@ -47,7 +47,7 @@ def test_shipped_training_configs_load_with_their_methods_table(name):
     ("[sampling]\nnum_step = 3", r"unknown key 'num_step' \(did you mean 'num_steps'"),
     ("[sampling]\nnum_steps = 'ten'", r"num_steps: expected an integer, got 'ten'"),
     ("[sampling]\nnum_steps = -5", r"num_steps must be > 0 \(got -5\)"),
-    ("[sampling]\nsolver = 'ddmi'", r"unknown solver 'ddmi' \(did you mean .*'ddim'\?\); valid: ddpm, ddim"),
+    ("[sampling]\nsolver = 'ddmi'", r"unknown solver 'ddmi' \(did you mean .*'ddim'\?\); valid: ddpm, ddpm-learned, ddim"),
     ("[sampling]\nnum_samples = true", r"num_samples: expected an integer, got True"),
     ("[timing]\nrepeats = 1", r"repeats must be >= 3"),
     ("[metrics]\ninception = 'maybe'", r"inception must be one of auto, require, off"),

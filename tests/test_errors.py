@@ -71,7 +71,7 @@ def test_unknown_solver_suggests_close_match(tmp_path, tiny_checkpoint, capsys):
     extra = '[[methods]]\nname = "full"\nsolver = "eular"\n'
     line = one_line_error(run_args(tmp_path, tiny_checkpoint, extra_methods=extra), capsys)
     assert "methods[1]" in line and "unknown solver 'eular'" in line and "did you mean 'euler'" in line
-    assert "valid: ddpm, ddim, dpm-solver++, euler" in line
+    assert "valid: ddpm, ddpm-learned, ddim, dpm-solver++, euler" in line
     assert_nothing_written(tmp_path)
 
 
