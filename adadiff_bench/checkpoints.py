@@ -382,7 +382,7 @@ def load_diffusers_dit(folder: str | Path) -> DiT:
     """A DiT from a diffusers folder: `config.json` and its weights (a pipeline's folder: its `transformer/`).
     The weights are read as safetensors, or as a weights-only torch file: nothing in the folder runs code."""
     folder = transformer_folder(folder)
-    weights = next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+    weights = diffusers_weights_file(folder)
     if not (folder / "config.json").is_file() or weights is None:
         raise UserError(f"{str(folder)!r} is not a diffusers DiT folder: it needs config.json and "
                         f"{' or '.join(DIFFUSERS_WEIGHTS)} (the layout `save_pretrained` writes)")
@@ -398,8 +398,13 @@ def transformer_folder(folder: str | Path) -> Path:
     return folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
 
 
-def diffusers_dit_config(path: Path) -> DiTConfig:
-    """The DiTConfig of a diffusers `config.json`, refusing another class or a setting the suite's DiT lacks."""
+def diffusers_weights_file(folder: Path) -> Path | None:
+    """The weights file of a diffusers model folder (safetensors first), if it has one."""
+    return next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
+
+
+def read_diffusers_config(path: Path) -> dict:
+    """A diffusers `config.json` as a table, with one-line errors for unreadable JSON or another kind of value."""
     import json
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
@@ -407,6 +412,12 @@ def diffusers_dit_config(path: Path) -> DiTConfig:
         raise UserError(f"{str(path)!r} is not readable JSON ({type(exc).__name__}); re-download it") from None
     if not isinstance(table, dict):
         raise UserError(f"{str(path)!r} holds a {type(table).__name__}, not a diffusers config table; re-download it")
+    return table
+
+
+def diffusers_dit_config(path: Path) -> DiTConfig:
+    """The DiTConfig of a diffusers `config.json`, refusing another class or a setting the suite's DiT lacks."""
+    table = read_diffusers_config(path)
     if table.get("_class_name") not in DIT_CLASS_NAMES:
         raise UserError(f"{str(path)!r} configures {table.get('_class_name')!r}, not a DiT "
                         f"({' or '.join(DIT_CLASS_NAMES)}); point the checkpoint at a DiT's folder")

@@ -21,7 +21,8 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
-from ..checkpoints import load_state_dict_strict, read_checkpoint, read_diffusers_weights
+from ..checkpoints import (diffusers_weights_file, load_state_dict_strict, read_checkpoint, read_diffusers_config,
+                           read_diffusers_weights)
 from ..errors import UserError
 from .presets import SD_DDCONFIG
 
@@ -66,19 +67,13 @@ ARCHITECTURE_KEYS = ("in_channels", "out_channels", "latent_channels", "block_ou
 def load_diffusers_autoencoder(folder: Path, scale_factor: float, ddconfig: dict = SD_DDCONFIG) -> AutoencoderKL:
     """A diffusers AutoencoderKL folder, built as SD's architecture (`ddconfig`) and loaded strictly: its
     config.json only has to agree with that architecture, so a hostile one cannot size anything."""
-    import json
-    weights = next((folder / name for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                    if (folder / name).is_file()), None)
+    weights = diffusers_weights_file(folder)
     if not (folder / "config.json").is_file() or weights is None:
         raise UserError(f"autoencoder {str(folder)!r} is not a diffusers AutoencoderKL folder: it needs config.json "
                         "and diffusion_pytorch_model.safetensors (the layout `save_pretrained` writes)")
-    try:
-        table = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"autoencoder {str(folder)!r}: config.json is not readable JSON ({type(exc).__name__}); "
-                        "re-download it") from None
+    table = read_diffusers_config(folder / "config.json")
     expected = create_vae_diffusers_config_from_ldm(ldm_config(ddconfig, scale_factor), {})
-    if not isinstance(table, dict) or table.get("_class_name") != "AutoencoderKL":
+    if table.get("_class_name") != "AutoencoderKL":
         raise UserError(f"autoencoder {str(folder)!r}: config.json does not describe an AutoencoderKL; point "
                         "`autoencoder` at SD's KL autoencoder folder")
     differs = [key for key in ARCHITECTURE_KEYS if key in table and table[key] != expected[key]]

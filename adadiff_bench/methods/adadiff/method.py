@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...checkpoints import backbone_config_from, cached_checkpoint, load_checkpoint, read_checkpoint
+from ...checkpoints import backbone_config_from, cached_checkpoint, load_body, open_checkpoint
 from ...config import MAX_SEED, to_dict
 from ...device import rows_on
 from ...errors import UserError
@@ -195,8 +195,11 @@ def trained_on_demand(params: AdaDiffParams, cache_root: Path, progress: bool = 
 
 def half_precision_copy(source: Path, target: Path) -> None:
     """An AdaDiff checkpoint rewritten in half precision with the same configs and meta (what `export` writes)."""
-    payload = read_checkpoint(source)
-    net = load_checkpoint(source, FORMAT)
+    fmt, payload = open_checkpoint(source)  # (read once: the payload gives the configs and meta, and the network)
+    if fmt.name != FORMAT:
+        raise UserError(f"{str(source)!r} is {fmt.what} ({fmt.name}), not an AdaDiff network; delete its cache folder "
+                        "so that the setting trains again")
+    net = load_body(fmt, payload, str(source))
     save_adadiff(target, net, backbone_config_from(payload, str(source)), payload.get("meta", {}), half=True)
 
 
