@@ -55,6 +55,14 @@ def with_keys(text: str, **values) -> str:
     return text
 
 
+def tiny_training_toml(out_dir: Path, **train) -> str:
+    """A `train` config for a 2-block width-16 U-ViT on the digits: 2 steps of 8 images on 1 thread unless `train`
+    says otherwise (values as TOML literals: pass strings already quoted)."""
+    keys = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "threads": 1, "out_dir": f'"{out_dir}"'} | train
+    model = "img_size = 8\npatch_size = 2\nin_chans = 1\nembed_dim = 16\ndepth = 2\nnum_heads = 2\n"
+    return '[data]\nname = "digits"\n\n[model]\n' + model + "\n[train]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+
+
 def write_run_config(tmp_path: Path, checkpoint: Path, extra_methods: str = "", **sections) -> Path:
     """A small run config: 32 samples, 3 steps, quick timing; `sections` override whole tables."""
     tables = {

@@ -11,29 +11,7 @@ from adadiff_bench.checkpoints import load_model
 from adadiff_bench.cli import main
 from adadiff_bench.methods import get_method, make_params
 from adadiff_bench.metrics import classifier
-from conftest import REPO, with_keys
-
-TINY_UVIT = """
-[data]
-name = "digits"
-
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 1
-embed_dim = 16
-depth = 2
-num_heads = 2
-
-[train]
-steps = 2
-batch_size = 8
-warmup_steps = 1
-checkpoint_every = 2
-threads = 1
-out_dir = "{out_dir}"
-"""
-
+from conftest import REPO, tiny_training_toml, with_keys
 
 def _last_setting(out: str) -> str:
     """The TOML after 'a run config uses it as: ' on the last line."""
@@ -46,7 +24,7 @@ def _last_setting(out: str) -> str:
 def test_last_line_names_the_exported_base_model(tmp_path, capsys):
     export = tmp_path / "exported" / "uvit.pt"
     config = tmp_path / "train.toml"
-    config.write_text(TINY_UVIT.format(out_dir=tmp_path / "run") + f'export = "{export}"\n')
+    config.write_text(tiny_training_toml(tmp_path / "run", checkpoint_every=2, export=f'"{export}"'))
     assert main(["train", "--config", str(config), "--no-progress"]) == 0
     setting = tomllib.loads(_last_setting(capsys.readouterr().out))
     assert setting == {"checkpoint": str(export)}       # the export, not out_dir/ema.pt

@@ -12,36 +12,14 @@ from adadiff_bench.config import TrainConfig
 from adadiff_bench.errors import UserError
 from adadiff_bench.recipe import TrainingRecord, ema_decay_at, ema_start_share, split_holdout
 from adadiff_bench.training import load_train_config, train, update_ema
-
-TINY = """
-[data]
-name = "digits"
-
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 1
-embed_dim = 16
-depth = 2
-num_heads = 2
-
-[train]
-steps = {steps}
-batch_size = 16
-lr = {lr}
-warmup_steps = 1
-checkpoint_every = 1000
-threads = 1
-out_dir = "{out_dir}"
-{extra}
-"""
-
+from conftest import tiny_training_toml
 
 def tiny_config(tmp_path, steps=6, lr=3e-4, **extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "train.toml"
-    settings = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items())
-    path.write_text(TINY.format(steps=steps, lr=lr, out_dir=tmp_path / "run", extra=settings))
+    settings = {k: str(v).lower() if isinstance(v, bool) else v for k, v in extra.items()}
+    path.write_text(tiny_training_toml(tmp_path / "run", steps=steps, batch_size=16, lr=lr, checkpoint_every=1000,
+                                       **settings))
     return load_train_config(path)
 
 

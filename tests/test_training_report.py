@@ -15,31 +15,11 @@ from adadiff_bench.data import load_dataset
 from adadiff_bench.diffusion import alphas_cumprod
 from adadiff_bench.methods.adadiff import load_adadiff
 from adadiff_bench.training_report import BUCKET_WIDTH, EVAL_IMAGES, eval_batch, report_paths, sample_grid
-
-BASE = """[data]
-name = "digits"
-
-[model]
-img_size = 8
-patch_size = 2
-in_chans = 1
-embed_dim = 16
-depth = 2
-num_heads = 2
-
-[train]
-steps = 2
-batch_size = 8
-warmup_steps = 1
-threads = 1
-out_dir = "{out}"
-export = "{export}"
-"""
-
+from conftest import tiny_training_toml
 
 def train_base(tmp_path, *flags) -> tuple[list[str], str]:
     config = tmp_path / "train.toml"
-    config.write_text(BASE.format(out=tmp_path / "run", export=tmp_path / "models" / "uvit.pt"))
+    config.write_text(tiny_training_toml(tmp_path / "run", export=f'"{tmp_path / "models" / "uvit.pt"}"'))
     return ["train", "--config", str(config), "--no-progress", *flags], str(tmp_path / "models" / "uvit.pt")
 
 
