@@ -187,6 +187,9 @@ def test_duplicate_and_malformed_registrations_are_refused():
         register_metric(MetricSpec("fid", (Quantity("fid2", "FID", False),), "fid", lambda space: {}))
     with pytest.raises(ValueError, match="quantity 'recall' is malformed or taken"):
         register_metric(MetricSpec("recall2", (Quantity("recall", "recall", True),), "prc", lambda space: {}))
+    with pytest.raises(ValueError, match="'sharpness': a metric that ranks leaderboards"):  # Pareto needs lower-better
+        register_metric(MetricSpec("sharpness", (Quantity("sharpness", "S", True),), "fid", lambda space: {},
+                                   stand_in=True))
     malformed = {"Pixels": {}, "pix_els": {}, "pixels-std": {}, "pixels-ci-low": {},  # the last two misread as spreads
                  "no-roles": {"roles": ()}, "logit-role": {"roles": ("logits",)}, "two-channels": {"channels": (2,)},
                  "grey-rgb": {"channels": (1,), "rgb": True}, "flat-size": {"size": (8,)}}

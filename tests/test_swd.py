@@ -159,6 +159,28 @@ def test_leaderboard_shows_the_swd_column(tmp_path):
     assert "SWD [pixels] ↓" in markdown and "0.0456" in markdown
 
 
+def test_without_fid_the_swd_ranks_the_board_marks_its_front_and_fills_the_matched_table(tmp_path):
+    """An offline user's own data (no Inception weights, no feature space of theirs): SWD stands in for FID."""
+    from adadiff_bench.report import load_runs, write_leaderboard
+    from adadiff_bench.report.tables import leaderboard, matched_table
+    from test_report_tables import fake_run
+    rows = [{"method": "full", "gflops_per_image": 2.0, "swd_pixels": 0.010},
+            {"method": "static-exit", "entry": 1, "params": '{"k": 1}', "gflops_per_image": 1.0, "layer_ratio": 0.5, "swd_pixels": 0.050},
+            {"method": "static-exit", "entry": 1, "params": '{"k": 2}', "gflops_per_image": 1.5, "layer_ratio": 0.75, "swd_pixels": 0.020},
+            {"method": "random-exit", "entry": 2, "gflops_per_image": 1.5, "layer_ratio": 0.75, "swd_pixels": 0.060}]
+    run = fake_run(tmp_path / "r", "r", rows)
+    board = leaderboard(load_runs([run]).frame).set_index("setting")
+    assert board["dswd"].to_dict() == pytest.approx({s: v - 0.010 for s, v in board["swd_pixels"].items()})
+    assert board["pareto"].tolist() == [True, True, True, False]  # random-exit: beaten by static-exit k=2
+    matched = matched_table(load_runs([run]).frame)
+    assert matched.loc[matched["curve"].str.startswith("static-exit"), "swd_pixels at layer ratio 0.6"].item() \
+        == pytest.approx(0.050 + (0.6 - 0.5) / 0.25 * (0.020 - 0.050))
+    write_leaderboard([run], tmp_path / "out")
+    text = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "dSWD vs group's full ↓" in text and "Pareto-optimal in SWD and GFLOPs/image" in text
+    assert "No FID was computed: Pareto marks, dSWD" in text and "FID by" not in text
+
+
 @pytest.mark.parametrize("setting, expected", [
     ('swd = "sometimes"', '[metrics]: swd must be one of auto, on, off (got \'sometimes\')'),
     ("swd_projections = 0", "[metrics]: swd_projections must be > 0 (got 0)"),

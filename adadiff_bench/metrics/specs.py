@@ -60,6 +60,7 @@ class MetricSpec:
     enabled: Callable[[Any], bool] = field(default=lambda config: True)
     seeds: str = "mean"
     primary: bool = False                          # the quality column leaderboards rank by (FID)
+    stand_in: bool = False                         # ranks them instead where no primary metric was computed (SWD)
 
 
 _METRICS: dict[str, MetricSpec] = {}
@@ -74,6 +75,9 @@ def register_metric(spec: MetricSpec) -> MetricSpec:
                          f"(got {spec.feature!r})")
     if spec.seeds not in ("mean", "median"):
         raise ValueError(f"metric {spec.name!r}: seeds must be 'mean' or 'median' (got {spec.seeds!r})")
+    if (spec.primary or spec.stand_in) and (len(spec.quantities) != 1 or spec.quantities[0].higher_is_better):
+        raise ValueError(f"metric {spec.name!r}: a metric that ranks leaderboards (primary, stand_in) has one "
+                         "quantity, lower is better")
     if spec.name in _METRICS and _METRICS[spec.name] is not spec:
         raise ValueError(f"metric {spec.name!r} is already registered")
     taken = {q.name for other in _METRICS.values() if other.name != spec.name for q in other.quantities}
@@ -130,12 +134,29 @@ def is_value_column(column: str) -> bool:
 
 
 def primary_column(columns) -> str | None:
-    """The column leaderboards rank by: the primary metric's value in the first feature space present."""
-    for column in columns:
-        parsed = parse_column(column)
-        if parsed is not None and parsed.is_value and parsed.metric.primary:
-            return column
+    """The column leaderboards rank by (Pareto marks, dFID, matched tables): the primary metric's value in the first
+    feature space present; where no primary metric was computed (no feature space read the images), a stand-in's."""
+    values = [(column, parsed) for column, parsed in ((c, parse_column(c)) for c in columns)
+              if parsed is not None and parsed.is_value]
+    for wanted in ("primary", "stand_in"):
+        found = next((column for column, parsed in values if getattr(parsed.metric, wanted)), None)
+        if found is not None:
+            return found
     return None
+
+
+def ranking_label(column: str) -> str:
+    """The short name of the metric a ranking column holds: "FID", or "SWD" where it stands in."""
+    return parse_column(column).quantity.label
+
+
+def delta_column(column: str) -> str:
+    """The name of a ranking column's difference to its group's `full` row: "dfid" for FID, "dswd" for SWD."""
+    return "d" + parse_column(column).quantity.name
+
+
+def is_delta_column(column: str) -> bool:
+    return any(column == "d" + spec.quantities[0].name for spec in _METRICS.values() if spec.primary or spec.stand_in)
 
 
 def headline_columns(columns) -> list[str]:
@@ -208,4 +229,4 @@ def compute_swd(space) -> dict[str, float]:
 
 
 register_metric(MetricSpec("swd", (Quantity("swd", "SWD", False, decimals=4),), PIXELS, compute_swd,
-                           enabled=lambda config: config.swd != "off"))
+                           enabled=lambda config: config.swd != "off", stand_in=True))

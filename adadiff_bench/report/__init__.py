@@ -36,7 +36,8 @@ from .view import ReportView, load_runs
 __all__ = ["write_report", "write_leaderboard", "load_runs", "ReportView", "register_figure", "registered_figures",
            "Figure", "SECTIONS", "open_in_browser"]
 
-QUALITY_CAPTION = "FID against cost, one curve per method sweep, Pareto front dotted"
+QUALITY_CAPTION = ("FID (SWD where no FID was computed) against cost, one curve per method sweep, Pareto front "
+                   "dotted")
 for _cost, _stem in (("gflops_per_image", "fid_vs_gflops"), ("interleaved_time_s", "fid_vs_time")):
     register_figure(_stem, partial(figures.fid_vs_cost, cost=_cost), QUALITY_CAPTION, QUALITY_VS_COST)
     register_figure(_stem + "_by_family", partial(figures.fid_vs_cost_by_family, cost=_cost), QUALITY_CAPTION,
@@ -52,7 +53,7 @@ register_figure("layer_ratio_by_timestep", exit_figures.layer_ratio_by_timestep,
 register_figure("uncertainty_maps", adadiff_figures.uncertainty_maps,
                 "AdaDiff's per-pixel uncertainty at chosen steps", UNCERTAINTY, per_run=True)
 register_figure("estimator_ablation", adadiff_figures.estimator_ablation,
-                "Uncertainty-estimator ablation: FID against layer ratio", UNCERTAINTY, per_run=True)
+                "Uncertainty-estimator ablation: FID (or SWD) against layer ratio", UNCERTAINTY, per_run=True)
 register_figure("estimator_quality", estimator_quality.estimator_quality,
                 "Estimator quality without thresholds (runs with quality_samples): rank correlation of uncertainty "
                 "with each exit's eps error, AUROC of 'within tolerance of full depth', calibration; the table is "

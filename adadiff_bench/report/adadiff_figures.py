@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.specs import primary_column
+from ..metrics.specs import primary_column, ranking_label
 from .exit_figures import TARGET_LAYER_RATIO, is_reference_full, setting_labels, short_id
 from .style import (DOUBLE, escape_math, hatch_background, masked_cmap, new_figure, no_data_patch, save, style,
                     styled, wrap)
@@ -236,9 +236,10 @@ def estimator_ablation(view: ReportView, out: str | Path) -> list[Path]:
         ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     axes[0, 0].set_ylabel(axis_label(fid, n))
     if sweep_knob(pd.concat(knobs.values())) == "target_layer_ratio":
-        title = ("AdaDiff ablation at matched compute: FID vs layer ratio reached, points labelled by target "
-                 "layer ratio (ringed: target not reached on calibration)")
+        title = (f"AdaDiff ablation at matched compute: {ranking_label(fid)} vs layer ratio reached, points labelled "
+                 "by target layer ratio (ringed: target not reached on calibration)")
     else:
-        title = "AdaDiff ablation: FID vs layer ratio along the threshold sweep (points labelled by threshold)"
+        title = (f"AdaDiff ablation: {ranking_label(fid)} vs layer ratio along the threshold sweep (points labelled "
+                 "by threshold)")
     fig.suptitle(title, fontsize=7.5)
     return save(fig, out, "estimator_ablation")

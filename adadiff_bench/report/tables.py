@@ -16,7 +16,8 @@ import pandas as pd
 
 from ..errors import UserError, did_you_mean
 from ..metrics.bootstrap import mean_bootstrap_interval
-from ..metrics.specs import CI_HIGH, CI_LOW, SEED_STD, is_value_column, parse_column, primary_column
+from ..metrics.specs import (CI_HIGH, CI_LOW, SEED_STD, delta_column, is_delta_column, is_value_column, parse_column,
+                             primary_column, ranking_label)
 from ..results import atomic_write_bytes
 from .groups import BACKBONE_HASH, group_keys, group_label, is_unknown, overlaps, reference_of_groups, unresolved_pareto
 from .view import ReportView, reference_cost
@@ -119,10 +120,10 @@ def with_comparisons(board: pd.DataFrame, seed_values, fid: str, level: float) -
     reference = reference_of_groups(board)
     has_full = (reference >= 0).to_numpy()
     ref = reference.clip(lower=0).to_numpy()
-    dfid = np.where(has_full, board[fid].to_numpy(float) - board[fid].to_numpy(float)[ref], np.nan)
-    board.insert(board.columns.get_loc(fid) + 1, "dfid", dfid)
+    delta = np.where(has_full, board[fid].to_numpy(float) - board[fid].to_numpy(float)[ref], np.nan)
+    board.insert(board.columns.get_loc(fid) + 1, delta_column(fid), delta)
     others = [c for c in board.columns if c not in (low, high)]
-    at = others.index("dfid") + 1
+    at = others.index(delta_column(fid)) + 1
     board = board[others[:at] + [low, high] + others[at:]]  # FID's interval shown beside dFID
     same = has_full & (ref != np.arange(len(board)))
     board["vs_full_unresolved"] = same & overlaps(board[low], board[high], board[low].to_numpy()[ref],
@@ -182,7 +183,7 @@ COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer 
                   "time_per_image_s": "time/image (ms) ↓", "reference_time_per_image_s": "reference time/image (ms)",
                   "speedup": "speed-up vs full ↑",
                   "cache_bytes": "cache (KB/batch) ↓", "peak_mem_mb": "peak mem (MB) ↓", "pareto": "Pareto",
-                  "backbone": "backbone", "dfid": "dFID vs group's full ↓",
+                  "backbone": "backbone",
                   "training_budget": "training budget (steps x batch, wall-clock, device)"}
 UNRESOLVED = "≈"  # the intervals do not separate this comparison
 HIDDEN = ("setting", "num_samples", "seeds", "method", "params", "at_reference", "group", "exit_warning", BACKBONE_HASH,
@@ -196,6 +197,8 @@ def _header(column: str, num_samples: int) -> str:
         return f"{parsed.quantity.label} {parsed.space} bootstrap CI"
     if parse_column(column) is not None:
         return f"{metric_label(column, num_samples)} {'↑' if higher_is_better(column) else '↓'}"
+    if is_delta_column(column):
+        return f"d{column[1:].upper()} vs group's full ↓"
     return COLUMN_HEADERS.get(column, column)
 
 
@@ -216,7 +219,7 @@ def _cell(row: pd.Series, column: str) -> str:
         return ("★" + (UNRESOLVED if row.get("pareto_unresolved", False) else "")) if row[column] else ""
     if column in ("backbone", "training_budget"):
         return "" if pd.isna(row[column]) else str(row[column])
-    if column == "dfid":
+    if is_delta_column(column):
         mark = f" {UNRESOLVED}" if row.get("vs_full_unresolved", False) else ""
         return "n/a" if pd.isna(row[column]) else f"{row[column]:+.3f}{mark}"
     if column.endswith("_ci"):
@@ -454,9 +457,15 @@ def skipped_metrics(board: pd.DataFrame, infos: dict[str, dict]) -> list[str]:
     """One line per quality metric or feature space a run left out (reason and fix), headed by what a report
     without any quality metric lacks; empty when nothing was skipped."""
     lines = []
-    if primary_column(board.columns) is None:
+    ranking = primary_column(board.columns)
+    if ranking is None:
         lines.append("No FID was computed, so this report has no FID column, no Pareto marks and no FID-vs-cost "
                      "figures.")
+    elif not parse_column(ranking).metric.primary:
+        lines.append(f"No FID was computed: Pareto marks, d{ranking_label(ranking)}, the matched tables and the "
+                     f"quality-vs-cost figures use {metric_label(ranking)} instead, a distance between the images' "
+                     "pixel patches that no network trained on other data colours; its values are not comparable "
+                     "with published FIDs.")
     for info in infos.values():
         metrics = info["config"].get("metrics", {})
         used = set(info.get("feature_extractors", []))
@@ -476,14 +485,22 @@ def skipped_note(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     return "\n>\n".join(f"> **{markdown_text(line)}**" for line in lines) + "\n" if lines else ""
 
 
+def quality_note(ranking: str | None, metrics: dict) -> str:
+    """What the quality column the board ranks by is, and what the Pareto marks compare."""
+    if ranking is None:
+        return "No FID (see the top of the report)."
+    name = ranking_label(ranking)
+    backend = f"; FID by {metrics.get('fid_backend', 'torch-fidelity')}" if parse_column(ranking).metric.primary else ""
+    return (f"{name}'s n = samples per cell{backend}. ★ = Pareto-optimal in {name} and GFLOPs/image among the "
+            "competitors of its backbone group (ceilings excluded).")
+
+
 def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
     """What the leaderboard's numbers are: data, n, seeds, intervals, timing and FLOPs conventions."""
     info = next(iter(infos.values()))
     metrics = info["config"].get("metrics", {})
     seeds = int(board["seeds"].max()) if len(board) else 0
-    fid = (f"FID's n = samples per cell; FID by {metrics.get('fid_backend', 'torch-fidelity')}. ★ = Pareto-optimal "
-           "in FID and GFLOPs/image among the competitors of its backbone group (ceilings excluded)."
-           if primary_column(board.columns) else "No FID (see the top of the report).")
+    fid = quality_note(primary_column(board.columns), metrics)
     lines = [f"Data: {info['data']['name']} ({info['data']['num_images']} reference images); {fid}"]
     if len(infos) > 1:
         lines.append(f"Merged runs: {', '.join(infos)} (same data and n); speed-ups are each against its own run's "
@@ -512,21 +529,24 @@ def group_notes(board: pd.DataFrame) -> list[str]:
     """What the backbone groups, dFID and the ≈ marks mean, and each group without a `full` row."""
     if "group" not in board.columns:
         return []
+    ranking = primary_column(board.columns)
+    name = ranking_label(ranking) if ranking else "FID"
     lines = ["Rows are grouped by backbone (`backbone`: checkpoint name and the first 8 hex digits of a hash of the "
              "backbone's weights alone; estimators, exit heads, routers, regressors and second models are not part "
-             "of it). Comparisons stay inside a group: dFID = FID minus the group's `full` FID."]
-    if (board["seeds"] > 1).any() and "dfid" in board.columns:
-        lines.append("FID bootstrap CI of rows with >= 2 seeds: percentile bootstrap of the mean over seeds at level "
-                     "0.95 (with 3 seeds it spans the lowest to the highest seed's FID). ≈ after a dFID: the row's "
-                     "interval and its group `full`'s overlap, so the difference is not resolved; ★≈: the row's "
-                     "interval overlaps that of a cheaper row of its group, so its place on the front is not resolved.")
+             f"of it). Comparisons stay inside a group: d{name} = {name} minus the group's `full` {name}."]
+    if (board["seeds"] > 1).any() and ranking and delta_column(ranking) in board.columns:
+        lines.append(f"{name} bootstrap CI of rows with >= 2 seeds: percentile bootstrap of the mean over seeds at "
+                     f"level 0.95 (with 3 seeds it spans the lowest to the highest seed's {name}). ≈ after a d{name}: "
+                     "the row's interval and its group `full`'s overlap, so the difference is not resolved; ★≈: the "
+                     "row's interval overlaps that of a cheaper row of its group, so its place on the front is not "
+                     "resolved.")
     unknown = [key for key in dict.fromkeys(board["group"]) if is_unknown(key)]
     if unknown:
         lines.append("Rows of a run that recorded no backbone hash (made before it was recorded) form one group per "
                      "run, which may hold several backbones: compare their rows with care.")
     for key, rows in board.groupby("group", sort=False):
         if not (rows["method"] == "full").any():
-            lines.append(f"Backbone group {rows['backbone'].iloc[0]} has no `full` row: its dFID is blank (n/a); "
+            lines.append(f"Backbone group {rows['backbone'].iloc[0]} has no `full` row: its d{name} is blank (n/a); "
                          "compare its rows only with each other, not with another group's `full`.")
     return lines
 
@@ -554,7 +574,8 @@ def matched_files(frame: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Pa
     matched = matched_table(frame[frame["valid"]])
     if matched.empty:
         return matched, []
-    header = (f"# FID at matched layer ratio and matched cost\n\n{primary_column(frame.columns)} with n = "
+    ranking = primary_column(frame.columns)
+    header = (f"# {ranking_label(ranking)} at matched layer ratio and matched cost\n\n{ranking} with n = "
               f"{int(frame['num_samples'].iloc[0])} samples per cell, interpolated linearly along each curve's "
               "sweep (each seed's own, then mean ± std over seeds [bootstrap interval of the mean]); blank where the "
               "curve, at any seed, does not reach the target. Cost = GFLOPs/image over the reference `full`'s.\n\n")
