@@ -39,9 +39,10 @@ _SCHEDULE = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START,
 SOLVER_SETTINGS = {
     "ddpm": (DDPMScheduler, dict(variance_type="fixed_small", clip_sample=False, timestep_spacing="trailing")),
     # the DiT paper's sampler: each step's variance interpolates (log) between beta_tilde and beta by the network's
-    # variance output (a learned-sigma model's second half of channels, collected by `models.variance`)
+    # variance output (a learned-sigma model's second half of channels, collected by `models.variance`), on ADM's
+    # respaced grid (n timesteps evenly spaced from 0 to 999, rounded: diffusers' "linspace")
     "ddpm-learned": (DDPMScheduler, dict(variance_type="learned_range", clip_sample=False,
-                                         timestep_spacing="trailing")),
+                                         timestep_spacing="linspace")),
     "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")),
     "dpm-solver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2,
                                                        lower_order_final=True)),

@@ -457,7 +457,7 @@ def dit_paper_sampler(transformer, num_samples: int, num_steps: int, seed: int, 
     from adadiff_bench.diffusion import initial_noise, sample_generators, sample_labels
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               prediction_type="epsilon", variance_type="learned_range", clip_sample=False,
-                              timestep_spacing="trailing")
+                              timestep_spacing="linspace")
     scheduler.set_timesteps(num_steps)
     generators = sample_generators(seed, range(num_samples))
     x = initial_noise(generators, (4, 8, 8))
@@ -483,6 +483,22 @@ def test_the_learned_variance_sampler_equals_diffusers_learned_range_ddpm_on_dit
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # (float32 rounding of large random values)
     fixed, _ = generate(Cell("full", (), "ddpm", 4, 0, guidance=1.5, guidance_channels=3), model, 3, 3)
     assert (fixed - ours).abs().max() > 1e-3  # the learned variance changed the samples: it was used
+
+
+def adm_respaced_timesteps(num_train: int, count: int) -> list[int]:
+    """ADM's respacing for one section (guided-diffusion's space_timesteps, which DiT's create_diffusion uses):
+    a float index advanced by a stride of (T - 1) / (count - 1) from 0, each visit rounded; latest first."""
+    stride, index, taken = (num_train - 1) / (count - 1), 0.0, []
+    for _ in range(count):
+        taken.append(round(index))
+        index += stride
+    return sorted(taken, reverse=True)
+
+
+@pytest.mark.parametrize("num_steps", [250, 100, 4])
+def test_the_learned_variance_sampler_visits_adms_respaced_timesteps(num_steps):
+    from adadiff_bench.diffusion import solver_timesteps
+    assert solver_timesteps("ddpm-learned", num_steps).tolist() == adm_respaced_timesteps(1000, num_steps)
 
 
 @torch.no_grad()
