@@ -116,6 +116,14 @@ def test_rows_of_one_group_stay_together_and_a_group_without_full_is_named(tmp_p
     assert sum("no `full` row" in line for line in notes) == 1 and any("bbbbbbbb" in line for line in notes)
 
 
+def test_a_checkpoint_named_for_its_role_is_labelled_with_its_folder(tmp_path):
+    """An on-demand training's export is `<setting>-<hash>/weights.pt`: "weights" alone names nothing."""
+    rows = [{"method": "full", "params": '{"checkpoint": "cache/fine-tuned-efad/weights.pt"}', "backbone_hash": "c" * 64,
+             "gflops_per_image": 4.0, "fid_digits_cnn": 6.0}]
+    frame = pd.read_csv(fake_run(tmp_path / "run", "r", rows) / "results.csv").assign(run="r")
+    assert leaderboard(frame)["backbone"].tolist() == ["fine-tuned-efad/weights cccccccc"]
+
+
 def test_results_without_a_backbone_column_are_one_unknown_group_against_the_runs_reference(tmp_path):
     """Old results: one group; its `full` is the one at the run's reference solver and steps (ddim 10 here),
     without knobs (the run's base model), whatever order the rows come in."""

@@ -1,6 +1,8 @@
 """Estimator quality without thresholds: the analysis pass, the statistics, and the report's table and figure."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,8 +15,8 @@ from adadiff_bench.harness import Cell
 from adadiff_bench.methods import get_method
 from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff, save_adadiff
 from adadiff_bench.methods.adadiff.quality import quality_pass
-from adadiff_bench.report.estimator_quality import (TOLERANCES, auroc, calibration_curve, quality_rows, slice_row,
-                                                    spearman)
+from adadiff_bench.report.estimator_quality import (TOLERANCES, analysed_settings, auroc, calibration_curve, quality_rows,
+                                                    slice_row, spearman, summary_markdown)
 from conftest import REPO, TINY, write_run_config
 
 FINETUNED = str(REPO / "checkpoints" / "adadiff_digits_finetuned.pt")
@@ -66,7 +68,7 @@ def test_rows_are_the_slices_they_name():
     rng = np.random.default_rng(2)
     u, error = rng.uniform(size=(6, 10, 4)), rng.uniform(0, 0.3, size=(6, 10, 4))
     arrays = {"uncertainty": u, "eps_error": error, "timesteps": np.linspace(999, 0, 10)}
-    table = pd.DataFrame(quality_rows(arrays, "s"))
+    table = pd.DataFrame(quality_rows(arrays, "s", 0))
     # 3 exit points + "all", times 5 buckets + "all"; the last exit (full depth) is left out
     assert len(table) == 4 * 6 and set(table["exit_point"]) == {"all", "1", "2", "3"}
     row = table[(table["exit_point"] == "2") & (table["timestep_bucket"] == "all")].iloc[0]
@@ -75,6 +77,39 @@ def test_rows_are_the_slices_they_name():
     first = table[(table["exit_point"] == "all") & table["timestep_bucket"].str.startswith("steps 1-2 ")].iloc[0]
     assert first["spearman"] == pytest.approx(spearman(u[:, :2, :3].ravel(), error[:, :2, :3].ravel()))
     assert first[f"auroc_tol{0.1:g}"] == pytest.approx(auroc(u[:, :2, :3].ravel(), error[:, :2, :3].ravel(), 0.1))
+
+
+class ArtifactsOnly:
+    """A report view with just what the analysis reads: rows, and each row's artifact from a dict."""
+    def __init__(self, rows: list[dict], artifacts: dict[str, dict]):
+        self.frame, self._artifacts = pd.DataFrame(rows), artifacts
+
+    def artifact(self, row, name):
+        return self._artifacts.get(row["cell_id"])
+
+
+def test_one_network_reached_through_several_knobs_is_one_setting_and_seeds_are_summarised():
+    rng = np.random.default_rng(3)
+    draw = lambda: {"uncertainty": rng.uniform(size=(8, 10, 4)), "eps_error": rng.uniform(0, 0.3, size=(8, 10, 4)),  # noqa: E731
+                    "timesteps": np.linspace(999, 0, 10)}
+    official, probe = {0: draw(), 1: draw()}, {0: draw(), 1: draw()}
+    rows, artifacts = [], {}
+    for knobs, per_seed in [({"estimator": "official"}, official), ({"loss": "official"}, official),
+                            ({"estimator": "probe"}, probe), ({"estimator": "official", "threshold": 0.1}, official)]:
+        for seed, arrays in per_seed.items():
+            cell = f"{json.dumps(knobs)}-{seed}"
+            rows.append({"method": "adadiff", "params": json.dumps(knobs), "solver": "ddim", "num_steps": 10,
+                         "seed": seed, "cell_id": cell})
+            artifacts[cell] = arrays
+    settings = analysed_settings(ArtifactsOnly(rows, artifacts))
+    assert [s.label for s in settings] == ["estimator=official = loss=official", "estimator=probe"]  # threshold: no new analysis
+    assert [sorted(s.seeds) for s in settings] == [[0, 1], [0, 1]]
+    table = pd.concat([pd.DataFrame(quality_rows(a, s.label, seed)) for s in settings for seed, a in s.seeds.items()])
+    summary = summary_markdown(table)
+    pooled = [slice_row(official[seed]["uncertainty"][..., :3].ravel(), official[seed]["eps_error"][..., :3].ravel())["spearman"]
+              for seed in (0, 1)]
+    assert f"| estimator=official = loss=official | {np.mean(pooled):.3f} ± {np.std(pooled, ddof=1):.3f} |" in summary
+    assert "mean over 2 seed(s)" in summary
 
 
 def test_calibration_curve_bins_predictions():

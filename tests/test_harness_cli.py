@@ -276,6 +276,22 @@ def test_matched_fid_is_interpolated_along_each_curve_and_blank_outside_it():
     assert np.isnan(full["fid_digits_cnn at layer ratio 0.5"])  # a single point at 1.0 reaches no target
 
 
+def test_an_entry_sweeping_a_knob_of_names_draws_one_curve_per_name():
+    """The ablation's entries sweep an estimator (names) and a compute target (numbers): interpolating across
+    estimators would mix two methods, so each estimator is a curve along its own targets."""
+    from adadiff_bench.report.tables import curves, matched_table
+    points = [("official", 0.4, 20.0), ("official", 0.8, 10.0), ("probe", 0.4, 40.0), ("probe", 0.8, 30.0)]
+    frame = pd.DataFrame([{"method": "adadiff", "params": json.dumps({"estimator": e, "target_layer_ratio": lr}),
+                           "solver": "ddim", "num_steps": 25, "layer_ratio": lr, "gflops_per_image": 2 * lr,
+                           "fid_digits_cnn": f, "valid": True, "entry": 1, "ceiling": False,
+                           "swept": json.dumps(["estimator", "target_layer_ratio"])} for e, lr, f in points])
+    drawn = list(curves(frame))
+    assert [legend for legend, _, _ in drawn] == ["adadiff / ddim (estimator=official)", "adadiff / ddim (estimator=probe)"]
+    assert [list(labels) for _, labels, _ in drawn] == [["0.4", "0.8"]] * 2  # points labelled by the numeric knob
+    table = matched_table(frame, {"reference": {"solver": "ddim", "num_steps": 25}}, targets=(0.6,))
+    assert table["fid_digits_cnn at layer ratio 0.6"].tolist() == pytest.approx([15.0, 35.0])
+
+
 def test_matched_fid_matches_each_seed_on_its_own_sweep_before_averaging():
     from adadiff_bench.report.tables import matched_markdown, matched_table
     # seed 0's curve runs (0.4, 20) -> (0.8, 10), seed 1's (0.5, 24) -> (0.9, 8): at 0.6 they read 15 and 20

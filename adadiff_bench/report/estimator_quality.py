@@ -18,6 +18,7 @@ No torch here: the report reads only the results store.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,8 @@ def slice_row(uncertainty: np.ndarray, error: np.ndarray, tolerances=TOLERANCES)
     return row
 
 
-def quality_rows(arrays: dict[str, np.ndarray], setting: str) -> list[dict]:
-    """One row per exit point (and "all") x timestep bucket (and "all") of one analysed setting."""
+def quality_rows(arrays: dict[str, np.ndarray], setting: str, seed: int) -> list[dict]:
+    """One row per exit point (and "all") x timestep bucket (and "all") of one analysed setting and seed."""
     u, error = arrays["uncertainty"], arrays["eps_error"]           # sample, step, exit point
     exits = u.shape[2] - 1                                          # the last exit is full depth itself
     rows = []
@@ -83,35 +84,57 @@ def quality_rows(arrays: dict[str, np.ndarray], setting: str) -> list[dict]:
         for bucket, steps in step_buckets(np.asarray(arrays["timesteps"])):
             pick = np.ix_(np.arange(len(u)), steps, exit_points)
             keep = np.isfinite(u[pick]) & np.isfinite(error[pick])
-            rows.append({"setting": setting, "exit_point": exit_label, "timestep_bucket": bucket,
+            rows.append({"setting": setting, "seed": seed, "exit_point": exit_label, "timestep_bucket": bucket,
                          **slice_row(u[pick][keep], error[pick][keep])})
     return rows
 
 
-def analysed_settings(view: ReportView) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """(label, artifact) per distinct estimator setting and seed; cells that differ only in when to exit
-    (thresholds, targets) share one analysis, so the first is kept."""
-    found: dict[tuple, tuple[dict, pd.Series, dict]] = {}
+@dataclass
+class Analysed:
+    """One estimator setting's analysis: its label (the knobs that tell it apart) and its artifact per seed."""
+    label: str
+    seeds: dict[int, dict[str, np.ndarray]]
+
+
+def analysed_settings(view: ReportView) -> list[Analysed]:
+    """Each distinct estimator setting with its artifact per seed. Cells that differ only in when to exit
+    (thresholds, targets) share one analysis, so the first is kept; settings whose analyses are identical at
+    every seed (one trained network reached through several knobs: the ablation's official estimator is also
+    its frozen backbone, official loss and eps target) are one setting, named by all its labels."""
+    found: dict[tuple, tuple[dict, pd.Series, dict[int, dict]]] = {}
     for _, row in view.frame.iterrows():
         arrays = view.artifact(row, QUALITY_ARTIFACT)
         if arrays is None:
             continue
         knobs = {k: v for k, v in knobs_of(row).items() if k not in DECISION_KNOBS}
-        key = (row["method"], tuple(sorted(knobs.items())), row["solver"], row["num_steps"], row["seed"])
-        found.setdefault(key, (knobs, row, arrays))
+        key = (row["method"], tuple(sorted(knobs.items())), row["solver"], row["num_steps"])
+        found.setdefault(key, (knobs, row, {}))[2].setdefault(int(row["seed"]), arrays)
     settings = list(found.values())
     labels = _labels([(knobs, row) for knobs, row, _ in settings])
-    return [(label, arrays) for label, (_, _, arrays) in zip(labels, settings)]
+    merged: list[Analysed] = []
+    for label, (_, _, seeds) in zip(labels, settings):
+        same = next((kept for kept in merged if _same_analysis(kept.seeds, seeds)), None)
+        if same is None:
+            merged.append(Analysed(label, seeds))
+        else:
+            same.label += f" = {label}"
+    return merged
+
+
+def _same_analysis(a: dict[int, dict], b: dict[int, dict]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[s]["uncertainty"], b[s]["uncertainty"], equal_nan=True)
+                                        and np.array_equal(a[s]["eps_error"], b[s]["eps_error"], equal_nan=True)
+                                        for s in a)
 
 
 def _labels(settings: list[tuple[dict, pd.Series]]) -> list[str]:
-    """The knobs that tell the analysed settings apart (plus seed, solver and steps where those differ)."""
+    """The knobs that tell the analysed settings apart (plus solver and steps where those differ)."""
     keys = sorted({k for knobs, _ in settings for k in knobs})
     varying = [k for k in keys if len({str(knobs.get(k)) for knobs, _ in settings}) > 1]
     labels = []
     for knobs, row in settings:
         parts = [f"{k}={short_knob_value(knobs[k])}" for k in varying if k in knobs]
-        for column in ("seed", "solver", "num_steps"):
+        for column in ("solver", "num_steps"):
             if len({r[column] for _, r in settings}) > 1:
                 parts.append(f"{column}={row[column]}")
         labels.append(", ".join(parts) or "adadiff")
@@ -119,29 +142,36 @@ def _labels(settings: list[tuple[dict, pd.Series]]) -> list[str]:
 
 
 def quality_table(view: ReportView) -> pd.DataFrame:
-    """Every analysed setting's rows (see `quality_rows`); empty when no cell asked for the analysis."""
-    rows = [row for label, arrays in analysed_settings(view) for row in quality_rows(arrays, label)]
-    return pd.DataFrame(rows)
+    """Every analysed setting's rows per seed (see `quality_rows`); empty when no cell asked for the analysis."""
+    return pd.DataFrame([row for setting in analysed_settings(view) for seed, arrays in setting.seeds.items()
+                         for row in quality_rows(arrays, setting.label, seed)])
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
-    """Per setting, all exits and steps pooled: Spearman and AUROC per tolerance; and the mean within-slice
-    Spearman (per exit point and timestep bucket), which asks whether the estimator ranks *samples*."""
+    """Per setting, all exits and steps pooled: Spearman and AUROC per tolerance (with the share of samples
+    within it); and the mean within-slice Spearman (per exit point and timestep bucket), which asks whether the
+    estimator ranks *samples*. Each as the mean over seeds ± the std across them."""
     pooled = table[(table["exit_point"] == "all") & (table["timestep_bucket"] == "all")]
     slices = table[(table["exit_point"] != "all") & (table["timestep_bucket"] != "all")]
-    within = slices.groupby("setting", sort=False)["spearman"].mean()
-    header = ["setting", "Spearman (pooled)", "Spearman (mean within exit x bucket)",
-              *[f"AUROC tol {t:g} (within)" for t in TOLERANCES]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in pooled.iterrows():
-        cells = [row["setting"], _number(row["spearman"]), _number(within.get(row["setting"], np.nan))]
-        cells += [f"{_number(row[f'auroc_tol{t:g}'])} ({row[f'within_tol{t:g}']:.2f})" for t in TOLERANCES]
+    within = slices.groupby(["setting", "seed"], sort=False)["spearman"].mean().rename("within").reset_index()
+    per_seed = pooled.merge(within, on=["setting", "seed"])
+    seeds = per_seed["seed"].nunique()
+    header = ["setting", "Spearman (pooled)", "Spearman (mean within exit x timestep bucket)",
+              *[f"AUROC tol {t:g} (share within)" for t in TOLERANCES]]
+    lines = [f"Estimator quality on held-out evaluation seeds: mean over {seeds} seed(s) ± std across them.\n",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for setting, rows in per_seed.groupby("setting", sort=False):
+        cells = [setting, _spread(rows["spearman"]), _spread(rows["within"])]
+        cells += [f"{_spread(rows[f'auroc_tol{t:g}'])} ({rows[f'within_tol{t:g}'].mean():.2f})" for t in TOLERANCES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _number(value: float) -> str:
-    return "n/a" if not np.isfinite(value) else f"{value:.3f}"
+def _spread(values: pd.Series) -> str:
+    """Mean ± std over seeds ("n/a" where any seed has none: an AUROC with one class empty)."""
+    if not np.isfinite(values).all():
+        return "n/a"
+    return f"{values.mean():.3f}" + (f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else "")
 
 
 def calibration_curve(uncertainty: np.ndarray, observed: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -165,27 +195,33 @@ def estimator_quality(view: ReportView, out: str | Path) -> list[Path]:
     paths = [out / "estimator_quality.csv", out / "estimator_quality.md"]
     atomic_write_bytes(paths[0], table.to_csv(index=False).encode())
     atomic_write_bytes(paths[1], summary_markdown(table).encode())
-    fig, axes = new_figure(DOUBLE, 2.8, 1, 3, squeeze=False)
+    fig, axes = new_figure(DOUBLE, 3.4, 1, 3, squeeze=False)
     by_exit, by_tolerance, calibration = axes[0]
-    for i, (label, arrays) in enumerate(settings):
-        rows = table[(table["setting"] == label) & (table["timestep_bucket"] == "all")]
-        per_exit = rows[rows["exit_point"] != "all"]
-        by_exit.plot(per_exit["exit_point"].astype(int), per_exit["spearman"], label=label, **style(i))
-        pooled = rows[rows["exit_point"] == "all"].iloc[0]
-        by_tolerance.plot(TOLERANCES, [pooled[f"auroc_tol{t:g}"] for t in TOLERANCES], label=label, **style(i))
-        last = arrays["uncertainty"].shape[2] - 1
-        predicted, observed = calibration_curve(arrays["uncertainty"][..., :last].ravel(),
-                                                arrays["tanh_error"][..., :last].ravel())
-        calibration.plot(predicted, observed, label=label, **style(i))
+    for i, setting in enumerate(settings):  # each line: the mean over seeds; the calibration pools them
+        rows = table[(table["setting"] == setting.label) & (table["timestep_bucket"] == "all")]
+        per_exit = rows[rows["exit_point"] != "all"].groupby("exit_point", sort=False)["spearman"].mean()
+        by_exit.plot(per_exit.index.astype(int), per_exit.to_numpy(), label=setting.label, **style(i))
+        pooled = rows[rows["exit_point"] == "all"]
+        by_tolerance.plot(TOLERANCES, [pooled[f"auroc_tol{t:g}"].mean() for t in TOLERANCES], **style(i))
+        last = next(iter(setting.seeds.values()))["uncertainty"].shape[2] - 1
+        predicted, observed = calibration_curve(
+            np.concatenate([a["uncertainty"][..., :last].ravel() for a in setting.seeds.values()]),
+            np.concatenate([a["tanh_error"][..., :last].ravel() for a in setting.seeds.values()]))
+        calibration.plot(predicted, observed, **style(i))
     by_exit.axhline(0, color="0.5", linewidth=0.6)
     by_exit.set(xlabel="exit point (blocks run)", ylabel="Spearman(uncertainty, eps error)",
                 title="rank correlation per exit (all steps)")
     by_tolerance.axhline(0.5, color="0.5", linewidth=0.6, linestyle="--")
     by_tolerance.set(xscale="log", xlabel="tolerance on mean |eps_exit - eps_full|", ylabel="AUROC",
                      title="AUROC of 'within tolerance' (pooled)")
+    by_tolerance.set_xticks(TOLERANCES, labels=[f"{t:g}" for t in TOLERANCES])
+    by_tolerance.minorticks_off()
     calibration.plot([0, 1], [0, 1], color="0.5", linewidth=0.6, linestyle="--")
     calibration.set(xlabel="predicted uncertainty u", ylabel="observed mean tanh|eps_exit - eps_full|",
                     title="calibration (exits before the last)")
-    by_exit.legend(frameon=False, fontsize=5.5)
-    fig.suptitle("AdaDiff estimator quality without thresholds, on held-out evaluation seeds", fontsize=7.5)
+    fig.legend(*by_exit.get_legend_handles_labels(), loc="outside lower center", ncol=min(3, len(settings)),
+               frameon=False, fontsize=5.5)
+    seeds = len({seed for setting in settings for seed in setting.seeds})
+    fig.suptitle(f"AdaDiff estimator quality without thresholds, on held-out evaluation seeds (mean over {seeds})",
+                 fontsize=7.5)
     return paths + save(fig, out, "estimator_quality")

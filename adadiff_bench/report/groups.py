@@ -35,7 +35,13 @@ def checkpoint_stem(row: pd.Series) -> str:
     params = row.get("params", "")
     knobs = json.loads(params) if isinstance(params, str) and params else {}
     path = knobs.get("checkpoint") or knobs.get("train") or row.get("run_checkpoint", "")
-    return Path(path).stem if isinstance(path, str) and path else ""
+    if not isinstance(path, str) or not path:
+        return ""
+    path = Path(path)  # a file named for its role (an on-demand training's weights.pt) is named by its folder too
+    return f"{path.parent.name}/{path.stem}" if path.stem in GENERIC_STEMS and path.parent.name else path.stem
+
+
+GENERIC_STEMS = ("weights", "ema", "last", "model", "checkpoint", "diffusion_pytorch_model")
 
 
 def group_label(key: str, rows: pd.DataFrame, several_runs: bool) -> str:

@@ -320,22 +320,32 @@ def short_setting(row: pd.Series) -> str:
 
 
 def curves(frame: pd.DataFrame):
-    """(legend, point labels, rows) per curve: one curve per [[methods]] entry, points along its swept knobs."""
+    """(legend, point labels, rows) per curve: one curve per [[methods]] entry, points along its swept numeric
+    knobs. A swept solver or a swept knob of names (an estimator, a loss form) makes a variant, not a point
+    along the curve: each variant is a curve of its own, named in its legend."""
     knobs = knob_table(frame)
-    # one curve per entry and solver: a swept solver is a different sampler, not a point along the curve
     keys = ["run", "entry", "solver"] if "run" in frame.columns else ["entry", "solver"]
     several = "run" in frame.columns and frame["run"].nunique() > 1
-    for _, group in frame.groupby(keys, sort=True):
-        swept = [k for k in swept_of(group.iloc[0]) if k != "solver"]
-        first = knobs.loc[group.index[0]]
-        fixed = [f"{k}={short_value(v)}" for k, v in first.items()
-                 if k not in swept and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
-        legend = f"{group['method'].iloc[0]} / {first['solver']}" + (f" ({', '.join(fixed)})" if fixed else "")
-        legend += " [ceiling]" if is_ceiling(group.iloc[0]) else ""
-        legend = f"[{group['run'].iloc[0]}] {legend}" if several else legend
-        labels = knobs.loc[group.index, swept].map(_plain).astype(str).agg("/".join, axis=1) if swept \
-            else pd.Series("", group.index)
-        yield legend, labels, group
+    for _, entry in frame.groupby(keys, sort=True):
+        swept = [k for k in swept_of(entry.iloc[0]) if k != "solver"]
+        variants = [k for k in swept if not is_numeric_knob(knobs.loc[entry.index, k])]
+        along = [k for k in swept if k not in variants]
+        for group in (g for _, g in entry.groupby([knobs.loc[entry.index, k] for k in variants], sort=False,
+                                                   dropna=False)) if variants else [entry]:
+            first = knobs.loc[group.index[0]]
+            fixed = [f"{k}={short_value(v)}" for k, v in first.items()
+                     if k not in along and k not in ("num_steps", "solver") and not k.startswith("map_") and pd.notna(v)]
+            legend = f"{group['method'].iloc[0]} / {first['solver']}" + (f" ({', '.join(fixed)})" if fixed else "")
+            legend += " [ceiling]" if is_ceiling(group.iloc[0]) else ""
+            legend = f"[{group['run'].iloc[0]}] {legend}" if several else legend
+            labels = knobs.loc[group.index, along].map(_plain).astype(str).agg("/".join, axis=1) if along \
+                else pd.Series("", group.index)
+            yield legend, labels, group
+
+
+def is_numeric_knob(values: pd.Series) -> bool:
+    """Whether a swept knob's values are numbers (points along a curve) rather than names or switches."""
+    return all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in values.dropna())
 
 
 MATCHED_TARGETS = (0.5, 0.6, 0.7, 0.8)
