@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from ..results import atomic_write_bytes
 from .exit_figures import short_knob_value
+from .figures import fit
 from .style import DOUBLE, new_figure, save, style, styled
 from .tables import knobs_of
 from .view import ReportView
@@ -200,7 +201,7 @@ def estimator_quality(view: ReportView, out: str | Path) -> list[Path]:
     for i, setting in enumerate(settings):  # each line: the mean over seeds; the calibration pools them
         rows = table[(table["setting"] == setting.label) & (table["timestep_bucket"] == "all")]
         per_exit = rows[rows["exit_point"] != "all"].groupby("exit_point", sort=False)["spearman"].mean()
-        by_exit.plot(per_exit.index.astype(int), per_exit.to_numpy(), label=setting.label, **style(i))
+        by_exit.plot(per_exit.index.astype(int), per_exit.to_numpy(), label=fit(setting.label, 45), **style(i))
         pooled = rows[rows["exit_point"] == "all"]
         by_tolerance.plot(TOLERANCES, [pooled[f"auroc_tol{t:g}"].mean() for t in TOLERANCES], **style(i))
         last = next(iter(setting.seeds.values()))["uncertainty"].shape[2] - 1
