@@ -155,8 +155,10 @@ def delta_column(column: str) -> str:
     return "d" + parse_column(column).quantity.name
 
 
-def is_delta_column(column: str) -> bool:
-    return any(column == "d" + spec.quantities[0].name for spec in _METRICS.values() if spec.primary or spec.stand_in)
+def delta_quantity(column: str) -> Quantity | None:
+    """The ranking quantity whose difference to `full` a column holds ("dfid": FID's), or None."""
+    return next((spec.quantities[0] for spec in _METRICS.values()
+                 if (spec.primary or spec.stand_in) and column == "d" + spec.quantities[0].name), None)
 
 
 def headline_columns(columns) -> list[str]:

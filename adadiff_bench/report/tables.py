@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..errors import UserError, did_you_mean
 from ..metrics.bootstrap import mean_bootstrap_interval
-from ..metrics.specs import (CI_HIGH, CI_LOW, SEED_STD, delta_column, is_delta_column, is_value_column, parse_column,
+from ..metrics.specs import (CI_HIGH, CI_LOW, SEED_STD, delta_column, delta_quantity, is_value_column, parse_column,
                              primary_column, ranking_label)
 from ..results import atomic_write_bytes
 from .groups import BACKBONE_HASH, group_keys, group_label, is_unknown, overlaps, reference_of_groups, unresolved_pareto
@@ -197,8 +197,8 @@ def _header(column: str, num_samples: int) -> str:
         return f"{parsed.quantity.label} {parsed.space} bootstrap CI"
     if parse_column(column) is not None:
         return f"{metric_label(column, num_samples)} {'↑' if higher_is_better(column) else '↓'}"
-    if is_delta_column(column):
-        return f"d{column[1:].upper()} vs group's full ↓"
+    if (quantity := delta_quantity(column)) is not None:
+        return f"d{quantity.label} vs group's full ↓"
     return COLUMN_HEADERS.get(column, column)
 
 
@@ -219,7 +219,7 @@ def _cell(row: pd.Series, column: str) -> str:
         return ("★" + (UNRESOLVED if row.get("pareto_unresolved", False) else "")) if row[column] else ""
     if column in ("backbone", "training_budget"):
         return "" if pd.isna(row[column]) else str(row[column])
-    if is_delta_column(column):
+    if delta_quantity(column) is not None:
         mark = f" {UNRESOLVED}" if row.get("vs_full_unresolved", False) else ""
         return "n/a" if pd.isna(row[column]) else f"{row[column]:+.3f}{mark}"
     if column.endswith("_ci"):
