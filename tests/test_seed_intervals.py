@@ -1,5 +1,6 @@
 """Seeds and intervals: the leaderboard's mean ± std over seeds, the bootstrap interval of the mean, and the
-≈ marks where intervals do not separate a row from its group's `full` or its Pareto place from a cheaper row."""
+≈ marks where the (paired, per-seed) intervals do not separate a row from its group's `full` or its Pareto place
+from a cheaper row."""
 from __future__ import annotations
 
 import itertools
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from adadiff_bench.metrics.bootstrap import mean_bootstrap_interval
+from adadiff_bench.report.groups import includes_zero, paired_interval
 from adadiff_bench.report.tables import display_table, leaderboard
 from test_report_tables import fake_run
 
@@ -46,22 +48,38 @@ def test_mean_and_std_over_seeds_equal_numpy(tmp_path):
     assert display_table(board).iloc[0, 3].count("±") == 1  # the FID cell: mean ± std
 
 
-def test_overlapping_intervals_are_marked_and_separated_ones_are_not(tmp_path):
+def test_differences_are_paired_by_seed(tmp_path):
+    """Every method of a seed starts from that seed's noise, so comparisons use per-seed differences: a setting
+    whose own interval overlaps `full`'s is resolved when every seed moves the same way, and not when the seeds
+    disagree on the sign."""
     settings = {"full": (10.0, [10.0, 10.5, 11.0]),
-                "close": (5.0, [10.8, 11.2, 11.6]),   # overlaps full: ≈, and makes full's ★ unresolved
-                "far": (2.0, [20.0, 21.0, 22.0])}     # separated from both
+                "shifted": (7.0, [10.3, 10.8, 11.3]),  # overlaps full, but +0.3 at every seed: resolved
+                "close": (5.0, [10.8, 10.3, 11.6]),    # differences +0.8, -0.2, +0.6: ≈
+                "far": (2.0, [20.0, 21.0, 22.0])}      # separated from all
     _, board = board_of(tmp_path, settings)
-    by_name = {name: board[board["setting"].str.contains(key)].iloc[0]
-               for name, key in (("full", "full"), ("close", "k=close"), ("far", "k=far"))}
+    by_name = {name: board[board["setting"].str.contains("full" if name == "full" else f"k={name}")].iloc[0]
+               for name in settings}
+    assert by_name["shifted"][FID + "_ci_low"] <= by_name["full"][FID + "_ci_high"]  # unpaired: they overlap
+    assert not by_name["shifted"]["vs_full_unresolved"]
     assert by_name["close"]["vs_full_unresolved"] and not by_name["far"]["vs_full_unresolved"]
     assert not by_name["full"]["vs_full_unresolved"]  # (itself)
+    # with 3 seeds the paired interval spans the smallest to the largest per-seed difference
+    assert (by_name["close"]["dfid_ci_low"], by_name["close"]["dfid_ci_high"]) == pytest.approx((-0.2, 0.8))
     assert board["pareto"].all()
-    assert by_name["full"]["pareto_unresolved"]
+    assert by_name["full"]["pareto_unresolved"]  # beats `shifted` at every seed, but not `close`
+    assert by_name["shifted"]["pareto_unresolved"]  # against `close`: -0.5, +0.5, -0.3
     assert not by_name["close"]["pareto_unresolved"] and not by_name["far"]["pareto_unresolved"]
     cells = display_table(board).set_index("method setting")
     dfid = cells.filter(like="dFID").iloc[:, 0]
+    assert dfid[by_name["shifted"]["setting"]] == "+0.300 [+0.30, +0.30]"
     assert dfid[by_name["close"]["setting"]].endswith("≈") and not dfid[by_name["far"]["setting"]].endswith("≈")
     assert cells.loc[by_name["full"]["setting"], "Pareto"] == "★≈"
+
+
+def test_settings_without_shared_seeds_fall_back_to_their_own_intervals():
+    assert all(math.isnan(v) for v in paired_interval({0: 1.0, 1: 2.0}, {2: 1.0, 3: 2.0}, 0.95))
+    assert paired_interval({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 1.0, 2: np.nan}, 0.95) == (2.0, 4.0)
+    assert list(includes_zero([[-1.0, 1.0], [0.5, 2.0], [-2.0, 0.0]])) == [True, False, True]
 
 
 def test_three_seeds_at_95_percent_span_the_lowest_to_the_highest():

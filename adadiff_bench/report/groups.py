@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..metrics.bootstrap import mean_bootstrap_interval
+
 BACKBONE_HASH = "backbone_hash"
 UNKNOWN = "unknown"
 
@@ -76,14 +78,32 @@ def overlaps(low_a, high_a, low_b, high_b) -> np.ndarray:
     return known & (low_a <= high_b) & (low_b <= high_a)
 
 
-def unresolved_pareto(board: pd.DataFrame, fid: str, low: str, high: str) -> np.ndarray:
-    """★ rows whose FID interval overlaps that of a cheaper competitor of their group: the intervals do not
-    show that the extra cost buys better FID, so the row's place on the front may be noise."""
+def unresolved_pareto(board: pd.DataFrame, low: str, high: str, per_seed: list[dict], level: float) -> np.ndarray:
+    """★ rows that the intervals do not show to beat every cheaper competitor of their group, so that their place
+    on the front may be noise. Against a competitor with >= 2 shared seeds the paired interval of the FID
+    difference decides (it must lie below 0); otherwise whether the two rows' own intervals overlap."""
     marks = np.zeros(len(board), dtype=bool)
     cost = board["gflops_per_image"].to_numpy(float)
     for i in np.flatnonzero(board["pareto"].to_numpy(bool)):
         cheaper = (board["group"] == board["group"].iloc[i]).to_numpy() & (cost < cost[i]) \
             & board["competitor"].to_numpy(bool)
-        marks[i] = overlaps(board[low].iloc[i], board[high].iloc[i], board.loc[cheaper, low],
-                            board.loc[cheaper, high]).any()
+        for j in np.flatnonzero(cheaper):
+            paired = paired_interval(per_seed[i], per_seed[j], level)
+            if np.isfinite(paired[0]):
+                marks[i] |= paired[1] >= 0
+            else:
+                marks[i] |= bool(overlaps(board[low].iloc[i], board[high].iloc[i], board[low].iloc[j],
+                                          board[high].iloc[j]))
     return marks
+
+
+def paired_interval(a: dict, b: dict, level: float) -> tuple[float, float]:
+    """Bootstrap interval of the mean of (a - b) over the seeds both settings ran (NaN with fewer than 2)."""
+    shared = [seed for seed in a if seed in b and np.isfinite(a[seed]) and np.isfinite(b[seed])]
+    return mean_bootstrap_interval([a[seed] - b[seed] for seed in shared], level)
+
+
+def includes_zero(intervals: np.ndarray) -> np.ndarray:
+    """Per (low, high) row, whether the interval holds 0: a difference it does not resolve."""
+    intervals = np.asarray(intervals, dtype=float).reshape(-1, 2)
+    return (intervals[:, 0] <= 0) & (0 <= intervals[:, 1])

@@ -19,7 +19,8 @@ from ..metrics.bootstrap import mean_bootstrap_interval
 from ..metrics.specs import (CI_HIGH, CI_LOW, SEED_STD, delta_column, delta_quantity, is_value_column, parse_column,
                              primary_column, ranking_label)
 from ..results import atomic_write_bytes
-from .groups import BACKBONE_HASH, group_keys, group_label, is_unknown, overlaps, reference_of_groups, unresolved_pareto
+from .groups import (BACKBONE_HASH, group_keys, group_label, includes_zero, is_unknown, overlaps, paired_interval,
+                     reference_of_groups, unresolved_pareto)
 from .view import ReportView, reference_cost
 
 
@@ -85,7 +86,7 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
         if "ceiling" in frame.columns else True
     board.insert(1, "pareto", group_pareto(board, fid) if fid else False)
     if fid:
-        board = with_comparisons(board, grouped[fid], fid, level)
+        board = with_comparisons(board, grouped, fid, level)
     order = list(dict.fromkeys(board["group"]))  # groups in the order the runs list them
     return sort_board(board, sort_by) if sort_by else by_group(sort_board(board, fid), order)
 
@@ -107,28 +108,38 @@ def group_pareto(board: pd.DataFrame, fid: str) -> np.ndarray:
     return mask
 
 
-def with_comparisons(board: pd.DataFrame, seed_values, fid: str, level: float) -> pd.DataFrame:
+def with_comparisons(board: pd.DataFrame, grouped, fid: str, level: float) -> pd.DataFrame:
     """dFID against the group's `full`, FID's bootstrap interval over seeds where a setting has >= 2, and marks
     where the intervals do not separate a row from its `full` (`vs_full_unresolved`) or its Pareto place from a
-    cheaper row (`pareto_unresolved`)."""
+    cheaper row (`pareto_unresolved`).
+
+    Every cell of a seed starts from the same noise (it depends on the seed and the sample's index alone), so
+    two settings that share >= 2 seeds are compared by their per-seed differences (`paired_interval`): what a
+    seed's noise does to every method cancels. Settings without shared seeds fall back to whether their own
+    intervals overlap."""
     low, high = fid + CI_LOW, fid + CI_HIGH
     board = board.assign(**{c: board.get(c, np.nan) for c in (low, high)})
-    intervals = seed_values.apply(lambda v: mean_bootstrap_interval(v.dropna(), level)).to_numpy()  # board order
+    per_seed = [dict(zip(rows["seed"], rows[fid].astype(float))) for _, rows in grouped]  # board order
+    intervals = np.array([mean_bootstrap_interval(list(v.values()), level) for v in per_seed]).reshape(-1, 2)
     several = board["seeds"].to_numpy() > 1
-    board.loc[several, low] = [interval[0] for interval in intervals[several]]
-    board.loc[several, high] = [interval[1] for interval in intervals[several]]
+    board.loc[several, low] = intervals[several, 0]
+    board.loc[several, high] = intervals[several, 1]
     reference = reference_of_groups(board)
     has_full = (reference >= 0).to_numpy()
     ref = reference.clip(lower=0).to_numpy()
     delta = np.where(has_full, board[fid].to_numpy(float) - board[fid].to_numpy(float)[ref], np.nan)
-    board.insert(board.columns.get_loc(fid) + 1, delta_column(fid), delta)
+    dfid = delta_column(fid)
+    board.insert(board.columns.get_loc(fid) + 1, dfid, delta)
     others = [c for c in board.columns if c not in (low, high)]
-    at = others.index(delta_column(fid)) + 1
+    at = others.index(dfid) + 1
     board = board[others[:at] + [low, high] + others[at:]]  # FID's interval shown beside dFID
     same = has_full & (ref != np.arange(len(board)))
-    board["vs_full_unresolved"] = same & overlaps(board[low], board[high], board[low].to_numpy()[ref],
-                                                  board[high].to_numpy()[ref])
-    board["pareto_unresolved"] = unresolved_pareto(board, fid, low, high)
+    paired = np.array([paired_interval(per_seed[i], per_seed[ref[i]], level) if same[i] else (np.nan, np.nan)
+                       for i in range(len(board))]).reshape(-1, 2)
+    board[dfid + CI_LOW], board[dfid + CI_HIGH] = paired[:, 0], paired[:, 1]
+    unpaired = overlaps(board[low], board[high], board[low].to_numpy()[ref], board[high].to_numpy()[ref])
+    board["vs_full_unresolved"] = same & np.where(np.isfinite(paired[:, 0]), includes_zero(paired), unpaired)
+    board["pareto_unresolved"] = unresolved_pareto(board, low, high, per_seed, level)
     return board
 
 
@@ -221,7 +232,9 @@ def _cell(row: pd.Series, column: str) -> str:
         return "" if pd.isna(row[column]) else str(row[column])
     if delta_quantity(column) is not None:
         mark = f" {UNRESOLVED}" if row.get("vs_full_unresolved", False) else ""
-        return "n/a" if pd.isna(row[column]) else f"{row[column]:+.3f}{mark}"
+        low, high = row.get(column + CI_LOW, np.nan), row.get(column + CI_HIGH, np.nan)
+        paired = "" if pd.isna(low) else f" [{low:+.2f}, {high:+.2f}]"
+        return "n/a" if pd.isna(row[column]) else f"{row[column]:+.3f}{paired}{mark}"
     if column.endswith("_ci"):
         low, high = row[column + "_low"], row[column + "_high"]
         return "" if pd.isna(low) else f"[{low:.2f}, {high:.2f}]"
@@ -236,7 +249,7 @@ def shown_columns(board: pd.DataFrame) -> list[str]:
     """The leaderboard's displayed columns after the setting (a bootstrap interval as one `<fid>_ci` column)."""
     columns = []
     for c in board.columns:
-        if c.endswith(CI_LOW) and board[c].notna().any():
+        if c.endswith(CI_LOW) and parse_column(c) is not None and board[c].notna().any():
             columns.append(c.removesuffix("_low"))
         elif c not in HIDDEN and not c.endswith((SEED_STD, CI_LOW, CI_HIGH)):
             columns.append(c)
@@ -546,10 +559,15 @@ def group_notes(board: pd.DataFrame) -> list[str]:
              f"of it). Comparisons stay inside a group: d{name} = {name} minus the group's `full` {name}."]
     if (board["seeds"] > 1).any() and ranking and delta_column(ranking) in board.columns:
         lines.append(f"{name} bootstrap CI of rows with >= 2 seeds: percentile bootstrap of the mean over seeds at "
-                     f"level 0.95 (with 3 seeds it spans the lowest to the highest seed's {name}). ≈ after a d{name}: "
-                     "the row's interval and its group `full`'s overlap, so the difference is not resolved; ★≈: the "
-                     "row's interval overlaps that of a cheaper row of its group, so its place on the front is not "
-                     "resolved.")
+                     f"level 0.95 (with 3 seeds it spans the lowest to the highest seed's {name}). Every method of a "
+                     "seed starts from the same noise, so a comparison is paired: the [interval] after a "
+                     f"d{name} is the bootstrap interval of the mean of its per-seed differences to the group's "
+                     f"`full` (with 3 seeds, the smallest to the largest difference). ≈ after a d{name}: that "
+                     "interval holds 0, so the difference is not resolved; ★≈: the paired interval against some "
+                     "cheaper row of the group does not lie below 0, so the row's place on the front is not "
+                     "resolved. Rows without shared seeds fall back to whether their own intervals overlap. With 3 "
+                     "seeds a resolved difference means every seed agrees on its sign: evidence, not proof (a "
+                     "difference of zero does that 1 time in 4).")
     unknown = [key for key in dict.fromkeys(board["group"]) if is_unknown(key)]
     if unknown:
         lines.append("Rows of a run that recorded no backbone hash (made before it was recorded) form one group per "
