@@ -110,3 +110,32 @@ def test_bootstrap_interval_matches_the_exact_bootstrap_distribution(k):
     exact_low, exact_high = exact_quantiles(values, 0.9)
     tolerance = 1e-9 if k ** k <= 50_000 else 0.03 * np.ptp(values)
     assert low == pytest.approx(exact_low, abs=tolerance) and high == pytest.approx(exact_high, abs=tolerance)
+
+
+def test_matched_table_marks_differences_to_full_that_the_paired_interval_does_not_resolve():
+    """At a matched target each seed's interpolated FID is compared with that seed's `full`: a curve above
+    `full` by the same amount at every seed is resolved even where the two seed intervals overlap."""
+    from adadiff_bench.report.tables import matched_markdown, matched_points, matched_table
+    full = {0: 10.0, 1: 12.0, 2: 14.0}
+    offsets = {"steady": [0.5, 0.5, 0.5], "mixed": [1.0, -1.0, 0.5]}  # FID above `full` at layer ratio 0.6
+    rows = [{"method": "full", "params": "{}", "seed": s, "layer_ratio": 1.0, "fid_digits_cnn": f, "entry": 0,
+             "swept": "[]"} for s, f in full.items()]
+    for entry, (name, deltas) in enumerate(offsets.items(), start=1):
+        for seed, delta in enumerate(deltas):  # (0.4, full + 2 delta) -> (0.8, full): full + delta at 0.6
+            rows += [{"method": "static-exit", "params": json.dumps({"k": k, "tag": name}), "seed": seed,
+                      "layer_ratio": ratio, "fid_digits_cnn": full[seed] + 2 * delta * (ratio < 0.6), "entry": entry,
+                      "swept": json.dumps(["k"])} for k, ratio in ((4, 0.4), (8, 0.8))]
+    frame = pd.DataFrame(rows).assign(solver="ddim", num_steps=25, valid=True, ceiling=False,
+                                      gflops_per_image=lambda f: 2 * f["layer_ratio"])
+    info = {"reference": {"solver": "ddim", "num_steps": 25}}
+    points = matched_points(frame, info, targets=(0.6,)).query("axis == 'layer ratio' and curve.str.contains('mixed')")
+    assert points["seed"].tolist() == [0, 1, 2] and points["full_value"].tolist() == list(full.values())
+    assert (points["value"] - points["full_value"]).tolist() == pytest.approx(offsets["mixed"])
+    matched = matched_table(frame, info, targets=(0.6,))
+    by_tag = matched.set_index(matched["curve"].str.extract(r"tag=(\w+)")[0])
+    column = "fid_digits_cnn at layer ratio 0.6"
+    assert by_tag.loc["steady", column + " low"] <= max(full.values())  # unpaired, the intervals overlap
+    assert (by_tag.loc["steady", column + " dlow"], by_tag.loc["steady", column + " dhigh"]) == pytest.approx((0.5, 0.5))
+    assert (by_tag.loc["mixed", column + " dlow"], by_tag.loc["mixed", column + " dhigh"]) == pytest.approx((-1.0, 1.0))
+    shown = matched_markdown(matched).set_index(by_tag.index)[column]
+    assert not shown["steady"].endswith("≈") and shown["mixed"].endswith("≈")

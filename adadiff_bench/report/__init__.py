@@ -2,6 +2,7 @@
 
     leaderboard.md / .csv / .tex   one row per method setting, Pareto-optimal rows marked (see `tables`)
     matched.md / .csv              FID of every curve at matched layer ratio and matched cost
+    matched_per_seed.csv           the same per seed, beside the seed's `full` (for paired comparisons)
     fid_vs_gflops, fid_vs_time     (+ _by_family) quality vs cost, Pareto front (see `figures`)
     speedup_bars                   measured vs ideal speed-up
     exit_heatmaps, exit_distributions, layer_ratio_by_timestep

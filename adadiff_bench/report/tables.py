@@ -394,43 +394,86 @@ def matched_summary(values: np.ndarray, level: float = 0.95) -> dict[str, float]
             "low": low, "high": high}
 
 
-def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
-    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along each seed's
-    sweep, then mean, std and seed interval over seeds), with the backbone each curve ran on."""
+def matched_points(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
+    """One row per curve, axis ("layer ratio" or "cost"), target and seed: the curve's FID interpolated along
+    that seed's own sweep (NaN where it does not reach the target) beside the same seed's FID of its backbone
+    group's `full` (`full_value`). Every method of a seed starts from the same noise, so paired comparisons
+    between any two curves are a subtraction away in pandas."""
     fid = primary_column(frame.columns)
+    columns = ["curve_index", "curve", "backbone", "axis", "target", "seed", "value", "full_value"]
+    if fid is None:
+        return pd.DataFrame(columns=columns)
     frame = frame[frame["valid"]].assign(cost_fraction=cost_fraction(frame[frame["valid"]], info))
     keys = group_keys(frame)
     several = "run" in frame.columns and frame["run"].nunique() > 1
     labels = {key: group_label(key, rows, several) for key, rows in frame.groupby(keys, sort=False)}
-    rows = []
-    for legend, _, group in curves(frame):
-        if fid is None:
-            break
-        row = {"curve": legend, "backbone": labels[keys[group.index[0]]]}
+    references = reference_per_seed(frame, keys, fid)
+    points = []
+    for index, (legend, _, group) in enumerate(curves(frame)):
+        key = keys[group.index[0]]
+        seeds = sorted(group["seed"].unique()) if "seed" in group.columns else [0]
         for axis, name in (("layer_ratio", "layer ratio"), ("cost_fraction", "cost")):
-            per_seed = matched_per_seed(group, fid, axis, targets)
-            for target, values in zip(targets, per_seed.T):
-                summary = matched_summary(values)
-                row[f"{fid} at {name} {target:g}"] = summary["mean"]
-                for part in ("std", "low", "high"):
-                    row[f"{fid} at {name} {target:g} {part}"] = summary[part]
+            for target, values in zip(targets, matched_per_seed(group, fid, axis, targets).T):
+                points += [(index, legend, labels[key], name, target, seed, value,
+                            references.get(key, {}).get(seed, np.nan)) for seed, value in zip(seeds, values)]
+    return pd.DataFrame(points, columns=columns)
+
+
+def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
+    """FID of every curve at matched layer ratios and matched cost fractions (interpolated along each seed's
+    sweep, then mean, std and seed interval over seeds), with the backbone each curve ran on, and the paired
+    interval of its per-seed difference to the group's `full` ("dlow", "dhigh")."""
+    return summarise_points(matched_points(frame, info, targets), primary_column(frame.columns))
+
+
+def summarise_points(points: pd.DataFrame, fid: str) -> pd.DataFrame:
+    """`matched_table` from `matched_points`: one row per curve, a mean, std, interval and paired interval per target."""
+    rows = []
+    for _, curve in points.groupby("curve_index", sort=True):
+        row = {"curve": curve["curve"].iloc[0], "backbone": curve["backbone"].iloc[0]}
+        for (name, target), points in curve.groupby(["axis", "target"], sort=False):
+            column = f"{fid} at {name} {target:g}"
+            summary = matched_summary(points["value"].to_numpy(float))
+            row[column] = summary["mean"]
+            for part in ("std", "low", "high"):
+                row[f"{column} {part}"] = summary[part]
+            row[f"{column} dlow"], row[f"{column} dhigh"] = paired_interval(
+                dict(zip(points["seed"], points["value"])), dict(zip(points["seed"], points["full_value"])), 0.95)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def reference_per_seed(frame: pd.DataFrame, keys: pd.Series, fid: str) -> dict[str, dict]:
+    """Per backbone group, its `full` reference's FID per seed (the setting the leaderboard compares against)."""
+    chosen = reference_of_groups(frame.assign(group=keys))
+    same = [c for c in ("run", "method", "params", "solver", "num_steps") if c in frame.columns]
+    texts = frame[same].astype(str)
+    references = {}
+    for key, label in chosen.groupby(keys, sort=False).first().items():
+        if label in frame.index:
+            rows = frame[(keys == key) & (texts == texts.loc[label]).all(axis=1)]
+            references[key] = dict(zip(rows["seed"] if "seed" in rows.columns else [0], rows[fid].astype(float)))
+    return references
+
+
 def matched_markdown(matched: pd.DataFrame) -> pd.DataFrame:
-    """The matched table for reading: each target's mean ± std (and [seed interval]) in one cell."""
+    """The matched table for reading: each target's mean ± std (and [seed interval]) in one cell, ≈ where the
+    paired interval of the difference to the group's `full` holds 0."""
     shown = matched[["curve", "backbone"]].copy()
     for column in [c for c in matched.columns if f"{c} std" in matched.columns]:
+        unresolved = includes_zero(matched[[f"{column} dlow", f"{column} dhigh"]].to_numpy(float)) \
+            if f"{column} dlow" in matched.columns else np.zeros(len(matched), dtype=bool)
         shown[column] = [matched_cell(*values) for values in zip(
-            matched[column], matched[f"{column} std"], matched[f"{column} low"], matched[f"{column} high"])]
+            matched[column], matched[f"{column} std"], matched[f"{column} low"], matched[f"{column} high"],
+            unresolved)]
     return shown
 
 
-def matched_cell(mean: float, std: float, low: float, high: float) -> str:
+def matched_cell(mean: float, std: float, low: float, high: float, unresolved: bool = False) -> str:
     if np.isnan(mean):
         return ""
-    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f} [{low:.2f}, {high:.2f}]"
+    mark = f" {UNRESOLVED}" if unresolved else ""
+    return (f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f} [{low:.2f}, {high:.2f}]") + mark
 
 
 def frame_to_markdown(frame: pd.DataFrame) -> str:
@@ -598,14 +641,20 @@ def leaderboard_files(view: ReportView, out: Path, sort_by: str | None = None) -
 
 
 def matched_files(frame: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """matched.md and .csv: FID of every curve at matched layer ratios and cost fractions."""
-    matched = matched_table(frame[frame["valid"]])
+    """matched.md and .csv: FID of every curve at matched layer ratios and cost fractions; matched_per_seed.csv:
+    the same, seed by seed, beside each seed's `full`."""
+    points = matched_points(frame[frame["valid"]])
+    matched = summarise_points(points, primary_column(frame.columns))
     if matched.empty:
         return matched, []
     ranking = primary_column(frame.columns)
     header = (f"# {ranking_label(ranking)} at matched layer ratio and matched cost\n\n{ranking} with n = "
               f"{int(frame['num_samples'].iloc[0])} samples per cell, interpolated linearly along each curve's "
               "sweep (each seed's own, then mean ± std over seeds [bootstrap interval of the mean]); blank where the "
-              "curve, at any seed, does not reach the target. Cost = GFLOPs/image over the reference `full`'s.\n\n")
+              "curve, at any seed, does not reach the target. Cost = GFLOPs/image over the reference `full`'s. "
+              "≈: the paired bootstrap interval of the per-seed difference to the group's `full` holds 0 (every "
+              "seed starts from the same noise, so a difference is read seed by seed; the interval's bounds are "
+              "the CSV's `dlow` and `dhigh`).\n\n")
     return matched, [write_text(out / "matched.csv", matched.to_csv(index=False)),
+                     write_text(out / "matched_per_seed.csv", points.drop(columns="curve_index").to_csv(index=False)),
                      write_text(out / "matched.md", header + frame_to_markdown(matched_markdown(matched)))]
