@@ -131,7 +131,8 @@ def write_index(out: Path, view: ReportView, board: pd.DataFrame, matched: pd.Da
     tables = {LEADERBOARD: [HtmlTable("One row per method setting; click a header to sort.", display_table(board),
                                       "leaderboard", leaderboard_notes(board, view.infos).strip())],
               MATCHED: [HtmlTable("Interpolated along each seed's sweep, then mean ± std [seed interval]; blank where a "
-                                  "seed's curve does not reach the target.", matched_markdown(matched))]
+                                  "seed's curve does not reach the target; ≈: the paired per-seed difference to the "
+                                  "group's `full` is not resolved.", matched_markdown(matched))]
               if not matched.empty else []}
     shown = {title: [] for title in section_titles()}
     for figure in drawn:
