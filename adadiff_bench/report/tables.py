@@ -378,11 +378,12 @@ def interpolate_at(x: np.ndarray, y: np.ndarray, targets) -> list[float]:
             (float(y[0]) if len(x) == 1 and np.isclose(x[0], t) else np.nan) for t in targets]
 
 
-def matched_per_seed(group: pd.DataFrame, fid: str, axis: str, targets) -> np.ndarray:
+def matched_per_seed(group: pd.DataFrame, fid: str, axis: str, targets) -> pd.DataFrame:
     """(seeds x targets) FID of one curve interpolated along each seed's own sweep: an adaptive method's
     layer ratio moves a little from seed to seed, so seeds are matched before they are averaged."""
     seeds = group.groupby("seed") if "seed" in group.columns else [(0, group)]
-    return np.array([interpolate_at(rows[axis], rows[fid], targets) for _, rows in seeds])
+    return pd.DataFrame({seed: interpolate_at(rows[axis], rows[fid], targets) for seed, rows in seeds},
+                        index=list(targets)).T
 
 
 def matched_summary(values: np.ndarray, level: float = 0.95) -> dict[str, float]:
@@ -411,11 +412,10 @@ def matched_points(frame: pd.DataFrame, info: dict | None = None, targets=MATCHE
     points = []
     for index, (legend, _, group) in enumerate(curves(frame)):
         key = keys[group.index[0]]
-        seeds = sorted(group["seed"].unique()) if "seed" in group.columns else [0]
         for axis, name in (("layer_ratio", "layer ratio"), ("cost_fraction", "cost")):
-            for target, values in zip(targets, matched_per_seed(group, fid, axis, targets).T):
+            for target, values in matched_per_seed(group, fid, axis, targets).items():
                 points += [(index, legend, labels[key], name, target, seed, value,
-                            references.get(key, {}).get(seed, np.nan)) for seed, value in zip(seeds, values)]
+                            references.get(key, {}).get(seed, np.nan)) for seed, value in values.items()]
     return pd.DataFrame(points, columns=columns)
 
 
@@ -431,14 +431,15 @@ def summarise_points(points: pd.DataFrame, fid: str) -> pd.DataFrame:
     rows = []
     for _, curve in points.groupby("curve_index", sort=True):
         row = {"curve": curve["curve"].iloc[0], "backbone": curve["backbone"].iloc[0]}
-        for (name, target), points in curve.groupby(["axis", "target"], sort=False):
+        for (name, target), at_target in curve.groupby(["axis", "target"], sort=False):
             column = f"{fid} at {name} {target:g}"
-            summary = matched_summary(points["value"].to_numpy(float))
+            summary = matched_summary(at_target["value"].to_numpy(float))
             row[column] = summary["mean"]
             for part in ("std", "low", "high"):
                 row[f"{column} {part}"] = summary[part]
             row[f"{column} dlow"], row[f"{column} dhigh"] = paired_interval(
-                dict(zip(points["seed"], points["value"])), dict(zip(points["seed"], points["full_value"])), 0.95)
+                dict(zip(at_target["seed"], at_target["value"])),
+                dict(zip(at_target["seed"], at_target["full_value"])), 0.95)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -643,11 +644,11 @@ def leaderboard_files(view: ReportView, out: Path, sort_by: str | None = None) -
 def matched_files(frame: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, list[Path]]:
     """matched.md and .csv: FID of every curve at matched layer ratios and cost fractions; matched_per_seed.csv:
     the same, seed by seed, beside each seed's `full`."""
-    points = matched_points(frame[frame["valid"]])
-    matched = summarise_points(points, primary_column(frame.columns))
+    ranking = primary_column(frame.columns)
+    points = matched_points(frame)
+    matched = summarise_points(points, ranking)
     if matched.empty:
         return matched, []
-    ranking = primary_column(frame.columns)
     header = (f"# {ranking_label(ranking)} at matched layer ratio and matched cost\n\n{ranking} with n = "
               f"{int(frame['num_samples'].iloc[0])} samples per cell, interpolated linearly along each curve's "
               "sweep (each seed's own, then mean ± std over seeds [bootstrap interval of the mean]); blank where the "
