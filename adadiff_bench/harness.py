@@ -31,6 +31,7 @@ from . import __version__
 from .backbone_id import backbone_hash, method_backbone
 from .training_budget import row_budget
 from .cell_labels import short_labels, short_value
+from .calibration_memo import cell_setting, memo_folder, remembered
 from .checkpoints import sha256_file
 from .config import MethodEntry, RunConfig, check_solver, timed_samples, to_dict
 from .data import Dataset, check_matches_model, load_dataset, to_uint8
@@ -241,8 +242,11 @@ def build_method(cell: Cell, model, params=None):
 
 def calibrate_methods(params: dict, curves: dict, model, config: RunConfig, where: str) -> dict:
     """Settings that ask for a compute target (AdaDiff's `target_layer_ratio`) find their knobs on calibration
-    samples of their own cell's solver and steps (a method's `calibrate` hook), once per distinct setting."""
+    samples of their own cell's solver and steps (a method's `calibrate` hook), once per distinct setting.
+    Each calibration run's layer ratio is remembered on disk (`calibration_memo`), so a resumed run replays
+    its searches instead of sampling them again."""
     calibrated: dict = {}
+    run_setting = functools.cache(lambda: calibration_setting(config, model))  # hashes the checkpoint once, if needed
     for cell, prepared in params.items():
         calibrate = getattr(get_method(cell.method), "calibrate", None)
         key = (cell.method, cell.params, cell.solver, cell.num_steps)
@@ -254,9 +258,17 @@ def calibrate_methods(params: dict, curves: dict, model, config: RunConfig, wher
                               method=build_method(cell, model, knobs), precision=config.precision)
             return log.layer_ratio()
 
-        calibrated[key] = calibrate(prepared, layer_ratio_of, config.seeds, f"{where}: methods[{curves[cell][0]}]")
+        memo = remembered(layer_ratio_of, memo_folder(config.results_dir), {**run_setting(), **cell_setting(cell)})
+        calibrated[key] = calibrate(prepared, memo, config.seeds, f"{where}: methods[{curves[cell][0]}]")
     return {cell: calibrated.get((cell.method, cell.params, cell.solver, cell.num_steps), prepared)
             for cell, prepared in params.items()}
+
+
+def calibration_setting(config: RunConfig, model) -> dict:
+    """What a calibration run depends on besides its cell and knobs: the network's bytes and how it samples."""
+    sampling = {k: v for k, v in to_dict(config.sampling).items() if k != "num_samples"}
+    return {"checkpoint_sha256": sha256_file(run_checkpoint(config)), "model": repr(to_dict(config.model)),
+            "sampling": repr(sampling), "precision": config.precision, "device": str(module_device(model))}
 
 
 def generate(cell: Cell, model, num_samples: int, batch_size: int, progress: bool = False,

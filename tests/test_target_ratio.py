@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,11 +15,13 @@ import pytest
 import torch
 
 from adadiff_bench.checkpoints import cached_checkpoint, save_checkpoint
+from adadiff_bench import harness
+from adadiff_bench.calibration_memo import memo_folder
 from adadiff_bench.cli import main
+from adadiff_bench.config import UViTConfig, load_run_config
 from adadiff_bench.errors import UserError
 from adadiff_bench.harness import Cell, build_method, generate
 from adadiff_bench.methods import get_method, make_params
-from adadiff_bench.config import UViTConfig
 from adadiff_bench.methods.adadiff import load_adadiff, save_adadiff
 from adadiff_bench.methods.adadiff.calibration import RESOLUTION, find_threshold
 from adadiff_bench.report.adadiff_figures import estimator_ablation
@@ -158,7 +161,8 @@ def test_a_calibration_seed_among_the_evaluation_seeds_is_refused():
         ADADIFF.calibrate(params, lambda *args: 1.0, [0, 3])
 
 
-def test_a_run_with_targets_writes_the_calibration_into_its_rows(tmp_path, one_thread):
+def tiny_target_run(tmp_path, targets="[0.8, 0.5]") -> Path:
+    """A small run config whose AdaDiff setting calibrates `targets` (a tiny network with a spread estimator)."""
     torch.manual_seed(0)
     from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff
     net = build_adadiff(TINY, AdaDiffConfig()).eval()
@@ -168,8 +172,12 @@ def test_a_run_with_targets_writes_the_calibration_into_its_rows(tmp_path, one_t
     save_adadiff(tmp_path / "adadiff.pt", net, TINY)
     save_checkpoint(tmp_path / "tiny.pt", net.backbone, TINY)
     methods = (f'\n[[methods]]\nname = "adadiff"\ncheckpoint = "{tmp_path / "adadiff.pt"}"\n'
-               'target_layer_ratio = [0.8, 0.5]\ncalibration_samples = 8\ntarget_tolerance = 0.05\n')
-    config = write_run_config(tmp_path, tmp_path / "tiny.pt", methods, timing="enabled = false")
+               f'target_layer_ratio = {targets}\ncalibration_samples = 8\ntarget_tolerance = 0.05\n')
+    return write_run_config(tmp_path, tmp_path / "tiny.pt", methods, timing="enabled = false")
+
+
+def test_a_run_with_targets_writes_the_calibration_into_its_rows(tmp_path, one_thread):
+    config = tiny_target_run(tmp_path)
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
     frame = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
     rows = frame[frame["method"] == "adadiff"]
@@ -179,6 +187,34 @@ def test_a_run_with_targets_writes_the_calibration_into_its_rows(tmp_path, one_t
         assert row["target_reached"] == (abs(row["calibration_layer_ratio"] - row["target_layer_ratio"]) <= 0.05)
         assert 0 <= row["calibrated_threshold"] <= 1
     assert frame[frame["method"] == "full"]["target_layer_ratio"].isna().all()
+
+
+def calibrated_searches(config, monkeypatch) -> tuple[dict, int]:
+    """Each AdaDiff cell's threshold search as `prepare` finds it, and how many calibration runs sampled."""
+    sampled = []
+    real_generate = harness.generate
+    monkeypatch.setattr(harness, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    prep = harness.prepare(load_run_config(config), "test", progress=False)
+    searches = {cell.params: prep.params[cell].search for cell in prep.cells if cell.method == "adadiff"}
+    return searches, len(sampled)
+
+
+def test_a_resumed_run_replays_its_calibration_from_disk(tmp_path, one_thread, monkeypatch):
+    """The second `prepare` of a run samples no calibration image and finds the very same thresholds; a damaged
+    memo file is measured again (and only that one); another batch size is another measurement."""
+    config = tiny_target_run(tmp_path, targets="0.7")
+    first, runs = calibrated_searches(config, monkeypatch)
+    assert runs == sum(len(search.evaluations) for search in first.values()) > 2
+    again, runs = calibrated_searches(config, monkeypatch)
+    assert again == first and runs == 0
+    memos = sorted(memo_folder(tmp_path / "results").glob("*.json"))
+    assert len(memos) == len({(e.threshold, s.target) for s in first.values() for e in s.evaluations})
+    memos[0].write_text('{"layer_ratio": "__import__(\'os\')"}')
+    memos[1].write_bytes(b"\x00not json")
+    repaired, runs = calibrated_searches(config, monkeypatch)
+    assert repaired == first and runs == 2
+    config.write_text(config.read_text().replace("batch_size = 16", "batch_size = 8"))
+    assert calibrated_searches(config, monkeypatch)[1] > 0
 
 
 def test_the_ablation_figure_plots_targets_and_rings_the_unreached_ones(captured, tmp_path):
