@@ -15,6 +15,7 @@ from adadiff_bench.harness import Cell
 from adadiff_bench.methods import get_method
 from adadiff_bench.methods.adadiff import AdaDiffConfig, build_adadiff, save_adadiff
 from adadiff_bench.methods.adadiff.quality import quality_pass
+from adadiff_bench.report import estimator_quality as estimator_quality_module
 from adadiff_bench.report.estimator_quality import (TOLERANCES, analysed_settings, auroc, calibration_curve, quality_rows,
                                                     slice_row, spearman, summary_markdown)
 from conftest import REPO, TINY, write_run_config
@@ -110,6 +111,26 @@ def test_one_network_reached_through_several_knobs_is_one_setting_and_seeds_are_
               for seed in (0, 1)]
     assert f"| estimator=official = loss=official | {np.mean(pooled):.3f} ± {np.std(pooled, ddof=1):.3f} |" in summary
     assert "mean over 2 seed(s)" in summary
+
+
+def test_the_auroc_line_has_a_gap_exactly_where_the_table_says_n_a(tmp_path, monkeypatch):
+    """Seed 1's exits are all within the larger tolerances (one class empty: no AUROC): the figure's line must not
+    show seed 0's value alone there, as if it were the mean over both."""
+    rng = np.random.default_rng(5)
+
+    def draw(largest_error):
+        error = rng.uniform(0, largest_error, size=(8, 10, 4))
+        return {"uncertainty": rng.uniform(size=(8, 10, 4)), "eps_error": error, "tanh_error": np.tanh(error),
+                "timesteps": np.linspace(999, 0, 10)}
+    artifacts = {"seed0": draw(3.0), "seed1": draw(0.15)}
+    rows = [{"method": "adadiff", "params": "{}", "solver": "ddim", "num_steps": 10, "seed": seed, "cell_id": f"seed{seed}"}
+            for seed in (0, 1)]
+    figures = {}
+    monkeypatch.setattr(estimator_quality_module, "save", lambda fig, out, stem: figures.setdefault(stem, fig) and [])
+    estimator_quality_module.estimator_quality(ArtifactsOnly(rows, artifacts), tmp_path)
+    line = figures["estimator_quality"].axes[1].lines[0].get_ydata()
+    shown = (tmp_path / "estimator_quality.md").read_text().splitlines()[-1].split(" | ")[3:]
+    assert [np.isnan(v) for v in line] == [cell.startswith("n/a") for cell in shown] == [False] * 3 + [True] * 3
 
 
 def test_calibration_curve_bins_predictions():

@@ -175,6 +175,11 @@ def _spread(values: pd.Series) -> str:
     return f"{values.mean():.3f}" + (f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else "")
 
 
+def _every_seed(values: pd.Series) -> float:
+    """The mean over seeds; NaN where any seed has none, as the table's n/a (a line skips no seed)."""
+    return float(values.mean(skipna=False))
+
+
 def calibration_curve(uncertainty: np.ndarray, observed: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Mean predicted and mean observed value per equal-width bin of predicted uncertainty (empty bins dropped)."""
     edges = np.linspace(0, 1, bins + 1)
@@ -198,12 +203,12 @@ def estimator_quality(view: ReportView, out: str | Path) -> list[Path]:
     atomic_write_bytes(paths[1], summary_markdown(table).encode())
     fig, axes = new_figure(DOUBLE, 3.4, 1, 3, squeeze=False)
     by_exit, by_tolerance, calibration = axes[0]
-    for i, setting in enumerate(settings):  # each line: the mean over seeds; the calibration pools them
+    for i, setting in enumerate(settings):  # each line: the mean over seeds, a gap where the table says n/a
         rows = table[(table["setting"] == setting.label) & (table["timestep_bucket"] == "all")]
-        per_exit = rows[rows["exit_point"] != "all"].groupby("exit_point", sort=False)["spearman"].mean()
+        per_exit = rows[rows["exit_point"] != "all"].groupby("exit_point", sort=False)["spearman"].agg(_every_seed)
         by_exit.plot(per_exit.index.astype(int), per_exit.to_numpy(), label=fit(setting.label, 45), **style(i))
         pooled = rows[rows["exit_point"] == "all"]
-        by_tolerance.plot(TOLERANCES, [pooled[f"auroc_tol{t:g}"].mean() for t in TOLERANCES], **style(i))
+        by_tolerance.plot(TOLERANCES, [_every_seed(pooled[f"auroc_tol{t:g}"]) for t in TOLERANCES], **style(i))
         last = next(iter(setting.seeds.values()))["uncertainty"].shape[2] - 1
         predicted, observed = calibration_curve(
             np.concatenate([a["uncertainty"][..., :last].ravel() for a in setting.seeds.values()]),

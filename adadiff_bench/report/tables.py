@@ -419,27 +419,29 @@ def matched_points(frame: pd.DataFrame, info: dict | None = None, targets=MATCHE
     return pd.DataFrame(points, columns=columns)
 
 
-def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS) -> pd.DataFrame:
+def matched_table(frame: pd.DataFrame, info: dict | None = None, targets=MATCHED_TARGETS,
+                  level: float = 0.95) -> pd.DataFrame:
     """FID of every curve at matched layer ratios and matched cost fractions (interpolated along each seed's
     sweep, then mean, std and seed interval over seeds), with the backbone each curve ran on, and the paired
     interval of its per-seed difference to the group's `full` ("dlow", "dhigh")."""
-    return summarise_points(matched_points(frame, info, targets), primary_column(frame.columns))
+    return summarise_points(matched_points(frame, info, targets), primary_column(frame.columns), level)
 
 
-def summarise_points(points: pd.DataFrame, fid: str) -> pd.DataFrame:
-    """`matched_table` from `matched_points`: one row per curve, a mean, std, interval and paired interval per target."""
+def summarise_points(points: pd.DataFrame, fid: str, level: float = 0.95) -> pd.DataFrame:
+    """`matched_table` from `matched_points`: one row per curve, a mean, std, interval and paired interval per target
+    (both intervals at `level`)."""
     rows = []
     for _, curve in points.groupby("curve_index", sort=True):
         row = {"curve": curve["curve"].iloc[0], "backbone": curve["backbone"].iloc[0]}
         for (name, target), at_target in curve.groupby(["axis", "target"], sort=False):
             column = f"{fid} at {name} {target:g}"
-            summary = matched_summary(at_target["value"].to_numpy(float))
+            summary = matched_summary(at_target["value"].to_numpy(float), level)
             row[column] = summary["mean"]
             for part in ("std", "low", "high"):
                 row[f"{column} {part}"] = summary[part]
             row[f"{column} dlow"], row[f"{column} dhigh"] = paired_interval(
                 dict(zip(at_target["seed"], at_target["value"])),
-                dict(zip(at_target["seed"], at_target["full_value"])), 0.95)
+                dict(zip(at_target["seed"], at_target["full_value"])), level)
         rows.append(row)
     return pd.DataFrame(rows)
 
