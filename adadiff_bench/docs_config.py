@@ -81,7 +81,8 @@ _METRICS = {
     "isc_splits": describe("Inception Score splits", above=0),
     "prc": describe("precision and recall (k-NN manifolds)"),
     "prc_neighborhood": describe("neighbours k of the precision/recall manifolds", above=0),
-    "fid_bootstrap": describe("bootstrap resamples for FID's confidence interval (0 = none)", at_least=0),
+    "fid_bootstrap": describe("bootstrap resamples for FID's confidence interval (0 = none); cells keep them for the report's "
+                              "paired comparisons (paired_samples.md)", at_least=0),
     "fid_ci": describe("confidence level of that interval", above=0, below=1),
     "reference_stats": describe("published FID statistics (.npz with mu and sigma in Inception pool3 space); FID "
                                 "then needs no reference images", valid="\"\" or a file path"),

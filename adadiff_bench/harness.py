@@ -47,7 +47,8 @@ from .prompts import attach_prompts, prompt_condition
 from .metrics.extractors import resolve_extractors
 from .metrics.quality import check_quality_inputs, compute_quality
 from .schedules import DEFAULT_SCHEDULE, SCHEDULES, check_schedule_and_solver
-from .results import SCHEMA_VERSION, DamagedFile, RunStore, make_dir, read_json, read_npz, warn, write_json, write_npz
+from .results import (FID_BOOTSTRAP, SCHEMA_VERSION, DamagedFile, RunStore, fid_bootstrap_arrays, make_dir, read_json,
+                      read_npz, warn, write_json, write_npz)
 from .memory import PeakMemory, check_sampling_memory
 from .metrics.specs import headline_columns
 from .models.autoencoder import LatentDecoder, decode_stage
@@ -431,9 +432,10 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
            "backbone_hash": backbone_hash(method_backbone(method)),  # reports compare within one backbone
            **row_budget([run_checkpoint(config)] + [getattr(prep.params[cell], knob, "")
                                                     for knob in type(method).trained_files])}
+    kept: dict = {}  # FID's bootstrap replicates, saved beside the row for paired comparisons between cells
     if finite:
         row.update(compute_quality(samples, prep.data, config.metrics, cache_dir, prep.extractors,
-                                   device=prep.device))
+                                   device=prep.device, kept=kept))
     row.update({"macs_per_image": macs, "flops_per_image": 2 * macs, "gflops_per_image": 2 * macs / 1e9,
                 "layer_ratio": log.layer_ratio(), "cache_bytes": method.cache_bytes,
                 "peak_mem_mb": max(peaks), "peak_mem_kind": peak.kind, "processes": world.size,
@@ -452,7 +454,10 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
         row.update(combine_timings(timings))
     row.update(getattr(method, "row_fields", dict)())  # a method's own columns (AdaDiff: a target's calibration)
     row["cell_id"] = cell.cell_id
-    return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), method.artifacts()
+    artifacts = method.artifacts()
+    if kept:
+        artifacts[FID_BOOTSTRAP] = fid_bootstrap_arrays(kept)
+    return row, samples.permute(0, 2, 3, 1).numpy(), log.summaries(), artifacts
 
 
 def exit_warning(cell: Cell, method, log: StepLog) -> str:

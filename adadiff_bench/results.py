@@ -35,6 +35,7 @@ from .errors import UserError
 SCHEMA_VERSION = 1
 SAMPLES, EXITS = "samples", "exits"  # the per-cell archives every cell has; other names are method artifacts
 SAMPLES_KEY = "arr_0"  # the key other evaluators read samples from
+FID_BOOTSTRAP = "fid_bootstrap"  # a cell's FID bootstrap: keys '<column>/point' and '<column>/replicates'
 STEP_SUMMARIES = ("timesteps", "timestep_exit_histogram", "timestep_block_fraction")  # per-step exits.npz keys
 
 
@@ -293,6 +294,11 @@ class RunStore:
 ARCHIVE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what a damaged .npz raises on reading
 
 
+def fid_bootstrap_arrays(kept: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`quality.compute_quality`'s kept arrays as the FID_BOOTSTRAP archive's flat keys."""
+    return {f"{column}/{name}": np.asarray(array) for column, arrays in kept.items() for name, array in arrays.items()}
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz archive, read in full (each member's CRC-32 is checked as it is read), never
     unpickling: an object array or a damaged archive is refused with one line naming the file."""
@@ -396,6 +402,19 @@ class RunReader:
         """The arrays of `cells/<cell_id>/<name>.npz` (e.g. name="uncertainty_maps"), or None when absent."""
         path = self.layout.cell_archive(cell_id, name)
         return read_npz(path) if path.is_file() else None
+
+    def fid_bootstrap(self, cell_id: str) -> dict[str, tuple[float, np.ndarray]]:
+        """A cell's FID bootstrap per column, {column: (point, replicates)}; {} when it has none. Arrays of any
+        other shape or kind are left out (the file may have been edited)."""
+        arrays = self.artifact(cell_id, FID_BOOTSTRAP) or {}
+        kept = {}
+        for key, point in arrays.items():
+            column, _, part = key.rpartition("/")
+            replicates = arrays.get(f"{column}/replicates")
+            if part == "point" and point.shape == () and replicates is not None and replicates.ndim == 1 \
+                    and point.dtype.kind == "f" and replicates.dtype.kind == "f":
+                kept[column] = (float(point), replicates.astype(float))
+        return kept
 
     def verify_archives(self) -> None:
         """Every cell archive's CRC-32s, checked without building its arrays: a damaged one stops a reader with

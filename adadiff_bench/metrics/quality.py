@@ -85,6 +85,7 @@ class FeatureSpace:
     cache_dir: Path
     kwargs: dict
     features: Features | None
+    kept: dict = field(default_factory=dict, init=False, repr=False)  # arrays a metric keeps: {quantity: {name: array}}
     _reference_statistics: dict | None = field(default=None, init=False, repr=False)
 
     def reference_statistics(self) -> dict:
@@ -107,12 +108,14 @@ class FeatureSpace:
 
 
 def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsConfig, cache_dir: str | Path,
-                    extractors: tuple[str, ...] = (DIGITS,), device: torch.device = CPU) -> dict[str, float]:
+                    extractors: tuple[str, ...] = (DIGITS,), device: torch.device = CPU,
+                    kept: dict | None = None) -> dict[str, float]:
     """Every enabled metric of uint8 N x C x H x W `samples` against `reference`, in each of the `extractors`' spaces.
 
     Returns flat columns such as `fid_digits_cnn` and `is_inception_mean`. A space whose weights are
     not available is left out (or refused: `ExtractorSpec.weights`); every check runs before any work.
-    Feature extraction runs on `device` where the space allows CUDA.
+    Feature extraction runs on `device` where the space allows CUDA. `kept`, when given, receives the arrays
+    metrics keep beside their columns, by column: FID's bootstrap {"fid_digits_cnn": {"point", "replicates"}}.
     """
     load_plugins(PLUGIN_GROUP)
     pixel_metrics = enabled_pixel_metrics(config, tuple(samples.shape[1:]), extractors)
@@ -129,7 +132,7 @@ def compute_quality(samples: torch.Tensor, reference: Dataset, config: MetricsCo
         results.update(named_columns(metric, metric.compute(space), PIXELS))
     for name, path in weights.items():
         if path is not None:
-            results.update(metrics_in_feature_space(name, path, samples, reference, config, cache_dir, device))
+            results.update(metrics_in_feature_space(name, path, samples, reference, config, cache_dir, device, kept))
     return results
 
 
@@ -204,8 +207,8 @@ def enabled_metrics(extractor: ExtractorSpec, config: MetricsConfig) -> list[Met
 
 def metrics_in_feature_space(extractor: str, weights: str, samples: torch.Tensor, reference: Dataset,
                              config: MetricsConfig, cache_dir: str | Path,
-                             device: torch.device = CPU) -> dict[str, float]:
-    """Every enabled metric in one feature space, as flat columns named with the space."""
+                             device: torch.device = CPU, kept: dict | None = None) -> dict[str, float]:
+    """Every enabled metric in one feature space, as flat columns named with the space (arrays into `kept`)."""
     spec = get_extractor(extractor)
     metrics = enabled_metrics(spec, config)
     if not metrics:
@@ -217,6 +220,8 @@ def metrics_in_feature_space(extractor: str, weights: str, samples: torch.Tensor
                              extract_features(kwargs, Path(cache_dir)))
         for metric in metrics:
             columns.update(named_columns(metric, metric.compute(space), spec.column))
+    if kept is not None:
+        kept.update({f"{quantity}_{spec.column}": arrays for quantity, arrays in space.kept.items()})
     return columns
 
 

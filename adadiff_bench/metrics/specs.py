@@ -14,6 +14,8 @@ the built-in metrics import torch-fidelity when they are called.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,10 +189,12 @@ def compute_fid(space) -> dict[str, float]:
     if space.config.fid_backend == "clean-fid":
         values["fid"] = space.cleanfid_fid()
     if space.config.fid_bootstrap:
-        from .bootstrap import fid_bootstrap_interval
-        low, high = fid_bootstrap_interval(samples[layer], space.reference_statistics(), space.config.fid_bootstrap,
-                                           space.config.fid_ci)
+        from .bootstrap import basic_interval, fid_bootstrap_replicates
+        point, replicates = fid_bootstrap_replicates(samples[layer], space.reference_statistics(),
+                                                     space.config.fid_bootstrap)
+        low, high = basic_interval(point, replicates, space.config.fid_ci)
         values.update({"fid" + CI_LOW: low, "fid" + CI_HIGH: high})
+        space.kept["fid"] = {"point": np.float64(point), "replicates": replicates}  # for paired comparisons
     return values
 
 

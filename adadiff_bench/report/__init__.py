@@ -3,6 +3,7 @@
     leaderboard.md / .csv / .tex   one row per method setting, Pareto-optimal rows marked (see `tables`)
     matched.md / .csv              FID of every curve at matched layer ratio and matched cost
     matched_per_seed.csv           the same per seed, beside the seed's `full` (for paired comparisons)
+    paired_samples.md / .csv       one-seed comparisons: FID differences paired over samples (`paired_samples`)
     fid_vs_gflops, fid_vs_time     (+ _by_family) quality vs cost, Pareto front (see `figures`)
     speedup_bars                   measured vs ideal speed-up
     exit_heatmaps, exit_distributions, layer_ratio_by_timestep
@@ -30,6 +31,7 @@ from . import adadiff_figures, estimator_quality, exit_figures, figures
 from .html import HtmlFigure, HtmlSection, HtmlTable, open_in_browser, write_html_report
 from .registry import (COMPUTE_SAVED, LEADERBOARD, MATCHED, QUALITY_VS_COST, SAMPLES, SECTIONS, SPEEDUP, UNCERTAINTY,
                        DrawnFigure, Figure, draw_figures, register_figure, registered_figures, section_titles)
+from .paired_samples import caption as paired_caption, paired_sample_files
 from .tables import (display_table, leaderboard_files, leaderboard_notes, matched_files, matched_markdown,
                      skipped_metrics)
 from .view import ReportView, load_runs
@@ -83,10 +85,11 @@ def write_report(run_dirs: str | Path | list, out: str | Path, sort_by: str | No
     make_dir(out)
     board, written = leaderboard_files(view, out, sort_by)
     matched, paths = matched_files(view.frame, out)
+    paired, paired_paths = paired_sample_files(view, out)
     load_plugins("adadiff_bench.figures")  # plugin figures register themselves on import
     drawn = draw_figures(view, out)
-    written += paths + [path for figure in drawn for path in figure.paths]
-    written.append(write_index(out, view, board, matched, drawn))
+    written += paths + paired_paths + [path for figure in drawn for path in figure.paths]
+    written.append(write_index(out, view, board, matched, drawn, paired))
     prune_stale(out, written)
     return written
 
@@ -126,10 +129,11 @@ def previous_report_files(listed: Path, limit: int = 1 << 20) -> list[str]:
 
 
 def write_index(out: Path, view: ReportView, board: pd.DataFrame, matched: pd.DataFrame,
-                drawn: list[DrawnFigure]) -> Path:
+                drawn: list[DrawnFigure], paired: pd.DataFrame | None = None) -> Path:
     """index.html: the tables and every shown figure, each in its registered section, in one self-contained page."""
     tables = {LEADERBOARD: [HtmlTable("One row per method setting; click a header to sort.", display_table(board),
-                                      "leaderboard", leaderboard_notes(board, view.infos).strip())],
+                                      "leaderboard", leaderboard_notes(board, view.infos).strip())]
+              + ([HtmlTable(paired_caption(), paired, "paired")] if paired is not None and not paired.empty else []),
               MATCHED: [HtmlTable("Interpolated along each seed's sweep, then mean ± std [seed interval]; blank where a "
                                   "seed's curve does not reach the target; ≈: the paired per-seed difference to the "
                                   "group's `full` is not resolved.", matched_markdown(matched))]
