@@ -64,27 +64,43 @@ def test_pairing_narrows_the_interval_and_a_cell_against_itself_is_exactly_zero(
 
 
 def test_a_run_keeps_its_replicates_and_its_report_pairs_every_cell_with_full(tmp_path, tiny_checkpoint, one_thread):
-    methods = '\n[[methods]]\nname = "static-exit"\nk = [3, 5]\n'
+    methods = '\n[[methods]]\nname = "static-exit"\nk = [2, 3, 4]\n'
     metrics = 'inception = "off"\nkid_subset_size = 16\nisc_splits = 2\nfid_bootstrap = 40'
     config = write_run_config(tmp_path, tiny_checkpoint, methods, metrics=metrics, timing="enabled = false")
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
-    run = tmp_path / "results" / "tiny"
+    run, report = tmp_path / "results" / "tiny", tmp_path / "report"
     reader, frame = RunReader(run), pd.read_csv(run / "results.csv")
-    for cell in frame["cell_id"]:
-        point, replicates = reader.fid_bootstrap(cell)["fid_digits_cnn"]
+    kept = {cell: reader.fid_bootstrap(cell)["fid_digits_cnn"] for cell in frame["cell_id"]}
+    for cell, (point, replicates) in kept.items():
         assert point == pytest.approx(frame.set_index("cell_id").loc[cell, "fid_digits_cnn"]) and len(replicates) == 40
-    write_npz(reader.layout.cell_archive(frame["cell_id"].iloc[-1], FID_BOOTSTRAP),  # an edited file: left out
+    edited = frame[(frame["method"] == "full") & (frame["num_steps"] == 2)]["cell_id"].iloc[0]
+    write_npz(reader.layout.cell_archive(edited, FID_BOOTSTRAP),  # an edited file: that cell is left out, no traceback
               **{"fid_digits_cnn/point": np.array([1, 2]), "fid_digits_cnn/replicates": np.array(["x"])})
-    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
-    pairs = pd.read_csv(tmp_path / "report" / "paired_samples.csv")
+    assert main(["report", str(run), "--out", str(report)]) == 0
+
+    pairs = pd.read_csv(report / "paired_samples.csv")
     cells = len(frame) - 1
     assert len(pairs) == cells * (cells - 1)
-    fids = dict(zip(frame["cell_id"], frame["fid_digits_cnn"]))
-    assert set(pairs["fid_a"].round(9)) <= {round(v, 9) for v in fids.values()}
     against = pairs[pairs["b_is_full"]]
-    assert len(against) == cells - 1 and against["setting_b"].nunique() == 1
-    assert (against["dfid"] == against["fid_a"] - against["fid_b"]).all()
+    assert len(against) == 3 and against["setting_b"].nunique() == 1 and "3 steps" in against["setting_b"].iloc[0]
+    assert np.allclose(against["dfid"], against["fid_a"] - against["fid_b"])
     swapped = pairs.merge(pairs, left_on=["setting_a", "setting_b"], right_on=["setting_b", "setting_a"])
     assert np.allclose(swapped["dfid_low_x"], -swapped["dfid_high_y"])
-    shown = (tmp_path / "report" / "paired_samples.md").read_text()
-    assert all(setting in shown for setting in against["setting_a"])
+    assert all(setting in (report / "paired_samples.md").read_text() for setting in against["setting_a"])
+
+    matched = pd.read_csv(report / "paired_matched.csv").set_index("target")
+    sweep = frame[frame["method"] == "static-exit"].sort_values("layer_ratio")
+    full = kept[frame[(frame["method"] == "full") & (frame["num_steps"] == 3)]["cell_id"].iloc[0]]
+    assert sorted(matched.index) == [t for t in (0.5, 0.6, 0.7, 0.8)
+                                     if sweep["layer_ratio"].min() <= t <= sweep["layer_ratio"].max()]
+    for target, row in matched.iterrows():  # by hand: the two cells around the target, weighted linearly
+        above = sweep[sweep["layer_ratio"] >= target].iloc[0]
+        below = sweep[sweep["layer_ratio"] <= target].iloc[-1]
+        span = above["layer_ratio"] - below["layer_ratio"]
+        w = 0.0 if span == 0 else (target - below["layer_ratio"]) / span
+        point = (1 - w) * kept[below["cell_id"]][0] + w * kept[above["cell_id"]][0]
+        replicates = (1 - w) * kept[below["cell_id"]][1] + w * kept[above["cell_id"]][1]
+        assert row["fid"] == pytest.approx(point)
+        assert (row["fid_low"], row["fid_high"]) == pytest.approx(basic_interval(point, replicates, 0.95))
+        assert (row["dfid_low"], row["dfid_high"]) == pytest.approx(
+            paired_basic_interval(point, replicates, full[0], full[1], 0.95))
