@@ -578,7 +578,10 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
         lines.append(seeds_note(board, seeds))
     if metrics.get("fid_bootstrap"):
         lines.append(f"FID bootstrap CI of one-seed rows: basic bootstrap interval at level {metrics['fid_ci']} over "
-                     f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed).")
+                     f"{metrics['fid_bootstrap']} resamples of the generated samples (reference fixed). It estimates "
+                     "the FID of unlimited samples, so where FID's small-n bias is as large as FID itself (FID near "
+                     "0) it lies below the point estimate; differences between cells are read in "
+                     "paired_samples.md, where that bias cancels.")
     lines += group_notes(board)
     if EXIT_WARNING in board.columns and (board[EXIT_WARNING] != "").any():
         lines.append("[never exits] / [always exits at block ...]: an adaptive exit setting that in at least one "
