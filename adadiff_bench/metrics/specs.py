@@ -14,8 +14,6 @@ the built-in metrics import torch-fidelity when they are called.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +192,7 @@ def compute_fid(space) -> dict[str, float]:
                                                      space.config.fid_bootstrap)
         low, high = basic_interval(point, replicates, space.config.fid_ci)
         values.update({"fid" + CI_LOW: low, "fid" + CI_HIGH: high})
-        space.kept["fid"] = {"point": np.float64(point), "replicates": replicates}  # for paired comparisons
+        space.kept["fid"] = {"point": point, "replicates": replicates}  # for paired comparisons
     return values
 
 

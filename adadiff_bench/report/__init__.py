@@ -29,9 +29,9 @@ from ..plugins import load_plugins
 from ..results import atomic_write_bytes, make_dir
 from . import adadiff_figures, estimator_quality, exit_figures, figures
 from .html import HtmlFigure, HtmlSection, HtmlTable, open_in_browser, write_html_report
+from .paired_samples import caption as paired_caption, paired_sample_files
 from .registry import (COMPUTE_SAVED, LEADERBOARD, MATCHED, QUALITY_VS_COST, SAMPLES, SECTIONS, SPEEDUP, UNCERTAINTY,
                        DrawnFigure, Figure, draw_figures, register_figure, registered_figures, section_titles)
-from .paired_samples import caption as paired_caption, paired_sample_files
 from .tables import (display_table, leaderboard_files, leaderboard_notes, matched_files, matched_markdown,
                      skipped_metrics)
 from .view import ReportView, load_runs
