@@ -16,6 +16,7 @@ of its difference to `full` (`paired_matched.csv`).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,37 +24,51 @@ import pandas as pd
 
 from ..metrics.bootstrap import basic_interval, paired_basic_interval
 from ..metrics.specs import primary_column
-from ..results import atomic_write_bytes
-from .groups import group_keys, reference_of_groups
-from .tables import MATCHED_TARGETS, curves, interpolate_at, markdown_text, setting_label
+from .groups import group_keys, includes_zero, reference_of_groups
+from .tables import MATCHED_TARGETS, curves, frame_to_markdown, interpolate_at, setting_label, write_text
 from .view import ReportView
 
 COLUMNS = ["run", "seed", "setting_a", "setting_b", "b_is_full", "layer_ratio_a", "layer_ratio_b", "gflops_a",
            "gflops_b", "fid_a", "fid_b", "dfid", "dfid_low", "dfid_high", "resolved"]
+SEED_GROUP = ["run", "seed", "group"]  # the cells whose samples share their noise and their backbone
 
 
-def paired_sample_table(view: ReportView, level: float = 0.95) -> pd.DataFrame:
+@dataclass(frozen=True)
+class KeptCells:
+    """What both tables read, gathered once: the view's valid rows with their backbone `group` and `setting`
+    label, each row's cell's (point, replicates) of the ranking FID (None where the cell kept none), and per
+    (run, seed, group) the row index of that seed's `full` reference (-1 where there is none)."""
+    frame: pd.DataFrame
+    kept: dict
+    references: dict
+
+
+def kept_cells(view: ReportView) -> KeptCells | None:
+    """The view's cells with their kept replicates read once; None when the view ranks by no FID column."""
+    fid = primary_column(view.frame.columns)
+    if fid is None or view.valid.empty:
+        return None
+    frame = view.valid.assign(group=group_keys(view.valid), setting=view.valid.apply(setting_label, axis=1))
+    kept = {index: view.reader_of(row).fid_bootstrap(row["cell_id"]).get(fid) for index, row in frame.iterrows()}
+    references = {key: reference_of_groups(rows).iloc[0] for key, rows in frame.groupby(SEED_GROUP, sort=False)}
+    return KeptCells(frame, kept, references)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """A difference the interval resolves (a NaN interval resolves nothing)."""
+    return bool(np.isfinite(low) and not includes_zero((low, high))[0])
+
+
+def paired_sample_table(cells: KeptCells, level: float = 0.95) -> pd.DataFrame:
     """Every ordered pair (a, b) of cells that share a run, a seed and a backbone and kept FID bootstrap
     replicates: FID(a) - FID(b) with its paired basic bootstrap interval, `resolved` where that excludes 0, and
-    `b_is_full` where b is the group's `full` reference (the leaderboard's choice)."""
-    fid = primary_column(view.frame.columns)
-    if fid is None or view.frame.empty:
-        return pd.DataFrame(columns=COLUMNS)
-    frame = view.valid
-    frame = frame.assign(group=group_keys(frame), setting=frame.apply(setting_label, axis=1))
+    `b_is_full` where b is the seed's `full` reference (the leaderboard's choice)."""
     pairs = []
-    for _, rows in frame.groupby(["run", "seed", "group"], sort=False):
-        reference = reference_of_groups(rows).iloc[0]
-        kept = kept_replicates(view, rows, fid)
-        usable = [index for index, arrays in kept.items() if arrays is not None]
-        pairs += [pair_row(rows.loc[a], rows.loc[b], b == reference, kept[a], kept[b], level)
+    for key, rows in cells.frame.groupby(SEED_GROUP, sort=False):
+        usable = [index for index in rows.index if cells.kept[index] is not None]
+        pairs += [pair_row(rows.loc[a], rows.loc[b], b == cells.references[key], cells.kept[a], cells.kept[b], level)
                   for a, b in itertools.permutations(usable, 2)]
     return pd.DataFrame(pairs, columns=COLUMNS)
-
-
-def kept_replicates(view: ReportView, rows: pd.DataFrame, fid: str) -> dict:
-    """Per row index, its cell's (point, replicates) of column `fid`, or None when the cell kept none."""
-    return {index: view.reader_of(row).fid_bootstrap(row["cell_id"]).get(fid) for index, row in rows.iterrows()}
 
 
 def pair_row(a: pd.Series, b: pd.Series, b_is_full: bool, kept_a: tuple, kept_b: tuple, level: float) -> list:
@@ -61,35 +76,28 @@ def pair_row(a: pd.Series, b: pd.Series, b_is_full: bool, kept_a: tuple, kept_b:
     own point estimates: the rows' FIDs, unless a run computed FID with clean-fid)."""
     (point_a, replicates_a), (point_b, replicates_b) = kept_a, kept_b
     low, high = paired_basic_interval(point_a, replicates_a, point_b, replicates_b, level)
-    resolved = bool(np.isfinite(low) and (low > 0 or high < 0))
     return [a["run"], int(a["seed"]), a["setting"], b["setting"], bool(b_is_full), a["layer_ratio"], b["layer_ratio"],
-            a["gflops_per_image"], b["gflops_per_image"], point_a, point_b, point_a - point_b, low, high, resolved]
+            a["gflops_per_image"], b["gflops_per_image"], point_a, point_b, point_a - point_b, low, high,
+            excludes_zero(low, high)]
 
 
 MATCHED_COLUMNS = ["run", "seed", "curve", "target", "fid", "fid_low", "fid_high", "full", "dfid", "dfid_low",
                    "dfid_high", "resolved"]
 
 
-def paired_matched_table(view: ReportView, level: float = 0.95, targets=MATCHED_TARGETS) -> pd.DataFrame:
+def paired_matched_table(cells: KeptCells, level: float = 0.95, targets=MATCHED_TARGETS) -> pd.DataFrame:
     """Per curve, seed and target layer ratio: FID interpolated along that seed's sweep, replicate by replicate,
     with its basic interval and the paired interval of its difference to the seed's `full` (rows whose cells all
     kept replicates; blank outside the sweep's range, as in the matched table)."""
-    fid = primary_column(view.frame.columns)
-    if fid is None or view.frame.empty:
-        return pd.DataFrame(columns=MATCHED_COLUMNS)
-    frame = view.valid.assign(group=group_keys(view.valid))
-    kept = kept_replicates(view, frame, fid)
-    references = {key: reference_of_groups(rows).iloc[0]  # each seed's own `full` cell
-                  for key, rows in frame.groupby(["run", "seed", "group"], sort=False)}
-    rows = []
-    for legend, _, curve in curves(frame):
+    kept, rows = cells.kept, []
+    for legend, _, curve in curves(cells.frame):
         if (curve["method"] == "full").all():
             continue
-        for (run, seed, group), sweep in curve.groupby(["run", "seed", "group"], sort=True):
-            full = kept.get(references.get((run, seed, group), -1))
+        for key, sweep in curve.groupby(SEED_GROUP, sort=True):
+            full = kept.get(cells.references.get(key, -1))
             if full is None or any(kept[i] is None for i in sweep.index):
                 continue
-            rows += [matched_row(sweep, kept, full, legend, seed, target, level) for target in targets]
+            rows += [matched_row(sweep, kept, full, legend, key[1], target, level) for target in targets]
     return pd.DataFrame([r for r in rows if r is not None], columns=MATCHED_COLUMNS)
 
 
@@ -103,9 +111,8 @@ def matched_row(sweep: pd.DataFrame, kept: dict, full: tuple, legend: str, seed,
     replicates = weights @ np.stack([kept[i][1] for i in sweep.index])
     low, high = basic_interval(point, replicates, level)
     dlow, dhigh = paired_basic_interval(point, replicates, full[0], full[1], level)
-    resolved = bool(np.isfinite(dlow) and (dlow > 0 or dhigh < 0))
     return [sweep["run"].iloc[0], int(seed), legend, target, point, low, high, full[0], point - full[0], dlow, dhigh,
-            resolved]
+            excludes_zero(dlow, dhigh)]
 
 
 def against_full(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -137,11 +144,6 @@ def matched_for_reading(matched: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index().rename(columns={"where": "run / seed"}).fillna("")
 
 
-def markdown_lines(table: pd.DataFrame) -> list[str]:
-    lines = ["| " + " | ".join(table.columns) + " |", "|---|---|" + "---:|" * (len(table.columns) - 2)]
-    return lines + ["| " + " | ".join(markdown_text(v) for v in row) + " |" for row in table.itertuples(index=False)]
-
-
 MATCHED_CAPTION = ("Each curve at matched layer ratio, seed by seed: FID interpolated along the seed's sweep, "
                    "replicate by replicate, with its basic bootstrap interval; then its difference to the seed's "
                    "`full` with the interval paired over samples (≈: it holds 0). Blank where the sweep does not "
@@ -152,16 +154,16 @@ def paired_sample_files(view: ReportView, out: Path, level: float = 0.95) -> tup
     """paired_samples.csv (every pair), paired_matched.csv and paired_samples.md (each cell against `full`, then
     the curves at matched layer ratio); returns (the cells against `full`, the paths), nothing when no cell kept
     replicates."""
-    pairs = paired_sample_table(view, level)
+    cells = kept_cells(view)
+    pairs = paired_sample_table(cells, level) if cells is not None else pd.DataFrame()
     if pairs.empty:
         return pd.DataFrame(), []
-    table, matched = against_full(pairs), paired_matched_table(view, level)
-    text = f"# FID against `full`, paired over samples\n\n{caption(level)}\n\n" + "\n".join(markdown_lines(table))
+    table, matched = against_full(pairs), paired_matched_table(cells, level)
+    text = f"# FID against `full`, paired over samples\n\n{caption(level)}\n\n" + frame_to_markdown(table)
     if not matched.empty:
-        text += ("\n\n## At matched layer ratio\n\n" + MATCHED_CAPTION + "\n\n"
-                 + "\n".join(markdown_lines(matched_for_reading(matched))))
-    paths = [out / "paired_samples.csv", out / "paired_matched.csv", out / "paired_samples.md"]
-    atomic_write_bytes(paths[0], pairs.to_csv(index=False).encode())
-    atomic_write_bytes(paths[1], matched.to_csv(index=False).encode())
-    atomic_write_bytes(paths[2], (text + "\n").encode())
+        text += (f"\n## At matched layer ratio\n\n{MATCHED_CAPTION}\n\n"
+                 + frame_to_markdown(matched_for_reading(matched)))
+    paths = [write_text(out / "paired_samples.csv", pairs.to_csv(index=False)),
+             write_text(out / "paired_matched.csv", matched.to_csv(index=False)),
+             write_text(out / "paired_samples.md", text)]
     return table, paths
