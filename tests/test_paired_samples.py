@@ -14,6 +14,7 @@ from scipy import linalg
 
 from adadiff_bench.cli import main
 from adadiff_bench.metrics.bootstrap import basic_interval, fid_bootstrap_replicates, paired_basic_interval
+from adadiff_bench.metrics.specs import CI_HIGH, CI_LOW, delta_column
 from adadiff_bench.results import FID_BOOTSTRAP, RunReader, write_npz
 from conftest import write_run_config
 
@@ -87,6 +88,15 @@ def test_a_run_keeps_its_replicates_and_its_report_pairs_every_cell_with_full(tm
     swapped = pairs.merge(pairs, left_on=["setting_a", "setting_b"], right_on=["setting_b", "setting_a"])
     assert np.allclose(swapped["dfid_low_x"], -swapped["dfid_high_y"])
     assert all(setting in (report / "paired_samples.md").read_text() for setting in against["setting_a"])
+
+    board = pd.read_csv(report / "leaderboard.csv").set_index("setting")  # the leaderboard pairs its rows alike
+    dfid = delta_column("fid_digits_cnn")
+    shown = board.loc[against["setting_a"]]
+    assert np.allclose(shown[dfid + CI_LOW], against["dfid_low"]) and np.allclose(shown[dfid + CI_HIGH],
+                                                                                  against["dfid_high"])
+    assert (shown["vs_full_unresolved"].to_numpy() == ~against["resolved"].to_numpy()).all()
+    assert board.loc[board["method"] == "full", dfid + CI_LOW].isna().all()  # full itself, and the edited cell
+    assert "compared over samples" in (report / "leaderboard.md").read_text()
 
     matched = pd.read_csv(report / "paired_matched.csv").set_index("target")
     sweep = frame[frame["method"] == "static-exit"].sort_values("layer_ratio")

@@ -8,12 +8,13 @@ a difference is resolved.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..metrics.bootstrap import mean_bootstrap_interval
+from ..metrics.bootstrap import mean_bootstrap_interval, paired_basic_interval
 
 BACKBONE_HASH = "backbone_hash"
 UNKNOWN = "unknown"
@@ -78,17 +79,17 @@ def overlaps(low_a, high_a, low_b, high_b) -> np.ndarray:
     return known & (low_a <= high_b) & (low_b <= high_a)
 
 
-def unresolved_pareto(board: pd.DataFrame, low: str, high: str, per_seed: list[dict], level: float) -> np.ndarray:
+def unresolved_pareto(board: pd.DataFrame, low: str, high: str, difference: PairedDifference) -> np.ndarray:
     """★ rows that the intervals do not show to beat every cheaper competitor of their group, so that their place
-    on the front may be noise. Against a competitor with >= 2 shared seeds the paired interval of the FID
-    difference decides (it must lie below 0); otherwise whether the two rows' own intervals overlap."""
+    on the front may be noise. Against a competitor where a paired interval of the FID difference exists
+    (`PairedDifference`) it decides (it must lie below 0); otherwise whether the two rows' own intervals overlap."""
     marks = np.zeros(len(board), dtype=bool)
     cost = board["gflops_per_image"].to_numpy(float)
     for i in np.flatnonzero(board["pareto"].to_numpy(bool)):
         cheaper = (board["group"] == board["group"].iloc[i]).to_numpy() & (cost < cost[i]) \
             & board["competitor"].to_numpy(bool)
         for j in np.flatnonzero(cheaper):
-            paired = paired_interval(per_seed[i], per_seed[j], level)
+            paired = difference(i, j)
             if np.isfinite(paired[0]):
                 marks[i] |= paired[1] >= 0
             else:
@@ -101,6 +102,24 @@ def paired_interval(a: dict, b: dict, level: float) -> tuple[float, float]:
     """Bootstrap interval of the mean of (a - b) over the seeds both settings ran (NaN with fewer than 2)."""
     shared = [seed for seed in a if seed in b and np.isfinite(a[seed]) and np.isfinite(b[seed])]
     return mean_bootstrap_interval([a[seed] - b[seed] for seed in shared], level)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The paired interval of FID(i) - FID(j) between two board rows: over the seeds both ran where they share
+    >= 2 (`paired_interval`); else, where both rows are one seed each of the same run and seed and their cells
+    kept FID bootstrap replicates, over samples (`paired_basic_interval`: the replicates were drawn on the same
+    sample rows, whose noise both cells share); NaN otherwise."""
+    per_seed: list[dict]   # per board row: {seed: FID}
+    one_seed: list         # per board row: ((run, seed), point, replicates), or None
+    level: float
+
+    def __call__(self, i: int, j: int) -> tuple[float, float]:
+        low, high = paired_interval(self.per_seed[i], self.per_seed[j], self.level)
+        a, b = self.one_seed[i], self.one_seed[j]
+        if np.isfinite(low) or a is None or b is None or a[0] != b[0]:
+            return low, high
+        return paired_basic_interval(a[1], a[2], b[1], b[2], self.level)
 
 
 def includes_zero(intervals: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def kept_cells(view: ReportView) -> KeptCells | None:
     if fid is None or view.valid.empty:
         return None
     frame = view.valid.assign(group=group_keys(view.valid), setting=view.valid.apply(setting_label, axis=1))
-    kept = {index: view.reader_of(row).fid_bootstrap(row["cell_id"]).get(fid) for index, row in frame.iterrows()}
+    kept = {index: view.fid_replicates(row, fid) for index, row in frame.iterrows()}
     references = {key: reference_of_groups(rows).iloc[0] for key, rows in frame.groupby(SEED_GROUP, sort=False)}
     return KeptCells(frame, kept, references)
 

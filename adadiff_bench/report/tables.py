@@ -19,8 +19,8 @@ from ..metrics.bootstrap import mean_bootstrap_interval
 from ..metrics.specs import (CI_HIGH, CI_LOW, SEED_STD, delta_column, delta_quantity, is_value_column, parse_column,
                              primary_column, ranking_label)
 from ..results import atomic_write_bytes
-from .groups import (BACKBONE_HASH, group_keys, group_label, includes_zero, is_unknown, overlaps, paired_interval,
-                     reference_of_groups, unresolved_pareto)
+from .groups import (BACKBONE_HASH, PairedDifference, group_keys, group_label, includes_zero, is_unknown, overlaps,
+                     paired_interval, reference_of_groups, unresolved_pareto)
 from .view import ReportView, reference_cost
 
 
@@ -57,9 +57,13 @@ def seed_aggregation(column: str) -> str:
     return parsed.metric.seeds if parsed is not None else "mean"
 
 
-def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 0.95) -> pd.DataFrame:
+def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 0.95,
+                fid_replicates: dict | None = None) -> pd.DataFrame:
     """One row per method setting: aggregated over seeds, each quality metric's std across seeds, rows grouped by
-    backbone (each group's dFID against its own `full`, Pareto marks within it), and FID's seed interval."""
+    backbone (each group's dFID against its own `full`, Pareto marks within it), and FID's seed interval.
+
+    `fid_replicates`: per `frame` index, the cell's FID bootstrap over its samples as (point, replicates) (None or absent
+    where it kept none); settings of one seed are then compared over samples (`groups.PairedDifference`)."""
     several = frame["run"].nunique() > 1 if "run" in frame.columns else False
     frame = frame.assign(several_runs=several, group=group_keys(frame))
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
@@ -86,7 +90,7 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
         if "ceiling" in frame.columns else True
     board.insert(1, "pareto", group_pareto(board, fid) if fid else False)
     if fid:
-        board = with_comparisons(board, grouped, fid, level)
+        board = with_comparisons(board, grouped, fid, level, fid_replicates or {})
     order = list(dict.fromkeys(board["group"]))  # groups in the order the runs list them
     return sort_board(board, sort_by) if sort_by else by_group(sort_board(board, fid), order)
 
@@ -108,18 +112,19 @@ def group_pareto(board: pd.DataFrame, fid: str) -> np.ndarray:
     return mask
 
 
-def with_comparisons(board: pd.DataFrame, grouped, fid: str, level: float) -> pd.DataFrame:
+def with_comparisons(board: pd.DataFrame, grouped, fid: str, level: float, fid_replicates: dict) -> pd.DataFrame:
     """dFID against the group's `full`, FID's bootstrap interval over seeds where a setting has >= 2, and marks
     where the intervals do not separate a row from its `full` (`vs_full_unresolved`) or its Pareto place from a
     cheaper row (`pareto_unresolved`).
 
     Every cell of a seed starts from the same noise (it depends on the seed and the sample's index alone), so
-    two settings that share >= 2 seeds are compared by their per-seed differences (`paired_interval`): what a
-    seed's noise does to every method cancels. Settings without shared seeds fall back to whether their own
-    intervals overlap."""
+    two settings that share >= 2 seeds are compared by their per-seed differences, and two settings of one seed
+    whose cells kept FID bootstrap replicates by their differences over samples (`PairedDifference`): what the
+    noise does to every method cancels. Other settings fall back to whether their own intervals overlap."""
     low, high = fid + CI_LOW, fid + CI_HIGH
     board = board.assign(**{c: board.get(c, np.nan) for c in (low, high)})
     per_seed = [dict(zip(rows["seed"], rows[fid].astype(float))) for _, rows in grouped]  # board order
+    difference = PairedDifference(per_seed, [one_seed_kept(rows, fid_replicates) for _, rows in grouped], level)
     intervals = np.array([mean_bootstrap_interval(list(v.values()), level) for v in per_seed]).reshape(-1, 2)
     several = board["seeds"].to_numpy() > 1
     board.loc[several, low] = intervals[several, 0]
@@ -134,13 +139,21 @@ def with_comparisons(board: pd.DataFrame, grouped, fid: str, level: float) -> pd
     at = others.index(dfid) + 1
     board = board[others[:at] + [low, high] + others[at:]]  # FID's interval shown beside dFID
     same = has_full & (ref != np.arange(len(board)))
-    paired = np.array([paired_interval(per_seed[i], per_seed[ref[i]], level) if same[i] else (np.nan, np.nan)
+    paired = np.array([difference(i, ref[i]) if same[i] else (np.nan, np.nan)
                        for i in range(len(board))]).reshape(-1, 2)
     board[dfid + CI_LOW], board[dfid + CI_HIGH] = paired[:, 0], paired[:, 1]
     unpaired = overlaps(board[low], board[high], board[low].to_numpy()[ref], board[high].to_numpy()[ref])
     board["vs_full_unresolved"] = same & np.where(np.isfinite(paired[:, 0]), includes_zero(paired), unpaired)
-    board["pareto_unresolved"] = unresolved_pareto(board, low, high, per_seed, level)
+    board["pareto_unresolved"] = unresolved_pareto(board, low, high, difference)
     return board
+
+
+def one_seed_kept(rows: pd.DataFrame, kept: dict) -> tuple | None:
+    """A setting of one seed: ((run, seed), point, replicates) of its cell's FID bootstrap; None otherwise."""
+    if len(rows) != 1 or kept.get(rows.index[0]) is None:
+        return None
+    row = rows.iloc[0]
+    return ((row.get("run", ""), row["seed"]), *kept[rows.index[0]])
 
 
 def sort_board(board: pd.DataFrame, column: str | None) -> pd.DataFrame:
@@ -617,6 +630,14 @@ def group_notes(board: pd.DataFrame) -> list[str]:
                      "resolved. Rows without shared seeds fall back to whether their own intervals overlap. With 3 "
                      "seeds a resolved difference means every seed agrees on its sign: evidence, not proof (a "
                      "difference of zero does that 1 time in 4).")
+    if ranking and paired_over_samples(board, ranking).any():
+        lines.append(f"Rows of one seed whose cells kept their {name} bootstrap replicates (`fid_bootstrap`) are "
+                     f"compared over samples: the [interval] after such a row's d{name} is the basic bootstrap "
+                     f"interval of its {name} difference to the group's `full`, both cells resampled on the same "
+                     "sample rows (their noise is shared, so what it does to both cancels, and so does FID's small-n "
+                     f"bias). ≈ after a d{name}: that interval holds 0 (the difference is not resolved); ★≈: the "
+                     "interval against some cheaper row of the same seed does not lie below 0. It covers the sampling "
+                     "of these images at this seed, not what another seed would give.")
     unknown = [key for key in dict.fromkeys(board["group"]) if is_unknown(key)]
     if unknown:
         lines.append("Rows of a run that recorded no backbone hash (made before it was recorded) form one group per "
@@ -628,6 +649,13 @@ def group_notes(board: pd.DataFrame) -> list[str]:
     return lines
 
 
+def paired_over_samples(board: pd.DataFrame, ranking: str) -> np.ndarray:
+    """Rows of one seed whose difference to `full` has an interval: one paired over samples."""
+    low = delta_column(ranking) + CI_LOW
+    return (board["seeds"] == 1).to_numpy() & np.isfinite(board[low].to_numpy(float)) if low in board.columns \
+        else np.zeros(len(board), dtype=bool)
+
+
 def write_text(path: Path, text: str) -> Path:
     atomic_write_bytes(path, text.encode())
     return path
@@ -635,7 +663,9 @@ def write_text(path: Path, text: str) -> Path:
 
 def leaderboard_files(view: ReportView, out: Path, sort_by: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
     """leaderboard.md, .csv and .tex under `out`; returns (the board, the paths)."""
-    board = leaderboard(view.frame, sort_by)
+    fid = primary_column(view.frame.columns)
+    replicates = {index: view.fid_replicates(row, fid) for index, row in view.frame.iterrows()} if fid else {}
+    board = leaderboard(view.frame, sort_by, fid_replicates=replicates)
     title = f"Leaderboard: {', '.join(view.infos)}"
     notes = leaderboard_notes(board, view.infos)
     skipped = skipped_note(board, view.infos)

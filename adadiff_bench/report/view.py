@@ -57,6 +57,13 @@ class ReportView:
         """The row's per-step step-log summaries, or None (see `RunReader.exits`)."""
         return self.reader_of(row).exits(row["cell_id"])
 
+    def fid_replicates(self, row: pd.Series, column: str) -> tuple[float, np.ndarray] | None:
+        """The row's FID bootstrap over its samples for ranking column `column`, (point, replicates), or None when
+        its cell kept none (see `RunReader.fid_bootstrap`) or the view has no reader of its run."""
+        if row.get("run") not in self.readers:
+            return None
+        return self.reader_of(row).fid_bootstrap(row["cell_id"]).get(column)
+
     def artifact(self, row: pd.Series, name: str) -> dict[str, np.ndarray] | None:
         """Another archive the row's method saved, e.g. name="uncertainty_maps", or None."""
         return self.reader_of(row).artifact(row["cell_id"], name)
