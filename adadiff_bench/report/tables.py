@@ -62,8 +62,8 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
     """One row per method setting: aggregated over seeds, each quality metric's std across seeds, rows grouped by
     backbone (each group's dFID against its own `full`, Pareto marks within it), and FID's seed interval.
 
-    `fid_replicates`: per `frame` index, the cell's FID bootstrap over its samples as (point, replicates) (None or absent
-    where it kept none); settings of one seed are then compared over samples (`groups.PairedDifference`)."""
+    `fid_replicates`: per `frame` index, the cell's FID bootstrap over its samples as (point, replicates) (None or
+    absent where it kept none); settings of one seed are then compared over samples (`groups.PairedDifference`)."""
     several = frame["run"].nunique() > 1 if "run" in frame.columns else False
     frame = frame.assign(several_runs=several, group=group_keys(frame))
     frame = frame.assign(setting=frame.apply(setting_label, axis=1))
