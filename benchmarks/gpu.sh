@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One run on a lent GPU: install the carried wheels, print the environment, run the CUDA tests
-# (tests/test_cuda.py and every test named with "cuda") and benchmarks/gpu_check.py, whose report lands in
-# benchmarks/results/gpu-<gpu name>.md (and, with $OUT set, in $OUT with the whole log, gpu.log).
-# About 5 minutes on an H200; every step has a time limit, so it ends within 8.
+# (tests/test_cuda.py and every test named with "cuda"), benchmarks/gpu_check.py and benchmarks/gpu_profile.py,
+# whose reports land in benchmarks/results/gpu-<gpu name>.md and gpu-<gpu name>-profile.md (and, with $OUT set,
+# in $OUT with the whole log, gpu.log). About 7 minutes on an H200 (5.3 measured without the profile); every step
+# has a time limit, so it ends within 10.
 #
 #   bash benchmarks/gpu.sh              # on the GPU machine; make .whl/ here first: bash benchmarks/gpu_wheels.sh
 #   bash benchmarks/gpu.sh --dry-run    # on the CPU: every step up to the first CUDA call (tests collected only)
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry_run=1 ;;
         --out) out_file=${2:?--out needs a path}; shift ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -80,6 +81,9 @@ if [ "$dry_run" = 1 ]; then
     out_file=${out_file:-${TMPDIR:-/tmp}/gpu-dry-run.md}
     step "gpu_check.py --dry-run"
     "$PYTHON" benchmarks/gpu_check.py --dry-run --out "$out_file" || status=1
+    profile_file=${out_file%.md}-profile.md
+    step "gpu_profile.py --dry-run"
+    "$PYTHON" benchmarks/gpu_profile.py --dry-run --out "$profile_file" || status=1
 else
     step "CUDA tests: tests/test_cuda.py, then every test named with 'cuda'"
     timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_cuda.py tests || status=1
@@ -89,9 +93,12 @@ else
     fi
     step "gpu_check.py (report: $out_file)"
     timeout 270 "$PYTHON" benchmarks/gpu_check.py --device cuda --out "$out_file" || status=1
+    profile_file=${out_file%.md}-profile.md
+    step "gpu_profile.py (report: $profile_file)"
+    timeout 150 "$PYTHON" benchmarks/gpu_profile.py --device cuda --out "$profile_file" || status=1
 fi
-if [ -n "${OUT:-}" ] && [ -f "$out_file" ]; then
-    cp "$out_file" "$OUT/"
+if [ -n "${OUT:-}" ]; then
+    for report in "$out_file" "$profile_file"; do [ ! -f "$report" ] || cp "$report" "$OUT/"; done
 fi
-step "done (exit status $status; report: $out_file)"
+step "done (exit status $status; reports: $out_file, $profile_file)"
 exit "$status"

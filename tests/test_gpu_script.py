@@ -1,6 +1,6 @@
 """`bash benchmarks/gpu.sh --dry-run` on the CPU: every step of the GPU run up to the first CUDA call (packages,
-environment, the CUDA tests collected, benchmarks/gpu_check.py at tiny sizes) ends well and prints the tables,
-so a GPU's scarce minutes are not spent on a broken script. About 40 s on 2 idle cores."""
+environment, the CUDA tests collected, benchmarks/gpu_check.py and gpu_profile.py at tiny sizes) ends well and
+prints the tables, so a GPU's scarce minutes are not spent on a broken script. About 40 s on 2 idle cores."""
 from __future__ import annotations
 
 import os
@@ -31,4 +31,9 @@ def test_gpu_script_dry_run_prints_every_table(tmp_path):
     # 2 batch sizes x (3 AdaDiff thresholds; 2 random-exit layer ratios x 2 precisions)
     assert text.count("| adadiff |") == 6 and text.count("| random-exit |") == 8
     assert "| digits-cnn |" in text and "| inception |" in text and "| NO |" not in text
+    # the profile: 7 rows at the dry run's one batch size, in its own report beside the check's
+    profile = (tmp_path / "gpu-dry-run-profile.md").read_text()
+    assert profile.startswith("**Where a GPU's time goes**") and "DRY RUN" in profile and profile in done.stdout
+    assert "| host syncs/step | aten ops/step |" in profile and profile.count("| digits U-ViT |") == 3
+    assert profile.count("| U-ViT-S/2 random |") == 4
     assert not list(REPO.glob("benchmarks/results/gpu-*dry*"))  # nothing written into the repository
