@@ -2,8 +2,8 @@
 # One run on a lent GPU: install the carried wheels, print the environment, run the CUDA tests
 # (tests/test_cuda.py and every test named with "cuda"), benchmarks/gpu_check.py and benchmarks/gpu_profile.py,
 # whose reports land in benchmarks/results/gpu-<gpu name>.md and gpu-<gpu name>-profile.md (and, with $OUT set,
-# in $OUT with the whole log, gpu.log). About 7 minutes on an H200 (5.3 measured without the profile); every step
-# has a time limit, so it ends within 10.
+# in $OUT with the whole log, gpu.log), then paper_cost.py's DiT-XL/2 probe (in the log). About 8-9 minutes on an
+# H200 (5.3 measured without the profile and the probe): give the device tool's call its 600 s.
 #
 #   bash benchmarks/gpu.sh              # on the GPU machine; make .whl/ here first: bash benchmarks/gpu_wheels.sh
 #   bash benchmarks/gpu.sh --dry-run    # on the CPU: every step up to the first CUDA call (tests collected only)
@@ -96,6 +96,10 @@ else
     profile_file=${out_file%.md}-profile.md
     step "gpu_profile.py (report: $profile_file)"
     timeout 150 "$PYTHON" benchmarks/gpu_profile.py --device cuda --out "$profile_file" || status=1
+    [ -z "${OUT:-}" ] || cp "$out_file" "$profile_file" "$OUT/" 2>/dev/null
+    step "paper_cost.py: DiT-XL/2 at ImageNet 256 on the GPU, bf16 (random weights; cost per 1,000 samples)"
+    timeout 120 "$PYTHON" benchmarks/paper_cost.py configs/paper/imagenet256_dit_xl2.toml --device cuda \
+        --precision bf16 --steps 4 || status=1
 fi
 if [ -n "${OUT:-}" ]; then
     for report in "$out_file" "$profile_file"; do [ ! -f "$report" ] || cp "$report" "$OUT/"; done

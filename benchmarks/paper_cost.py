@@ -6,10 +6,13 @@ loaded, given its prompts (random CLIP-shaped tokens for the text-to-image prese
 `generate` at the config's solver, schedule and guidance, with `--steps` steps instead of the config's. The
 decoder of a latent preset is SD's autoencoder at full width with random weights (built in memory). CPU time
 (user + system, all threads) is read around each stage, so the figures do not depend on what else the machine
-runs; evaluations count both guidance passes.
+runs; evaluations count both guidance passes. With `--device cuda` the probe runs on the GPU instead, at
+`--samples` images in one batch (default 32 there), timed by wall clock between synchronisations after a warm-up,
+and the figures are GPU seconds and hours (one GPU).
 
     python benchmarks/paper_cost.py configs/paper/mscoco256_uvit_s2_t2i.toml    # about 1 min, 3 GB of memory
     python benchmarks/paper_cost.py configs/paper/imagenet256_dit_xl2.toml      # DiT-XL/2: 2.7 GB folder, 8 GB
+    python benchmarks/paper_cost.py configs/paper/imagenet256_dit_xl2.toml --device cuda --precision bf16
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import numpy as np
 import torch
 
 from adadiff_bench.config import load_run_config
+from adadiff_bench.device import check_precision_on, device_name, resolve_device
 from adadiff_bench.diffusion import solver_timesteps
+from adadiff_bench.errors import UserError
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.guidance import NO_GUIDANCE
 from adadiff_bench.harness import generate, reference_cell
@@ -54,32 +59,47 @@ def random_prompts(preset, path: Path, count: int = 4) -> None:
              empty_context=rng.standard_normal(shape).astype(np.float32))
 
 
-def cpu_seconds(work) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds) that `work()` takes."""
+def cpu_seconds(work, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) that `work()` takes; on a GPU, wall seconds between
+    synchronisations come first (the GPU's time, not the host's)."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     cpu, wall = time.process_time(), time.perf_counter()
     work()
-    return time.process_time() - cpu, time.perf_counter() - wall
+    synchronize()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return (wall, wall) if device.type == "cuda" else (cpu, wall)
 
 
-def decoder_cpu_seconds(preset, num_samples: int) -> float:
-    """CPU seconds per image of decoding with SD's autoencoder at full width (random weights)."""
+def decoder_cpu_seconds(preset, num_samples: int, device: torch.device) -> float:
+    """CPU (on a GPU: wall) seconds per image of decoding with SD's autoencoder at full width (random weights)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
     from adadiff_bench.models.autoencoder import LatentDecoder, ldm_config
     config = create_vae_diffusers_config_from_ldm(ldm_config(preset.latent.ddconfig, preset.latent.scale_factor), {})
-    decoder = LatentDecoder(AutoencoderKL(**config).eval(), preset.latent.scale_factor)
+    decoder = LatentDecoder(AutoencoderKL(**config).eval(), preset.latent.scale_factor).to(device)
     latents = torch.randn(num_samples, preset.network.in_chans, preset.network.img_size, preset.network.img_size)
-    return cpu_seconds(lambda: decoder.decode(latents, num_samples))[0] / num_samples
+    if device.type == "cuda":
+        decoder.decode(latents, num_samples)  # warm-up (kernel selection, allocator)
+    return cpu_seconds(lambda: decoder.decode(latents, num_samples), device)[0] / num_samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--samples", type=int, help="images, sampled as one batch (default 2; 32 on a GPU)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="the network's autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device, "--device")
+        check_precision_on(args.precision, device, "--device")
+    except UserError as error:
+        raise SystemExit(f"paper_cost: error: {error}") from None
+    samples = args.samples or (32 if device.type == "cuda" else 2)
     config = load_run_config(args.config)
     preset = get_preset(config.model.preset)
     with tempfile.TemporaryDirectory() as folder:
@@ -95,24 +115,29 @@ def main() -> None:
             random_prompts(preset, Path(folder) / "prompts.npz")
             attach_prompts(model, str(Path(folder) / "prompts.npz"), config.sampling.guidance != NO_GUIDANCE,
                            args.config)
+    macs = unit_costs(model).full  # (traced on the CPU, before the model moves)
+    model.to(device)
     cell = dataclasses.replace(reference_cell(config), num_steps=args.steps)
     passes = 1 if config.sampling.guidance == NO_GUIDANCE else 2
     evaluations = len(solver_timesteps(cell.solver, args.steps, cell.schedule)) * passes
+    on_gpu = device.type == "cuda"
+    unit = f"GPU s ({device_name(device)}, {args.precision})" if on_gpu else "CPU s"
     with torch.no_grad():
-        generate(cell, model, 1, 1)  # warm-up
-        cpu, wall = cpu_seconds(lambda: generate(cell, model, args.samples, args.samples))
-    per_evaluation = cpu / (args.samples * evaluations)
+        generate(cell, model, samples if on_gpu else 1, samples if on_gpu else 1, precision=args.precision)  # warm-up
+        cpu, wall = cpu_seconds(lambda: generate(cell, model, samples, samples, precision=args.precision), device)
+    per_evaluation = cpu / (samples * evaluations)
     full_evaluations = len(solver_timesteps(cell.solver, config.sampling.num_steps, cell.schedule)) * passes
     hours = per_evaluation * full_evaluations * 1000 / 3600
-    print(f"{preset.name}: {unit_costs(model).full / 1e9:.1f} G MACs per evaluation; {cell.solver}, {args.steps} "
-          f"steps x {passes} pass(es) = {evaluations} evaluations per sample, {args.samples} samples: {cpu:.1f} CPU s "
+    print(f"{preset.name}: {macs / 1e9:.1f} G MACs per evaluation; {cell.solver}, {args.steps} "
+          f"steps x {passes} pass(es) = {evaluations} evaluations per sample, {samples} samples: {cpu:.1f} {unit} "
           f"({wall:.1f} s wall, {args.threads} threads)")
-    print(f"CPU s per evaluation per sample: {per_evaluation:.2f}; at the config's {full_evaluations} evaluations: "
-          f"{hours:.1f} CPU hours per 1,000 samples, {hours / args.threads:.1f} h on {args.threads} cores fully used")
+    print(f"{unit} per evaluation per sample: {per_evaluation:.4f}; at the config's {full_evaluations} evaluations: "
+          f"{hours:.2f} {unit.split()[0]} hours per 1,000 samples"
+          + ("" if on_gpu else f", {hours / args.threads:.1f} h on {args.threads} cores fully used"))
     if preset.latent is not None:
-        decode = decoder_cpu_seconds(preset, args.samples) * 1000 / 3600
-        print(f"SD decoder: {decode * 3.6:.2f} CPU s per image, +{decode:.1f} CPU hours per 1,000 samples, "
-              f"+{decode / args.threads:.1f} h on {args.threads} cores")
+        decode = decoder_cpu_seconds(preset, samples, device) * 1000 / 3600
+        print(f"SD decoder: {decode * 3.6:.4f} {unit} per image, +{decode:.2f} {unit.split()[0]} hours per 1,000 "
+              "samples" + ("" if on_gpu else f", +{decode / args.threads:.1f} h on {args.threads} cores"))
 
 
 if __name__ == "__main__":
