@@ -4,6 +4,7 @@ and the checkpoint format registry."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -138,6 +139,20 @@ def test_forward_matches_plain_recomputation(tiny_model):
         ours = tiny_model(x, t)
     assert torch.allclose(ours, plain_uvit(state, TINY, x, t), atol=1e-5, rtol=1e-4)
     assert ours.abs().mean() > 1e-3  # not a trivially zero output
+
+
+def test_final_conv_sums_shifted_copies_on_the_cpu_and_convolves_elsewhere():
+    """The CPU's batch-independent sum of shifted copies computes the convolution; off the CPU (here "meta", as
+    on a GPU) the layer runs nn.Conv2d's one convolution instead."""
+    layer = build_model(TINY).final_layer
+    x = torch.randn(3, TINY.in_chans, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), mock.patch.object(torch.nn.Conv2d, "_conv_forward",
+                                            autospec=True, side_effect=torch.nn.Conv2d._conv_forward) as conv:
+        summed = layer(x)
+        assert conv.call_count == 0
+        assert torch.allclose(summed, F.conv2d(x, layer.weight, layer.bias, padding=1), atol=1e-6, rtol=1e-5)
+        assert torch.equal(layer(x[1:2]), summed[1:2])  # batch independent on the CPU
+        assert layer.to("meta")(x.to("meta")).shape == x.shape and conv.call_count == 1
 
 
 def test_patchify_round_trip():

@@ -90,10 +90,15 @@ class FinalConv2d(nn.Conv2d):
 
     Same parameters as `nn.Conv2d`. oneDNN's convolution and small matmuls round differently at
     different batch sizes (~1e-8, amplified to ~1e-4 over a sampling run); elementwise products
-    summed in a fixed order do not, so a sample's image never depends on its batch.
+    summed in a fixed order do not, so a sample's image never depends on its batch. Off the CPU it is
+    the plain convolution: one kernel instead of 27 for every head call (an early exit calls the head
+    once per exit event), and batch independence is not promised on a GPU anyway (cuBLAS picks kernels
+    by shape).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
         height, width = x.shape[-2:]
         pad_h, pad_w = self.padding
         padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
