@@ -104,6 +104,9 @@ def main() -> int:
         print(f"gpu_profile: error: {error}", file=sys.stderr)
         return 2
     batches = args.batch_sizes or ([2] if args.dry_run else [16, 64, 256])
+    if min(batches) < 1:
+        print(f"gpu_profile: error: --batch-sizes must be positive (got {batches})", file=sys.stderr)
+        return 2
     digits_steps, s2_steps = (2, 2) if args.dry_run else (25, 10)
     s2_config = dataclasses.replace(UVIT_S2, embed_dim=32, depth=2, num_heads=2) if args.dry_run else UVIT_S2
     digits, _ = on_device(load_model(BASE).eval(), device)

@@ -98,8 +98,10 @@ def main() -> None:
         device = resolve_device(args.device, "--device")
         check_precision_on(args.precision, device, "--device")
     except UserError as error:
-        raise SystemExit(f"paper_cost: error: {error}") from None
-    samples = args.samples or (32 if device.type == "cuda" else 2)
+        parser.error(str(error))
+    samples = args.samples if args.samples is not None else (32 if device.type == "cuda" else 2)
+    if samples < 1 or args.steps < 1:
+        parser.error(f"--samples and --steps must be positive (got {samples} and {args.steps})")
     config = load_run_config(args.config)
     preset = get_preset(config.model.preset)
     with tempfile.TemporaryDirectory() as folder:
