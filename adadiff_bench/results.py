@@ -362,6 +362,7 @@ class RunReader:
         self.info: dict = read_json(self.layout.run_json)
         check_run_info(self.info, self.layout.run_json)
         self._frame: pd.DataFrame | None = None
+        self._fid_bootstraps: dict[str, dict[str, tuple[float, np.ndarray]]] = {}  # (a report reads each twice)
 
     def require(self, *tables: str) -> None:
         """Refuse (one line) a run.json without these tables and the fields reports read from them."""
@@ -405,7 +406,9 @@ class RunReader:
 
     def fid_bootstrap(self, cell_id: str) -> dict[str, tuple[float, np.ndarray]]:
         """A cell's FID bootstrap per column, {column: (point, replicates)}; {} when it has none. Arrays of any
-        other shape or kind are left out (the file may have been edited)."""
+        other shape or kind are left out (the file may have been edited). Read once per reader."""
+        if cell_id in self._fid_bootstraps:
+            return self._fid_bootstraps[cell_id]
         arrays = self.artifact(cell_id, FID_BOOTSTRAP) or {}
         kept = {}
         for key, point in arrays.items():
@@ -414,6 +417,7 @@ class RunReader:
             if part == "point" and point.shape == () and replicates is not None and replicates.ndim == 1 \
                     and point.dtype.kind == "f" and replicates.dtype.kind == "f":
                 kept[column] = (float(point), replicates.astype(float))
+        self._fid_bootstraps[cell_id] = kept
         return kept
 
     def verify_archives(self) -> None:

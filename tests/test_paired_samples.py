@@ -6,6 +6,8 @@ cells' own intervals side by side, and end to end through a run and its report.
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,6 +76,8 @@ def test_a_run_keeps_its_replicates_and_its_report_pairs_every_cell_with_full(tm
     kept = {cell: reader.fid_bootstrap(cell)["fid_digits_cnn"] for cell in frame["cell_id"]}
     for cell, (point, replicates) in kept.items():
         assert point == pytest.approx(frame.set_index("cell_id").loc[cell, "fid_digits_cnn"]) and len(replicates) == 40
+    with mock.patch("adadiff_bench.results.read_npz", side_effect=AssertionError("an archive read twice")):
+        assert all(reader.fid_bootstrap(cell)["fid_digits_cnn"][0] == kept[cell][0] for cell in kept)  # (memoised)
     edited = frame[(frame["method"] == "full") & (frame["num_steps"] == 2)]["cell_id"].iloc[0]
     write_npz(reader.layout.cell_archive(edited, FID_BOOTSTRAP),  # an edited file: that cell is left out, no traceback
               **{"fid_digits_cnn/point": np.array([1, 2]), "fid_digits_cnn/replicates": np.array(["x"])})
