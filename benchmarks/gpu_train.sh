@@ -28,8 +28,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONHASHSEED=0 MPLBACKEND=Agg PYTHONUNBUFFERED=1
 
-read -r cap out_dir < <("$PYTHON" -c "import sys; from adadiff_bench.training import load_train_config as l
-t = l(sys.argv[1]).train; print(t.steps, t.out_dir)" "$config") || exit 2
+read -r cap out_dir < <("$PYTHON" -c "import sys
+from adadiff_bench.errors import UserError
+from adadiff_bench.training import load_train_config
+try:
+    t = load_train_config(sys.argv[1]).train
+except UserError as error:
+    sys.exit(f'gpu_train.sh: {error}')
+print(t.steps, t.out_dir)" "$config") || exit 2
 staged=$(mktemp --suffix=.toml)
 log=${OUT:-/tmp}/gpu_train.log
 status=0
