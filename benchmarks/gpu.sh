@@ -39,17 +39,14 @@ fi
 
 step "packages"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_site.sh
 importable() { "$PYTHON" -c "import diffusers, torch_fidelity, fvcore, cleanfid" 2>/dev/null; }
 missing="gpu.sh: diffusers, torch-fidelity, fvcore or clean-fid is missing:"
 missing+=" run benchmarks/gpu_wheels.sh where pip works and carry .whl/"
 if [ "$dry_run" = 1 ] && importable; then
     echo "dry run: the packages are importable here, .whl/ is not installed"
 elif compgen -G ".whl/*.whl" >/dev/null; then
-    site=${GPU_SH_SITE:-/tmp/site}
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-        || { echo "gpu.sh: installing the wheels in .whl/ failed" >&2; exit 1; }
-    export PYTHONPATH="$site:$PYTHONPATH"
-    echo "installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $site"
+    install_carried_wheels gpu.sh || exit 1
     importable || { echo "$missing" >&2; exit 1; }
 else
     importable || { echo "$missing" >&2; exit 1; }
@@ -81,9 +78,7 @@ if [ "$dry_run" = 1 ]; then
     out_file=${out_file:-${TMPDIR:-/tmp}/gpu-dry-run.md}
     step "gpu_check.py --dry-run"
     "$PYTHON" benchmarks/gpu_check.py --dry-run --out "$out_file" || status=1
-    profile_file=${out_file%.md}-profile.md
-    step "gpu_profile.py --dry-run"
-    "$PYTHON" benchmarks/gpu_profile.py --dry-run --out "$profile_file" || status=1
+    device=(--dry-run)
 else
     step "CUDA tests: tests/test_cuda.py, then every test named with 'cuda'"
     timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_cuda.py tests || status=1
@@ -93,16 +88,18 @@ else
     fi
     step "gpu_check.py (report: $out_file)"
     timeout 270 "$PYTHON" benchmarks/gpu_check.py --device cuda --out "$out_file" || status=1
-    profile_file=${out_file%.md}-profile.md
-    step "gpu_profile.py (report: $profile_file)"
-    timeout 150 "$PYTHON" benchmarks/gpu_profile.py --device cuda --out "$profile_file" || status=1
-    [ -z "${OUT:-}" ] || cp "$out_file" "$profile_file" "$OUT/" 2>/dev/null
+    device=(--device cuda)
+fi
+profile_file=${out_file%.md}-profile.md
+step "gpu_profile.py ${device[*]} (report: $profile_file)"
+timeout 150 "$PYTHON" benchmarks/gpu_profile.py "${device[@]}" --out "$profile_file" || status=1
+if [ -n "${OUT:-}" ]; then  # (before the last step: a call cut short at its limit still returns the reports)
+    for report in "$out_file" "$profile_file"; do [ ! -f "$report" ] || cp "$report" "$OUT/"; done
+fi
+if [ "$dry_run" = 0 ]; then
     step "paper_cost.py: DiT-XL/2 at ImageNet 256 on the GPU, bf16 (random weights; cost per 1,000 samples)"
     timeout 120 "$PYTHON" benchmarks/paper_cost.py configs/paper/imagenet256_dit_xl2.toml --device cuda \
         --precision bf16 --steps 4 || status=1
-fi
-if [ -n "${OUT:-}" ]; then
-    for report in "$out_file" "$profile_file"; do [ ! -f "$report" ] || cp "$report" "$OUT/"; done
 fi
 step "done (exit status $status; reports: $out_file, $profile_file)"
 exit "$status"

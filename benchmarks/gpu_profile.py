@@ -28,10 +28,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import ADADIFF, BASE, SOLVER, UVIT_S2, markdown_table, on_device, sampler  # noqa: E402
+from gpu_check import ADADIFF, BASE, SOLVER, UVIT_S2, markdown_table, on_device, sampler, write_report  # noqa: E402
 
 from adadiff_bench.checkpoints import build_model, load_model  # noqa: E402
-from adadiff_bench.device import resolve_device  # noqa: E402
+from adadiff_bench.device import device_name, resolve_device  # noqa: E402
 from adadiff_bench.errors import UserError  # noqa: E402
 from adadiff_bench.harness import Cell  # noqa: E402
 
@@ -113,15 +113,10 @@ def main() -> int:
     torch.manual_seed(0)
     s2, _ = on_device(build_model(s2_config).eval(), device)
     rows = [r for batch in batches for r in batch_rows(batch, digits, s2, digits_steps, s2_steps, device)]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     dry = ", DRY RUN: no number here means anything" if args.dry_run else ""
-    text = (f"**Where a GPU's time goes** ({device}, {where}{dry}; digits {digits_steps} steps, U-ViT-S/2 {s2_steps} "
-            f"steps, {SOLVER}; one profiled sampling run after a warm-up, per sampling step)\n\n"
-            f"{markdown_table(HEADER, rows, 4)}\n")
-    print(text, flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    title = (f"**Where a GPU's time goes** ({device}, {device_name(device)}{dry}; digits {digits_steps} steps, "
+             f"U-ViT-S/2 {s2_steps} steps, {SOLVER}; one profiled sampling run after a warm-up, per sampling step)")
+    print(write_report(args.out, [title, markdown_table(HEADER, rows, 4)]), flush=True)
     return 0
 
 

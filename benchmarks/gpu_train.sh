@@ -21,10 +21,9 @@ if [ -z "$config" ] || [ ! -f "$config" ] || ! [[ "$seconds" =~ ^[0-9]+$ && "$st
     exit 2
 fi
 PYTHON=${PYTHON:-python3}
+source benchmarks/gpu_site.sh
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "gpu_train.sh: installing the wheels in .whl/ failed" >&2; exit 1; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    install_carried_wheels gpu_train.sh || exit 1
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONHASHSEED=0 MPLBACKEND=Agg PYTHONUNBUFFERED=1
 
