@@ -126,6 +126,11 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+def short_device_name(info: dict) -> str:
+    """A `device_info` record in a word or two: the GPU's name on CUDA, else the torch device."""
+    return str(info.get("gpu_name") or info.get("device") or "cpu")
+
+
 def device_name(device: torch.device) -> str:
     """A short name for results rows: the GPU's model, or the CPU's."""
     if device.type == "cuda":

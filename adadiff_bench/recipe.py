@@ -45,13 +45,25 @@ def split_holdout(count: int, fraction: float, seed: int) -> tuple[torch.Tensor,
     return order[held:].sort().values, order[:held].sort().values
 
 
+def training_session(device: str | None, first_step: int, last_step: int, seconds: float) -> dict:
+    """One session of a training, as its state and export record it; device None: not recorded (a state saved
+    before sessions were)."""
+    return {"device": device, "steps": [int(first_step), int(last_step)], "seconds": round(float(seconds), 1)}
+
+
 @dataclass
 class TrainingRecord:
     """What a training keeps across resumes besides weights: the held-out loss history with its stopping rule
-    (see the module docstring), and the seconds trained in earlier sessions."""
+    (see the module docstring), and the seconds trained in earlier sessions, and where each of them ran."""
     patience: int
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) per evaluation
     seconds_before: float = 0.0  # wall-clock of the sessions before this one (a resumed run adds its own)
+    # one `training_session` per earlier session (a training in stages may move between a GPU and the CPU)
+    sessions: list[dict] = field(default_factory=list)
+
+    def with_session(self, device: str | None, first_step: int, last_step: int, seconds: float) -> list[dict]:
+        """The earlier sessions and this one (steps first_step..last_step on `device`)."""
+        return [*self.sessions, training_session(device, first_step, last_step, seconds)]
 
     def record(self, step: int, loss: float) -> None:
         self.history.append((int(step), float(loss)))

@@ -31,11 +31,12 @@ from .checkpoints import (CheckpointFormat, atomic_torch_save, build_dit, build_
                           register_format, save_checkpoint, sha256_file)
 from .config import DiTConfig, TrainFile, UViTConfig, from_dict, read_toml, to_dict
 from .data import check_matches_model, load_dataset
-from .device import autocast, check_precision_on, device_info, resolve_device, to_device
+from .device import autocast, check_precision_on, device_info, resolve_device, short_device_name, to_device
 from .diffusion import alphas_cumprod, schedule_training_loss
 from .errors import UserError, did_you_mean
 from .schedules import DEFAULT_SCHEDULE
-from .recipe import TrainingRecord, ema_decay_at, ema_start_share, held_out_loss, split_holdout, swap_weights
+from .recipe import (TrainingRecord, ema_decay_at, ema_start_share, held_out_loss, split_holdout, swap_weights,
+                     training_session)
 from .methods.registry import available_methods, get_method, trainable_methods
 from .training_report import Predictions, write_training_report
 
@@ -192,6 +193,7 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.steps, desc="train",
                disable=not progress, mininterval=2.0)
     started = time.perf_counter()
+    device_label = short_device_name(device_info(device))
     for step in bar:
         # a batch drawn on the CPU and moved; forward and loss autocast to `precision`
         batch = torch.randint(len(train_images), (cfg.batch_size,), generator=generator)
@@ -215,7 +217,7 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
             bar.set_postfix(loss=f"{loss.item():.4f}", **_held_out_postfix(log), refresh=False)
         if stop or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_state(out_dir / "last.pt", config, model, ema, optimizer, scaler, generator, step + 1, base,
-                        log, time.perf_counter() - started)
+                        log, time.perf_counter() - started, session=(device_label, start_step))
         if stop:
             steps_run = step + 1
             best_step, best_loss = log.best
@@ -232,7 +234,8 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
             "held_out_loss": [list(entry) for entry in log.history],
             "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1),
             "train_seconds": round(log.seconds_before + time.perf_counter() - started, 1),
-            "device": device_info(device), "precision": cfg.precision}
+            "device": device_info(device), "precision": cfg.precision,
+            "sessions": log.with_session(device_label, start_step, steps_run, time.perf_counter() - started)}
     if base is not None:
         meta.update(base_checkpoint=base.path, base_sha256=base.sha256)
     ema = ema.cpu()  # (what a task exports loads on any machine)
@@ -280,11 +283,13 @@ def _evaluate(task: Task, model, ema, log: TrainingRecord, step: int, images, la
 
 
 def _save_state(path: Path, config: TrainFile, model, ema, optimizer, scaler, generator, step: int,
-                base: BaseFile | None, log: TrainingRecord | None = None, elapsed: float = 0.0) -> None:
+                base: BaseFile | None, log: TrainingRecord, elapsed: float, session: tuple[str, int]) -> None:
+    """`session`: (device, first step) of this session, recorded after the earlier ones."""
     atomic_torch_save({"format": STATE_FORMAT, "config": to_dict(config), "step": step,
                        "base_sha256": base.sha256 if base else None,
-                       "held_out_loss": [list(entry) for entry in log.history] if log else [],
-                       "train_seconds": log.seconds_before + elapsed if log else None,
+                       "held_out_loss": [list(entry) for entry in log.history],
+                       "train_seconds": log.seconds_before + elapsed,
+                       "sessions": log.with_session(session[0], session[1], step, elapsed),
                        # every tensor on the CPU: a state saved on a GPU loads anywhere
                        "model": moved_to(model.state_dict(), CPU), "ema": moved_to(ema.state_dict(), CPU),
                        "optimizer": moved_to(optimizer.state_dict(), CPU), "scaler": scaler.state_dict(),
@@ -322,6 +327,7 @@ def _resume(path: Path, config: TrainFile, model, ema, optimizer, scaler, genera
             for step, loss in state.get("held_out_loss") or ():
                 log.record(step, loss)
             log.seconds_before = float(state.get("train_seconds") or 0.0)
+            log.sessions = list(state.get("sessions") or [training_session(None, 0, state["step"], log.seconds_before)])
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise UserError(f"cannot resume: {path} does not fit this training run ({type(exc).__name__}); {fix}") from None
     print(f"resuming from {path} at step {state['step']}")

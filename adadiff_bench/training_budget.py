@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 
 from .checkpoints import read_checkpoint
+from .device import short_device_name
 from .errors import UserError
 
 NOT_RECORDED = "not recorded"
@@ -29,7 +30,7 @@ def _meta(path: str, mtime_ns: int) -> dict:
 
 def checkpoint_budget(path: str | Path) -> dict:
     """{steps, batch_size, samples_seen, seconds, device} of the training that exported `path` (only the keys
-    its meta records; {} when none)."""
+    its meta records; {} when none). A training that ran on more than one device names each with its steps."""
     path = Path(path)
     meta = _meta(str(path), path.stat().st_mtime_ns) if path.is_file() else {}
     if not isinstance(meta.get("steps"), int):
@@ -44,9 +45,25 @@ def checkpoint_budget(path: str | Path) -> dict:
         budget["seconds"] = float(seconds)
     device = meta.get("device")
     # (`train` records device.device_info: the GPU's name on CUDA, else the torch device)
-    budget["device"] = (device.get("gpu_name") or device.get("device") or "cpu") if isinstance(device, dict) \
-        else device or "cpu"
+    budget["device"] = short_device_name(device) if isinstance(device, dict) else str(device or "cpu")
+    steps_by_device = steps_per_device(meta.get("sessions"))
+    if len(steps_by_device) > 1:  # a training in stages that moved between devices: each one's share
+        budget["device"] = " and ".join(f"{name} ({steps:,} steps)" for name, steps in steps_by_device.items())
     return budget
+
+
+def steps_per_device(sessions) -> dict[str, int]:
+    """{device: steps trained there} over a checkpoint's recorded sessions, in order of first use ("not
+    recorded" for steps saved before sessions were); {} for a missing or malformed record (a hostile file)."""
+    steps: dict[str, int] = {}
+    for session in sessions if isinstance(sessions, list) else ():
+        span = session.get("steps") if isinstance(session, dict) else None
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
+            return {}
+        name = session.get("device")
+        name = NOT_RECORDED if name is None else str(name)[:60]
+        steps[name] = steps.get(name, 0) + max(span[1] - span[0], 0)
+    return steps
 
 
 def describe_budget(path: str | Path, budget: dict) -> str:

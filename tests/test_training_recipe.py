@@ -189,3 +189,45 @@ def test_every_knob_that_names_a_shipped_trained_file_shows_its_budget():
                 if field.name not in cls.trained_files:
                     missing.append(f"{name}.{field.name}")
     assert missing == []
+
+
+# ---- where each session of a training in stages ran ---------------------------------------------------------
+
+def _edit_state(path, edit):
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def test_each_session_of_a_training_in_stages_records_where_it_ran(tmp_path):
+    from adadiff_bench.training_budget import checkpoint_budget
+    config = tiny_config(tmp_path, steps=4)
+    first = train(config, progress=False)
+    assert [(s["device"], s["steps"]) for s in read_checkpoint(first)["meta"]["sessions"]] == [("cpu", [0, 4])]
+    config.train.steps = 6
+    assert checkpoint_budget(train(config, progress=False))["device"] == "cpu"  # two sessions, one device
+    # as if the first stage had run on a GPU (benchmarks/gpu_train.sh), then the CPU went on
+    _edit_state(tmp_path / "run" / "last.pt", lambda state: state["sessions"][0].update(device="NVIDIA H200"))
+    config.train.steps = 10
+    path = train(config, progress=False)
+    sessions = read_checkpoint(path)["meta"]["sessions"]
+    assert [(s["device"], s["steps"]) for s in sessions] == [("NVIDIA H200", [0, 4]), ("cpu", [4, 6]), ("cpu", [6, 10])]
+    assert all(s["seconds"] >= 0 for s in sessions)
+    assert checkpoint_budget(path)["device"] == "NVIDIA H200 (4 steps) and cpu (6 steps)"
+
+
+def test_a_state_saved_before_sessions_were_recorded_says_so(tmp_path):
+    from adadiff_bench.training_budget import NOT_RECORDED, checkpoint_budget
+    config = tiny_config(tmp_path, steps=4)
+    train(config, progress=False)
+    _edit_state(tmp_path / "run" / "last.pt", lambda state: state.pop("sessions"))
+    config.train.steps = 6
+    path = train(config, progress=False)
+    assert checkpoint_budget(path)["device"] == f"{NOT_RECORDED} (4 steps) and cpu (2 steps)"
+
+
+@pytest.mark.parametrize("sessions", [None, "cpu", [1, 2], [{"device": "cpu"}], [{"device": "x", "steps": [0, "4"]}],
+                                      [{"device": "x", "steps": [0, 1, 2]}], [{"device": "x", "steps": [True, 4]}]])
+def test_a_malformed_session_record_is_ignored(sessions):
+    from adadiff_bench.training_budget import steps_per_device
+    assert steps_per_device(sessions) == {}
