@@ -63,7 +63,10 @@ def test_every_shipped_checkpoint_opens_as_its_format():
         assert format_name in readers  # some method reads it
 
 
-TRAINING_IN_STAGES = {"train_digits_dit.toml"}  # the digits DiT (issue 18): hours on 2 cores, trained in stages
+# the DiT panel's method networks (issue 18): their configs are written, their trainings not yet run (hours on 2
+# cores after the digits DiT's)
+NOT_TRAINED_YET = {"train_digits_dit.toml", "adadiff_digits_dit.toml", "ase_digits_dit.toml", "berxit_digits_dit.toml",
+                   "l2c_digits_dit.toml", "duodiff_shallow_digits_dit.toml"}
 
 
 def test_each_shipped_training_config_exports_the_format_its_method_writes():
@@ -77,8 +80,8 @@ def test_each_shipped_training_config_exports_the_format_its_method_writes():
         config = load_train_config(path)
         if not config.train.export:
             continue
-        if path.name in TRAINING_IN_STAGES:  # not shipped yet: this fails once it is, to be checked like the rest
-            assert not (REPO / config.train.export).exists(), f"{path.name} ships now: drop it from TRAINING_IN_STAGES"
+        if path.name in NOT_TRAINED_YET:  # not shipped yet: this fails once it is, to be checked like the rest
+            assert not (REPO / config.train.export).exists(), f"{path.name} ships now: drop it from NOT_TRAINED_YET"
             continue
         writes = (DIT_FORMAT if config.dit else FORMAT) if config.task is None else get_method(config.task).writes
         assert checkpoint_format(REPO / config.train.export).name in (writes if isinstance(writes, tuple) else (writes,)), \
