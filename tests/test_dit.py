@@ -69,6 +69,37 @@ def test_batch_size_does_not_change_the_prediction():
     assert torch.equal(model(x, t, y), alone)
 
 
+def aten_ops(fn) -> set[str]:
+    """The aten ops `fn` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_training_uses_torchs_batched_kernels_for_the_same_function():
+    """While autograd records, the conditioning layers are plain linear layers and the activations torch's own
+    (fast to train); the prediction is the batch-invariant one within float rounding, and gradients reach every
+    conditioning weight."""
+    model = tiny_dit()
+    x, t, y = inputs(n=5)
+    with torch.no_grad():
+        sampled = model(x, t, y)
+        assert "bmm" in aten_ops(lambda: model(x, t, y))
+    trained = model(x, t, y)
+    torch.testing.assert_close(trained, sampled, rtol=1e-5, atol=1e-5)
+    assert "bmm" not in aten_ops(lambda: model(x, t, y))  # (a tiny DiT's attention runs no bmm on the CPU)
+    trained.square().sum().backward()
+    assert all(block.norm1.linear.weight.grad.abs().sum() > 0 for block in model.blocks)
+
+
 @torch.no_grad()
 def test_branch_hooks_see_what_the_block_adds():
     """Passing each branch's fresh output through the hook is the block itself; a branch replaced by zeros
