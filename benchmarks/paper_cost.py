@@ -59,9 +59,9 @@ def random_prompts(preset, path: Path, count: int = 4) -> None:
              empty_context=rng.standard_normal(shape).astype(np.float32))
 
 
-def cpu_seconds(work, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds) that `work()` takes; on a GPU, wall seconds between
-    synchronisations come first (the GPU's time, not the host's)."""
+def device_seconds(work, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """(seconds spent on `device`, wall seconds) that `work()` takes: on the CPU this process's CPU seconds
+    (every core's), on a GPU the wall seconds between synchronisations (the GPU's time, not the host's)."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     synchronize()
     cpu, wall = time.process_time(), time.perf_counter()
@@ -71,7 +71,7 @@ def cpu_seconds(work, device: torch.device = torch.device("cpu")) -> tuple[float
     return (wall, wall) if device.type == "cuda" else (cpu, wall)
 
 
-def decoder_cpu_seconds(preset, num_samples: int, device: torch.device) -> float:
+def decoder_seconds(preset, num_samples: int, device: torch.device) -> float:
     """CPU (on a GPU: wall) seconds per image of decoding with SD's autoencoder at full width (random weights)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
@@ -81,7 +81,7 @@ def decoder_cpu_seconds(preset, num_samples: int, device: torch.device) -> float
     latents = torch.randn(num_samples, preset.network.in_chans, preset.network.img_size, preset.network.img_size)
     if device.type == "cuda":
         decoder.decode(latents, num_samples)  # warm-up (kernel selection, allocator)
-    return cpu_seconds(lambda: decoder.decode(latents, num_samples), device)[0] / num_samples
+    return device_seconds(lambda: decoder.decode(latents, num_samples), device)[0] / num_samples
 
 
 def main() -> None:
@@ -126,18 +126,19 @@ def main() -> None:
     unit = f"GPU s ({device_name(device)}, {args.precision})" if on_gpu else "CPU s"
     with torch.no_grad():
         generate(cell, model, samples if on_gpu else 1, samples if on_gpu else 1, precision=args.precision)  # warm-up
-        cpu, wall = cpu_seconds(lambda: generate(cell, model, samples, samples, precision=args.precision), device)
-    per_evaluation = cpu / (samples * evaluations)
+        spent, wall = device_seconds(lambda: generate(cell, model, samples, samples, precision=args.precision),
+                                     device)
+    per_evaluation = spent / (samples * evaluations)
     full_evaluations = len(solver_timesteps(cell.solver, config.sampling.num_steps, cell.schedule)) * passes
     hours = per_evaluation * full_evaluations * 1000 / 3600
     print(f"{preset.name}: {macs / 1e9:.1f} G MACs per evaluation; {cell.solver}, {args.steps} "
-          f"steps x {passes} pass(es) = {evaluations} evaluations per sample, {samples} samples: {cpu:.1f} {unit} "
+          f"steps x {passes} pass(es) = {evaluations} evaluations per sample, {samples} samples: {spent:.1f} {unit} "
           f"({wall:.1f} s wall, {args.threads} threads)")
     print(f"{unit} per evaluation per sample: {per_evaluation:.4f}; at the config's {full_evaluations} evaluations: "
           f"{hours:.2f} {unit.split()[0]} hours per 1,000 samples"
           + ("" if on_gpu else f", {hours / args.threads:.1f} h on {args.threads} cores fully used"))
     if preset.latent is not None:
-        decode = decoder_cpu_seconds(preset, samples, device) * 1000 / 3600
+        decode = decoder_seconds(preset, samples, device) * 1000 / 3600
         print(f"SD decoder: {decode * 3.6:.4f} {unit} per image, +{decode:.2f} {unit.split()[0]} hours per 1,000 "
               "samples" + ("" if on_gpu else f", +{decode / args.threads:.1f} h on {args.threads} cores"))
 
