@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device tool carries the working tree to a lent GPU only under 64 MiB, and the committed reference runs
-# make it about 100 MiB. `aside` moves the folders no GPU step reads out of the tree (to $GPU_TREE_ASIDE,
+# make it about 100 MiB. `aside` moves the committed run folders (no GPU step reads them) out of the tree (to $GPU_TREE_ASIDE,
 # default /tmp/adadiff-gpu-aside) and prints the size left; `back` puts them back. They are committed, so
 # `git checkout -- results reports` also restores them if the move back is ever lost.
 #
@@ -9,8 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 aside=${GPU_TREE_ASIDE:-/tmp/adadiff-gpu-aside}
-FOLDERS=(results/.adadiff_cache results/digits_full results/ablation results/ablation_fine_tuned_full
-         results/digits_ddpm1000 reports/digits_full reports/ablation reports/digits_ddpm1000)
+# every committed folder under results/ and reports/ but the demo's, as git lists them (a run committed later is
+# moved too); git's index still lists them while they are aside, so `back` finds the same folders
+mapfile -t FOLDERS < <(git ls-files -- results reports | awk -F/ 'NF > 2 {print $1 "/" $2}' | sort -u \
+                       | grep -v -x -e results/demo -e reports/demo || true)
 case "${1:-}" in
     aside)
         for folder in "${FOLDERS[@]}"; do
