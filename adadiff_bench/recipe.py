@@ -62,7 +62,10 @@ class TrainingRecord:
     sessions: list[dict] = field(default_factory=list)
 
     def with_session(self, device: str | None, first_step: int, last_step: int, seconds: float) -> list[dict]:
-        """The earlier sessions and this one (steps first_step..last_step on `device`)."""
+        """The earlier sessions and this one (steps first_step..last_step on `device`; a rerun that trained no
+        step, e.g. to export again, adds none)."""
+        if last_step <= first_step:
+            return list(self.sessions)
         return [*self.sessions, training_session(device, first_step, last_step, seconds)]
 
     def record(self, step: int, loss: float) -> None:

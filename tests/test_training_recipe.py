@@ -214,6 +214,8 @@ def test_each_session_of_a_training_in_stages_records_where_it_ran(tmp_path):
     assert [(s["device"], s["steps"]) for s in sessions] == [("NVIDIA H200", [0, 4]), ("cpu", [4, 6]), ("cpu", [6, 10])]
     assert all(s["seconds"] >= 0 for s in sessions)
     assert checkpoint_budget(path)["device"] == "NVIDIA H200 (4 steps) and cpu (6 steps)"
+    rerun = read_checkpoint(train(config, progress=False))["meta"]["sessions"]  # trains no step: adds no session
+    assert [s["steps"] for s in rerun] == [s["steps"] for s in sessions]
 
 
 def test_a_state_saved_before_sessions_were_recorded_says_so(tmp_path):
