@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device tool carries the working tree to a lent GPU only under 64 MiB, and the committed reference runs
 # make it about 100 MiB. `aside` moves the committed run folders (no GPU step reads them) out of the tree (to
-# $GPU_TREE_ASIDE, default /tmp/adadiff-gpu-aside) and prints the size left; `back` puts them back. They are committed, so
-# `git checkout -- results reports` also restores them if the move back is ever lost.
+# $GPU_TREE_ASIDE, default /tmp/adadiff-gpu-aside) and prints the size left; `back` puts them back. They are
+# committed, so `git checkout -- results reports` also restores them if the move back is ever lost.
 #
 #   bash benchmarks/gpu_tree.sh aside   # before the device tool's run
 #   bash benchmarks/gpu_tree.sh back    # after it
