@@ -27,7 +27,7 @@ tensor's tail elements on a scalar path that rounds differently from its vector 
 sample fall in the tail depends on the batch; they are computed here from `exp` and division, which round alike
 on both paths (1e-7 from torch's own). Only while autograd records (training) do these layers use torch's own
 batched kernels instead: batch invariance is a sampling contract, and the invariant kernels made a training
-step of the digits DiT about 2x slower (`benchmarks/dit_train_step.py`, side by side, batch 128).
+step of the digits DiT about 1.9x slower (`benchmarks/dit_train_step.py`, side by side, batch 128).
 """
 from __future__ import annotations
 
