@@ -193,7 +193,8 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.steps, desc="train",
                disable=not progress, mininterval=2.0)
     started = time.perf_counter()
-    device_label = short_device_name(device_info(device))
+    device_record = device_info(device)  # (what the export records; its short name goes into each saved state)
+    device_label = short_device_name(device_record)
     for step in bar:
         # a batch drawn on the CPU and moved; forward and loss autocast to `precision`
         batch = torch.randint(len(train_images), (cfg.batch_size,), generator=generator)
@@ -228,14 +229,15 @@ def train(config: TrainFile, progress: bool = True, restart: bool = False, end_r
         steps_run = end_step
     bar.close()
 
+    elapsed = time.perf_counter() - started
     meta = {"steps": steps_run, "seed": cfg.seed, "data": data.name, "data_sha256": data.sha256,
             "samples_seen": steps_run * cfg.batch_size,
             "ema_start_share": ema_start_share(steps_run, cfg.ema_decay, cfg.ema_warmup),
             "held_out_loss": [list(entry) for entry in log.history],
-            "train_config": to_dict(config), "train_seconds_this_session": round(time.perf_counter() - started, 1),
-            "train_seconds": round(log.seconds_before + time.perf_counter() - started, 1),
-            "device": device_info(device), "precision": cfg.precision,
-            "sessions": log.with_session(device_label, start_step, steps_run, time.perf_counter() - started)}
+            "train_config": to_dict(config), "train_seconds_this_session": round(elapsed, 1),
+            "train_seconds": round(log.seconds_before + elapsed, 1),
+            "device": device_record, "precision": cfg.precision,
+            "sessions": log.with_session(device_label, start_step, steps_run, elapsed)}
     if base is not None:
         meta.update(base_checkpoint=base.path, base_sha256=base.sha256)
     ema = ema.cpu()  # (what a task exports loads on any machine)
