@@ -30,7 +30,9 @@ def test_shipped_configs_load():
 # each shipped training config with a method's table, and the TrainConfig class that table becomes
 SHIPPED_TRAINING = {"adadiff_digits_frozen": "adadiff", "adadiff_digits_finetuned": "adadiff",
                     "berxit_digits": "berxit", "ase_digits": "ase", "l2c_digits": "l2c",
-                    "duodiff_shallow_digits": None, "adadiff_ablation_base": "adadiff"}
+                    "duodiff_shallow_digits": None, "adadiff_ablation_base": "adadiff",
+                    "adadiff_digits_dit": "adadiff", "ase_digits_dit": "ase", "berxit_digits_dit": "berxit",
+                    "l2c_digits_dit": "l2c", "duodiff_shallow_digits_dit": None, "train_digits_dit": None}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_TRAINING))

@@ -13,6 +13,7 @@ from conftest import REPO
 
 BASE = REPO / "checkpoints" / "uvit_digits.pt"
 DIT = REPO / "checkpoints" / "dit_digits.pt"
+ADADIFF_DIT = REPO / "checkpoints" / "adadiff_digits_dit.pt"
 
 
 def test_base_model_is_the_documented_u_vit_and_fits_in_8_mb():
@@ -48,23 +49,40 @@ def test_digits_dit_is_the_documented_dit_and_fits_in_8_mb():
 
 
 def test_digits_dit_samples_are_the_digits_they_were_asked_for(tmp_path):
+    images, _ = generate(Cell("full", (), "dpm-solver++", 10, 0), load_model(DIT), 200, 200)
+    assert_digits_as_asked(images, 0, tmp_path, agreement=0.8)
+
+
+def test_adadiff_dit_exits_skip_blocks_and_its_samples_stay_the_asked_digits(tmp_path):
+    # the shipped AdaDiff DiT (issue 18) at a mid threshold: samples leave early (10 steps, seed 0: layer ratio 0.71
+    # when written), and what they become is still mostly the digit asked for
+    model = load_model(ADADIFF_DIT)
+    assert type(model).__name__ == "DiT" and type(load_adadiff(ADADIFF_DIT)).__name__ == "AdaDiffNetwork"
+    knobs = (("checkpoint", str(ADADIFF_DIT)), ("threshold", 0.06))
+    images, log = generate(Cell("adadiff", knobs, "dpm-solver++", 10, 0), model, 200, 200)
+    assert 0.5 < log.layer_ratio() < 0.9
+    assert_digits_as_asked(images, 0, tmp_path, agreement=0.7)
+    assert ADADIFF_DIT.stat().st_size < 8 * 2 ** 20
+
+
+def assert_digits_as_asked(images: torch.Tensor, seed: int, tmp_path, agreement: float):
+    """A class-conditional DiT's samples look like digits (FID [digits_cnn] under 0.35 of uniform noise's) and,
+    for more than `agreement` of them, are the digit the sampler drew as their label."""
     from adadiff_bench.diffusion import initial_noise, sample_generators, sample_labels
     from adadiff_bench.metrics.classifier import load_classifier
-    model = load_model(DIT)
-    images, _ = generate(Cell("full", (), "dpm-solver++", 10, 0), model, 200, 200)
-    generators = sample_generators(0, range(200))  # the labels the sampler drew: after each sample's noise
+    generators = sample_generators(seed, range(len(images)))  # the labels the sampler drew: after each sample's noise
     initial_noise(generators, (1, 8, 8))
     asked = sample_labels(generators, 10)
     samples = to_uint8(images)
     real = load_dataset(DataConfig())
-    noise = to_uint8(torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    noise = to_uint8(torch.rand(len(images), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     settings = MetricsConfig(kid_subset_size=100, isc_splits=2)
     quality = compute_quality(samples, real, settings, tmp_path)
     assert quality["fid_digits_cnn"] < 0.35 * compute_quality(noise, real, settings, tmp_path)["fid_digits_cnn"]
     classifier, _ = load_classifier()
     with torch.no_grad():
         picked = classifier(samples).argmax(-1)
-    assert (picked == asked).float().mean() > 0.8  # class-conditional: most samples are the digit asked for
+    assert (picked == asked).float().mean() > agreement
 
 
 # every shipped checkpoint, the format it is, and the type its format loads it as
@@ -78,6 +96,8 @@ SHIPPED_FORMATS = {
     "adadiff_digits_finetuned.pt": ("adadiff-bench/adadiff", "AdaDiffNetwork"),
     "berxit_digits.pt": ("adadiff-bench/berxit", "BerxitCheckpoint"),
     "l2c_digits.pt": ("adadiff-bench/l2c-router", "RouterCheckpoint"),
+    "adadiff_digits_dit.pt": ("adadiff-bench/adadiff", "AdaDiffNetwork"),
+    "berxit_digits_dit.pt": ("adadiff-bench/berxit", "BerxitCheckpoint"),
 }
 
 
@@ -93,9 +113,9 @@ def test_every_shipped_checkpoint_opens_as_its_format():
         assert format_name in readers  # some method reads it
 
 
-# the DiT panel's method networks built on the AdaDiff DiT (issue 18): their configs are written, their trainings
-# not yet run (hours on 2 cores)
-NOT_TRAINED_YET = {"adadiff_digits_dit.toml", "ase_digits_dit.toml", "berxit_digits_dit.toml", "l2c_digits_dit.toml"}
+# the DiT panel's method networks built on the AdaDiff DiT (issue 18) whose configs are written and whose trainings
+# have not finished yet
+NOT_TRAINED_YET = {"ase_digits_dit.toml", "l2c_digits_dit.toml"}
 
 
 def test_each_shipped_training_config_exports_the_format_its_method_writes():
@@ -116,4 +136,4 @@ def test_each_shipped_training_config_exports_the_format_its_method_writes():
         assert checkpoint_format(REPO / config.train.export).name in (writes if isinstance(writes, tuple) else (writes,)), \
             path.name
         exported += 1
-    assert exported == 9
+    assert exported == 11
