@@ -47,8 +47,8 @@ from .prompts import attach_prompts, prompt_condition
 from .metrics.extractors import resolve_extractors
 from .metrics.quality import check_quality_inputs, compute_quality
 from .schedules import DEFAULT_SCHEDULE, SCHEDULES, check_schedule_and_solver
-from .results import (FID_BOOTSTRAP, SCHEMA_VERSION, DamagedFile, RunStore, fid_bootstrap_arrays, make_dir, read_json,
-                      read_npz, warn, write_json, write_npz)
+from .results import (BUSY_ELSEWHERE, FID_BOOTSTRAP, OTHER_CORES, SCHEMA_VERSION, DamagedFile, RunStore,
+                      fid_bootstrap_arrays, make_dir, read_json, read_npz, warn, write_json, write_npz)
 from .memory import PeakMemory, check_sampling_memory
 from .metrics.specs import headline_columns
 from .models.autoencoder import LatentDecoder, decode_stage
@@ -452,6 +452,7 @@ def evaluate_cell(cell: Cell, prep: Prepared, config: RunConfig, cache_dir: Path
                     **decoding})
     if timing is not None:
         row.update(combine_timings(timings))
+        warn_if_shared(label, row, world)
     row.update(getattr(method, "row_fields", dict)())  # a method's own columns (AdaDiff: a target's calibration)
     row["cell_id"] = cell.cell_id
     artifacts = method.artifacts()
@@ -473,12 +474,22 @@ def exit_warning(cell: Cell, method, log: StepLog) -> str:
     return f"always exits at block {points[0]} of {log.num_blocks} (every sample, every step)"
 
 
+def warn_if_shared(label: str, row: dict, world: World) -> None:
+    """One line when other processes kept cores busy while this cell was timed (a single process's run: under
+    torchrun the ranks time side by side, and each counts the others)."""
+    busy = row.get(OTHER_CORES, float("nan"))
+    if world.size == 1 and busy >= BUSY_ELSEWHERE:
+        warn(f"{label}: other processes kept {busy:.1f} cores busy while this cell was timed, so its times "
+             "(not its FLOPs or quality) may be off (its row's timing_other_cores says so); compare times "
+             "from a quiet machine")
+
+
 def combine_timings(timings: list[dict]) -> dict:
     """One process's timing as is; several processes' (each timed its own pass): means of their medians."""
     if len(timings) == 1:
         return timings[0]
     combined = {key: float(np.mean([t[key] for t in timings])) for key in
-                ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s")}
+                ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s", "timing_other_cores")}
     combined["speedup"] = combined["reference_time_per_image_s"] / combined["time_per_image_s"]
     combined["timing_repeats"] = timings[0]["timing_repeats"]
     combined["timing_num_samples"] = timings[0]["timing_num_samples"]

@@ -448,6 +448,8 @@ RUN_JSON_TABLES = {"config": (), "data": ("name", "num_images", "sha256"), "mach
 TEXT_COLUMNS = ("cell_id", "method", "params", "solver")
 BACKBONE_HASH = "backbone_hash"  # optional: SHA-256 of the weights of the backbone a cell ran (`backbone_id`)
 NUMBER_COLUMNS = ("num_steps", "num_samples", "seed", "layer_ratio")
+OTHER_CORES = "timing_other_cores"  # optional: cores other processes kept busy while a cell was timed (`timing`)
+BUSY_ELSEWHERE = 0.5  # cores: at or above this, a cell's times are suspect (`run` warns; reports say which)
 
 
 def check_run_info(info: dict, path: Path, needed: tuple[str, ...] = ()) -> None:

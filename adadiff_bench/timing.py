@@ -5,9 +5,16 @@ count, then `repeats` rounds that alternate the reference and the cell (A B A B 
 a shared machine hit both alike. Reported: the median time per image, its interquartile range,
 and `speedup` = median(reference) / median(cell). On CUDA each call is timed with CUDA events
 between synchronisations (kernels run asynchronously, so a host clock alone would stop early).
+
+Alternating protects a ratio from slow drifts, not a time from a machine that is busy throughout, so the
+pass also records how many cores other processes kept busy while it ran (`timing_other_cores`, from the
+kernel's CPU counters minus this process's own CPU time; Linux only, NaN elsewhere). On a small machine this
+matters more than it looks: beside a 2-thread training, 2-thread sampling on 2 cores ran 25-60x slower.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +32,7 @@ class Timing:
     speedup: float
     timing_repeats: int
     timing_num_samples: int  # images in each timed call
+    timing_other_cores: float = math.nan  # cores other processes kept busy, on average, during the timed calls
 
 
 def time_once(fn: Callable[[], None], num_images: int, device: torch.device = torch.device("cpu")) -> float:
@@ -42,6 +50,31 @@ def time_once(fn: Callable[[], None], num_images: int, device: torch.device = to
     return (time.perf_counter() - start_s) / num_images
 
 
+def cpu_counters() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has spent busy since boot, CPU seconds this process has used), or None
+    where the kernel does not say (no /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy
+        ticks = [int(value) for value in fields[1:9]]
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if fields[:1] != ["cpu"] or len(ticks) < 8:
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_cores(before: tuple[float, float] | None, after: tuple[float, float] | None, seconds: float) -> float:
+    """Cores that other processes kept busy, on average, over `seconds` between two `cpu_counters` readings."""
+    if before is None or after is None or seconds <= 0:
+        return math.nan
+    machine, own = after[0] - before[0], after[1] - before[1]
+    return max(machine - own, 0.0) / seconds
+
+
 def iqr(values: list[float]) -> float:
     q75, q25 = np.percentile(values, [75, 25])
     return float(q75 - q25)
@@ -57,6 +90,7 @@ def measure(cell: Callable[[], None], reference: Callable[[], None] | None, num_
         warmup()
     cell_times, reference_times = [], []
     calls = repeats * (1 if reference is None else 2)
+    counters, started = cpu_counters(), time.perf_counter()
     with tqdm(total=calls, desc=desc, disable=not progress, leave=False, unit="call") as bar:
         for _ in range(repeats):
             if reference is not None:
@@ -64,7 +98,8 @@ def measure(cell: Callable[[], None], reference: Callable[[], None] | None, num_
                 bar.update()
             cell_times.append(time_once(cell, num_images, device))
             bar.update()
+    busy_elsewhere = other_cores(counters, cpu_counters(), time.perf_counter() - started)
     cell_median = float(np.median(cell_times))
     reference_median = float(np.median(reference_times)) if reference is not None else cell_median
     return Timing(cell_median, iqr(cell_times), reference_median, reference_median / cell_median, repeats,
-                  num_images)
+                  num_images, busy_elsewhere)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from adadiff_bench import timing
 from adadiff_bench.cli import main
 from adadiff_bench.flops import unit_costs
 from adadiff_bench.methods import Method, available_methods, get_method, register_method
@@ -17,7 +20,7 @@ from conftest import context, write_run_config
 REQUIRED_COLUMNS = ["method", "params", "solver", "num_steps", "num_samples", "seed", "fid_digits_cnn",
                     "is_digits_cnn_mean", "kid_digits_cnn_mean", "macs_per_image", "flops_per_image", "layer_ratio",
                     "time_per_image_s", "time_per_image_s_iqr", "speedup", "timing_repeats", "threads", "device",
-                    "peak_mem_mb", "precision_digits_cnn", "recall_digits_cnn"]
+                    "peak_mem_mb", "precision_digits_cnn", "recall_digits_cnn", "timing_other_cores"]
 
 
 @pytest.fixture
@@ -54,6 +57,19 @@ def test_run_writes_a_sane_results_store(finished_run, tiny_model):
         samples = archive["arr_0"]
     assert samples.shape == (32, 8, 8, 1) and samples.dtype == np.uint8
     assert not (finished_run.parent / ".tiny.partial").exists()
+
+
+def test_a_cell_timed_beside_busy_processes_says_so_in_its_row_and_one_line(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                           capsys):
+    def neighbours_on_one_and_a_half_cores():  # the machine busy 1.5 cores beyond this process, whatever it does
+        own = os.times()
+        return own.user + own.system + 1.5 * time.perf_counter(), own.user + own.system
+    monkeypatch.setattr(timing, "cpu_counters", neighbours_on_one_and_a_half_cores)
+    assert main(["run", "--config", str(write_run_config(tmp_path, tiny_checkpoint)), "--no-progress"]) == 0
+    frame = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    assert frame["timing_other_cores"].between(1.4, 1.6).all()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "was timed" in line]
+    assert len(warnings) == len(frame) == 2 and all("kept 1.5 cores busy" in line for line in warnings)
 
 
 def test_report_writes_leaderboard_plot_and_grids(finished_run, tmp_path):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import shutil
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
@@ -64,6 +68,31 @@ def test_timing_interleaves_cell_and_reference_and_reports_medians(monkeypatch):
     assert result.speedup == 2.0  # ratio of medians
     assert result.time_per_image_s_iqr == pytest.approx(0.5)  # quartiles of (1.5, 0.5, 1.0): 1.25 - 0.75
     assert result.timing_repeats == 3
+
+
+def test_timing_counts_the_cores_other_processes_keep_busy(monkeypatch):
+    # the arithmetic: the machine's busy CPU seconds less this process's own, over the pass's wall-clock
+    clock, counters = [0.0], iter([(100.0, 10.0), (105.0, 11.0)])  # machine +5 s, own +1 s, over 2 s
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(timing, "cpu_counters", lambda: next(counters))
+
+    def one_second():
+        clock[0] += 1.0
+    assert timing.measure(one_second, None, num_images=1, repeats=2).timing_other_cores == 2.0
+    monkeypatch.setattr(timing, "cpu_counters", lambda: None)  # no /proc/stat: unknown, not 0
+    assert math.isnan(timing.measure(one_second, None, num_images=1, repeats=2).timing_other_cores)
+
+
+def test_timing_sees_a_process_that_spins_beside_it():
+    # the kernel's real counters: a spinning neighbour shows as about a core while the timed calls sleep
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start
+        result = timing.measure(lambda: time.sleep(0.3), None, num_images=1, repeats=3)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert result.timing_other_cores > 0.6
 
 
 # ---- memory -----------------------------------------------------------------------------------

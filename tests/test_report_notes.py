@@ -88,3 +88,25 @@ def test_a_run_with_every_space_and_metric_has_no_notice(tmp_path):
     assert skipped_metrics(leaderboard(view.frame), view.infos) == []
     write_leaderboard([run], tmp_path / "out")
     assert top_of((tmp_path / "out" / "leaderboard.md").read_text()).strip() == "# Leaderboard: r"
+
+
+def test_settings_timed_beside_busy_processes_are_named_under_the_leaderboard(tmp_path):
+    # two seeds of one setting, one of them timed beside 1.8 busy cores: the setting is named (its worst seed);
+    # a quiet one, a value the file holds as text, and a run from before the column are not
+    rows = [{"method": "full", "gflops_per_image": 2.0, "fid_digits_cnn": 9.0, "time_per_image_s": 0.02, "speedup": 1.0,
+             "timing_other_cores": 0.1, "cell_id": "a"},
+            {"method": "static-exit", "params": '{"k": 2}', "gflops_per_image": 1.0, "fid_digits_cnn": 12.0,
+             "time_per_image_s": 0.01, "speedup": 2.0, "timing_other_cores": 0.0, "cell_id": "b"},
+            {"method": "static-exit", "params": '{"k": 2}', "seed": 1, "gflops_per_image": 1.0, "fid_digits_cnn": 12.0,
+             "time_per_image_s": 0.01, "speedup": 2.0, "timing_other_cores": 1.8, "cell_id": "c"},
+            {"method": "static-exit", "params": '{"k": 3}', "gflops_per_image": 1.5, "fid_digits_cnn": 10.0,
+             "time_per_image_s": 0.015, "speedup": 1.3, "timing_other_cores": "busy?", "cell_id": "d"}]
+    write_leaderboard([fake_run(tmp_path / "r", "r", rows)], tmp_path / "out")
+    text = (tmp_path / "out" / "leaderboard.md").read_text()
+    notes = [line for line in text.splitlines() if "other processes" in line]
+    assert len(notes) == 1 and "at least 0.5 cores" in notes[0]
+    assert notes[0].endswith("suspect: static-exit (k=2, ddim 10 steps).")
+    assert "timing_other_cores" not in markdown_rows(text)[0]
+    before = [{key: value for key, value in row.items() if key != "timing_other_cores"} for row in rows]
+    write_leaderboard([fake_run(tmp_path / "old", "old", before)], tmp_path / "old_out")
+    assert "other processes" not in (tmp_path / "old_out" / "leaderboard.md").read_text()

@@ -19,7 +19,8 @@ from conftest import REPO, write_run_config
 
 # what a rerun or another process count may change: the clock, memory and how many processes ran
 NOT_COMPARED = ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s", "speedup",
-                "timing_repeats", "peak_mem_mb", "peak_mem_kind", "processes", "time_per_image_s_ranks")
+                "timing_repeats", "timing_other_cores", "peak_mem_mb", "peak_mem_kind", "processes",
+                "time_per_image_s_ranks")
 
 SLOW_PLUGIN = '''
 """A test plugin: `full`, slowed down, that notes every batch it starts sampling in BATCH_LOG."""

@@ -18,7 +18,7 @@ from ..errors import UserError, did_you_mean
 from ..metrics.bootstrap import mean_bootstrap_interval
 from ..metrics.specs import (CI_HIGH, CI_LOW, SEED_STD, delta_column, delta_quantity, is_value_column, parse_column,
                              primary_column, ranking_label)
-from ..results import atomic_write_bytes
+from ..results import BUSY_ELSEWHERE, OTHER_CORES, atomic_write_bytes
 from .groups import (BACKBONE_HASH, PairedDifference, group_keys, group_label, includes_zero, is_unknown, overlaps,
                      paired_interval, reference_of_groups, unresolved_pareto)
 from .view import ReportView, reference_cost
@@ -73,10 +73,14 @@ def leaderboard(frame: pd.DataFrame, sort_by: str | None = None, level: float = 
         if c in frame.columns]
     bounds = [c for c in frame.columns if c.endswith((CI_LOW, CI_HIGH))]
     kept = [c for c in ("method", "params", "at_reference", BACKBONE_HASH, "training_budget") if c in frame.columns]
+    busy = {}
+    if OTHER_CORES in frame.columns:  # the worst seed's timing conditions (a number where the file holds one)
+        frame = frame.assign(**{OTHER_CORES: pd.to_numeric(frame[OTHER_CORES], errors="coerce")})
+        busy = {OTHER_CORES: "max"}
     grouped = frame.groupby(["setting", "group"], sort=False)  # (one setting on two backbones: two rows)
     warnings = {EXIT_WARNING: first_text} if EXIT_WARNING in frame.columns else {}
     board = grouped.agg({**{c: seed_aggregation(c) for c in numeric}, **{c: "first" for c in bounds + kept},
-                         **warnings, "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
+                         **warnings, **busy, "num_samples": "first", "seed": "count"}).rename(columns={"seed": "seeds"})
     spread = grouped[metric_columns].std(ddof=1).add_suffix(SEED_STD)  # NaN with one seed
     board = board.join(spread)
     board.loc[board["seeds"] > 1, bounds] = np.nan  # a bootstrap interval belongs to one seed's samples
@@ -211,7 +215,7 @@ COLUMN_HEADERS = {"gflops_per_image": "GFLOPs/image ↓", "layer_ratio": "layer 
                   "training_budget": "training budget (steps x batch, wall-clock, device)"}
 UNRESOLVED = "≈"  # the intervals do not separate this comparison
 HIDDEN = ("setting", "num_samples", "seeds", "method", "params", "at_reference", "group", "exit_warning", BACKBONE_HASH,
-          "competitor", "vs_full_unresolved", "pareto_unresolved")  # in the CSV, not in the shown table
+          "competitor", "vs_full_unresolved", "pareto_unresolved", OTHER_CORES)  # in the CSV, not in the shown table
 
 
 def _header(column: str, num_samples: int) -> str:
@@ -607,6 +611,10 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
                  "the process's peak resident set on the CPU, peak allocated on CUDA.")
     if "reference_time_per_image_s" in board.columns:
         lines.append(SPEEDUP_NOTE)
+    if OTHER_CORES in board.columns and (board[OTHER_CORES] >= BUSY_ELSEWHERE).any():
+        shared = board.loc[board[OTHER_CORES] >= BUSY_ELSEWHERE, "setting"]
+        lines.append(f"Timed while other processes kept at least {BUSY_ELSEWHERE} cores busy (`timing_other_cores`, "
+                     f"in some seed's cell), so their times and speed-ups are suspect: {', '.join(shared)}.")
     return "\n" + "\n\n".join(lines) + "\n"
 
 
