@@ -99,6 +99,7 @@ SHIPPED_FORMATS = {
     "adadiff_digits_dit.pt": ("adadiff-bench/adadiff", "AdaDiffNetwork"),
     "berxit_digits_dit.pt": ("adadiff-bench/berxit", "BerxitCheckpoint"),
     "ase_digits_dit.pt": ("adadiff-bench/dit", "DiT"),
+    "l2c_digits_dit.pt": ("adadiff-bench/l2c-router", "RouterCheckpoint"),
 }
 
 
@@ -114,11 +115,6 @@ def test_every_shipped_checkpoint_opens_as_its_format():
         assert format_name in readers  # some method reads it
 
 
-# the DiT panel's method networks built on the AdaDiff DiT (issue 18) whose configs are written and whose trainings
-# have not finished yet
-NOT_TRAINED_YET = {"l2c_digits_dit.toml"}
-
-
 def test_each_shipped_training_config_exports_the_format_its_method_writes():
     from adadiff_bench.checkpoints import DIT_FORMAT, FORMAT, checkpoint_format
     from adadiff_bench.methods import get_method
@@ -130,11 +126,8 @@ def test_each_shipped_training_config_exports_the_format_its_method_writes():
         config = load_train_config(path)
         if not config.train.export:
             continue
-        if path.name in NOT_TRAINED_YET:  # not shipped yet: this fails once it is, to be checked like the rest
-            assert not (REPO / config.train.export).exists(), f"{path.name} ships now: drop it from NOT_TRAINED_YET"
-            continue
         writes = (DIT_FORMAT if config.dit else FORMAT) if config.task is None else get_method(config.task).writes
         assert checkpoint_format(REPO / config.train.export).name in (writes if isinstance(writes, tuple) else (writes,)), \
             path.name
         exported += 1
-    assert exported == 12
+    assert exported == 13
