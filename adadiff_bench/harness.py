@@ -489,7 +489,7 @@ def combine_timings(timings: list[dict]) -> dict:
     if len(timings) == 1:
         return timings[0]
     combined = {key: float(np.mean([t[key] for t in timings])) for key in
-                ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s", "timing_other_cores")}
+                ("time_per_image_s", "time_per_image_s_iqr", "reference_time_per_image_s", OTHER_CORES)}
     combined["speedup"] = combined["reference_time_per_image_s"] / combined["time_per_image_s"]
     combined["timing_repeats"] = timings[0]["timing_repeats"]
     combined["timing_num_samples"] = timings[0]["timing_num_samples"]

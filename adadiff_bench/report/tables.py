@@ -611,8 +611,8 @@ def leaderboard_notes(board: pd.DataFrame, infos: dict[str, dict]) -> str:
                  "the process's peak resident set on the CPU, peak allocated on CUDA.")
     if "reference_time_per_image_s" in board.columns:
         lines.append(SPEEDUP_NOTE)
-    if OTHER_CORES in board.columns and (board[OTHER_CORES] >= BUSY_ELSEWHERE).any():
-        shared = board.loc[board[OTHER_CORES] >= BUSY_ELSEWHERE, "setting"]
+    shared = board.loc[board[OTHER_CORES] >= BUSY_ELSEWHERE, "setting"] if OTHER_CORES in board.columns else []
+    if len(shared):
         lines.append(f"Timed while other processes kept at least {BUSY_ELSEWHERE} cores busy (`timing_other_cores`, "
                      f"in some seed's cell), so their times and speed-ups are suspect: {', '.join(shared)}.")
     return "\n" + "\n\n".join(lines) + "\n"
