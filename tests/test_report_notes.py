@@ -110,3 +110,20 @@ def test_settings_timed_beside_busy_processes_are_named_under_the_leaderboard(tm
     before = [{key: value for key, value in row.items() if key != "timing_other_cores"} for row in rows]
     write_leaderboard([fake_run(tmp_path / "old", "old", before)], tmp_path / "old_out")
     assert "other processes" not in (tmp_path / "old_out" / "leaderboard.md").read_text()
+
+
+def test_a_busy_setting_is_named_with_its_run_and_checkpoint_when_the_board_has_two_backbones(tmp_path):
+    # one setting on two backbones (two runs), timed beside busy cores on one of them: the note says which, by
+    # the run and checkpoint that name the setting on a merged board
+    def rows(digits: str, checkpoint: str, busy: float) -> list[dict]:
+        knobs = '{"checkpoint": "%s"}' % checkpoint
+        return [{"method": "full", "params": knobs, "gflops_per_image": 2.0, "fid_digits_cnn": 9.0,
+                 "time_per_image_s": 0.02, "speedup": 1.0, "timing_other_cores": 0.0, "backbone_hash": digits * 64},
+                {"method": "static-exit", "params": '{"checkpoint": "%s", "k": 2}' % checkpoint,
+                 "gflops_per_image": 1.0, "fid_digits_cnn": 12.0, "time_per_image_s": 0.01, "speedup": 2.0,
+                 "timing_other_cores": busy, "backbone_hash": digits * 64}]
+    runs = [fake_run(tmp_path / "uvit", "uvit", rows("a", "uvit.pt", 0.0)),
+            fake_run(tmp_path / "dit", "dit", rows("b", "dit.pt", 1.2))]
+    write_leaderboard(runs, tmp_path / "out")
+    notes = [line for line in (tmp_path / "out" / "leaderboard.md").read_text().splitlines() if "other processes" in line]
+    assert len(notes) == 1 and notes[0].endswith("suspect: [dit] static-exit (checkpoint=dit, k=2, ddim 10 steps).")
