@@ -12,6 +12,7 @@ distribution and gives independent draws from it, as a sampler's are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
@@ -29,19 +30,25 @@ def floor(config_path: str, samples: int | None, seeds: list[int], cache_dir: st
     config = load_run_config(config_path)
     data = load_dataset(config.data)
     n = samples or config.sampling.num_samples
-    spaces = resolve_extractors(tuple(data.images.shape[1:]), config.metrics, config_path)
+    # FID alone: no precision/recall, bootstrap or SWD, whose columns would be thrown away
+    metrics = dataclasses.replace(config.metrics, prc=False, fid_bootstrap=0, swd="off")
+    spaces = resolve_extractors(tuple(data.images.shape[1:]), metrics, config_path)
     rows = []
     for seed in seeds:
         drawn = torch.randint(len(data.images), (n,), generator=torch.Generator().manual_seed(seed))
-        quality = compute_quality(data.images[drawn], data, config.metrics, cache_dir, spaces)
-        rows.append({"seed": seed, "n": n, **{k: v for k, v in quality.items() if k.startswith("fid_")}})
+        quality = compute_quality(data.images[drawn], data, metrics, cache_dir, spaces)
+        rows.append({"seed": seed, "n": n, **{k: quality[k] for k in fid_columns(quality)}})
     return rows
+
+
+def fid_columns(row: dict) -> list[str]:
+    return [key for key in row if key.startswith("fid_")]
 
 
 def summary(rows: list[dict]) -> list[str]:
     """Each FID column's mean ± std over seeds and its lowest and highest seed."""
     lines = []
-    for column in (k for k in rows[0] if k.startswith("fid_")):
+    for column in fid_columns(rows[0]):
         values = [row[column] for row in rows]
         spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
         lines.append(f"{column} floor at n = {rows[0]['n']}: {statistics.mean(values):.4f}{spread} "
@@ -65,13 +72,13 @@ def main() -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if len(rows[0]) == 2:
+    if not fid_columns(rows[0]):
         print("error: no feature space measures this data, so there is no FID floor to draw (see [metrics])",
               file=sys.stderr)
         return 2
     for row in rows:
-        print("seed {seed}, n = {n}: ".format(**row) + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                                   if k.startswith("fid_")), flush=True)
+        values = ", ".join(f"{column} {row[column]:.4f}" for column in fid_columns(row))
+        print(f"seed {row['seed']}, n = {row['n']}: {values}", flush=True)
     print("\n".join(summary(rows)))
     return 0
 
