@@ -194,7 +194,7 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
     cfg: BerxitTrainConfig = config.task_config
     # a private copy (not the shared cached one): train() moves it to the device with the regressor
     net = load_checkpoint(cfg.base_checkpoint, EXIT_NETWORK_FORMATS, "[berxit] base_checkpoint").requires_grad_(False)
-    backbone, heads = (net, shared_head(net)) if isinstance(net, Backbone) else (net.backbone, net.exit_head)
+    backbone, heads = (net, shared_head(net)) if isinstance(net, Backbone) else (net.backbone, net.sampling_heads())
     backbone_sha256 = sha256_file(cfg.base_checkpoint)
     lte = LearningToExit(backbone.embed_dim, backbone.extras)
 

@@ -46,7 +46,7 @@ def exit_network(path: str, where: str = "", device: torch.device | str = "cpu")
     net = cached_checkpoint(path, EXIT_NETWORK_FORMATS, where, device=device)
     if isinstance(net, Backbone):
         return net, shared_head(net)
-    return net.backbone, net.exit_head
+    return net.backbone, net.sampling_heads()
 
 
 def backbone_of(checkpoint: str, model: Backbone, device: torch.device | str = "cpu") -> Backbone:

@@ -77,6 +77,7 @@ class Backbone:
     num_classes: int
     extras: int
     block_kinds: tuple[str, ...]
+    head_reads_state = True  # False: `head` (and its copies) ignore the block state, so callers may pass None
 
     @property
     def num_blocks(self) -> int:

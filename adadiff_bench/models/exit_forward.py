@@ -36,14 +36,29 @@ class ExitPolicy(Protocol):
 
 
 class ExitHeads(Protocol):
-    def __call__(self, exit_point: int, tokens: torch.Tensor, state: BlockState) -> torch.Tensor:
-        """eps prediction from the hidden state after `exit_point` blocks (`state`: those samples' block state)."""
+    def __call__(self, exit_point: int, tokens: torch.Tensor, state: BlockState | None) -> torch.Tensor:
+        """eps prediction from the hidden state after `exit_point` blocks (`state`: those samples' block state,
+        None where the backbone's head does not read it)."""
         ...
 
 
-def shared_head(model: Backbone) -> ExitHeads:
-    """Every exit goes through the backbone's own final head (the official AdaDiff code)."""
-    return lambda exit_point, tokens, state: model.head(tokens, state)
+class SharedHead:
+    """Every exit goes through one head (the official AdaDiff code: the backbone's final head).
+
+    The exit-aware forward then gathers the samples that exit at different blocks and runs the head on
+    them once, at the end of the forward (where the backbone's head does not read the block state)."""
+    shared = True
+
+    def __init__(self, head):
+        self.head = head
+
+    def __call__(self, exit_point: int, tokens: torch.Tensor, state: BlockState | None) -> torch.Tensor:
+        return self.head(tokens, state)
+
+
+def shared_head(model: Backbone) -> SharedHead:
+    """The backbone's own final head at every exit."""
+    return SharedHead(model.head)
 
 
 def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
@@ -54,13 +69,14 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
     `policy_macs`: MACs of one policy call on one sample (an estimator), logged once per step for
     every call made. What it costs to decide is kept small: at most one host read per block (the
     policy's mask; none when the policy decides on the host), no compaction while nobody leaves,
-    and compaction by index (`index_select` with indices copied asynchronously on a GPU).
+    compaction by index (`index_select` with indices copied asynchronously on a GPU), and one call of a
+    shared head for all the samples of the forward, wherever they left.
     """
     heads = heads or shared_head(model)
+    exits = _Exits(model, x, heads, log)
     last = model.num_blocks
     active = torch.arange(len(x), device="cpu")  # host: the batch rows still running (policies and the log index them)
     exit_at = np.full(len(x), last)         # host: each row's exit point
-    eps = None
     tokens, state = model.begin(x, t, y)
     log.ran_embed()
     for block in range(last - 1):
@@ -71,7 +87,7 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
             continue
         gone, kept = np.flatnonzero(leaving), np.flatnonzero(~leaving)
         rows = active[gone]
-        eps = _exit(eps, x, block + 1, rows, rows_on(gone, x.device), tokens, state, predictions, heads, log)
+        exits.add(block + 1, rows, rows_on(gone, x.device), tokens, state, predictions)
         exit_at[rows.numpy()] = block + 1
         if len(kept) == 0:
             break
@@ -80,11 +96,11 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
             state.subset(stay)
     else:  # the last block: every sample still running exits through the final head
         tokens = model.run_block(last - 1, tokens, state)
-        eps = _exit(eps, x, last, active, None, tokens, state, None, heads, log)
+        exits.add(last, active, None, tokens, state, None)
     log.ran_prefixes(exit_at)
     if policy_macs:
         log.add_macs(policy_macs * np.minimum(exit_at, last - 1))
-    return eps
+    return exits.eps()
 
 
 def _decision(decision) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,17 +115,48 @@ def _on_host(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     return mask.cpu().numpy() if mask.device.type != "cpu" else mask.numpy()
 
 
-def _exit(eps, x, exit_point, rows, index, tokens, state, predictions, heads, log) -> torch.Tensor:
-    """Write the eps of the exiting rows (`index` of the active batch; None = all of it) and log their exit."""
-    if predictions is None:
-        out = heads(exit_point, tokens if index is None else tokens.index_select(0, index),
-                    state if index is None else state.subset(index))
-        log.ran_head(rows)
-    else:
-        out = predictions if index is None else predictions.index_select(0, index)
-    log.exited(exit_point, rows)
-    if eps is None and len(rows) == len(x):  # the whole batch exits together: no scatter needed
-        return out
-    eps = torch.empty(x.shape, dtype=out.dtype, device=x.device) if eps is None else eps
-    eps[rows_on(rows.numpy(), x.device)] = out.to(eps.dtype)
-    return eps
+class _Exits:
+    """The eps of the samples that have left: computed as they leave, or, through a shared head that does not
+    read the block state, from their hidden states gathered into one head call at the end of the forward."""
+
+    def __init__(self, model: Backbone, x: torch.Tensor, heads: ExitHeads, log: StepLog):
+        self.x, self.heads, self.log, self.last = x, heads, log, model.num_blocks
+        self.reads_state = model.head_reads_state
+        self.gather = getattr(heads, "shared", False) and not self.reads_state
+        self.done: list[tuple[torch.Tensor, torch.Tensor]] = []     # (host batch rows, their eps)
+        self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host batch rows, their hidden states)
+
+    def add(self, exit_point: int, rows: torch.Tensor, index: torch.Tensor | None, tokens: torch.Tensor,
+            state: BlockState, predictions: torch.Tensor | None) -> None:
+        """Samples `rows` leave after `exit_point` blocks; `index`: theirs among the active ones (None = all)."""
+        def mine(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if index is None else tensor.index_select(0, index)
+
+        if predictions is not None:  # the policy ran their head itself (and logged it)
+            self.done.append((rows, mine(predictions)))
+        elif self.gather:
+            self.waiting.append((rows, mine(tokens)))
+            self.log.ran_head(rows)
+        else:
+            own_state = (state if index is None else state.subset(index)) if self.reads_state else None
+            self.done.append((rows, self.heads(exit_point, mine(tokens), own_state)))
+            self.log.ran_head(rows)
+        self.log.exited(exit_point, rows)
+
+    def eps(self) -> torch.Tensor:
+        """eps of the whole batch, in its row order."""
+        events = len(self.done) + len(self.waiting)
+        done = list(self.done)
+        if self.waiting:
+            rows, hidden = zip(*self.waiting)
+            done.append((_joined(rows), self.heads(self.last, _joined(hidden), None)))
+        if events == 1 and len(done[0][0]) == len(self.x):  # the whole batch left at once, in order: no scatter
+            return done[0][1]
+        eps = torch.empty(self.x.shape, dtype=done[0][1].dtype, device=self.x.device)
+        for rows, out in done:
+            eps[rows_on(rows.numpy(), self.x.device)] = out.to(eps.dtype)
+        return eps
+
+
+def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -161,6 +161,8 @@ class UViT(nn.Module, Backbone):
             nn.init.ones_(module.weight)
 
     # ---- the backbone interface (models.backbone) ------------------------------------------------
+    head_reads_state = False  # the long skips are all fused before the head
+
     @property
     def block_kinds(self) -> tuple[str, ...]:
         """in-blocks, the mid-block, out-blocks (depth + 1 blocks in execution order)."""

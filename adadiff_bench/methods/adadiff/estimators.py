@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ...models.backbone import Backbone, timestep_embedding, unpatchify
 
@@ -75,6 +76,8 @@ class OfficialEstimator(Estimator):
         super().__init__(backbone, config)
         out = self.patch_size ** 2 * self.in_chans
         self.certainty = nn.ModuleList([nn.Linear(self.embed_dim, out) for _ in range(self.num_exits)])
+        self._cut = self.extras * out  # entries of a sample's flattened logits that belong to the extra tokens
+        self._gathered: list | None = None
 
     def certainty_map(self, exit_point: int, tokens: torch.Tensor) -> torch.Tensor:
         return self._to_map(torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens))))
@@ -87,16 +90,30 @@ class OfficialEstimator(Estimator):
         return 1.0 - torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens))).flatten(1).mean(1)
 
     def scalar_on_host(self, exit_point, tokens, t):
-        """The same numbers as `scalar`, in fewer ops: sampling decides after every block, so every op counts.
+        """The same numbers as `scalar`, in fewer ops: sampling decides after every block, and after a block
+        has filled the caches every op and every Python lookup costs several times what it costs warm.
 
-        The linear runs on the whole token tensor as one matrix (a strided slice of the patch tokens would
-        be copied first) and the extras' rows are dropped after it; the sigmoid runs in place and `1 - mean`
-        on the host, in float32 like torch's, so each sample's value is bit for bit `scalar`'s."""
-        linear = self.certainty[exit_point - 1]
-        batch, length, width = tokens.shape
-        logits = torch.addmm(linear.bias, tokens.reshape(batch * length, width), linear.weight.t())
-        certainty = logits.view(batch, -1)[:, self.extras * logits.shape[1]:].sigmoid_().mean(1)
-        return np.float32(1.0) - certainty.float().cpu().numpy()
+        The linear runs on the whole contiguous token tensor (one matrix product, as `linear` folds a 3-D
+        input; a strided slice of the patch tokens would be copied first) and the extras' entries are dropped
+        after it; the parameters come from a plain list, not through the module tree; the sigmoid runs in
+        place and `1 - mean` on the host, in float32 like torch's, so each sample's value is bit for bit
+        `scalar`'s."""
+        weight, bias = self._parameters_by_exit()[exit_point - 1]
+        logits = F.linear(tokens, weight, bias).view(len(tokens), -1)
+        certainty = logits.narrow(1, self._cut, logits.shape[1] - self._cut).sigmoid_().mean(1)
+        if certainty.dtype != torch.float32 or certainty.device.type != "cpu":
+            certainty = certainty.float().cpu()
+        return np.float32(1.0) - certainty.numpy()
+
+    def _parameters_by_exit(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(weight, bias) of each exit's linear, gathered once (again after `.to()` and the like: `_apply`)."""
+        if self._gathered is None:
+            self._gathered = [(linear.weight, linear.bias) for linear in self.certainty]
+        return self._gathered
+
+    def _apply(self, fn, *args, **kwargs):
+        self._gathered = None  # a conversion may replace the Parameter objects
+        return super()._apply(fn, *args, **kwargs)
 
     def _per_exit_linears(self):
         return [self.certainty[0]]

@@ -304,7 +304,7 @@ class AdaDiff(Method):
                 return passing & (passes[rows] >= 2)
             return passing
 
-        return exit_aware_forward(net.backbone, x, t, y, policy, self.log, heads=net.exit_head,
+        return exit_aware_forward(net.backbone, x, t, y, policy, self.log, heads=net.sampling_heads(),
                                   policy_macs=self.estimator_macs)
 
     # ---- per-pixel uncertainty maps (only in the harness's sampling pass, never timed) ------------

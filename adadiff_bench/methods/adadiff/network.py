@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ...errors import UserError, unknown_choice
 from ...models.backbone import Backbone, BlockState
+from ...models.exit_forward import ExitHeads, shared_head
 from .estimators import ESTIMATORS, Estimator
 
 OFFICIAL_ESTIMATOR_KEY = re.compile(r"^lte_classifer\.(\d+)\.lte\.(weight|bias)$")
@@ -56,6 +57,10 @@ class AdaDiffNetwork(nn.Module):
         if self.exit_heads is None or exit_point == self.num_exits:
             return self.backbone.head(tokens, state)
         return self.exit_heads[exit_point - 1](tokens, state)
+
+    def sampling_heads(self) -> ExitHeads:
+        """The heads `exit_aware_forward` calls: the backbone's own, shared by every exit, or one per exit."""
+        return shared_head(self.backbone) if self.exit_heads is None else self.exit_head
 
     def all_exits(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, backbone_grad: bool = True):
         """Every exit's eps prediction and uncertainty (training): lists of length num_exits.
