@@ -11,6 +11,11 @@ counting its own time only (a part's time excludes the parts it calls):
 - forward glue: the rest of the denoiser call (the policy's closure, reading the mask on the host,
   index arithmetic, Python); deciding = estimator + mask + compaction + forward glue.
 
+Shares of a few percent move with the shared machine's load, so each setting also gets a count that does
+not: the aten ops per sampling step (one run, counted below autograd). After a block has filled the caches
+every op pays a cold start several times its warm cost, so on this CPU the op count, not the arithmetic,
+prices a decision.
+
 Threshold 0 is the calibration setting: nothing exits before the last block, so everything adadiff
 spends beyond `full` is the price of deciding. On a GPU the shares mean little (kernels run
 asynchronously); this is a CPU tool.
@@ -24,6 +29,7 @@ import collections
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adadiff_bench import diffusion, steplog
 from adadiff_bench.checkpoints import cached_checkpoint, load_model
@@ -61,6 +67,25 @@ class PartClock:
         setattr(owner, name, timed)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(cell: Cell, model, batch: int, method) -> float:
+    """aten ops per sampling step of one run of `batch` samples."""
+    with OpCounter() as counter:
+        generate(cell, model, batch, batch, method=method)
+    return counter.ops / cell.num_steps
+
+
 def instrument(clock: PartClock, estimator_class) -> None:
     from adadiff_bench.methods.adadiff.method import AdaDiff
     from adadiff_bench.methods.full import Full
@@ -82,7 +107,7 @@ def instrument(clock: PartClock, estimator_class) -> None:
 
 
 def profile(cell: Cell, model, batch: int, clock: PartClock, images: int) -> tuple[float, dict[str, float]]:
-    """(seconds per image, share of each part in the sampling run) over about `images` images."""
+    """(seconds per image, share of each part in the sampling run, aten ops per step) over about `images` images."""
     method = build_method(cell, model)
     generate(cell, model, batch, batch, method=method)  # warm-up
     clock.seconds.clear()
@@ -93,7 +118,7 @@ def profile(cell: Cell, model, batch: int, clock: PartClock, images: int) -> tup
     total = time.perf_counter() - start
     shares = {label: seconds / total for label, seconds in clock.seconds.items()}
     shares["other (sampling loop)"] = 1 - sum(shares.values())
-    return total / runs / batch, shares
+    return total / runs / batch, shares, ops_per_step(cell, model, batch, method)
 
 
 def main() -> None:
@@ -115,16 +140,16 @@ def main() -> None:
     print(f"threads={args.threads} dpm-solver++ 25 steps; share of each part in a sampling run (exclusive time)")
     for batch in args.batch_sizes:
         results = {name: profile(cell, model, batch, clock, max(args.images, batch)) for name, cell in cells.items()}
-        labels = sorted({label for _, shares in results.values() for label in shares},
+        labels = sorted({label for _, shares, _ in results.values() for label in shares},
                         key=lambda label: -results[next(iter(results))][1].get(label, 0))
-        print(f"\nbatch {batch}: " + ", ".join(f"{name} {seconds * 1e3:.2f} ms/image"
-                                               for name, (seconds, _) in results.items()))
+        print(f"\nbatch {batch}: " + ", ".join(f"{name} {seconds * 1e3:.2f} ms/image, {ops:.0f} aten ops/step"
+                                               for name, (seconds, _, ops) in results.items()))
         print("| part | " + " | ".join(results) + " |")
         print("|---|" + "---:|" * len(results))
         for label in labels:
-            print(f"| {label} | " + " | ".join(f"{shares.get(label, 0) * 100:.1f}%" for _, shares in results.values()) + " |")
+            print(f"| {label} | " + " | ".join(f"{shares.get(label, 0) * 100:.1f}%" for _, shares, _ in results.values()) + " |")
         deciding = [sum(shares.get(k, 0) for k in ("estimator", "mask", "compaction", "forward glue"))
-                    for _, shares in results.values()]
+                    for _, shares, _ in results.values()]
         print("| deciding (estimator + mask + compaction + glue) | " + " | ".join(f"{d * 100:.1f}%" for d in deciding) + " |",
               flush=True)
 

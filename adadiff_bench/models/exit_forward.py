@@ -1,11 +1,11 @@
 """The one exit-aware forward every early-exit method uses.
 
 It runs a backbone block by block through the backbone interface. After each exit point an exit
-policy names the samples that exit there; their hidden states go through the head once, and the
+policy names the samples that exit there; their hidden states go through the head once (a head that
+every exit shares runs once per forward, on all the samples that left, wherever they left), and the
 rest of the batch carries on as a smaller batch (the blocks' state, e.g. U-ViT's long skips, is
-compacted alike). A sample that has exited computes
-nothing more, so the savings are real compute, and every block, head and policy call is written
-to the step log.
+compacted alike). A sample that has exited computes nothing more, so the savings are real compute,
+and every block, head and policy call is written to the step log.
 """
 from __future__ import annotations
 

@@ -93,14 +93,16 @@ class OfficialEstimator(Estimator):
         """The same numbers as `scalar`, in fewer ops: sampling decides after every block, and after a block
         has filled the caches every op and every Python lookup costs several times what it costs warm.
 
-        The linear runs on the whole contiguous token tensor (one matrix product, as `linear` folds a 3-D
-        input; a strided slice of the patch tokens would be copied first) and the extras' entries are dropped
-        after it; the parameters come from a plain list, not through the module tree; the sigmoid runs in
-        place and `1 - mean` on the host, in float32 like torch's, so each sample's value is bit for bit
-        `scalar`'s."""
+        The linear runs on the whole token matrix (a strided slice of the patch tokens would be copied first)
+        and the extras' entries are skipped by one strided view of its output; the parameters come from a
+        plain list, not through the module tree; the sigmoid runs in place and `1 - mean` on the host, in
+        float32 like torch's, so each sample's value is bit for bit `scalar`'s. Six aten ops a decision."""
         weight, bias = self._parameters_by_exit()[exit_point - 1]
-        logits = F.linear(tokens, weight, bias).view(len(tokens), -1)
-        certainty = logits.narrow(1, self._cut, logits.shape[1] - self._cut).sigmoid_().mean(1)
+        batch, length, width = tokens.shape
+        logits = F.linear(tokens.reshape(batch * length, width), weight, bias)  # (batch * length, out)
+        per_sample = length * logits.shape[1]
+        patches = logits.as_strided((batch, per_sample - self._cut), (per_sample, 1), self._cut)
+        certainty = patches.sigmoid_().mean(1)
         if certainty.dtype != torch.float32 or certainty.device.type != "cpu":
             certainty = certainty.float().cpu()
         return np.float32(1.0) - certainty.numpy()
@@ -114,6 +116,10 @@ class OfficialEstimator(Estimator):
     def _apply(self, fn, *args, **kwargs):
         self._gathered = None  # a conversion may replace the Parameter objects
         return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._gathered = None  # so may loading with `assign=True`
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _per_exit_linears(self):
         return [self.certainty[0]]
