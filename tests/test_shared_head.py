@@ -99,7 +99,8 @@ def test_a_head_that_reads_the_state_runs_per_exit_on_the_leaving_samples_state(
 
 
 def test_the_official_estimator_follows_new_parameter_objects(tiny_model):
-    """`scalar_on_host` keeps the exits' parameters in a list: a conversion that replaces them must refresh it."""
+    """`scalar_on_host` keeps the exits' parameters in a list: whatever replaces them must refresh it (a conversion,
+    a new tensor under a parameter, a load that assigns new parameters)."""
     estimator = OfficialEstimator(tiny_model, AdaDiffConfig())
     tokens, t = torch.randn(3, tiny_model.num_tokens, tiny_model.embed_dim), torch.zeros(3)
     with torch.no_grad():
@@ -113,4 +114,9 @@ def test_the_official_estimator_follows_new_parameter_objects(tiny_model):
             torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
         assert estimator.certainty[0].weight is not before
         estimator.certainty[0].weight.mul_(3.0)
+        assert np.array_equal(estimator.scalar_on_host(1, tokens, t), estimator.scalar(1, tokens, t).numpy())
+        estimator.certainty[0].weight.data = torch.randn_like(estimator.certainty[0].weight)  # new storage, same object
+        assert np.array_equal(estimator.scalar_on_host(1, tokens, t), estimator.scalar(1, tokens, t).numpy())
+        replacement = {name: torch.randn_like(value) for name, value in estimator.state_dict().items()}
+        estimator.load_state_dict(replacement, assign=True)  # new Parameter objects
         assert np.array_equal(estimator.scalar_on_host(1, tokens, t), estimator.scalar(1, tokens, t).numpy())

@@ -25,7 +25,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ...models.backbone import Backbone, timestep_embedding, unpatchify
 
@@ -94,12 +93,13 @@ class OfficialEstimator(Estimator):
         has filled the caches every op and every Python lookup costs several times what it costs warm.
 
         The linear runs on the whole token matrix (a strided slice of the patch tokens would be copied first)
-        and the extras' entries are skipped by one strided view of its output; the parameters come from a
-        plain list, not through the module tree; the sigmoid runs in place and `1 - mean` on the host, in
-        float32 like torch's, so each sample's value is bit for bit `scalar`'s. Six aten ops a decision."""
-        weight, bias = self._parameters_by_exit()[exit_point - 1]
+        with the exit's transposed weight kept from call to call, and the extras' entries are skipped by one
+        strided view of its output. The sigmoid runs in place and `1 - mean` on the host, in float32 like
+        torch's, so each sample's value is bit for bit `scalar`'s. Six aten ops a decision on the CPU (the
+        host read is one), seven before."""
+        weight_t, bias = self._exit_linear(exit_point)
         batch, length, width = tokens.shape
-        logits = F.linear(tokens.reshape(batch * length, width), weight, bias)  # (batch * length, out)
+        logits = torch.addmm(bias, tokens.reshape(batch * length, width), weight_t)  # (batch * length, out)
         per_sample = length * logits.shape[1]
         patches = logits.as_strided((batch, per_sample - self._cut), (per_sample, 1), self._cut)
         certainty = patches.sigmoid_().mean(1)
@@ -107,11 +107,16 @@ class OfficialEstimator(Estimator):
             certainty = certainty.float().cpu()
         return np.float32(1.0) - certainty.numpy()
 
-    def _parameters_by_exit(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(weight, bias) of each exit's linear, gathered once (again after `.to()` and the like: `_apply`)."""
+    def _exit_linear(self, exit_point: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight transposed, bias) of an exit's linear, without a walk through the module tree: gathered
+        once, and again after `.to()` and the like (`_apply`), a state-dict load, or a swap of a weight's data."""
         if self._gathered is None:
-            self._gathered = [(linear.weight, linear.bias) for linear in self.certainty]
-        return self._gathered
+            self._gathered = [(linear.weight, linear.weight.detach().t(), linear.bias) for linear in self.certainty]
+        weight, weight_t, bias = self._gathered[exit_point - 1]
+        if weight_t.data_ptr() != weight.data_ptr():
+            self._gathered = None
+            return self._exit_linear(exit_point)
+        return weight_t, bias
 
     def _apply(self, fn, *args, **kwargs):
         self._gathered = None  # a conversion may replace the Parameter objects
