@@ -106,7 +106,7 @@ def instrument(clock: PartClock, estimator_class) -> None:
     clock.wrap(Full, "__call__", "forward glue")
 
 
-def profile(cell: Cell, model, batch: int, clock: PartClock, images: int) -> tuple[float, dict[str, float]]:
+def profile(cell: Cell, model, batch: int, clock: PartClock, images: int) -> tuple[float, dict[str, float], float]:
     """(seconds per image, share of each part in the sampling run, aten ops per step) over about `images` images."""
     method = build_method(cell, model)
     generate(cell, model, batch, batch, method=method)  # warm-up
