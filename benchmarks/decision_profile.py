@@ -13,8 +13,9 @@ counting its own time only (a part's time excludes the parts it calls):
 
 Shares of a few percent move with the shared machine's load, so each setting also gets a count that does
 not: the aten ops per sampling step (one run, counted below autograd). After a block has filled the caches
-every op pays a cold start several times its warm cost, so on this CPU the op count, not the arithmetic,
-prices a decision.
+every op pays a cold start several times its warm cost (the last line of each batch: one small op timed
+right after each block of a forward, again at once, and in a loop), so on this CPU the op count, not the
+arithmetic, prices a decision.
 
 Threshold 0 is the calibration setting: nothing exits before the last block, so everything adadiff
 spends beyond `full` is the price of deciding. On a GPU the shares mean little (kernels run
@@ -28,6 +29,7 @@ import argparse
 import collections
 import time
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -84,6 +86,31 @@ def ops_per_step(cell: Cell, model, batch: int, method) -> float:
     with OpCounter() as counter:
         generate(cell, model, batch, batch, method=method)
     return counter.ops / cell.num_steps
+
+
+def cold_start(model, batch: int, forwards: int = 20) -> tuple[float, float, float]:
+    """Median microseconds of one small op (an add on 64 floats) run right after each block of a forward, run
+    again at once, and run in a loop with nothing between: what a decision's every op pays after a block."""
+    x, t = torch.randn(batch, model.in_chans, model.img_size, model.img_size), torch.full((batch,), 500.0)
+    probe = torch.zeros(64)
+    after_block, again = [], []
+    with torch.no_grad():
+        for _ in range(forwards):
+            tokens, state = model.begin(x, t, None)
+            for block in range(model.num_blocks):
+                tokens = model.run_block(block, tokens, state)
+                start = time.perf_counter()
+                probe.add(1)
+                middle = time.perf_counter()
+                probe.add(1)
+                after_block.append(middle - start)
+                again.append(time.perf_counter() - middle)
+        in_loop = []
+        for _ in range(len(after_block)):
+            start = time.perf_counter()
+            probe.add(1)
+            in_loop.append(time.perf_counter() - start)
+    return tuple(float(np.median(times)) * 1e6 for times in (after_block, again, in_loop))
 
 
 def instrument(clock: PartClock, estimator_class) -> None:
@@ -152,6 +179,9 @@ def main() -> None:
                     for _, shares, _ in results.values()]
         print("| deciding (estimator + mask + compaction + glue) | " + " | ".join(f"{d * 100:.1f}%" for d in deciding) + " |",
               flush=True)
+        first, second, alone = cold_start(model, batch)
+        print(f"a 64-float add right after a block: {first:.1f} us; again at once: {second:.1f} us; in a loop: "
+              f"{alone:.1f} us (medians)", flush=True)
 
 
 if __name__ == "__main__":
