@@ -96,7 +96,7 @@ class OfficialEstimator(Estimator):
         with the exit's transposed weight kept from call to call, and the extras' entries are skipped by one
         strided view of its output. The sigmoid runs in place and `1 - mean` on the host, in float32 like
         torch's, so each sample's value is bit for bit `scalar`'s. Six aten ops a decision on the CPU (the
-        host read is one), eight before 2026-12-04."""
+        host read is one)."""
         weight_t, bias = self._exit_linear(exit_point)
         batch, length, width = tokens.shape
         logits = torch.addmm(bias, tokens.reshape(batch * length, width), weight_t)  # (batch * length, out)
