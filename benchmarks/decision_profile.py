@@ -4,8 +4,9 @@ The parts are wrapped from outside (nothing in the suite changes) and timed with
 counting its own time only (a part's time excludes the parts it calls):
 
 - blocks, embed, head: the backbone's `run_block`, `begin`, `head` (exit heads included);
-- estimator: AdaDiff's uncertainty estimator (`scalar`, or `scalar_on_host` where the suite has it: its
-  read of the result included), and mask: its threshold rule (`exits`);
+- estimator: AdaDiff's uncertainty estimator (`scalar`, or the `raw_on_host` that sampling calls, its read
+  of the result included), and mask: the host's map of its raw values and the threshold rule
+  (`uncertainty_of_raw`, `exits`; the one-`max` "nobody passes" test counts as glue);
 - compaction: the blocks' state shrinking to the samples still running (`SkipStack.subset`);
 - step log: every StepLog record; solver: the scheduler's step;
 - forward glue: the rest of the denoiser call (the policy's closure, reading the mask on the host,
@@ -122,7 +123,8 @@ def instrument(clock: PartClock, estimator_class) -> None:
     clock.wrap(uvit.UViT, "head", "head")
     clock.wrap(uvit.UViTHead, "forward", "head")
     clock.wrap(estimator_class, "scalar", "estimator")
-    clock.wrap(estimator_class, "scalar_on_host", "estimator")  # (what sampling calls, where it exists)
+    clock.wrap(estimator_class, "raw_on_host", "estimator")  # (what sampling calls)
+    clock.wrap(estimator_class, "uncertainty_of_raw", "mask")
     clock.wrap(AdaDiff, "exits", "mask")
     clock.wrap(uvit.SkipStack, "subset", "compaction")
     for record in STEP_LOG_RECORDS:

@@ -23,11 +23,12 @@ class ExitPolicy(Protocol):
     """Decides, after exit point `exit_point` (= blocks run so far), which active samples exit."""
 
     def __call__(self, exit_point: int, tokens: torch.Tensor, state: BlockState, t: torch.Tensor,
-                 active: torch.Tensor) -> torch.Tensor | np.ndarray | tuple[torch.Tensor, torch.Tensor]:
-        """Boolean mask over the active samples (True = exit now). `active` are their rows in the batch,
-        `tokens`, `state` and `t` theirs only; `active` is a host tensor, the others on the model's device.
-        A mask on the host (a numpy array or a CPU tensor) costs no synchronisation (a policy that decides
-        without reading the GPU, or one that read what it needed itself).
+                 active: torch.Tensor) -> torch.Tensor | np.ndarray | tuple[torch.Tensor, torch.Tensor] | None:
+        """Boolean mask over the active samples (True = exit now), or None: none of them exits here (a
+        policy that knows it without building a mask saves the forward from testing one). `active` are their
+        rows in the batch, `tokens`, `state` and `t` theirs only; `active` is a host tensor, the others on the
+        model's device. A mask on the host (a numpy array or a CPU tensor) costs no synchronisation (a policy
+        that decides without reading the GPU, or one that read what it needed itself).
 
         A policy that decides from the exit's own eps prediction (and logged that head call) returns
         (mask, predictions of all active samples): the exiting ones are taken from it, not recomputed.
@@ -68,9 +69,10 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
 
     `policy_macs`: MACs of one policy call on one sample (an estimator), logged once per step for
     every call made. What it costs to decide is kept small: at most one host read per block (the
-    policy's mask; none when the policy decides on the host), no compaction while nobody leaves,
-    compaction by index (`index_select` with indices copied asynchronously on a GPU), and one call of a
-    shared head for all the samples of the forward, wherever they left.
+    policy's mask; none when the policy decides on the host), no compaction while nobody leaves (and no
+    mask tested when the policy says so with None), compaction by index (`index_select` with indices copied
+    asynchronously on a GPU), one call of a shared head for all the samples of the forward, wherever they
+    left, and a forward where nobody left early logged and finished as a plain one.
     """
     heads = heads or shared_head(model)
     exits = _Exits(model, x, heads, log)
@@ -78,10 +80,12 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
     active = torch.arange(len(x), device="cpu")  # host: the batch rows still running (policies and the log index them)
     exit_at = np.full(len(x), last)         # host: each row's exit point
     tokens, state = model.begin(x, t, y)
-    log.ran_embed()
     for block in range(last - 1):
         tokens = model.run_block(block, tokens, state)
-        mask, predictions = _decision(policy(block + 1, tokens, state, t, active))
+        decision = policy(block + 1, tokens, state, t, active)
+        if decision is None:  # nobody exits here
+            continue
+        mask, predictions = _decision(decision)
         leaving = _on_host(mask)
         if not leaving.any():
             continue
@@ -96,7 +100,13 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
             state.subset(stay)
     else:  # the last block: every sample still running exits through the final head
         tokens = model.run_block(last - 1, tokens, state)
+        if exits.empty:  # the whole batch ran every block: the log's records of a plain forward
+            log.ran_full()
+            if policy_macs:
+                log.add_macs(policy_macs * (last - 1))
+            return heads(last, tokens, state if model.head_reads_state else None)
         exits.add(last, active, None, tokens, state, None)
+    log.ran_embed()
     log.ran_prefixes(exit_at)
     if policy_macs:
         log.add_macs(policy_macs * np.minimum(exit_at, last - 1))
@@ -142,6 +152,11 @@ class _Exits:
             self.done.append((rows, self.heads(exit_point, mine(tokens), own_state)))
             self.log.ran_head(rows)
         self.log.exited(exit_point, rows)
+
+    @property
+    def empty(self) -> bool:
+        """Nobody has left yet."""
+        return not self.done and not self.waiting
 
     def eps(self) -> torch.Tensor:
         """eps of the whole batch, in its row order."""

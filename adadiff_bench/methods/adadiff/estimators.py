@@ -46,8 +46,20 @@ class Estimator(nn.Module):
         return u.flatten(1).mean(1) if u.dim() > 1 else u
 
     def scalar_on_host(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> np.ndarray:
-        """`scalar` as a float32 array on the host (sampling: the one read of a GPU a decision needs)."""
-        return self.scalar(exit_point, tokens, t).float().cpu().numpy()
+        """`scalar` as a float32 array on the host."""
+        return self.uncertainty_of_raw(self.raw_on_host(exit_point, tokens, t))
+
+    def raw_on_host(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> list[float]:
+        """What sampling reads after every block (on a GPU, the one read a decision needs): one float32 value
+        per sample, as Python floats, from which `uncertainty_of_raw` gives `scalar` exactly. Here the
+        uncertainty itself; an estimator whose last op would be a monotone map (the official `1 - certainty`)
+        may return the value before it and leave the map to the host, so a threshold can be tested on the raw
+        values without running it (see `AdaDiff.exits`)."""
+        return self.scalar(exit_point, tokens, t).float().tolist()
+
+    def uncertainty_of_raw(self, raw: list[float]) -> np.ndarray:
+        """The float32 uncertainties of `raw_on_host`'s values (a monotone map, applied on the host)."""
+        return np.asarray(raw, dtype=np.float32)
 
     def macs_per_sample(self, num_tokens: int) -> int:
         """MACs of one call on one sample (its linear layers; counted into the step log)."""
@@ -88,24 +100,25 @@ class OfficialEstimator(Estimator):
         # the mean over pixels is the mean over patch entries: no need to unpatchify
         return 1.0 - torch.sigmoid(self.certainty[exit_point - 1](self._patches(tokens))).flatten(1).mean(1)
 
-    def scalar_on_host(self, exit_point, tokens, t):
-        """The same numbers as `scalar`, in fewer ops: sampling decides after every block, and after a block
-        has filled the caches every op and every Python lookup costs several times what it costs warm.
+    def raw_on_host(self, exit_point, tokens, t):
+        """Each sample's mean certainty, in fewer ops than `scalar`: sampling decides after every block, and
+        after a block has filled the caches every op and every Python lookup costs several times what it
+        costs warm.
 
         The linear runs on the whole token matrix (a strided slice of the patch tokens would be copied first)
         with the exit's transposed weight kept from call to call, and the extras' entries are skipped by one
-        strided view of its output. The sigmoid runs in place and `1 - mean` on the host, in float32 like
-        torch's, so each sample's value is bit for bit `scalar`'s. Six aten ops a decision on the CPU (the
-        host read is one)."""
+        strided view of its output. The sigmoid runs in place; `1 - mean` is left to `uncertainty_of_raw`,
+        on the host in float32 like torch's, so each sample's uncertainty is bit for bit `scalar`'s."""
         weight_t, bias = self._exit_linear(exit_point)
         batch, length, width = tokens.shape
         logits = torch.addmm(bias, tokens.reshape(batch * length, width), weight_t)  # (batch * length, out)
         per_sample = length * logits.shape[1]
         patches = logits.as_strided((batch, per_sample - self._cut), (per_sample, 1), self._cut)
         certainty = patches.sigmoid_().mean(1)
-        if certainty.dtype != torch.float32 or certainty.device.type != "cpu":
-            certainty = certainty.float().cpu()
-        return np.float32(1.0) - certainty.numpy()
+        return (certainty if certainty.dtype == torch.float32 else certainty.float()).tolist()
+
+    def uncertainty_of_raw(self, raw):
+        return np.float32(1.0) - np.asarray(raw, dtype=np.float32)
 
     def _exit_linear(self, exit_point: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight transposed, bias) of an exit's linear, without a walk through the module tree: gathered

@@ -48,6 +48,7 @@ from ..registry import Method, PrepareContext, register_method
 from .calibration import DEFAULT_CALIBRATION_SEED, ThresholdSearch, find_threshold
 from .checkpoint import FORMAT, OFFICIAL_FORMAT, save_adadiff
 from .quality import QUALITY_ARTIFACT, quality_pass
+from .raw_threshold import nobody_passes_test
 from .estimators import ESTIMATORS
 from .training import AdaDiffTrainConfig, adadiff_task
 
@@ -274,6 +275,7 @@ class AdaDiff(Method):
         self._inputs: dict[int, np.ndarray] = {}
         self._map_timesteps: dict[int, float] = {}
         self._quality: dict[str, np.ndarray] | None = None
+        self._quick_tests: dict[tuple, object] = {}
 
     def exits(self, uncertainty: np.ndarray) -> np.ndarray:
         """Per active sample (host float32 uncertainties): does it pass the threshold at this exit point?
@@ -288,16 +290,30 @@ class AdaDiff(Method):
             return (np.float32(1.0) - uncertainty) > threshold
         return uncertainty <= threshold
 
+    def nobody_passes(self):
+        """A test of the estimator's raw values (`raw_on_host`) that is True only when `exits` would pass none
+        of them, in a `max` of a list (see `raw_threshold`); None under the per-batch rule (the batch mean)."""
+        p, estimator = self.params, self.net.estimator
+        key = (p.threshold, p.threshold_kind, p.rule)
+        if key not in self._quick_tests:
+            self._quick_tests[key] = None if p.rule == "per-batch" else nobody_passes_test(
+                lambda raw: bool(self.exits(estimator.uncertainty_of_raw([raw]))[0]))
+        return self._quick_tests[key]
+
     def __call__(self, x, t, y, ctx):
         net = self.net
         kinds = net.backbone.block_kinds
         passes = np.zeros(len(x), dtype=np.int64) if self.params.patience else None  # host: in-blocks passed
         recorded = self._recorded_rows(x, ctx)
+        nobody_passes = self.nobody_passes()
 
         def policy(exit_point, tokens, state, t_active, active):
             if recorded is not None:
                 self._record_maps(exit_point, tokens, t_active, active, recorded, ctx)
-            passing = self.exits(net.estimator.scalar_on_host(exit_point, tokens, t_active))
+            raw = net.estimator.raw_on_host(exit_point, tokens, t_active)
+            if nobody_passes is not None and nobody_passes(raw):
+                return None  # (nobody passes: no exit, and no in-block passed for the patience rule)
+            passing = self.exits(net.estimator.uncertainty_of_raw(raw))
             if passes is not None and kinds[exit_point - 1] == "in":  # the official rule: the second passing in-block
                 rows = active.numpy()
                 passes[rows] += passing

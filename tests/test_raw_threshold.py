@@ -1,0 +1,86 @@
+"""AdaDiff skips its exact rule when a `max` of the raw values says nobody passes: that shortcut must never
+hide a sample the exact rule passes, and a forward in which nobody leaves must log what a plain forward logs.
+
+The reference is brute force: the exact rule (`AdaDiff.exits` on `uncertainty_of_raw`) on every value.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff_bench.methods.adadiff.estimators import Estimator, OfficialEstimator
+from adadiff_bench.methods.adadiff.method import AdaDiff, AdaDiffParams
+from adadiff_bench.methods.adadiff.network import AdaDiffConfig
+from adadiff_bench.methods.adadiff.raw_threshold import nobody_passes_test
+from adadiff_bench.models.exit_forward import exit_aware_forward
+from adadiff_bench.steplog import StepLog
+
+
+def rule(threshold: float, kind: str, estimator) -> AdaDiff:
+    """AdaDiff's rule alone (no checkpoint) over `estimator`'s raw values."""
+    method = AdaDiff.__new__(AdaDiff)
+    method.params = AdaDiffParams(threshold=threshold, threshold_kind=kind, checkpoint="")
+    method.net = type("Net", (), {"estimator": estimator})()
+    method._quick_tests = {}
+    return method
+
+
+def raw_values_around(edges: list[float], generator: np.random.Generator) -> np.ndarray:
+    """float32 values at, next to and around the given edges, spread over [0, 1], and the odd ones."""
+    near = [np.nextafter(np.float32(e), np.float32(d), dtype=np.float32) for e in edges for d in (-1, 2)]
+    steps = np.arange(-40, 41, dtype=np.int32)
+    dense = [(np.array(e, np.float32).view(np.int32) + steps).view(np.float32) for e in edges]
+    spread = generator.random(2000, dtype=np.float32)
+    odd = np.array([0.0, 1.0, -0.0, 1e-30, 1 - 2 ** -24, np.inf, -np.inf, np.nan, 0.5], np.float32)
+    return np.concatenate([np.float32(edges), near, *dense, spread, odd]).astype(np.float32)
+
+
+@pytest.mark.parametrize("estimator_class", [OfficialEstimator, Estimator])  # raw = certainty / uncertainty
+@pytest.mark.parametrize("kind", ["uncertainty", "official-certainty"])
+def test_nobody_passes_agrees_with_the_exact_rule(estimator_class, kind, tiny_model):
+    estimator = estimator_class(tiny_model, AdaDiffConfig()) if estimator_class is OfficialEstimator \
+        else estimator_class.__new__(estimator_class)
+    generator = np.random.default_rng(0)
+    for threshold in [0.0, 1.0, 0.035, 0.045, 0.1, 0.5, 0.95, 1 - 2 ** -24, *generator.random(10)]:
+        method = rule(float(threshold), kind, estimator)
+        quick = method.nobody_passes()
+        assert quick is not None or threshold in (0.0, 1.0), threshold
+        if quick is None:
+            continue
+        exact = lambda raw: method.exits(estimator.uncertainty_of_raw(raw))  # noqa: E731
+        edges = [float(threshold), float(1 - threshold), float(np.float32(1) - np.float32(threshold))]
+        values = raw_values_around(edges, generator)
+        passing = exact(values.tolist())
+        for value, passes in zip(values.tolist(), passing):  # one value at a time: the edge itself
+            assert quick([value]) == (not passes) or (np.isnan(value) and not passes), (threshold, value)
+        for _ in range(300):  # lists, NaN among them at any place: a NaN may only cost the shortcut
+            sample = generator.choice(values, int(generator.integers(1, 9))).tolist()
+            nobody = not exact(sample).any()
+            assert quick(sample) == nobody or (np.isnan(sample).any() and nobody), (threshold, sample)
+
+
+def test_no_edge_means_no_shortcut():
+    assert nobody_passes_test(lambda raw: True) is None
+    assert nobody_passes_test(lambda raw: False) is None
+    assert nobody_passes_test(lambda raw: not raw > 0.3) is None  # NaN would pass: not assumed away
+
+
+def test_a_forward_in_which_nobody_leaves_logs_a_plain_forward(tiny_model):
+    """A policy that answers None, or an all-False mask, at every block: the eps and log of the full network
+    (the estimator's MACs added for the exit points where it ran)."""
+    x, t = torch.randn(5, tiny_model.in_chans, tiny_model.img_size, tiny_model.img_size), torch.rand(5) * 999
+    last = tiny_model.num_blocks
+    with torch.no_grad():
+        reference = tiny_model(x, t)
+        for answer in (None, np.zeros(5, bool), torch.zeros(5, dtype=torch.bool)):
+            log = StepLog(7, np.arange(2), last)
+            log.set_batch(np.array([6, 0, 2, 3, 5]))
+            log.set_step(1)
+            eps = exit_aware_forward(tiny_model, x, t, None, lambda *args, answer=answer: answer, log, policy_macs=10.5)
+            assert torch.equal(eps, reference)
+            rows, others = [6, 0, 2, 3, 5], [1, 4]
+            assert (log.embed_calls[rows, 1] == 1).all() and (log.head_calls[rows, 1] == 1).all()
+            assert log.blocks_run[rows, 1].all() and (log.exit_point[rows, 1] == last).all()
+            assert (log.extra_macs[rows, 1] == 10.5 * (last - 1)).all()
+            assert log.embed_calls[others].sum() == 0 and not log.blocks_run[:, 0].any() and log.extra_macs[others].sum() == 0
