@@ -109,11 +109,15 @@ class StepLog:
 
     def ran_full(self, active=None) -> None:
         """The whole network once, for the selected samples of the batch (None = all)."""
+        self.ran_depth(self.num_blocks, active)
+
+    def ran_depth(self, depth: int, active=None) -> None:
+        """The embedding, blocks 1..depth and the head once, exiting at `depth`, for the selected samples."""
         rows = self._select(active)
         self.embed_calls[rows, self._step] += 1
-        self.blocks_run[rows, self._step, :] = True
+        self.blocks_run[rows, self._step, :depth] = True
         self.head_calls[rows, self._step] += 1
-        self.exit_point[rows, self._step] = self.num_blocks
+        self.exit_point[rows, self._step] = depth
 
     # ---- moving rows between processes and checkpoints ----------------------------------------------
     ROW_FIELDS = ("blocks_run", "exit_point", "embed_calls", "head_calls", "extra_macs")
@@ -209,4 +213,7 @@ class NullStepLog(StepLog):
         pass
 
     def ran_full(self, active=None) -> None:
+        pass
+
+    def ran_depth(self, depth: int, active=None) -> None:
         pass

@@ -39,7 +39,7 @@ from adadiff_bench.checkpoints import cached_checkpoint, load_model
 from adadiff_bench.harness import Cell, build_method, generate
 from adadiff_bench.models import uvit
 
-STEP_LOG_RECORDS = ("ran_embed", "ran_block", "ran_head", "exited", "add_macs", "ran_full", "ran_prefixes")
+STEP_LOG_RECORDS = ("ran_embed", "ran_block", "ran_head", "exited", "add_macs", "ran_full", "ran_depth", "ran_prefixes")
 
 
 class PartClock:

@@ -26,9 +26,10 @@ class ExitPolicy(Protocol):
                  active: torch.Tensor) -> torch.Tensor | np.ndarray | tuple[torch.Tensor, torch.Tensor] | None:
         """Boolean mask over the active samples (True = exit now), or None: none of them exits here (a
         policy that knows it without building a mask saves the forward from testing one). `active` are their
-        rows in the batch, `tokens`, `state` and `t` theirs only; `active` is a host tensor, the others on the
-        model's device. A mask on the host (a numpy array or a CPU tensor) costs no synchronisation (a policy
-        that decides without reading the GPU, or one that read what it needed itself).
+        rows in the batch, `tokens`, `state` and `t` theirs only (read them, never write them); `active` is a
+        host tensor, the others on the model's device. A mask on the host (a numpy array or a CPU tensor)
+        costs no synchronisation (a policy that decides without reading the GPU, or one that read what it
+        needed itself).
 
         A policy that decides from the exit's own eps prediction (and logged that head call) returns
         (mask, predictions of all active samples): the exiting ones are taken from it, not recomputed.
@@ -72,13 +73,13 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
     policy's mask; none when the policy decides on the host), no compaction while nobody leaves (and no
     mask tested when the policy says so with None), compaction by index (`index_select` with indices copied
     asynchronously on a GPU), one call of a shared head for all the samples of the forward, wherever they
-    left, and a forward where nobody left early logged and finished as a plain one.
+    left, and a batch that leaves all at one exit point logged and finished as one forward of that depth.
     """
     heads = heads or shared_head(model)
     exits = _Exits(model, x, heads, log)
     last = model.num_blocks
-    active = torch.arange(len(x), device="cpu")  # host: the batch rows still running (policies and the log index them)
-    exit_at = np.full(len(x), last)         # host: each row's exit point
+    active = _all_rows(len(x))  # host: the batch rows still running (policies and the log index them)
+    exit_at = None              # host: each row's exit point, from the first exit on
     tokens, state = model.begin(x, t, y)
     for block in range(last - 1):
         tokens = model.run_block(block, tokens, state)
@@ -89,8 +90,12 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
         leaving = _on_host(mask)
         if not leaving.any():
             continue
+        if exits.empty and predictions is None and leaving.all():  # the whole batch leaves here, together
+            return _whole_batch(model, heads, log, block + 1, tokens, state, policy_macs)
         gone, kept = np.flatnonzero(leaving), np.flatnonzero(~leaving)
         rows = active[gone]
+        if exit_at is None:
+            exit_at = np.full(len(x), last)
         exits.add(block + 1, rows, rows_on(gone, x.device), tokens, state, predictions)
         exit_at[rows.numpy()] = block + 1
         if len(kept) == 0:
@@ -100,17 +105,36 @@ def exit_aware_forward(model: Backbone, x: torch.Tensor, t: torch.Tensor, y: tor
             state.subset(stay)
     else:  # the last block: every sample still running exits through the final head
         tokens = model.run_block(last - 1, tokens, state)
-        if exits.empty:  # the whole batch ran every block: the log's records of a plain forward
-            log.ran_full()
-            if policy_macs:
-                log.add_macs(policy_macs * (last - 1))
-            return heads(last, tokens, state if model.head_reads_state else None)
+        if exits.empty:  # the whole batch ran every block
+            return _whole_batch(model, heads, log, last, tokens, state, policy_macs)
         exits.add(last, active, None, tokens, state, None)
     log.ran_embed()
     log.ran_prefixes(exit_at)
     if policy_macs:
         log.add_macs(policy_macs * np.minimum(exit_at, last - 1))
     return exits.eps()
+
+
+def _whole_batch(model: Backbone, heads: ExitHeads, log: StepLog, exit_point: int, tokens: torch.Tensor,
+                 state: BlockState, policy_macs: float) -> torch.Tensor:
+    """eps when every sample of the batch leaves at `exit_point` together (the last one included): logged as
+    one forward of that depth, and the head run on the tokens as they are (no gathering, no scatter)."""
+    log.ran_depth(exit_point)
+    if policy_macs:
+        log.add_macs(policy_macs * min(exit_point, model.num_blocks - 1))
+    return heads(exit_point, tokens, state if model.head_reads_state else None)
+
+
+_ALL_ROWS: dict[int, torch.Tensor] = {}
+
+
+def _all_rows(count: int) -> torch.Tensor:
+    """torch.arange(count) on the host, made once per batch size: a new one would cost a factory op every
+    forward, right after the solver's step (a policy reads `active`, never writes it)."""
+    rows = _ALL_ROWS.get(count)
+    if rows is None:
+        rows = _ALL_ROWS[count] = torch.arange(count, device="cpu")
+    return rows
 
 
 def _decision(decision) -> tuple[torch.Tensor, torch.Tensor | None]:
