@@ -101,13 +101,14 @@ class FinalConv2d(nn.Conv2d):
             return super().forward(x)
         height, width = x.shape[-2:]
         pad_h, pad_w = self.padding
-        padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).unsqueeze(1)  # B 1 C_in H W
+        rows, cols = self.kernel_size
+        # every tap's weights as 1 C_out C_in 1 1, cut in one call (a head runs after every exit event)
+        taps = self.weight.permute(2, 3, 0, 1).reshape(rows * cols, 1, *self.weight.shape[:2], 1, 1).unbind(0)
         out = self.bias.view(1, -1, 1, 1)
-        for i in range(self.kernel_size[0]):
-            for j in range(self.kernel_size[1]):
-                window = padded[:, None, :, i:i + height, j:j + width]     # B 1 C_in H W
-                taps = self.weight[None, :, :, i, j, None, None]            # 1 C_out C_in 1 1
-                out = out + (window * taps).sum(dim=2)
+        for i in range(rows):
+            for j in range(cols):
+                out = out + (padded[..., i:i + height, j:j + width] * taps[i * cols + j]).sum(dim=2)
         return out
 
 
