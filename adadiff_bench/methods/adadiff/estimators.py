@@ -13,6 +13,10 @@ Every estimator maps the hidden state after exit point i (and the timestep) to a
 - `probe`: a linear probe on the mean token, sigmoid: one scalar per sample.
 - `attention`: a learned query attends over the tokens, then a small MLP and a sigmoid.
 
+Sampling reads each exit's values through `raw_on_host` (host floats) and `uncertainty_of_raw` (their
+float32 uncertainties); by default the first returns the uncertainty itself, so an estimator of your own
+needs only `uncertainty`, `scalar` where it has a cheaper path, and `_per_exit_linears` for its MACs.
+
 Every constructor takes (backbone, config): the backbone's geometry (width, patch, channels, extra
 tokens, one exit per block) and the AdaDiff config's options. A package adds its own estimator with
 `register_estimator(name, constructor)` (through the `adadiff_bench.methods` entry-point group), and
