@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +276,7 @@ class AdaDiff(Method):
         self._inputs: dict[int, np.ndarray] = {}
         self._map_timesteps: dict[int, float] = {}
         self._quality: dict[str, np.ndarray] | None = None
-        self._quick_tests: dict[tuple, object] = {}
+        self._quick_tests: dict[tuple, Callable[[list[float]], bool] | None] = {}  # by (threshold, kind, rule)
 
     def exits(self, uncertainty: np.ndarray) -> np.ndarray:
         """Per active sample (host float32 uncertainties): does it pass the threshold at this exit point?
@@ -290,7 +291,7 @@ class AdaDiff(Method):
             return (np.float32(1.0) - uncertainty) > threshold
         return uncertainty <= threshold
 
-    def nobody_passes(self):
+    def nobody_passes(self) -> Callable[[list[float]], bool] | None:
         """A test of the estimator's raw values (`raw_on_host`) that is True only when `exits` would pass none
         of them, in a `max` of a list (see `raw_threshold`); None under the per-batch rule (the batch mean)."""
         p, estimator = self.params, self.net.estimator
