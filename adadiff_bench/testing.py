@@ -13,7 +13,8 @@ A method that passes keeps the contracts every number of the suite rests on:
 - it is deterministic given the seed;
 - batch size changes neither its images nor its step log, unless it declares `batch_dependent`;
 - it makes no tensor without the model's device (`check_device_placement`: a forgotten `device=`
-  shows on the CPU, not first on a GPU).
+  shows on the CPU, not first on a GPU);
+- its exit policy, if it has one, leaves the rows the exit-aware forward hands it (`active`) as they were.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .flops import dispatch_flops, unit_costs
 from .harness import Cell, build_method, generate
 from .methods import PrepareContext, get_method, make_params
 from .models.backbone import Backbone
+from .models.exit_forward import shared_row_indices
 from .steplog import StepLog
 
 TINY_UVIT = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2)
@@ -56,6 +58,8 @@ def check_method_contracts(name: str, model: Backbone, params: dict | None = Non
         check_sampling(cell, model, knobs, num_samples)
         check_device_placement(cell, model, knobs, num_samples)
         check_modules_follow_the_model(cell, model, knobs)
+    for count, rows in shared_row_indices().items():  # made once per batch size and shared by every forward
+        assert torch.equal(rows, torch.arange(count)), f"{name}: its exit policy wrote into `active`"
 
 
 def check_modules_follow_the_model(cell: Cell, model: Backbone, knobs) -> None:

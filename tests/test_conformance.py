@@ -3,6 +3,7 @@
 count, determinism, and batch-size independence unless the method declares otherwise)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,24 @@ def test_the_check_prepares_a_setting_that_trains_on_demand(tmp_path):
     check_method_contracts("adadiff", tiny_backbone(), {"train": str(tmp_path / "train.toml"), "threshold": 0.5,
                                                         "estimator": "probe"}, training_cache=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("probe-official-frozen-*/weights.pt"))) == 1
+
+
+def test_the_check_catches_a_policy_that_writes_into_its_rows():
+    """The forward's host row index is made once per batch size and shared: a policy must only read it."""
+    from adadiff_bench.methods.prefix_exit import PrefixExit
+    from adadiff_bench.models import exit_forward
+
+    class Scribbler(PrefixExit):
+        name = "test-scribbler"
+
+        def policy(self, exit_point, tokens, state, t, active):
+            active.zero_()  # (the values stay valid rows, so only the check can notice)
+            return np.zeros(len(active), dtype=bool)
+
+    register_method(Scribbler)
+    try:
+        with pytest.raises(AssertionError, match="wrote into `active`"):
+            check_method_contracts(Scribbler.name, tiny_backbone(), num_steps=3, num_samples=2)
+    finally:
+        _REGISTRY.pop(Scribbler.name)
+        exit_forward._ALL_ROWS.clear()  # the scribbled rows must not reach the next test

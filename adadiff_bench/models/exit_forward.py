@@ -137,6 +137,11 @@ def _all_rows(count: int) -> torch.Tensor:
     return rows
 
 
+def shared_row_indices() -> dict[int, torch.Tensor]:
+    """The host row indices made so far, by batch size (the conformance check makes sure no policy wrote into one)."""
+    return dict(_ALL_ROWS)
+
+
 def _decision(decision) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mask, predictions or None) from what a policy returned."""
     return decision if isinstance(decision, tuple) else (decision, None)
