@@ -43,9 +43,8 @@ from adadiff_bench.checkpoints import (CheckpointFormat, atomic_torch_save, cach
 from adadiff_bench.diffusion import add_noise
 from adadiff_bench.errors import UserError
 from adadiff_bench.knobs import knob
-from adadiff_bench.methods.prefix_exit import EXIT_NETWORK_FORMATS, PrefixExit, check_architecture, exit_network
-from adadiff_bench.models.backbone import Backbone
-from adadiff_bench.models.exit_forward import shared_head
+from adadiff_bench.methods.prefix_exit import (EXIT_NETWORK_FORMATS, PrefixExit, backbone_and_heads,
+                                               check_architecture, exit_network)
 from adadiff_bench.methods.registry import Method, register_method
 from adadiff_bench.training import Task
 
@@ -194,7 +193,7 @@ def training_task(config, alpha_bar: torch.Tensor) -> Task:
     cfg: BerxitTrainConfig = config.task_config
     # a private copy (not the shared cached one): train() moves it to the device with the regressor
     net = load_checkpoint(cfg.base_checkpoint, EXIT_NETWORK_FORMATS, "[berxit] base_checkpoint").requires_grad_(False)
-    backbone, heads = (net, shared_head(net)) if isinstance(net, Backbone) else (net.backbone, net.sampling_heads())
+    backbone, heads = backbone_and_heads(net)
     backbone_sha256 = sha256_file(cfg.base_checkpoint)
     lte = LearningToExit(backbone.embed_dim, backbone.extras)
 

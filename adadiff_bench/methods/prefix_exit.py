@@ -43,10 +43,12 @@ class PrefixParams:
 def exit_network(path: str, where: str = "", device: torch.device | str = "cpu") -> tuple[Backbone, ExitHeads]:
     """(backbone, exit heads) of a checkpoint, on `device`: an AdaDiff network's own heads, or a backbone's
     final head."""
-    net = cached_checkpoint(path, EXIT_NETWORK_FORMATS, where, device=device)
-    if isinstance(net, Backbone):
-        return net, shared_head(net)
-    return net.backbone, net.sampling_heads()
+    return backbone_and_heads(cached_checkpoint(path, EXIT_NETWORK_FORMATS, where, device=device))
+
+
+def backbone_and_heads(net) -> tuple[Backbone, ExitHeads]:
+    """(backbone, exit heads) of a loaded exit network: an AdaDiff network's own heads, or a backbone's final head."""
+    return (net, shared_head(net)) if isinstance(net, Backbone) else (net.backbone, net.sampling_heads())
 
 
 def backbone_of(checkpoint: str, model: Backbone, device: torch.device | str = "cpu") -> Backbone:
