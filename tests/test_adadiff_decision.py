@@ -59,3 +59,17 @@ def test_host_rule_matches_the_device_rule(kind, rule):
             method.params = AdaDiffParams(threshold=threshold, threshold_kind=kind, rule=rule, checkpoint="")
             expected = torch_rule(u, method.params).numpy()
             assert np.array_equal(method.exits(u.numpy()), expected), (trial, threshold, u)
+
+
+def test_a_double_quotient_rounds_to_the_float32_quotient():
+    """The official estimator's host read divides float32 sums by the count in double: rounding that quotient
+    to float32 must give the float32 division (torch's mean on the CPU), for sums and counts of every size."""
+    generator = np.random.default_rng(0)
+    spread = generator.random(200_000) * 10.0 ** generator.integers(-3, 7, 200_000)
+    sums = np.concatenate([spread, np.arange(1, 5000)]).astype(np.float32)
+    counts = generator.integers(1, 1 << 20, len(sums)).astype(np.float32)
+    in_double = (sums.astype(np.float64) / counts.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(in_double, sums / counts)
+    tensor_sums, tensor_counts = torch.from_numpy(sums), torch.from_numpy(counts)
+    assert np.array_equal(in_double, (tensor_sums / tensor_counts).numpy())
+

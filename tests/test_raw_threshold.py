@@ -57,6 +57,40 @@ def test_nobody_passes_agrees_with_the_exact_rule(estimator_class, kind, tiny_mo
             assert quick(sample) == nobody or (np.isnan(sample).any() and nobody), (threshold, sample)
 
 
+def between_float32s(values: np.ndarray, generator: np.random.Generator) -> list[float]:
+    """Doubles that are not float32 values: the midpoints of each value and its float32 neighbours (ties of
+    the rounding), a hair either side of them, and random points in between (what a host division gives)."""
+    finite = values[np.isfinite(values)].astype(np.float64)
+    up = np.nextafter(values[np.isfinite(values)], np.float32(np.inf)).astype(np.float64)
+    middle = (finite + up) / 2
+    hair = np.abs(middle) * 2 ** -40
+    inside = finite + (up - finite) * generator.random(len(finite))
+    return np.concatenate([middle, middle - hair, middle + hair, inside]).tolist()
+
+
+@pytest.mark.parametrize("kind", ["uncertainty", "official-certainty"])
+def test_nobody_passes_is_safe_for_raw_values_between_float32s(kind, tiny_model):
+    """The official estimator's raw values on the CPU are quotients divided in double: the exact rule reads
+    their float32 rounding, and the shortcut may only answer "nobody" where that rounding fails the rule (and
+    must, more than one float32 step from the edge)."""
+    estimator = OfficialEstimator(tiny_model, AdaDiffConfig())
+    generator = np.random.default_rng(1)
+    for threshold in [0.035, 0.045, 0.1, 0.5, 0.95, *generator.random(6)]:
+        method = rule(float(threshold), kind, estimator)
+        quick = method.nobody_passes()
+        exact = lambda raw: method.exits(estimator.uncertainty_of_raw(raw))  # noqa: E731
+        edges = [float(threshold), float(1 - threshold), float(np.float32(1) - np.float32(threshold))]
+        values = between_float32s(raw_values_around(edges, generator), generator)
+        passing = exact(values)
+        distance = np.min([np.abs(np.asarray(values) - edge) for edge in edges], axis=0)
+        near = distance <= 4 * np.spacing(np.float32(1))
+        for value, passes, close in zip(values, passing, near):
+            if quick([value]):
+                assert not passes, (threshold, value)
+            else:
+                assert passes or close, (threshold, value)  # the shortcut gives up only next to the edge
+
+
 def test_no_edge_means_no_shortcut():
     assert nobody_passes_test(lambda raw: True) is None
     assert nobody_passes_test(lambda raw: False) is None

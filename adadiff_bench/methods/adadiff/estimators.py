@@ -54,15 +54,17 @@ class Estimator(nn.Module):
         return self.uncertainty_of_raw(self.raw_on_host(exit_point, tokens, t))
 
     def raw_on_host(self, exit_point: int, tokens: torch.Tensor, t: torch.Tensor) -> list[float]:
-        """What sampling reads after every block (on a GPU, the one read a decision needs): one float32 value
-        per sample, as Python floats, from which `uncertainty_of_raw` gives `scalar` exactly. Here the
+        """What sampling reads after every block (on a GPU, the one read a decision needs): one value per
+        sample, as Python floats, from which `uncertainty_of_raw` gives `scalar` exactly. Here the
         uncertainty itself; an estimator whose last op would be a monotone map (the official `1 - certainty`)
         may return the value before it and leave the map to the host, so a threshold can be tested on the raw
-        values without running it (see `AdaDiff.exits`)."""
+        values without running it (see `AdaDiff.exits`). A raw value need not be a float32 value: the host
+        reads its float32 rounding (a float32 quotient divided in double rounds to the float32 division's
+        result)."""
         return self.scalar(exit_point, tokens, t).float().tolist()
 
     def uncertainty_of_raw(self, raw: list[float]) -> np.ndarray:
-        """The float32 uncertainties of `raw_on_host`'s values (a monotone map, applied on the host)."""
+        """The float32 uncertainties of `raw_on_host`'s values (rounded to float32, then a monotone map, on the host)."""
         return np.asarray(raw, dtype=np.float32)
 
     def macs_per_sample(self, num_tokens: int) -> int:
@@ -112,13 +114,21 @@ class OfficialEstimator(Estimator):
         The linear runs on the whole token matrix (a strided slice of the patch tokens would be copied first)
         with the exit's transposed weight kept from call to call, and the extras' entries are skipped by one
         strided view of its output. The sigmoid runs in place; `1 - mean` is left to `uncertainty_of_raw`,
-        on the host in float32 like torch's, so each sample's uncertainty is bit for bit `scalar`'s."""
+        on the host in float32 like torch's, so each sample's uncertainty is bit for bit `scalar`'s.
+
+        On the CPU in float32, torch's mean is its sum divided by the count in float32, and it runs as two ops
+        (a decision's mean cost as much as the sum and the read together): the host divides the sums instead,
+        in double, whose rounding to float32 is the float32 quotient (double has more than twice float32's
+        precision, so rounding twice gives the correctly rounded result)."""
         weight_t, bias = self._exit_linear(exit_point)
         batch, length, width = tokens.shape
         logits = torch.addmm(bias, tokens.reshape(batch * length, width), weight_t)  # (batch * length, out)
         per_sample = length * logits.shape[1]
-        patches = logits.as_strided((batch, per_sample - self._cut), (per_sample, 1), self._cut)
-        certainty = patches.sigmoid_().mean(1)
+        patches = logits.as_strided((batch, per_sample - self._cut), (per_sample, 1), self._cut).sigmoid_()
+        if patches.dtype == torch.float32 and patches.is_cpu:
+            count = float(per_sample - self._cut)
+            return [total / count for total in patches.sum(1).tolist()]
+        certainty = patches.mean(1)
         return (certainty if certainty.dtype == torch.float32 else certainty.float()).tolist()
 
     def uncertainty_of_raw(self, raw):

@@ -2,12 +2,15 @@
 
 After every block AdaDiff asks whether any active sample passes its threshold, and most of the time none
 does. The exact rule (`AdaDiff.exits`) runs on float32 uncertainties that the host derives from the
-estimator's raw values by a monotone map (`Estimator.uncertainty_of_raw`), and it passes a sample when its
-uncertainty lies on one side of the threshold. So the raw values that pass are those on one side of one
-float32 edge. The edge is found once per threshold, by bisection over the float32 values in their order
-with the exact rule as the test; "nobody passes" is then the largest raw value below it (or the smallest
-above it), which costs no op, no array and no float32 arithmetic. Where somebody may pass, the caller runs
-the exact rule.
+estimator's raw values by a monotone map (`Estimator.uncertainty_of_raw`: it rounds them to float32 first),
+and it passes a sample when its uncertainty lies on one side of the threshold. So the float32 raw values
+that pass are those on one side of one edge. The edge is found once per threshold, by bisection over the
+float32 values in their order with the exact rule as the test; "nobody passes" is then the largest raw value
+at or below the last float32 value that fails (or the smallest at or above the first one that fails past the
+other end), which costs no op, no array and no float32 arithmetic. A raw value that is not a float32 value
+(a quotient the host divided in double) rounds to a failing value whenever it lies on the failing side of
+that bound, so the test stays exact for float32 values and safe for the others; one inside the last float32
+step is left to the exact rule, as is anything where somebody may pass.
 """
 from __future__ import annotations
 
@@ -35,11 +38,11 @@ def nobody_passes_test(passes: Callable[[float], bool]) -> Callable[[list[float]
             high = middle
     # max / min skip a NaN after a number and return a NaN met first, which fails the comparison: the
     # answer is then "somebody may pass", and the exact rule decides.
-    if passes_high:  # the passing values are [edge, inf]
-        edge = _float32_at(high)
-        return lambda raw: max(raw) < edge
-    edge = _float32_at(low)  # the passing values are [-inf, edge]
-    return lambda raw: min(raw) > edge
+    if passes_high:  # the passing float32 values are [high, inf]; `low` is the last that fails
+        last_failing = _float32_at(low)
+        return lambda raw: max(raw) <= last_failing
+    first_failing = _float32_at(high)  # the passing float32 values are [-inf, low]
+    return lambda raw: min(raw) >= first_failing
 
 
 def _float32_at(key: int) -> float:
