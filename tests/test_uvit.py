@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from adadiff_bench.checkpoints import build_model, load_model, load_state_dict_strict
 from adadiff_bench.config import UViTConfig
 from adadiff_bench.errors import UserError
-from adadiff_bench.models.backbone import patchify, unpatchify
+from adadiff_bench.models.backbone import patchify, timestep_embedding, unpatchify
+from adadiff_bench.models.uvit import FinalConv2d
 from conftest import TINY, plain_blocks
 
 
@@ -153,6 +154,67 @@ def test_final_conv_sums_shifted_copies_on_the_cpu_and_convolves_elsewhere():
         assert torch.allclose(summed, F.conv2d(x, layer.weight, layer.bias, padding=1), atol=1e-6, rtol=1e-5)
         assert torch.equal(layer(x[1:2]), summed[1:2])  # batch independent on the CPU
         assert layer.to("meta")(x.to("meta")).shape == x.shape and conv.call_count == 1
+
+
+def sequential_conv(layer: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Brute force in the layer's order: bias, then tap (0, 0), (0, 1), ... each summed over input channels in
+    order, one output pixel at a time, in float32."""
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = torch.empty(len(x), weight.shape[0], *x.shape[-2:])
+    for b in range(len(x)):
+        for o in range(weight.shape[0]):
+            for row in range(x.shape[-2]):
+                for col in range(x.shape[-1]):
+                    total = bias[o]
+                    for i in range(3):
+                        for j in range(3):
+                            tap = padded[b, 0, row + i, col + j] * weight[o, 0, i, j]
+                            for c in range(1, x.shape[1]):
+                                tap = tap + padded[b, c, row + i, col + j] * weight[o, c, i, j]
+                            total = total + tap
+                    out[b, o, row, col] = total
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_final_conv_gives_the_same_bits_with_and_without_gradients(channels):
+    """Sampling (no gradients) takes every tap from one windowed product, training a slice per tap: the same
+    outputs bit for bit, each the brute-force sum in the layer's order, and none depends on its batch."""
+    torch.manual_seed(channels)
+    layer = FinalConv2d(channels, channels, 3, padding=1)
+    torch.nn.init.normal_(layer.weight)
+    x = torch.randn(4, channels, 6, 6)
+    with mock.patch.object(FinalConv2d, "_taps_by_windows", autospec=True,
+                           side_effect=FinalConv2d._taps_by_windows) as windows:
+        with torch.no_grad():
+            sampled, alone = layer(x), layer(x[2:3])
+        assert windows.call_count == 2
+        trained = layer(x.clone().requires_grad_())
+        assert windows.call_count == 2  # the gradient path cut slices
+    assert torch.equal(sampled, trained.detach()) and torch.equal(alone, sampled[2:3])
+    assert torch.equal(sampled, sequential_conv(layer, x))
+    trained.square().sum().backward()
+    reference = torch.nn.Conv2d(channels, channels, 3, padding=1)
+    reference.load_state_dict(layer.state_dict())
+    F.conv2d(x, reference.weight, reference.bias, padding=1).square().sum().backward()
+    assert torch.allclose(layer.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_timestep_frequencies_are_made_once_with_the_same_bits(monkeypatch):
+    from adadiff_bench.models import backbone
+    monkeypatch.setattr(backbone, "_FREQUENCIES", {})  # made here, first under inference mode
+    t = torch.tensor([0.0, 1.5, 250.0, 999.0])
+    half = 32
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=-1)
+    with torch.inference_mode():  # the cached frequencies must still serve training afterwards
+        assert torch.equal(timestep_embedding(t, 2 * half), expected)
+    grad_t = t.clone().requires_grad_()
+    embedded = timestep_embedding(grad_t, 2 * half)
+    assert torch.equal(embedded.detach(), expected)
+    embedded.sum().backward()
+    assert torch.allclose(grad_t.grad, (torch.cos(t[:, None] * freqs) * freqs - torch.sin(t[:, None] * freqs) * freqs).sum(1))
 
 
 def test_patchify_round_trip():
