@@ -51,6 +51,7 @@ class StepLog:
         self.head_calls = np.zeros((num_samples, num_steps), dtype=np.int16)
         self.extra_macs = np.zeros((num_samples, num_steps), dtype=np.float64)  # estimators, routers, ...
         self._rows = np.arange(0)
+        self._whole_batch: np.ndarray | slice = self._rows  # what `_select(None)` indexes the log's rows with
         self._step = 0
 
     def add_unconditional_pass(self) -> StepLog:
@@ -67,6 +68,7 @@ class StepLog:
     def set_batch(self, rows: np.ndarray) -> None:
         """The run-wide sample indices (rows of the log) of the batch being sampled."""
         self._rows = np.asarray(rows)
+        self._whole_batch = _as_slice(self._rows, len(self.blocks_run))
         if self.unconditional is not None:
             self.unconditional.set_batch(rows)
 
@@ -76,9 +78,9 @@ class StepLog:
             self.unconditional.set_step(step_index)
 
     # ---- what methods record (`active` selects rows of the current batch; None = all) ------------
-    def _select(self, active) -> np.ndarray:
+    def _select(self, active) -> np.ndarray | slice:
         if active is None:
-            return self._rows
+            return self._whole_batch
         if isinstance(active, torch.Tensor):
             active = active.cpu().numpy()
         return self._rows[active]
@@ -180,6 +182,16 @@ class StepLog:
             summaries.update({f"unconditional_{k}": v for k, v in self.unconditional.summaries().items()
                               if k != "timesteps"})
         return summaries
+
+
+def _as_slice(rows: np.ndarray, num_rows: int) -> np.ndarray | slice:
+    """Consecutive increasing rows inside the log (a batch of the harness) as a slice: a record of the whole
+    batch is then a view of the log, not a gather and a scatter (every network call makes one or several).
+    Anything else stays an index array (which also keeps an out-of-range row an error)."""
+    if rows.ndim == 1 and len(rows) and np.issubdtype(rows.dtype, np.integer) and 0 <= rows[0] \
+            and rows[0] + len(rows) <= num_rows and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+        return slice(int(rows[0]), int(rows[0]) + len(rows))
+    return rows
 
 
 class NullStepLog(StepLog):
