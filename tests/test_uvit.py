@@ -214,7 +214,8 @@ def test_timestep_frequencies_are_made_once_with_the_same_bits(monkeypatch):
     embedded = timestep_embedding(grad_t, 2 * half)
     assert torch.equal(embedded.detach(), expected)
     embedded.sum().backward()
-    assert torch.allclose(grad_t.grad, (torch.cos(t[:, None] * freqs) * freqs - torch.sin(t[:, None] * freqs) * freqs).sum(1))
+    angles = t[:, None] * freqs
+    assert torch.allclose(grad_t.grad, (torch.cos(angles) * freqs - torch.sin(angles) * freqs).sum(1))
 
 
 def test_patchify_round_trip():

@@ -108,7 +108,7 @@ class FinalConv2d(nn.Conv2d):
         pad_h, pad_w = self.padding
         padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).unsqueeze(1)  # B 1 C_in H W
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight, self.bias))
-        taps = self._taps_by_slices(padded, x.shape[-2:]) if needs_grad else self._taps_by_windows(padded, x.shape[-2:])
+        taps = (self._taps_by_slices if needs_grad else self._taps_by_windows)(padded, x.shape[-2:])
         out = self.bias.view(1, -1, 1, 1)
         for tap in taps:
             out = out + tap

@@ -64,7 +64,7 @@ class Estimator(nn.Module):
         return self.scalar(exit_point, tokens, t).float().tolist()
 
     def uncertainty_of_raw(self, raw: list[float]) -> np.ndarray:
-        """The float32 uncertainties of `raw_on_host`'s values (rounded to float32, then a monotone map, on the host)."""
+        """The float32 uncertainties of `raw_on_host`'s values (rounded to float32, then a monotone map; host)."""
         return np.asarray(raw, dtype=np.float32)
 
     def macs_per_sample(self, num_tokens: int) -> int:
@@ -116,10 +116,10 @@ class OfficialEstimator(Estimator):
         strided view of its output. The sigmoid runs in place; `1 - mean` is left to `uncertainty_of_raw`,
         on the host in float32 like torch's, so each sample's uncertainty is bit for bit `scalar`'s.
 
-        On the CPU in float32, torch's mean is its sum divided by the count in float32, and it runs as two ops
-        (a decision's mean cost as much as the sum and the read together): the host divides the sums instead,
-        in double, whose rounding to float32 is the float32 quotient (double has more than twice float32's
-        precision, so rounding twice gives the correctly rounded result)."""
+        On the CPU in float32, torch's mean is its sum divided by the count in float32, and its second op made
+        it about a quarter of a decision's time: the host divides the sums instead, in double, whose rounding to
+        float32 is the float32 quotient (double has more than twice float32's precision, so rounding twice gives
+        the correctly rounded result)."""
         weight_t, bias = self._exit_linear(exit_point)
         batch, length, width = tokens.shape
         logits = torch.addmm(bias, tokens.reshape(batch * length, width), weight_t)  # (batch * length, out)

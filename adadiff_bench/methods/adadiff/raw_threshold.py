@@ -5,12 +5,12 @@ does. The exact rule (`AdaDiff.exits`) runs on float32 uncertainties that the ho
 estimator's raw values by a monotone map (`Estimator.uncertainty_of_raw`: it rounds them to float32 first),
 and it passes a sample when its uncertainty lies on one side of the threshold. So the float32 raw values
 that pass are those on one side of one edge. The edge is found once per threshold, by bisection over the
-float32 values in their order with the exact rule as the test; "nobody passes" is then the largest raw value
-at or below the last float32 value that fails (or the smallest at or above the first one that fails past the
-other end), which costs no op, no array and no float32 arithmetic. A raw value that is not a float32 value
-(a quotient the host divided in double) rounds to a failing value whenever it lies on the failing side of
-that bound, so the test stays exact for float32 values and safe for the others; one inside the last float32
-step is left to the exact rule, as is anything where somebody may pass.
+float32 values in their order with the exact rule as the test; "nobody passes" is then one comparison of the
+largest raw value with the last float32 value that fails (of the smallest with the first that fails, where
+the small values pass), which costs no op, no array and no float32 arithmetic. A raw value that is not a
+float32 value (a quotient the host divided in double) and lies on the failing side of that bound rounds to a
+failing value, so the test is exact for float32 values and safe for the others; one less than a float32 step
+from the edge is left to the exact rule, as is anything where somebody may pass.
 """
 from __future__ import annotations
 
