@@ -224,8 +224,5 @@ class NullStepLog(StepLog):
     def add_macs(self, macs: float, active=None) -> None:
         pass
 
-    def ran_full(self, active=None) -> None:
-        pass
-
-    def ran_depth(self, depth: int, active=None) -> None:
+    def ran_depth(self, depth: int, active=None) -> None:  # (ran_full goes through it)
         pass
